@@ -1,0 +1,243 @@
+//! Types shared by the kernel programs (`interceptor-ebpf`) and the agent.
+//!
+//! Every type here is `#[repr(C)]` with fixed-width fields and explicit
+//! padding, so both sides agree on the byte layout; `const` asserts pin the
+//! sizes. Addresses are always 16 bytes: IPv4 is stored IPv4-mapped
+//! (`::ffff:a.b.c.d`) so one key type serves both families.
+#![no_std]
+
+/// LPM trie: [`TargetKey`] -> [`TargetValue`]; which destinations are redirected.
+pub const MAP_TARGETS: &str = "TARGETS";
+/// Array of one [`AgentConfig`]: where to redirect, which mark to skip.
+pub const MAP_CONFIG: &str = "CONFIG";
+/// LRU hash: socket cookie (`u64`) -> [`ConnRecord`], written at connect time,
+/// read by getpeername, removed when the socket closes.
+pub const MAP_CONN_BY_COOKIE: &str = "CONN_BY_COOKIE";
+/// LRU hash: [`SockKey`] (client's local address) -> [`ConnRecord`], written by
+/// sock_ops once the local port is known; the agent looks up its accepted
+/// socket's peer here and deletes the entry.
+pub const MAP_CONN_BY_ADDR: &str = "CONN_BY_ADDR";
+/// Hash: tgid (`u32`) -> `u32` (1); processes whose connections are never redirected.
+pub const MAP_EXEMPT_TGIDS: &str = "EXEMPT_TGIDS";
+
+/// Program names, as the agent looks them up in the object file.
+pub const PROG_CONNECT4: &str = "interceptor_connect4";
+pub const PROG_CONNECT6: &str = "interceptor_connect6";
+pub const PROG_GETPEERNAME4: &str = "interceptor_getpeername4";
+pub const PROG_GETPEERNAME6: &str = "interceptor_getpeername6";
+pub const PROG_SOCK_OPS: &str = "interceptor_sock_ops";
+
+/// Bounds of the maps (LRU maps evict the oldest entry beyond this).
+pub const MAX_TARGETS: u32 = 1024;
+pub const MAX_CONNS: u32 = 65_536;
+pub const MAX_EXEMPT: u32 = 64;
+
+/// Bits of a [`TargetKey`] before the address: port (16) and padding (16).
+pub const TARGET_KEY_PORT_BITS: u32 = 32;
+/// Prefix length of an IPv4-mapped address before the IPv4 part.
+pub const V4_MAPPED_PREFIX_BITS: u32 = 96;
+
+pub const PROTOCOL_POSTGRES: u32 = 1;
+pub const PROTOCOL_MYSQL: u32 = 2;
+
+pub const FAMILY_V4: u16 = 4;
+pub const FAMILY_V6: u16 = 6;
+
+/// Data part of the targets LPM trie key. The prefix length always covers
+/// the port and padding (`TARGET_KEY_PORT_BITS`) plus the address prefix.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TargetKey {
+    /// Destination port, network byte order, as found in `bpf_sock_addr`.
+    pub port_be: u16,
+    pub _pad: u16,
+    /// IPv6 address, or IPv4-mapped IPv6 address, network byte order.
+    pub addr: [u8; 16],
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TargetValue {
+    /// Index of the target in the policy's `targets` list.
+    pub target_id: u32,
+    /// `PROTOCOL_POSTGRES` or `PROTOCOL_MYSQL`.
+    pub protocol: u32,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AgentConfig {
+    /// Agent's IPv4 listener address, network byte order (`user_ip4` layout).
+    pub listen_ip4: u32,
+    /// Agent's IPv6 listener address as four network-order words (`user_ip6` layout).
+    pub listen_ip6: [u32; 4],
+    /// Listener port, network byte order.
+    pub listen_port_be: u16,
+    pub _pad: u16,
+    /// 1 when an IPv4 listener exists; a connect4 is only redirected then.
+    pub has_v4: u32,
+    /// 1 when an IPv6 listener exists; native IPv6 destinations are only redirected then.
+    pub has_v6: u32,
+    /// SO_MARK the agent puts on its own upstream sockets; never redirected.
+    pub mark: u32,
+    /// 1 once the agent filled the maps; nothing is redirected before.
+    pub enabled: u32,
+}
+
+/// Client's local address and port, which the agent sees as the peer of the
+/// accepted socket.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct SockKey {
+    pub addr: [u8; 16],
+    /// Host byte order.
+    pub port: u16,
+    pub _pad: u16,
+}
+
+/// What the kernel attests about one redirected connection.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ConnRecord {
+    /// Original destination, IPv6 or IPv4-mapped, network byte order.
+    pub orig_addr: [u8; 16],
+    /// Original destination port, network byte order.
+    pub orig_port_be: u16,
+    /// `FAMILY_V4` or `FAMILY_V6`: the family of the socket that connected.
+    pub family: u16,
+    pub target_id: u32,
+    pub protocol: u32,
+    pub pid: u32,
+    pub tgid: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub _pad: u32,
+    pub cgroup_id: u64,
+    pub netns_cookie: u64,
+    pub socket_cookie: u64,
+    pub comm: [u8; 16],
+}
+
+impl ConnRecord {
+    pub const ZERO: Self = Self {
+        orig_addr: [0; 16],
+        orig_port_be: 0,
+        family: 0,
+        target_id: 0,
+        protocol: 0,
+        pid: 0,
+        tgid: 0,
+        uid: 0,
+        gid: 0,
+        _pad: 0,
+        cgroup_id: 0,
+        netns_cookie: 0,
+        socket_cookie: 0,
+        comm: [0; 16],
+    };
+}
+
+/// IPv4 address (network-order `u32` as in `user_ip4`) to IPv4-mapped IPv6 bytes.
+#[inline(always)]
+#[must_use]
+pub fn v4_mapped(ip4_be: u32) -> [u8; 16] {
+    let b = ip4_be.to_ne_bytes();
+    [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, b[0], b[1], b[2], b[3]]
+}
+
+/// Four network-order words (`user_ip6` layout) to address bytes.
+#[inline(always)]
+#[must_use]
+pub fn v6_bytes(words: [u32; 4]) -> [u8; 16] {
+    let a = words[0].to_ne_bytes();
+    let b = words[1].to_ne_bytes();
+    let c = words[2].to_ne_bytes();
+    let d = words[3].to_ne_bytes();
+    [
+        a[0], a[1], a[2], a[3], b[0], b[1], b[2], b[3], c[0], c[1], c[2], c[3], d[0], d[1], d[2],
+        d[3],
+    ]
+}
+
+/// Address bytes to four network-order words (`user_ip6` layout).
+#[inline(always)]
+#[must_use]
+pub fn v6_words(addr: [u8; 16]) -> [u32; 4] {
+    [
+        u32::from_ne_bytes([addr[0], addr[1], addr[2], addr[3]]),
+        u32::from_ne_bytes([addr[4], addr[5], addr[6], addr[7]]),
+        u32::from_ne_bytes([addr[8], addr[9], addr[10], addr[11]]),
+        u32::from_ne_bytes([addr[12], addr[13], addr[14], addr[15]]),
+    ]
+}
+
+/// Whether `addr` is IPv4-mapped (`::ffff:0:0/96`).
+#[inline(always)]
+#[must_use]
+pub fn is_v4_mapped(addr: &[u8; 16]) -> bool {
+    addr[0] == 0
+        && addr[1] == 0
+        && addr[2] == 0
+        && addr[3] == 0
+        && addr[4] == 0
+        && addr[5] == 0
+        && addr[6] == 0
+        && addr[7] == 0
+        && addr[8] == 0
+        && addr[9] == 0
+        && addr[10] == 0xff
+        && addr[11] == 0xff
+}
+
+const _: () = assert!(core::mem::size_of::<TargetKey>() == 20);
+const _: () = assert!(core::mem::size_of::<TargetValue>() == 8);
+const _: () = assert!(core::mem::size_of::<AgentConfig>() == 40);
+const _: () = assert!(core::mem::size_of::<SockKey>() == 20);
+const _: () = assert!(core::mem::size_of::<ConnRecord>() == 88);
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: all these types are #[repr(C)], made only of integers and
+    // integer arrays with explicit padding fields, so every bit pattern is
+    // a valid value and there are no implicit padding bytes.
+    unsafe impl aya::Pod for super::TargetKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::TargetValue {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::AgentConfig {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::SockKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::ConnRecord {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn v4_mapping_round_trips() {
+        let ip = u32::from_ne_bytes([127, 0, 0, 1]);
+        let m = v4_mapped(ip);
+        assert!(is_v4_mapped(&m));
+        assert_eq!(&m[12..], &[127, 0, 0, 1]);
+        assert_eq!(v6_bytes(v6_words(m)), m);
+    }
+
+    #[test]
+    fn native_v6_is_not_mapped() {
+        let mut lo = [0u8; 16];
+        lo[15] = 1;
+        assert!(!is_v4_mapped(&lo));
+    }
+
+    #[test]
+    fn record_field_offsets_are_stable() {
+        // The kernel writes these at fixed offsets; a reorder would silently
+        // corrupt identities, so pin the ones user space reads.
+        assert_eq!(core::mem::offset_of!(ConnRecord, orig_port_be), 16);
+        assert_eq!(core::mem::offset_of!(ConnRecord, cgroup_id), 48);
+        assert_eq!(core::mem::offset_of!(ConnRecord, comm), 72);
+        assert_eq!(core::mem::offset_of!(TargetKey, addr), 4);
+    }
+}

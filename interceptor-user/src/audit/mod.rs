@@ -1,0 +1,216 @@
+//! The audit log: JSON Lines, one event per line, written by a dedicated
+//! thread so the data path only pays for a channel send.
+//!
+//! Fields are added over time but never renamed: `ts` (RFC 3339 UTC with
+//! microseconds), `seq` (strictly increasing), `event`, then the event's own
+//! fields.
+
+use std::{
+    fs::{File, OpenOptions},
+    io::{BufWriter, Write as _},
+    path::{Path, PathBuf},
+    thread::JoinHandle,
+};
+
+use serde::Serialize;
+use serde_json::{Map, Value};
+use time::{OffsetDateTime, format_description::well_known::Rfc3339};
+use tokio::sync::mpsc;
+
+#[derive(Debug, thiserror::Error)]
+pub enum AuditError {
+    #[error("cannot open audit log {path}: {source}")]
+    Open {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot start audit writer: {0}")]
+    Spawn(std::io::Error),
+}
+
+/// One event on its way to the log.
+#[derive(Debug, Clone)]
+pub struct AuditEvent {
+    pub ts: OffsetDateTime,
+    pub event: &'static str,
+    pub fields: Map<String, Value>,
+}
+
+impl AuditEvent {
+    #[must_use]
+    pub fn new(event: &'static str) -> Self {
+        Self {
+            ts: OffsetDateTime::now_utc(),
+            event,
+            fields: Map::new(),
+        }
+    }
+
+    /// Adds a field; values that fail to serialise become `null` rather than
+    /// losing the event.
+    #[must_use]
+    pub fn with(mut self, key: &str, value: impl Serialize) -> Self {
+        self.fields.insert(
+            key.to_owned(),
+            serde_json::to_value(value).unwrap_or(Value::Null),
+        );
+        self
+    }
+}
+
+/// RFC 3339 UTC with exactly microseconds, e.g. `2026-11-27T21:00:00.123456Z`.
+#[must_use]
+pub fn format_ts(ts: OffsetDateTime) -> String {
+    let ts = ts.to_offset(time::UtcOffset::UTC);
+    let micros = ts.microsecond();
+    let whole = ts.replace_nanosecond(0).unwrap_or(ts);
+    let base = whole
+        .format(&Rfc3339)
+        .unwrap_or_else(|_| String::from("1970-01-01T00:00:00Z"));
+    // `base` ends in `Z` with no fraction since nanoseconds are zero.
+    let stem = base.strip_suffix('Z').unwrap_or(&base);
+    format!("{stem}.{micros:06}Z")
+}
+
+/// Renders one event as its JSON line (without the newline).
+#[must_use]
+pub fn render(seq: u64, ev: &AuditEvent) -> String {
+    let mut obj = Map::with_capacity(ev.fields.len() + 3);
+    obj.insert("ts".into(), Value::String(format_ts(ev.ts)));
+    obj.insert("seq".into(), Value::from(seq));
+    obj.insert("event".into(), Value::String(ev.event.to_owned()));
+    for (k, v) in &ev.fields {
+        obj.insert(k.clone(), v.clone());
+    }
+    Value::Object(obj).to_string()
+}
+
+/// Sending side of the audit log; cheap to clone, never blocks.
+#[derive(Clone, Debug)]
+pub struct AuditLog {
+    tx: mpsc::UnboundedSender<AuditEvent>,
+}
+
+impl AuditLog {
+    /// Queues an event. The writer only stops after every sender is gone, so
+    /// nothing sent is lost.
+    pub fn record(&self, ev: AuditEvent) {
+        if self.tx.send(ev).is_err() {
+            tracing::error!("audit writer is gone; event dropped");
+        }
+    }
+}
+
+/// Owns the writer thread; dropping every [`AuditLog`] and then calling
+/// [`AuditWriter::finish`] flushes and closes the file.
+pub struct AuditWriter {
+    handle: Option<JoinHandle<()>>,
+}
+
+impl AuditWriter {
+    /// Opens (appending) the log file, creating its directory, and starts the writer.
+    ///
+    /// # Errors
+    /// When the file cannot be opened or the thread cannot start.
+    pub fn start(path: &Path) -> Result<(AuditLog, Self), AuditError> {
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(|source| AuditError::Open {
+                path: path.to_owned(),
+                source,
+            })?;
+        }
+        let file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .map_err(|source| AuditError::Open {
+                path: path.to_owned(),
+                source,
+            })?;
+        let start_seq = last_seq(path).map_or(1, |s| s + 1);
+        let (tx, rx) = mpsc::unbounded_channel();
+        let handle = std::thread::Builder::new()
+            .name("audit-writer".into())
+            .spawn(move || write_loop(file, rx, start_seq))
+            .map_err(AuditError::Spawn)?;
+        Ok((AuditLog { tx }, Self {
+            handle: Some(handle),
+        }))
+    }
+
+    /// Waits until every queued event is on disk.
+    pub fn finish(mut self) {
+        if let Some(h) = self.handle.take() {
+            let _ = h.join();
+        }
+    }
+}
+
+/// `seq` continues across restarts: find the last one in an existing log.
+fn last_seq(path: &Path) -> Option<u64> {
+    let text = std::fs::read(path).ok()?;
+    let tail_start = text.len().saturating_sub(64 * 1024);
+    let tail = &text[tail_start..];
+    tail.split(|b| *b == b'\n')
+        .rev()
+        .filter(|l| !l.is_empty())
+        .find_map(|l| {
+            serde_json::from_slice::<Value>(l)
+                .ok()?
+                .get("seq")?
+                .as_u64()
+        })
+}
+
+fn write_loop(file: File, mut rx: mpsc::UnboundedReceiver<AuditEvent>, mut seq: u64) {
+    let mut out = BufWriter::with_capacity(64 * 1024, file);
+    while let Some(ev) = rx.blocking_recv() {
+        let mut batch = vec![ev];
+        while let Ok(more) = rx.try_recv() {
+            batch.push(more);
+        }
+        for ev in &batch {
+            let line = render(seq, ev);
+            seq += 1;
+            if let Err(e) = out.write_all(line.as_bytes()).and_then(|()| out.write_all(b"\n")) {
+                tracing::error!("audit write failed: {e}");
+            }
+        }
+        if let Err(e) = out.flush() {
+            tracing::error!("audit flush failed: {e}");
+        }
+    }
+    let _ = out.flush();
+    let _ = out.get_ref().sync_all();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn timestamps_have_microseconds() {
+        let ts = OffsetDateTime::from_unix_timestamp_nanos(1_700_000_000_123_456_789).unwrap();
+        assert_eq!(format_ts(ts), "2023-11-14T22:13:20.123456Z");
+    }
+
+    #[test]
+    fn writes_lines_in_order_and_continues_seq() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("a/audit.jsonl");
+        for round in 0..2 {
+            let (log, writer) = AuditWriter::start(&path).unwrap();
+            for i in 0..3 {
+                log.record(AuditEvent::new("connect").with("conn", i + round * 3));
+            }
+            drop(log);
+            writer.finish();
+        }
+        let text = std::fs::read_to_string(&path).unwrap();
+        let seqs: Vec<u64> = text
+            .lines()
+            .map(|l| serde_json::from_str::<Value>(l).unwrap()["seq"].as_u64().unwrap())
+            .collect();
+        assert_eq!(seqs, vec![1, 2, 3, 4, 5, 6]);
+    }
+}

@@ -1,0 +1,50 @@
+//! The `interceptor` command line.
+
+mod policy;
+mod run;
+mod status;
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+
+pub use run::RunArgs;
+
+pub const DEFAULT_CONTROL_SOCKET: &str = "/run/interceptor/control.sock";
+
+#[derive(Debug, Parser)]
+#[command(name = "interceptor", version, about = "Query-level guard for non-human database access")]
+pub struct Cli {
+    /// Control socket of the agent (every subcommand uses it).
+    #[arg(
+        long,
+        global = true,
+        env = "INTERCEPTOR_CONTROL_SOCKET",
+        default_value = DEFAULT_CONTROL_SOCKET
+    )]
+    pub control_socket: PathBuf,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the agent: attach the kernel programs and proxy redirected connections.
+    Run(RunArgs),
+    /// Show whether the agent is ready: cgroup, targets, connections. Exits non-zero when it is not.
+    Status(status::StatusArgs),
+    /// Check, test and derive policies.
+    #[command(subcommand)]
+    Policy(policy::PolicyCommand),
+}
+
+/// Runs the command line; returns the process exit code.
+#[must_use]
+pub fn main() -> i32 {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Run(args) => run::run(&args, &cli.control_socket),
+        Command::Status(args) => status::status(&args, &cli.control_socket),
+        Command::Policy(cmd) => policy::policy(cmd),
+    }
+}

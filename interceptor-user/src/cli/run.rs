@@ -1,0 +1,278 @@
+//! `interceptor run`: the agent's lifecycle. Listeners are bound before the
+//! programs attach (so the first redirected connect finds a listener), the
+//! programs are detached before anything else on shutdown (so no connection
+//! is redirected to an agent that is going away).
+
+use std::{
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    path::{Path, PathBuf},
+    sync::{Arc, atomic::Ordering},
+    time::Duration,
+};
+
+use clap::Args;
+use serde_json::{Value, json};
+use tokio::sync::watch;
+
+use crate::{
+    audit::{AuditEvent, AuditWriter},
+    control::{self, Handler, Request},
+    ebpf::{ListenerConfig, Redirector},
+    identity::{IdentityResolver, cgroup2_mount},
+    policy::{EMBEDDED_DEFAULT, PolicyFile},
+    proxy::{self, Shared},
+};
+
+const SYSTEM_POLICY: &str = "/etc/interceptor/policy.yaml";
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// Policy file [default: /etc/interceptor/policy.yaml, else the embedded policies/default.yaml].
+    #[arg(long)]
+    pub policy: Option<PathBuf>,
+    /// cgroup v2 directory whose processes are redirected [default: the cgroup v2 mount root].
+    #[arg(long)]
+    pub cgroup: Option<PathBuf>,
+    /// Address the agent listens on for redirected connections; the other
+    /// loopback family is also served on the same port when available.
+    #[arg(long, default_value = "127.0.0.1:15432")]
+    pub listen: SocketAddr,
+    /// Audit log (JSON Lines, appended).
+    #[arg(long, default_value = "/var/log/interceptor/audit.jsonl")]
+    pub audit_log: PathBuf,
+    /// Worker threads, each with its own runtime and listener [default: number of CPUs].
+    #[arg(long)]
+    pub workers: Option<usize>,
+    /// SO_MARK put on the agent's upstream sockets so they are never redirected.
+    #[arg(long, default_value_t = 0x1e5c_0001)]
+    pub mark: u32,
+    /// Executables larger than this many bytes are not hashed (exe_sha256 is null).
+    #[arg(long, default_value_t = 512 * 1024 * 1024)]
+    pub max_exe_hash_bytes: u64,
+    /// On shutdown, how long open connections may finish before they are closed (seconds).
+    #[arg(long, default_value_t = 5.0)]
+    pub drain_timeout: f64,
+    /// Log filter for the agent's own diagnostics on stderr (tracing syntax).
+    #[arg(long, env = "INTERCEPTOR_LOG", default_value = "info")]
+    pub log: String,
+}
+
+struct Agent {
+    shared: Arc<Shared>,
+    cgroup: PathBuf,
+    policy_source: String,
+    audit_log: PathBuf,
+    listen: Vec<SocketAddr>,
+    started_at: String,
+}
+
+impl Handler for Agent {
+    fn handle(&self, req: Request) -> Result<Value, String> {
+        match req {
+            Request::Status => {
+                let policy = self.shared.policy.load();
+                let stats = &self.shared.stats;
+                Ok(json!({
+                    "pid": std::process::id(),
+                    "started_at": self.started_at,
+                    "cgroup": self.cgroup.display().to_string(),
+                    "policy": self.policy_source,
+                    "mode": policy.mode,
+                    "audit_log": self.audit_log.display().to_string(),
+                    "listen": self.listen.iter().map(ToString::to_string).collect::<Vec<_>>(),
+                    "targets": policy.targets.iter().map(|t| json!({
+                        "name": t.name,
+                        "protocol": t.protocol.as_str(),
+                        "address": t.address.to_string(),
+                    })).collect::<Vec<_>>(),
+                    "connections": {
+                        "live": stats.live.load(Ordering::Relaxed),
+                        "total": stats.total.load(Ordering::Relaxed),
+                        "rejected": stats.rejected.load(Ordering::Relaxed),
+                    },
+                }))
+            }
+        }
+    }
+}
+
+fn load_policy(path: Option<&Path>) -> Result<(PolicyFile, String), String> {
+    if let Some(p) = path {
+        return PolicyFile::load(p)
+            .map(|f| (f, p.display().to_string()))
+            .map_err(|e| e.to_string());
+    }
+    let system = Path::new(SYSTEM_POLICY);
+    if system.exists() {
+        return PolicyFile::load(system)
+            .map(|f| (f, SYSTEM_POLICY.to_owned()))
+            .map_err(|e| e.to_string());
+    }
+    PolicyFile::parse(EMBEDDED_DEFAULT, Path::new("<embedded default.yaml>"))
+        .map(|f| (f, "embedded default".to_owned()))
+        .map_err(|e| e.to_string())
+}
+
+/// The addresses to listen on: the one given, plus the other family's
+/// loopback on the same port when it is a loopback address.
+fn listen_addrs(listen: SocketAddr) -> (Option<SocketAddr>, Option<SocketAddr>) {
+    let port = listen.port();
+    match listen.ip() {
+        IpAddr::V4(v4) => {
+            let v6 = v4
+                .is_loopback()
+                .then(|| SocketAddr::new(Ipv6Addr::LOCALHOST.into(), port))
+                .filter(|a| proxy::bind_listener(*a).is_ok());
+            (Some(listen), v6)
+        }
+        IpAddr::V6(v6) => {
+            let v4 = v6
+                .is_loopback()
+                .then(|| SocketAddr::new(Ipv4Addr::LOCALHOST.into(), port))
+                .filter(|a| proxy::bind_listener(*a).is_ok());
+            (v4, Some(listen))
+        }
+    }
+}
+
+pub fn run(args: &RunArgs, control_socket: &Path) -> i32 {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_new(&args.log)
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .try_init();
+    match run_inner(args, control_socket) {
+        Ok(()) => 0,
+        Err(e) => {
+            eprintln!("interceptor: {e}");
+            1
+        }
+    }
+}
+
+fn run_inner(args: &RunArgs, control_socket: &Path) -> Result<(), String> {
+    let (policy, policy_source) = load_policy(args.policy.as_deref())?;
+    let cgroup_root = cgroup2_mount();
+    let cgroup = match &args.cgroup {
+        Some(c) => c.clone(),
+        None => cgroup_root
+            .clone()
+            .ok_or("no cgroup v2 mount found in /proc/self/mountinfo; pass --cgroup")?,
+    };
+    if args.listen.port() == 0 {
+        return Err("--listen needs a fixed port: the kernel programs redirect to it".into());
+    }
+    let (v4, v6) = listen_addrs(args.listen);
+    let addrs: Vec<SocketAddr> = v4.into_iter().chain(v6).collect();
+    let workers = args
+        .workers
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, usize::from));
+
+    // Bind every listener before attaching so no redirected connect is refused.
+    let mut listeners = Vec::new();
+    for _ in 0..workers.max(1) {
+        let set = addrs
+            .iter()
+            .map(|a| proxy::bind_listener(*a))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| e.to_string())?;
+        listeners.push(set);
+    }
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("runtime: {e}"))?;
+    let _guard = rt.enter();
+    let control_listener = control::bind(control_socket).map_err(|e| e.to_string())?;
+
+    let (audit, audit_writer) = AuditWriter::start(&args.audit_log).map_err(|e| e.to_string())?;
+    let redirector = Arc::new(
+        Redirector::attach(
+            &cgroup,
+            &policy.targets,
+            &ListenerConfig {
+                v4,
+                v6,
+                port: args.listen.port(),
+                mark: args.mark,
+            },
+        )
+        .map_err(|e| {
+            let _ = std::fs::remove_file(control_socket);
+            e.to_string()
+        })?,
+    );
+    let targets: Vec<Value> = policy
+        .targets
+        .iter()
+        .map(|t| json!({"name": t.name, "protocol": t.protocol.as_str(), "address": t.address.to_string()}))
+        .collect();
+    let shared = Arc::new(Shared::new(
+        policy,
+        audit.clone(),
+        redirector.clone(),
+        IdentityResolver::new(cgroup_root, args.max_exe_hash_bytes),
+        args.mark,
+    ));
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let drain = Duration::from_secs_f64(args.drain_timeout.max(0.0));
+    let handles = proxy::spawn_workers(&shared, listeners, &shutdown_rx, drain).map_err(|e| e.to_string())?;
+
+    let agent = Arc::new(Agent {
+        shared: Arc::clone(&shared),
+        cgroup: cgroup.clone(),
+        policy_source: policy_source.clone(),
+        audit_log: args.audit_log.clone(),
+        listen: addrs.clone(),
+        started_at: crate::audit::format_ts(time::OffsetDateTime::now_utc()),
+    });
+    audit.record(
+        AuditEvent::new("agent_start")
+            .with("pid", std::process::id())
+            .with("cgroup", cgroup.display().to_string())
+            .with("policy", &policy_source)
+            .with("listen", addrs.iter().map(ToString::to_string).collect::<Vec<_>>())
+            .with("targets", targets),
+    );
+    tracing::info!(
+        cgroup = %cgroup.display(),
+        listen = ?addrs,
+        policy = %policy_source,
+        "interceptor ready"
+    );
+
+    let server = rt.spawn(control::serve(control_listener, agent));
+    let signal = rt.block_on(wait_for_signal());
+    tracing::info!("{signal}: detaching and shutting down");
+
+    // Detach first: from now on new connections go direct.
+    redirector.detach();
+    server.abort();
+    let _ = std::fs::remove_file(control_socket);
+    let _ = shutdown_tx.send(true);
+    for h in handles {
+        let _ = h.join();
+    }
+    audit.record(AuditEvent::new("agent_stop").with("signal", signal));
+    // The writer finishes once the last sender is gone.
+    drop(shared);
+    drop(audit);
+    audit_writer.finish();
+    Ok(())
+}
+
+async fn wait_for_signal() -> &'static str {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+        // Without signal handlers there is no clean way to stop; wait forever
+        // rather than exit with programs attached.
+        std::future::pending::<()>().await;
+        return "none";
+    };
+    tokio::select! {
+        _ = term.recv() => "SIGTERM",
+        _ = int.recv() => "SIGINT",
+    }
+}

@@ -1,0 +1,13 @@
+//! Interceptor: a host agent that puts every database statement of every
+//! non-human workload through a policy decision. This library is the agent;
+//! `main.rs` is its command line.
+
+pub mod audit;
+pub mod cli;
+pub mod control;
+pub mod ebpf;
+pub mod identity;
+pub mod policy;
+pub mod protocol;
+pub mod proxy;
+pub mod sql;

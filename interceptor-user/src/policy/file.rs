@@ -1,0 +1,494 @@
+//! The policy file (YAML), parsed strictly: unknown fields are errors that
+//! carry file, line and column.
+
+use std::{
+    collections::{BTreeMap, HashSet},
+    fmt,
+    net::{IpAddr, Ipv6Addr, SocketAddr},
+    path::{Path, PathBuf},
+    str::FromStr,
+};
+
+use serde::{Deserialize, Deserializer, Serialize};
+
+use crate::sql::{Dialect, Flag, Kind};
+
+#[derive(Debug, thiserror::Error)]
+pub enum PolicyError {
+    #[error("{path}: cannot read: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}:{line}:{column}: {message}")]
+    Syntax {
+        path: PathBuf,
+        line: usize,
+        column: usize,
+        message: String,
+    },
+    #[error("{path}: {message}")]
+    Invalid { path: PathBuf, message: String },
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Mode {
+    #[default]
+    Enforce,
+    Shadow,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum IdentityMode {
+    Learn,
+    Shadow,
+    Enforce,
+}
+
+/// What happens to a statement. Ordered by strictness: deny beats approve
+/// beats allow.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Decision {
+    Allow,
+    Approve,
+    #[default]
+    Deny,
+}
+
+impl fmt::Display for Decision {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Allow => "allow",
+            Self::Approve => "approve",
+            Self::Deny => "deny",
+        })
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum WherePresence {
+    Absent,
+    Present,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Protocol {
+    Postgres,
+    Mysql,
+}
+
+impl Protocol {
+    #[must_use]
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Postgres => "postgres",
+            Self::Mysql => "mysql",
+        }
+    }
+
+    #[must_use]
+    pub fn dialect(self) -> Dialect {
+        match self {
+            Self::Postgres => Dialect::Postgres,
+            Self::Mysql => Dialect::Mysql,
+        }
+    }
+
+    /// The protocol number the kernel programs carry in their records.
+    #[must_use]
+    pub fn wire_id(self) -> u32 {
+        match self {
+            Self::Postgres => interceptor_common::PROTOCOL_POSTGRES,
+            Self::Mysql => interceptor_common::PROTOCOL_MYSQL,
+        }
+    }
+}
+
+/// A target's destination: one address or a CIDR block, and a port.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TargetAddress {
+    pub ip: IpAddr,
+    /// Prefix length in the address's own family (32 for one IPv4 address).
+    pub prefix: u8,
+    pub port: u16,
+}
+
+impl TargetAddress {
+    /// The address as IPv6 (IPv4 mapped) and the prefix length over 128 bits.
+    #[must_use]
+    pub fn mapped(&self) -> (Ipv6Addr, u8) {
+        match self.ip {
+            IpAddr::V4(v4) => (v4.to_ipv6_mapped(), self.prefix + 96),
+            IpAddr::V6(v6) => (v6, self.prefix),
+        }
+    }
+
+    /// Whether a concrete destination falls inside this target.
+    #[must_use]
+    pub fn contains(&self, dst: SocketAddr) -> bool {
+        if dst.port() != self.port {
+            return false;
+        }
+        let (net, bits) = self.mapped();
+        let ip = match dst.ip() {
+            IpAddr::V4(v4) => v4.to_ipv6_mapped(),
+            IpAddr::V6(v6) => v6,
+        };
+        let mask = if bits == 0 {
+            0
+        } else {
+            u128::MAX << (128 - u32::from(bits))
+        };
+        (u128::from(ip) & mask) == (u128::from(net) & mask)
+    }
+}
+
+impl fmt::Display for TargetAddress {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let full = if self.ip.is_ipv4() { 32 } else { 128 };
+        match (self.ip, self.prefix == full) {
+            (IpAddr::V4(ip), true) => write!(f, "{ip}:{}", self.port),
+            (IpAddr::V4(ip), false) => write!(f, "{ip}/{}:{}", self.prefix, self.port),
+            (IpAddr::V6(ip), true) => write!(f, "[{ip}]:{}", self.port),
+            (IpAddr::V6(ip), false) => write!(f, "[{ip}/{}]:{}", self.prefix, self.port),
+        }
+    }
+}
+
+impl FromStr for TargetAddress {
+    type Err = String;
+
+    /// `ip:port`, `[ipv6]:port`, `cidr:port` (`10.0.0.0/8:5432`) or
+    /// `[ipv6/len]:port`.
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let bad = || {
+            format!(
+                "invalid target address {s:?}: expected ip:port, [ipv6]:port or cidr:port such as 10.0.0.0/8:5432"
+            )
+        };
+        let (host, port) = if let Some(rest) = s.strip_prefix('[') {
+            let (host, port) = rest.split_once("]:").ok_or_else(bad)?;
+            (host, port)
+        } else {
+            s.rsplit_once(':').ok_or_else(bad)?
+        };
+        let port: u16 = port.parse().map_err(|_| bad())?;
+        if port == 0 {
+            return Err(format!("invalid target address {s:?}: port 0"));
+        }
+        let (ip, prefix) = match host.split_once('/') {
+            Some((ip, len)) => (ip, Some(len)),
+            None => (host, None),
+        };
+        let ip: IpAddr = ip.parse().map_err(|_| bad())?;
+        let full: u8 = if ip.is_ipv4() { 32 } else { 128 };
+        let prefix = match prefix {
+            Some(len) => len
+                .parse::<u8>()
+                .ok()
+                .filter(|l| *l <= full)
+                .ok_or_else(|| format!("invalid prefix length in {s:?} (0..={full})"))?,
+            None => full,
+        };
+        Ok(Self { ip, prefix, port })
+    }
+}
+
+impl<'de> Deserialize<'de> for TargetAddress {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+impl Serialize for TargetAddress {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct TargetSpec {
+    pub name: String,
+    pub protocol: Protocol,
+    pub address: TargetAddress,
+    /// Schema unqualified PostgreSQL names resolve to (default `public`).
+    #[serde(default)]
+    pub default_schema: Option<String>,
+}
+
+/// A named set of conditions on a workload's identity; every field given
+/// must match.
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct IdentitySelectorSpec {
+    /// Glob over the cgroup path.
+    #[serde(default)]
+    pub cgroup: Option<String>,
+    #[serde(default)]
+    pub uid: Option<u32>,
+    #[serde(default)]
+    pub gid: Option<u32>,
+    #[serde(default)]
+    pub user: Option<String>,
+    #[serde(default)]
+    pub comm: Option<String>,
+    /// Glob over the executable path.
+    #[serde(default)]
+    pub exe: Option<String>,
+    #[serde(default)]
+    pub exe_sha256: Option<String>,
+    #[serde(default)]
+    pub unit: Option<String>,
+    #[serde(default)]
+    pub container: Option<String>,
+    #[serde(default)]
+    pub pod_uid: Option<String>,
+    #[serde(default)]
+    pub mode: Option<IdentityMode>,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct NotifySpec {
+    pub url: String,
+    /// `json` (default) or `slack`.
+    #[serde(default)]
+    pub format: Option<String>,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApprovalSpec {
+    /// Unix groups whose members may approve.
+    #[serde(default)]
+    pub approvers: Vec<String>,
+    /// How many distinct approvers are needed (default 1).
+    #[serde(default)]
+    pub required: Option<u32>,
+    /// How long a statement waits, such as `5m` (default 5m).
+    #[serde(default)]
+    pub timeout: Option<String>,
+    /// `deny` (default) or `escalate`.
+    #[serde(default)]
+    pub on_timeout: Option<String>,
+    #[serde(default)]
+    pub escalate_to: Option<Vec<String>>,
+    #[serde(default)]
+    pub escalation_timeout: Option<String>,
+    #[serde(default)]
+    pub notify: Option<Vec<NotifySpec>>,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RuleSpec {
+    pub name: String,
+    #[serde(default)]
+    pub identities: Option<Vec<String>>,
+    #[serde(default)]
+    pub targets: Option<Vec<String>>,
+    #[serde(default)]
+    pub databases: Option<Vec<String>>,
+    #[serde(default)]
+    pub db_users: Option<Vec<String>>,
+    #[serde(default)]
+    pub kinds: Option<Vec<Kind>>,
+    /// Every table touched matches one of these globs.
+    #[serde(default)]
+    pub tables: Option<Vec<String>>,
+    /// At least one table touched matches one of these globs.
+    #[serde(default)]
+    pub any_tables: Option<Vec<String>>,
+    #[serde(default)]
+    pub functions: Option<Vec<String>>,
+    #[serde(default)]
+    pub any_functions: Option<Vec<String>>,
+    #[serde(default, rename = "where")]
+    pub where_clause: Option<WherePresence>,
+    #[serde(default)]
+    pub max_limit: Option<u64>,
+    /// Any of these flags.
+    #[serde(default)]
+    pub flags: Option<Vec<Flag>>,
+    #[serde(default)]
+    pub fingerprints: Option<Vec<String>>,
+    pub decision: Decision,
+    #[serde(default)]
+    pub message: Option<String>,
+    #[serde(default)]
+    pub approval: Option<ApprovalSpec>,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct PolicyFile {
+    pub version: u32,
+    #[serde(default)]
+    pub mode: Mode,
+    #[serde(default)]
+    pub default: Decision,
+    #[serde(default)]
+    pub on_parse_error: Decision,
+    #[serde(default)]
+    pub targets: Vec<TargetSpec>,
+    #[serde(default)]
+    pub identities: BTreeMap<String, IdentitySelectorSpec>,
+    #[serde(default)]
+    pub rules: Vec<RuleSpec>,
+}
+
+impl PolicyFile {
+    /// Reads and validates a policy file.
+    ///
+    /// # Errors
+    /// When the file cannot be read, is not valid YAML of this format, or
+    /// refers to names it does not define.
+    pub fn load(path: &Path) -> Result<Self, PolicyError> {
+        let text = std::fs::read_to_string(path).map_err(|source| PolicyError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::parse(&text, path)
+    }
+
+    /// Parses and validates policy text; `path` only labels errors.
+    ///
+    /// # Errors
+    /// As [`PolicyFile::load`].
+    pub fn parse(text: &str, path: &Path) -> Result<Self, PolicyError> {
+        let file: Self = serde_yaml_ng::from_str(text).map_err(|e| {
+            let (line, column) = e.location().map_or((0, 0), |l| (l.line(), l.column()));
+            PolicyError::Syntax {
+                path: path.to_owned(),
+                line,
+                column,
+                message: e.to_string(),
+            }
+        })?;
+        file.validate()
+            .map_err(|message| PolicyError::Invalid {
+                path: path.to_owned(),
+                message,
+            })?;
+        Ok(file)
+    }
+
+    fn validate(&self) -> Result<(), String> {
+        if self.version != 1 {
+            return Err(format!("unsupported version {} (expected 1)", self.version));
+        }
+        let mut names = HashSet::new();
+        for t in &self.targets {
+            if !names.insert(t.name.as_str()) {
+                return Err(format!("target {:?} is defined twice", t.name));
+            }
+        }
+        for (i, a) in self.targets.iter().enumerate() {
+            for b in &self.targets[i + 1..] {
+                if a.address == b.address {
+                    return Err(format!(
+                        "targets {:?} and {:?} have the same address {}",
+                        a.name, b.name, a.address
+                    ));
+                }
+            }
+        }
+        let mut rule_names = HashSet::new();
+        for r in &self.rules {
+            if !rule_names.insert(r.name.as_str()) {
+                return Err(format!("rule {:?} is defined twice", r.name));
+            }
+            for id in r.identities.iter().flatten() {
+                if !self.identities.contains_key(id) {
+                    return Err(format!("rule {:?} names unknown identity {id:?}", r.name));
+                }
+            }
+            for t in r.targets.iter().flatten() {
+                if !names.contains(t.as_str()) {
+                    return Err(format!("rule {:?} names unknown target {t:?}", r.name));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The target a concrete destination belongs to: the most specific
+    /// (longest prefix) match, as the kernel's LPM trie picks it.
+    #[must_use]
+    pub fn target_for(&self, dst: SocketAddr) -> Option<(usize, &TargetSpec)> {
+        self.targets
+            .iter()
+            .enumerate()
+            .filter(|(_, t)| t.address.contains(dst))
+            .max_by_key(|(_, t)| t.address.mapped().1)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<PolicyFile, PolicyError> {
+        PolicyFile::parse(text, Path::new("test.yaml"))
+    }
+
+    #[test]
+    fn parses_addresses() {
+        let a: TargetAddress = "127.0.0.1:5432".parse().unwrap();
+        assert_eq!((a.prefix, a.port), (32, 5432));
+        let b: TargetAddress = "10.0.0.0/8:3306".parse().unwrap();
+        assert_eq!(b.mapped().1, 104);
+        let c: TargetAddress = "[::1]:5432".parse().unwrap();
+        assert_eq!(c.prefix, 128);
+        let d: TargetAddress = "[fd00::/64]:5432".parse().unwrap();
+        assert_eq!(d.prefix, 64);
+        for bad in ["127.0.0.1", "x:5432", "10.0.0.0/33:1", "127.0.0.1:0", "[::1:5432", ""] {
+            assert!(bad.parse::<TargetAddress>().is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn target_matching_prefers_longest_prefix() {
+        let p = parse(
+            "version: 1\ntargets:\n  - {name: wide, protocol: postgres, address: 10.0.0.0/8:5432}\n  - {name: one, protocol: postgres, address: 10.1.2.3:5432}\n",
+        )
+        .unwrap();
+        let hit = |s: &str| p.target_for(s.parse().unwrap()).map(|(_, t)| t.name.clone());
+        assert_eq!(hit("10.1.2.3:5432").as_deref(), Some("one"));
+        assert_eq!(hit("10.9.9.9:5432").as_deref(), Some("wide"));
+        assert_eq!(hit("10.9.9.9:5433"), None);
+        assert_eq!(hit("[::ffff:10.9.9.9]:5432").as_deref(), Some("wide"));
+    }
+
+    #[test]
+    fn unknown_field_is_located() {
+        let err = parse("version: 1\ntargets:\n  - name: a\n    protocol: postgres\n    adress: 1.2.3.4:5\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.starts_with("test.yaml:5:"), "{err}");
+        assert!(err.contains("adress"), "{err}");
+    }
+
+    #[test]
+    fn bad_address_is_located() {
+        let err = parse("version: 1\ntargets:\n  - name: a\n    protocol: postgres\n    address: nope\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.starts_with("test.yaml:5:"), "{err}");
+    }
+
+    #[test]
+    fn references_are_checked() {
+        let err = parse("version: 1\nrules:\n  - name: r\n    identities: [ghost]\n    decision: allow\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("ghost"), "{err}");
+    }
+}

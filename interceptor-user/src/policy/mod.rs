@@ -1,0 +1,13 @@
+//! Policy: the file format, its validation, and (later) decisions. Knows
+//! statement facts and identities, not protocol bytes.
+
+mod file;
+
+pub use file::{
+    ApprovalSpec, Decision, IdentityMode, IdentitySelectorSpec, Mode, NotifySpec, PolicyError,
+    PolicyFile, Protocol, RuleSpec, TargetAddress, TargetSpec, WherePresence,
+};
+
+/// The policy shipped inside the binary, used when no file is given and
+/// `/etc/interceptor/policy.yaml` does not exist.
+pub const EMBEDDED_DEFAULT: &str = include_str!("../../../policies/default.yaml");

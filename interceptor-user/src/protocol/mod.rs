@@ -1,0 +1,1 @@
+//! Wire protocols: frames and sessions, not policy.

@@ -1,0 +1,428 @@
+//! Accepts redirected connections, finds who made them and where they were
+//! going, connects upstream (marked, so never redirected again) and relays.
+//!
+//! Each worker thread runs its own single-threaded runtime with its own
+//! SO_REUSEPORT listener, so a connection's relay never crosses CPUs.
+
+use std::{
+    cell::Cell,
+    net::SocketAddr,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use arc_swap::ArcSwap;
+use interceptor_common::ConnRecord;
+use serde::Serialize;
+use tokio::{
+    net::{TcpListener, TcpSocket, TcpStream},
+    sync::watch,
+};
+
+use crate::{
+    audit::{AuditEvent, AuditLog},
+    identity::{Identity, IdentityResolver, KernelFacts},
+    policy::{PolicyFile, TargetSpec},
+};
+
+/// Finds the kernel's record of a redirected connection from the accepted
+/// socket's peer address (linkerd2-proxy's `OrigDstAddr` pattern): the eBPF
+/// map in production, a table in tests.
+pub trait OrigDstLookup: Send + Sync {
+    /// Returns and forgets the record for `peer`.
+    fn take(&self, peer: SocketAddr) -> Option<ConnRecord>;
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("cannot start worker: {0}")]
+    Worker(std::io::Error),
+}
+
+/// Connection counters, read by `interceptor status`.
+#[derive(Debug, Default)]
+pub struct Stats {
+    pub live: AtomicU64,
+    pub total: AtomicU64,
+    pub rejected: AtomicU64,
+}
+
+/// Everything a connection handler needs, shared by all workers.
+pub struct Shared {
+    pub policy: ArcSwap<PolicyFile>,
+    pub audit: AuditLog,
+    pub lookup: Arc<dyn OrigDstLookup>,
+    pub identities: IdentityResolver,
+    pub stats: Stats,
+    pub mark: u32,
+    pub connect_timeout: Duration,
+    next_conn: AtomicU64,
+}
+
+impl Shared {
+    #[must_use]
+    pub fn new(
+        policy: PolicyFile,
+        audit: AuditLog,
+        lookup: Arc<dyn OrigDstLookup>,
+        identities: IdentityResolver,
+        mark: u32,
+    ) -> Self {
+        Self {
+            policy: ArcSwap::from_pointee(policy),
+            audit,
+            lookup,
+            identities,
+            stats: Stats::default(),
+            mark,
+            connect_timeout: Duration::from_secs(10),
+            next_conn: AtomicU64::new(1),
+        }
+    }
+}
+
+/// Binds one listening socket with SO_REUSEPORT (one per worker).
+///
+/// # Errors
+/// When the address cannot be bound.
+pub fn bind_listener(addr: SocketAddr) -> Result<std::net::TcpListener, ProxyError> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let err = |source| ProxyError::Listen { addr, source };
+    let sock = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP)).map_err(err)?;
+    sock.set_reuse_address(true).map_err(err)?;
+    sock.set_reuse_port(true).map_err(err)?;
+    if addr.is_ipv6() {
+        sock.set_only_v6(true).map_err(err)?;
+    }
+    sock.set_nonblocking(true).map_err(err)?;
+    sock.bind(&addr.into()).map_err(err)?;
+    sock.listen(1024).map_err(err)?;
+    Ok(sock.into())
+}
+
+/// Runs one worker thread per set of pre-bound listeners until `shutdown`
+/// turns true; open connections then get `drain` to finish.
+///
+/// # Errors
+/// When a thread cannot start.
+pub fn spawn_workers(
+    shared: &Arc<Shared>,
+    listeners: Vec<Vec<std::net::TcpListener>>,
+    shutdown: &watch::Receiver<bool>,
+    drain: Duration,
+) -> Result<Vec<std::thread::JoinHandle<()>>, ProxyError> {
+    let mut handles = Vec::new();
+    for (i, set) in listeners.into_iter().enumerate() {
+        let shared = Arc::clone(shared);
+        let shutdown = shutdown.clone();
+        let h = std::thread::Builder::new()
+            .name(format!("worker-{i}"))
+            .spawn(move || worker(shared, set, shutdown, drain))
+            .map_err(ProxyError::Worker)?;
+        handles.push(h);
+    }
+    Ok(handles)
+}
+
+fn worker(
+    shared: Arc<Shared>,
+    listeners: Vec<std::net::TcpListener>,
+    mut shutdown: watch::Receiver<bool>,
+    drain: Duration,
+) {
+    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            tracing::error!("worker runtime: {e}");
+            return;
+        }
+    };
+    let local = tokio::task::LocalSet::new();
+    local.block_on(&rt, async move {
+        let (tx, mut rx) = tokio::sync::mpsc::channel(64);
+        let mut accepts = Vec::new();
+        for l in listeners {
+            match TcpListener::from_std(l) {
+                Ok(l) => accepts.push(tokio::task::spawn_local(accept_loop(l, tx.clone()))),
+                Err(e) => tracing::error!("listener: {e}"),
+            }
+        }
+        drop(tx);
+        let mut conns = tokio::task::JoinSet::new();
+        let handler_shutdown = shutdown.clone();
+        loop {
+            tokio::select! {
+                conn = rx.recv() => match conn {
+                    Some((stream, peer)) => {
+                        let shared = Arc::clone(&shared);
+                        let stop = handler_shutdown.clone();
+                        conns.spawn_local(handle(shared, stream, peer, stop, drain));
+                    }
+                    None => break,
+                },
+                Some(_) = conns.join_next(), if !conns.is_empty() => {}
+                _ = shutdown.wait_for(|s| *s) => break,
+            }
+        }
+        for a in accepts {
+            a.abort();
+        }
+        // Handlers stop by themselves once `drain` has passed; the margin
+        // lets them write their disconnect events.
+        let _ = tokio::time::timeout(drain + Duration::from_secs(1), async {
+            while conns.join_next().await.is_some() {}
+        })
+        .await;
+    });
+}
+
+async fn accept_loop(listener: TcpListener, tx: tokio::sync::mpsc::Sender<(TcpStream, SocketAddr)>) {
+    loop {
+        match listener.accept().await {
+            Ok(conn) => {
+                if tx.send(conn).await.is_err() {
+                    return;
+                }
+            }
+            Err(e) => {
+                // EMFILE and friends: back off instead of spinning.
+                tracing::warn!("accept: {e}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+/// Where a redirected connection was going, and on whose behalf.
+#[derive(Clone, Debug)]
+pub struct ConnInfo {
+    pub id: u64,
+    pub target: TargetSpec,
+    pub dst: SocketAddr,
+    pub identity: Arc<Identity>,
+}
+
+impl ConnInfo {
+    /// An audit event carrying this connection's fields.
+    #[must_use]
+    pub fn event(&self, event: &'static str) -> AuditEvent {
+        AuditEvent::new(event)
+            .with("conn", self.id)
+            .with("target", &self.target.name)
+            .with("protocol", self.target.protocol.as_str())
+            .with("dst", self.dst.to_string())
+            .with("identity", &*self.identity)
+    }
+}
+
+/// Original destination from the kernel record.
+#[must_use]
+pub fn orig_dst(rec: &ConnRecord) -> SocketAddr {
+    let ip = std::net::Ipv6Addr::from(rec.orig_addr);
+    let port = u16::from_be(rec.orig_port_be);
+    match ip.to_ipv4_mapped() {
+        Some(v4) => SocketAddr::new(v4.into(), port),
+        None => SocketAddr::new(ip.into(), port),
+    }
+}
+
+#[must_use]
+pub fn kernel_facts(rec: &ConnRecord) -> KernelFacts {
+    KernelFacts {
+        pid: rec.pid,
+        tgid: rec.tgid,
+        uid: rec.uid,
+        gid: rec.gid,
+        comm: rec.comm,
+        cgroup_id: rec.cgroup_id,
+        netns_cookie: rec.netns_cookie,
+    }
+}
+
+/// Decrements the live count however the handler ends.
+struct LiveGuard<'a>(&'a Stats);
+
+impl Drop for LiveGuard<'_> {
+    fn drop(&mut self) {
+        self.0.live.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+#[derive(Serialize)]
+struct Bytes {
+    from_client: u64,
+    from_server: u64,
+}
+
+async fn handle(
+    shared: Arc<Shared>,
+    mut client: TcpStream,
+    peer: SocketAddr,
+    mut shutdown: watch::Receiver<bool>,
+    drain: Duration,
+) {
+    let id = shared.next_conn.fetch_add(1, Ordering::Relaxed);
+    let Some(rec) = shared.lookup.take(peer) else {
+        // Someone connected to the listener directly: there is no original
+        // destination to relay to.
+        shared.stats.rejected.fetch_add(1, Ordering::Relaxed);
+        shared.audit.record(
+            AuditEvent::new("reject")
+                .with("conn", id)
+                .with("peer", peer.to_string())
+                .with("reason", "connection was not redirected by the kernel programs"),
+        );
+        return;
+    };
+    shared.stats.total.fetch_add(1, Ordering::Relaxed);
+    shared.stats.live.fetch_add(1, Ordering::Relaxed);
+    let _live = LiveGuard(&shared.stats);
+    let started = Instant::now();
+    let dst = orig_dst(&rec);
+    let policy = shared.policy.load_full();
+    let target = policy
+        .targets
+        .get(rec.target_id as usize)
+        .filter(|t| t.address.contains(dst))
+        .or_else(|| policy.target_for(dst).map(|(_, t)| t))
+        .cloned();
+    let facts = kernel_facts(&rec);
+    let identity = {
+        let shared = Arc::clone(&shared);
+        tokio::task::spawn_blocking(move || shared.identities.resolve(&facts))
+            .await
+            .unwrap_or_default()
+    };
+    let Some(target) = target else {
+        shared.audit.record(
+            AuditEvent::new("reject")
+                .with("conn", id)
+                .with("dst", dst.to_string())
+                .with("identity", &identity)
+                .with("reason", "destination is no longer a target of the policy"),
+        );
+        return;
+    };
+    let info = ConnInfo {
+        id,
+        target,
+        dst,
+        identity: Arc::new(identity),
+    };
+    shared.audit.record(info.event("connect"));
+
+    let mut upstream = match connect_upstream(dst, shared.mark, shared.connect_timeout).await {
+        Ok(s) => s,
+        Err(e) => {
+            shared.audit.record(
+                info.event("disconnect")
+                    .with("error", format!("upstream connect failed: {e}"))
+                    .with("bytes", Bytes { from_client: 0, from_server: 0 })
+                    .with("duration_us", elapsed_us(started)),
+            );
+            return;
+        }
+    };
+    let _ = client.set_nodelay(true);
+    let _ = upstream.set_nodelay(true);
+    let counts = Counted::default();
+    let relay = relay(&mut client, &mut upstream, &counts);
+    let stopping = async {
+        let _ = shutdown.wait_for(|s| *s).await;
+        tokio::time::sleep(drain).await;
+    };
+    let error = tokio::select! {
+        r = relay => r.err().map(|e| e.to_string()),
+        () = stopping => Some("agent shutting down".to_owned()),
+    };
+    let (from_client, from_server) = (counts.from_client.get(), counts.from_server.get());
+    let mut ev = info
+        .event("disconnect")
+        .with("bytes", Bytes { from_client, from_server })
+        .with("duration_us", elapsed_us(started));
+    if let Some(e) = error {
+        ev = ev.with("error", e);
+    }
+    shared.audit.record(ev);
+}
+
+/// Bytes relayed so far each way; kept outside the relay future so they
+/// survive its cancellation.
+#[derive(Default)]
+struct Counted {
+    from_client: Cell<u64>,
+    from_server: Cell<u64>,
+}
+
+/// Copies both ways at once until both sides are done. Each direction only
+/// reads when its previous chunk was written (back-pressure), and neither
+/// direction waits on the other, so a peer blocked on writing can't stall
+/// the opposite flow.
+async fn relay(client: &mut TcpStream, upstream: &mut TcpStream, counts: &Counted) -> std::io::Result<()> {
+    let (mut cr, mut cw) = client.split();
+    let (mut ur, mut uw) = upstream.split();
+    tokio::try_join!(
+        pump(&mut cr, &mut uw, &counts.from_client),
+        pump(&mut ur, &mut cw, &counts.from_server),
+    )?;
+    Ok(())
+}
+
+async fn pump<R, W>(r: &mut R, w: &mut W, count: &Cell<u64>) -> std::io::Result<()>
+where
+    R: tokio::io::AsyncRead + Unpin,
+    W: tokio::io::AsyncWrite + Unpin,
+{
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        let n = r.read(&mut buf).await?;
+        if n == 0 {
+            return w.shutdown().await;
+        }
+        w.write_all(&buf[..n]).await?;
+        count.set(count.get() + n as u64);
+    }
+}
+
+fn elapsed_us(since: Instant) -> u64 {
+    u64::try_from(since.elapsed().as_micros()).unwrap_or(u64::MAX)
+}
+
+/// Connects to the real server with SO_MARK set, so the kernel programs let
+/// this socket go direct.
+///
+/// # Errors
+/// When the socket cannot be made or the connect fails or times out.
+pub async fn connect_upstream(dst: SocketAddr, mark: u32, timeout: Duration) -> std::io::Result<TcpStream> {
+    let sock = if dst.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
+    if mark != 0 {
+        socket2::SockRef::from(&sock).set_mark(mark)?;
+    }
+    tokio::time::timeout(timeout, sock.connect(dst))
+        .await
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out"))?
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn orig_dst_unmaps_v4() {
+        let mut rec = ConnRecord::ZERO;
+        rec.orig_addr = std::net::Ipv4Addr::new(10, 1, 2, 3).to_ipv6_mapped().octets();
+        rec.orig_port_be = 5432u16.to_be();
+        assert_eq!(orig_dst(&rec), "10.1.2.3:5432".parse().unwrap());
+        rec.orig_addr = std::net::Ipv6Addr::LOCALHOST.octets();
+        assert_eq!(orig_dst(&rec), "[::1]:5432".parse().unwrap());
+    }
+}

@@ -1,0 +1,403 @@
+//! Harness for the end-to-end tests: a test cgroup, real database servers on
+//! loopback ports, and the agent attached to that cgroup only.
+//!
+//! Every guard cleans up in `Drop`. Failures panic with context; nothing is
+//! skipped: without root these tests fail, loudly.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::missing_panics_doc)]
+
+use std::{
+    fs,
+    net::TcpListener,
+    os::unix::process::CommandExt as _,
+    path::{Path, PathBuf},
+    process::{Child, Command, ExitStatus, Output, Stdio},
+    sync::atomic::{AtomicU32, Ordering},
+    thread::sleep,
+    time::{Duration, Instant},
+};
+
+use serde_json::Value;
+
+static COUNTER: AtomicU32 = AtomicU32::new(0);
+
+/// Panics unless running as root: attaching programs and moving processes
+/// between cgroups need it.
+pub fn require_root() {
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "end-to-end tests need root (they attach eBPF programs to a test cgroup)"
+    );
+}
+
+/// A unique name for this test process and call.
+#[must_use]
+pub fn unique(prefix: &str) -> String {
+    format!("{prefix}-{}-{}", std::process::id(), COUNTER.fetch_add(1, Ordering::Relaxed))
+}
+
+/// The cgroup v2 mount point, from `/proc/self/mountinfo`.
+#[must_use]
+pub fn cgroup2_root() -> PathBuf {
+    let text = fs::read_to_string("/proc/self/mountinfo").unwrap();
+    text.lines()
+        .find_map(|line| {
+            let (pre, post) = line.split_once(" - ")?;
+            if post.split_whitespace().next()? != "cgroup2" {
+                return None;
+            }
+            Some(PathBuf::from(pre.split_whitespace().nth(4)?))
+        })
+        .expect("no cgroup2 mount in /proc/self/mountinfo")
+}
+
+/// A port nobody listens on right now.
+#[must_use]
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// A cgroup made for one test; only the test's own clients go in it.
+pub struct TestCgroup {
+    pub path: PathBuf,
+    /// Path relative to the cgroup v2 root, as `/proc/PID/cgroup` shows it.
+    pub rel: String,
+}
+
+impl TestCgroup {
+    #[must_use]
+    pub fn new() -> Self {
+        require_root();
+        let name = unique("interceptor-test");
+        let path = cgroup2_root().join(&name);
+        fs::create_dir(&path).unwrap_or_else(|e| panic!("create cgroup {}: {e}", path.display()));
+        Self {
+            path,
+            rel: format!("/{name}"),
+        }
+    }
+
+    /// `cmd` run as a process of this cgroup (a shell moves itself in, then execs).
+    #[must_use]
+    pub fn command(&self, program: &str) -> Command {
+        let mut c = Command::new("sh");
+        c.arg("-c")
+            .arg("echo $$ > \"$0\" && exec \"$@\"")
+            .arg(self.path.join("cgroup.procs"))
+            .arg(program);
+        c
+    }
+}
+
+impl Default for TestCgroup {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Drop for TestCgroup {
+    fn drop(&mut self) {
+        for _ in 0..50 {
+            let procs = fs::read_to_string(self.path.join("cgroup.procs")).unwrap_or_default();
+            for pid in procs.lines().filter_map(|l| l.trim().parse::<i32>().ok()) {
+                let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+            }
+            if fs::remove_dir(&self.path).is_ok() {
+                return;
+            }
+            sleep(Duration::from_millis(100));
+        }
+        eprintln!("could not remove test cgroup {}", self.path.display());
+    }
+}
+
+/// Runs a command, panicking with its output if it fails.
+pub fn run_ok(cmd: &mut Command) -> String {
+    let out = cmd.output().unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed ({}):\nstdout: {}\nstderr: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Runs a command and returns its whole output, whatever the status.
+pub fn run_any(cmd: &mut Command) -> Output {
+    cmd.output().unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}"))
+}
+
+fn user_ids(name: &str) -> (u32, u32) {
+    let u = nix::unistd::User::from_name(name)
+        .unwrap()
+        .unwrap_or_else(|| panic!("no user {name}: run `cargo xtask setup`"));
+    (u.uid.as_raw(), u.gid.as_raw())
+}
+
+fn wait_until(what: &str, timeout: Duration, mut ok: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !ok() {
+        assert!(start.elapsed() < timeout, "timed out after {timeout:?} waiting for {what}");
+        sleep(Duration::from_millis(50));
+    }
+}
+
+/// PostgreSQL binaries directory (Debian layout).
+#[must_use]
+pub fn pg_bin(tool: &str) -> PathBuf {
+    let base = Path::new("/usr/lib/postgresql");
+    let mut versions: Vec<PathBuf> = fs::read_dir(base)
+        .unwrap_or_else(|e| panic!("{}: {e}: run `cargo xtask setup`", base.display()))
+        .flatten()
+        .map(|e| e.path())
+        .collect();
+    versions.sort();
+    versions.last().expect("no PostgreSQL installed").join("bin").join(tool)
+}
+
+/// A PostgreSQL server of the test's own, on a loopback port, trust auth.
+pub struct PgServer {
+    pub port: u16,
+    dir: PathBuf,
+    child: Child,
+}
+
+impl PgServer {
+    #[must_use]
+    pub fn start() -> Self {
+        require_root();
+        let (uid, gid) = user_ids("postgres");
+        let dir = std::env::temp_dir().join(unique("interceptor-pg"));
+        fs::create_dir_all(&dir).unwrap();
+        nix::unistd::chown(&dir, Some(uid.into()), Some(gid.into())).unwrap();
+        let data = dir.join("data");
+        run_ok(
+            Command::new(pg_bin("initdb"))
+                .args(["-A", "trust", "-U", "postgres", "--no-sync", "-E", "UTF8", "-D"])
+                .arg(&data)
+                .uid(uid)
+                .gid(gid)
+                .current_dir(&dir),
+        );
+        let port = free_port();
+        let log = fs::File::create(dir.join("server.log")).unwrap();
+        nix::unistd::chown(&dir.join("server.log"), Some(uid.into()), Some(gid.into())).unwrap();
+        let child = Command::new(pg_bin("postgres"))
+            .arg("-D")
+            .arg(&data)
+            .args(["-p", &port.to_string(), "-c", "listen_addresses=127.0.0.1,::1", "-c", "fsync=off"])
+            .args(["-c", "max_connections=200", "-c", "shared_buffers=64MB"])
+            .arg("-k")
+            .arg(&dir)
+            .uid(uid)
+            .gid(gid)
+            .current_dir(&dir)
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        let server = Self { port, dir, child };
+        wait_until("postgres to accept connections", Duration::from_secs(30), || {
+            Command::new(pg_bin("pg_isready"))
+                .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-q"])
+                .status()
+                .is_ok_and(|s| s.success())
+        });
+        server
+    }
+
+    /// `psql` arguments reaching this server over TCP, unchanged by the agent.
+    #[must_use]
+    pub fn psql_args(&self) -> Vec<String> {
+        ["-X", "-h", "127.0.0.1", "-p", &self.port.to_string(), "-U", "postgres", "-d", "postgres", "-v", "ON_ERROR_STOP=1"]
+            .iter()
+            .map(ToString::to_string)
+            .collect()
+    }
+
+    /// Runs SQL directly (not redirected: the test process is in no test cgroup).
+    pub fn sql(&self, sql: &str) -> String {
+        run_ok(Command::new(pg_bin("psql")).args(self.psql_args()).args(["-Atc", sql]))
+    }
+}
+
+impl Drop for PgServer {
+    fn drop(&mut self) {
+        let pid = nix::unistd::Pid::from_raw(i32::try_from(self.child.id()).unwrap());
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGQUIT);
+        let _ = self.child.wait();
+        let _ = fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Path of the agent binary under test.
+#[must_use]
+pub fn agent_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("INTERCEPTOR_BIN") {
+        return PathBuf::from(p);
+    }
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
+    let p = root.join("target/release/interceptor");
+    assert!(p.exists(), "{} missing: run `cargo xtask test` (it builds it)", p.display());
+    p
+}
+
+/// The agent, attached to a test cgroup only.
+pub struct Agent {
+    pub child: Option<Child>,
+    pub dir: tempfile::TempDir,
+    pub listen_port: u16,
+    pub control_socket: PathBuf,
+    pub audit_log: PathBuf,
+    pub policy: PathBuf,
+}
+
+impl Agent {
+    /// Starts the agent on `cgroup` with `policy` (YAML text); with
+    /// `inside`, the agent itself runs in that cgroup (to prove it never
+    /// redirects its own upstream connections).
+    #[must_use]
+    pub fn start(policy: &str, cgroup: &TestCgroup, inside: bool) -> Self {
+        require_root();
+        let dir = tempfile::tempdir().unwrap();
+        let policy_path = dir.path().join("policy.yaml");
+        fs::write(&policy_path, policy).unwrap();
+        let control_socket = dir.path().join("control.sock");
+        let audit_log = dir.path().join("audit.jsonl");
+        let listen_port = free_port();
+        let mut cmd = if inside {
+            let mut c = cgroup.command(agent_bin().to_str().unwrap());
+            c.arg("run");
+            c
+        } else {
+            let mut c = Command::new(agent_bin());
+            c.arg("run");
+            c
+        };
+        cmd.arg("--cgroup")
+            .arg(&cgroup.path)
+            .arg("--listen")
+            .arg(format!("127.0.0.1:{listen_port}"))
+            .arg("--policy")
+            .arg(&policy_path)
+            .arg("--audit-log")
+            .arg(&audit_log)
+            .arg("--control-socket")
+            .arg(&control_socket)
+            .args(["--drain-timeout", "1", "--workers", "2"])
+            .stdout(Stdio::null())
+            .stderr(fs::File::create(dir.path().join("agent.log")).unwrap());
+        let child = cmd.spawn().unwrap();
+        let mut agent = Self {
+            child: Some(child),
+            dir,
+            listen_port,
+            control_socket,
+            audit_log,
+            policy: policy_path,
+        };
+        let start = Instant::now();
+        loop {
+            if agent.status().status.success() {
+                break;
+            }
+            if let Some(st) = agent.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!("agent exited early ({st}):\n{}", agent.log());
+            }
+            assert!(start.elapsed() < Duration::from_secs(30), "agent not ready:\n{}", agent.log());
+            sleep(Duration::from_millis(50));
+        }
+        agent
+    }
+
+    /// The agent's stderr so far.
+    #[must_use]
+    pub fn log(&self) -> String {
+        fs::read_to_string(self.dir.path().join("agent.log")).unwrap_or_default()
+    }
+
+    /// `interceptor status` against this agent.
+    #[must_use]
+    pub fn status(&self) -> Output {
+        self.cli(&["status"])
+    }
+
+    /// Runs an `interceptor` subcommand against this agent.
+    #[must_use]
+    pub fn cli(&self, args: &[&str]) -> Output {
+        run_any(Command::new(agent_bin()).env("INTERCEPTOR_CONTROL_SOCKET", &self.control_socket).args(args))
+    }
+
+    /// Every audit event so far.
+    #[must_use]
+    pub fn events(&self) -> Vec<Value> {
+        fs::read_to_string(&self.audit_log)
+            .unwrap_or_default()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("bad audit line {l:?}: {e}")))
+            .collect()
+    }
+
+    /// Waits for an audit event matching `pred` and returns it.
+    pub fn wait_event(&self, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
+        let mut found = None;
+        let start = Instant::now();
+        while found.is_none() {
+            found = self.events().into_iter().find(|e| pred(e));
+            if found.is_none() {
+                assert!(
+                    start.elapsed() < Duration::from_secs(15),
+                    "no audit event {what}; events:\n{}\nagent log:\n{}",
+                    self.events().iter().map(ToString::to_string).collect::<Vec<_>>().join("\n"),
+                    self.log()
+                );
+                sleep(Duration::from_millis(50));
+            }
+        }
+        found.unwrap()
+    }
+
+    /// SIGTERM, then waits; returns the exit status.
+    pub fn stop(&mut self) -> ExitStatus {
+        let mut child = self.child.take().expect("agent already stopped");
+        let pid = nix::unistd::Pid::from_raw(i32::try_from(child.id()).unwrap());
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+        let start = Instant::now();
+        loop {
+            if let Some(st) = child.try_wait().unwrap() {
+                return st;
+            }
+            if start.elapsed() > Duration::from_secs(20) {
+                let _ = child.kill();
+                panic!("agent did not stop on SIGTERM:\n{}", self.log());
+            }
+            sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        if self.child.is_some() {
+            let _ = self.stop();
+        }
+    }
+}
+
+/// A policy with a PostgreSQL target on `port` (IPv4 and IPv6 loopback)
+/// and the rest as `extra` YAML.
+#[must_use]
+pub fn pg_policy(port: u16, extra: &str) -> String {
+    format!(
+        "version: 1\ntargets:\n  - name: pg\n    protocol: postgres\n    address: 127.0.0.1:{port}\n  - name: pg6\n    protocol: postgres\n    address: '[::1]:{port}'\n{extra}"
+    )
+}
+
+/// sha256 of a file, hex.
+#[must_use]
+pub fn sha256_file(path: &Path) -> String {
+    use sha2::Digest as _;
+    let digest = sha2::Sha256::digest(fs::read(path).unwrap());
+    digest.iter().map(|b| format!("{b:02x}")).collect()
+}
