@@ -142,7 +142,9 @@ impl ConnRecord {
 #[must_use]
 pub fn v4_mapped(ip4_be: u32) -> [u8; 16] {
     let b = ip4_be.to_ne_bytes();
-    [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, b[0], b[1], b[2], b[3]]
+    [
+        0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, b[0], b[1], b[2], b[3],
+    ]
 }
 
 /// Four network-order words (`user_ip6` layout) to address bytes.

@@ -13,6 +13,8 @@
 #![no_std]
 #![no_main]
 
+use core::ptr::read_volatile;
+
 use aya_ebpf::{
     EbpfContext,
     bindings::{
@@ -24,7 +26,7 @@ use aya_ebpf::{
         generated::{bpf_get_current_cgroup_id, bpf_get_netns_cookie, bpf_get_socket_cookie},
     },
     macros::{cgroup_sock_addr, map, sock_ops},
-    maps::{Array, HashMap, LruHashMap, LpmTrie, lpm_trie::Key},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, lpm_trie::Key},
     programs::{SockAddrContext, SockOpsContext},
 };
 use interceptor_common::{
@@ -268,15 +270,35 @@ fn try_getpeername6(ctx: &SockAddrContext) -> Result<(), Skip> {
 /// The client's local address as the agent will see it on accept. For an
 /// IPv6 socket talking to an IPv4-mapped destination the kernel may not have
 /// set the mapped source yet at TCP_CONNECT_CB, so the IPv4 source is used.
+///
+/// Every field is read unconditionally with a volatile load: the verifier
+/// rejects a context access through a pointer the compiler picked between
+/// two fields.
 fn local_key(ctx: &SockOpsContext, rec: &ConnRecord) -> SockKey {
-    let addr = if ctx.family() == AF_INET || is_v4_mapped(&rec.orig_addr) {
-        v4_mapped(ctx.local_ip4())
+    let ops = ctx.ops;
+    // SAFETY: the verifier guarantees `ops` points at the sock_ops context;
+    // each field is read with its own constant offset.
+    let (family, ip4, ip6, port) = unsafe {
+        (
+            read_volatile(&raw const (*ops).family),
+            read_volatile(&raw const (*ops).local_ip4),
+            [
+                read_volatile(&raw const (*ops).local_ip6[0]),
+                read_volatile(&raw const (*ops).local_ip6[1]),
+                read_volatile(&raw const (*ops).local_ip6[2]),
+                read_volatile(&raw const (*ops).local_ip6[3]),
+            ],
+            read_volatile(&raw const (*ops).local_port),
+        )
+    };
+    let addr = if family == AF_INET || is_v4_mapped(&rec.orig_addr) {
+        v4_mapped(ip4)
     } else {
-        v6_bytes(ctx.local_ip6())
+        v6_bytes(ip6)
     };
     SockKey {
         addr,
-        port: ctx.local_port() as u16,
+        port: port as u16,
         _pad: 0,
     }
 }
@@ -298,7 +320,9 @@ fn try_sock_ops(ctx: &SockOpsContext) -> Result<(), Skip> {
     };
     let key = local_key(ctx, &rec);
     if op == BPF_SOCK_OPS_TCP_CONNECT_CB {
-        CONN_BY_ADDR.insert(&key, &rec, 0).map_err(|_| Skip::MapFull)?;
+        CONN_BY_ADDR
+            .insert(&key, &rec, 0)
+            .map_err(|_| Skip::MapFull)?;
         // Ask for state callbacks so the entries go when the socket closes.
         let _ = ctx.set_cb_flags(BPF_SOCK_OPS_STATE_CB_FLAG as i32);
     } else if ctx.arg(1) == BPF_TCP_CLOSE {

@@ -9,7 +9,9 @@ fn target_matching(c: &mut Criterion) {
     )
     .unwrap_or_else(|e| panic!("{e}"));
     let dst = "10.1.2.3:5432".parse().unwrap_or_else(|e| panic!("{e}"));
-    c.bench_function("target_for", |b| b.iter(|| policy.target_for(std::hint::black_box(dst))));
+    c.bench_function("target_for", |b| {
+        b.iter(|| policy.target_for(std::hint::black_box(dst)))
+    });
 }
 
 criterion_group!(benches, target_matching);

@@ -32,7 +32,11 @@ pub fn require_root() {
 /// A unique name for this test process and call.
 #[must_use]
 pub fn unique(prefix: &str) -> String {
-    format!("{prefix}-{}-{}", std::process::id(), COUNTER.fetch_add(1, Ordering::Relaxed))
+    format!(
+        "{prefix}-{}-{}",
+        std::process::id(),
+        COUNTER.fetch_add(1, Ordering::Relaxed)
+    )
 }
 
 /// The cgroup v2 mount point, from `/proc/self/mountinfo`.
@@ -53,7 +57,11 @@ pub fn cgroup2_root() -> PathBuf {
 /// A port nobody listens on right now.
 #[must_use]
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 /// A cgroup made for one test; only the test's own clients go in it.
@@ -99,7 +107,10 @@ impl Drop for TestCgroup {
         for _ in 0..50 {
             let procs = fs::read_to_string(self.path.join("cgroup.procs")).unwrap_or_default();
             for pid in procs.lines().filter_map(|l| l.trim().parse::<i32>().ok()) {
-                let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
             }
             if fs::remove_dir(&self.path).is_ok() {
                 return;
@@ -112,7 +123,9 @@ impl Drop for TestCgroup {
 
 /// Runs a command, panicking with its output if it fails.
 pub fn run_ok(cmd: &mut Command) -> String {
-    let out = cmd.output().unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}"));
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}"));
     assert!(
         out.status.success(),
         "{cmd:?} failed ({}):\nstdout: {}\nstderr: {}",
@@ -125,7 +138,8 @@ pub fn run_ok(cmd: &mut Command) -> String {
 
 /// Runs a command and returns its whole output, whatever the status.
 pub fn run_any(cmd: &mut Command) -> Output {
-    cmd.output().unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}"))
+    cmd.output()
+        .unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}"))
 }
 
 fn user_ids(name: &str) -> (u32, u32) {
@@ -138,7 +152,10 @@ fn user_ids(name: &str) -> (u32, u32) {
 fn wait_until(what: &str, timeout: Duration, mut ok: impl FnMut() -> bool) {
     let start = Instant::now();
     while !ok() {
-        assert!(start.elapsed() < timeout, "timed out after {timeout:?} waiting for {what}");
+        assert!(
+            start.elapsed() < timeout,
+            "timed out after {timeout:?} waiting for {what}"
+        );
         sleep(Duration::from_millis(50));
     }
 }
@@ -153,7 +170,11 @@ pub fn pg_bin(tool: &str) -> PathBuf {
         .map(|e| e.path())
         .collect();
     versions.sort();
-    versions.last().expect("no PostgreSQL installed").join("bin").join(tool)
+    versions
+        .last()
+        .expect("no PostgreSQL installed")
+        .join("bin")
+        .join(tool)
 }
 
 /// A PostgreSQL server of the test's own, on a loopback port, trust auth.
@@ -174,7 +195,16 @@ impl PgServer {
         let data = dir.join("data");
         run_ok(
             Command::new(pg_bin("initdb"))
-                .args(["-A", "trust", "-U", "postgres", "--no-sync", "-E", "UTF8", "-D"])
+                .args([
+                    "-A",
+                    "trust",
+                    "-U",
+                    "postgres",
+                    "--no-sync",
+                    "-E",
+                    "UTF8",
+                    "-D",
+                ])
                 .arg(&data)
                 .uid(uid)
                 .gid(gid)
@@ -186,7 +216,14 @@ impl PgServer {
         let child = Command::new(pg_bin("postgres"))
             .arg("-D")
             .arg(&data)
-            .args(["-p", &port.to_string(), "-c", "listen_addresses=127.0.0.1,::1", "-c", "fsync=off"])
+            .args([
+                "-p",
+                &port.to_string(),
+                "-c",
+                "listen_addresses=127.0.0.1,::1",
+                "-c",
+                "fsync=off",
+            ])
             .args(["-c", "max_connections=200", "-c", "shared_buffers=64MB"])
             .arg("-k")
             .arg(&dir)
@@ -198,27 +235,47 @@ impl PgServer {
             .spawn()
             .unwrap();
         let server = Self { port, dir, child };
-        wait_until("postgres to accept connections", Duration::from_secs(30), || {
-            Command::new(pg_bin("pg_isready"))
-                .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-q"])
-                .status()
-                .is_ok_and(|s| s.success())
-        });
+        wait_until(
+            "postgres to accept connections",
+            Duration::from_secs(30),
+            || {
+                Command::new(pg_bin("pg_isready"))
+                    .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-q"])
+                    .status()
+                    .is_ok_and(|s| s.success())
+            },
+        );
         server
     }
 
     /// `psql` arguments reaching this server over TCP, unchanged by the agent.
     #[must_use]
     pub fn psql_args(&self) -> Vec<String> {
-        ["-X", "-h", "127.0.0.1", "-p", &self.port.to_string(), "-U", "postgres", "-d", "postgres", "-v", "ON_ERROR_STOP=1"]
-            .iter()
-            .map(ToString::to_string)
-            .collect()
+        [
+            "-X",
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &self.port.to_string(),
+            "-U",
+            "postgres",
+            "-d",
+            "postgres",
+            "-v",
+            "ON_ERROR_STOP=1",
+        ]
+        .iter()
+        .map(ToString::to_string)
+        .collect()
     }
 
     /// Runs SQL directly (not redirected: the test process is in no test cgroup).
     pub fn sql(&self, sql: &str) -> String {
-        run_ok(Command::new(pg_bin("psql")).args(self.psql_args()).args(["-Atc", sql]))
+        run_ok(
+            Command::new(pg_bin("psql"))
+                .args(self.psql_args())
+                .args(["-Atc", sql]),
+        )
     }
 }
 
@@ -239,7 +296,11 @@ pub fn agent_bin() -> PathBuf {
     }
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
     let p = root.join("target/release/interceptor");
-    assert!(p.exists(), "{} missing: run `cargo xtask test` (it builds it)", p.display());
+    assert!(
+        p.exists(),
+        "{} missing: run `cargo xtask test` (it builds it)",
+        p.display()
+    );
     p
 }
 
@@ -305,7 +366,11 @@ impl Agent {
             if let Some(st) = agent.child.as_mut().unwrap().try_wait().unwrap() {
                 panic!("agent exited early ({st}):\n{}", agent.log());
             }
-            assert!(start.elapsed() < Duration::from_secs(30), "agent not ready:\n{}", agent.log());
+            assert!(
+                start.elapsed() < Duration::from_secs(30),
+                "agent not ready:\n{}",
+                agent.log()
+            );
             sleep(Duration::from_millis(50));
         }
         agent
@@ -326,7 +391,11 @@ impl Agent {
     /// Runs an `interceptor` subcommand against this agent.
     #[must_use]
     pub fn cli(&self, args: &[&str]) -> Output {
-        run_any(Command::new(agent_bin()).env("INTERCEPTOR_CONTROL_SOCKET", &self.control_socket).args(args))
+        run_any(
+            Command::new(agent_bin())
+                .env("INTERCEPTOR_CONTROL_SOCKET", &self.control_socket)
+                .args(args),
+        )
     }
 
     /// Every audit event so far.
@@ -335,7 +404,9 @@ impl Agent {
         fs::read_to_string(&self.audit_log)
             .unwrap_or_default()
             .lines()
-            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("bad audit line {l:?}: {e}")))
+            .map(|l| {
+                serde_json::from_str(l).unwrap_or_else(|e| panic!("bad audit line {l:?}: {e}"))
+            })
             .collect()
     }
 
@@ -349,7 +420,11 @@ impl Agent {
                 assert!(
                     start.elapsed() < Duration::from_secs(15),
                     "no audit event {what}; events:\n{}\nagent log:\n{}",
-                    self.events().iter().map(ToString::to_string).collect::<Vec<_>>().join("\n"),
+                    self.events()
+                        .iter()
+                        .map(ToString::to_string)
+                        .collect::<Vec<_>>()
+                        .join("\n"),
                     self.log()
                 );
                 sleep(Duration::from_millis(50));

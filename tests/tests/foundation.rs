@@ -4,10 +4,16 @@
 
 use std::process::Command;
 
-use interceptor_tests::{Agent, PgServer, TestCgroup, pg_bin, pg_policy, run_any, run_ok, sha256_file};
+use interceptor_tests::{
+    Agent, PgServer, TestCgroup, pg_bin, pg_policy, run_any, run_ok, sha256_file,
+};
 
 fn connects(agent: &Agent) -> usize {
-    agent.events().iter().filter(|e| e["event"] == "connect").count()
+    agent
+        .events()
+        .iter()
+        .filter(|e| e["event"] == "connect")
+        .count()
 }
 
 #[test]
@@ -20,46 +26,79 @@ fn psql_in_cgroup_goes_through_agent_with_attested_identity() {
 
     let status = String::from_utf8(agent.status().stdout).unwrap();
     assert!(status.contains(&cg.path.display().to_string()), "{status}");
-    assert!(status.contains(&format!("pg postgres 127.0.0.1:{}", pg.port)), "{status}");
+    assert!(
+        status.contains(&format!("pg postgres 127.0.0.1:{}", pg.port)),
+        "{status}"
+    );
 
     // psql with an unchanged connection string, inside the cgroup.
-    let out = run_ok(cg.command(pg_bin("psql").to_str().unwrap()).args(pg.psql_args()).args(["-Atc", "select 40 + 2"]));
+    let out = run_ok(
+        cg.command(pg_bin("psql").to_str().unwrap())
+            .args(pg.psql_args())
+            .args(["-Atc", "select 40 + 2"]),
+    );
     assert_eq!(out.trim(), "42");
 
-    let ev = agent.wait_event("connect from psql", |e| e["event"] == "connect" && e["identity"]["comm"] == "psql");
+    let ev = agent.wait_event("connect from psql", |e| {
+        e["event"] == "connect" && e["identity"]["comm"] == "psql"
+    });
     let id = &ev["identity"];
     let psql = pg_bin("psql");
     assert_eq!(id["exe"], psql.to_str().unwrap(), "{ev}");
     assert_eq!(id["exe_sha256"], sha256_file(&psql), "{ev}");
     assert_eq!(id["cgroup"], cg.rel, "{ev}");
-    assert!(id["pid"].as_u64().unwrap() > 0 && id["tgid"].as_u64().unwrap() > 0, "{ev}");
+    assert!(
+        id["pid"].as_u64().unwrap() > 0 && id["tgid"].as_u64().unwrap() > 0,
+        "{ev}"
+    );
     assert_eq!(id["uid"], 0);
     assert_eq!(id["user"], "root");
-    assert!(id["cmdline"].as_str().unwrap().contains("select 40 + 2"), "{ev}");
+    assert!(
+        id["cmdline"].as_str().unwrap().contains("select 40 + 2"),
+        "{ev}"
+    );
     assert_eq!(ev["dst"], format!("127.0.0.1:{}", pg.port));
     assert_eq!(ev["target"], "pg");
     assert_eq!(ev["protocol"], "postgres");
     assert!(ev["ts"].as_str().unwrap().ends_with('Z'));
 
     let conn = ev["conn"].clone();
-    let bye = agent.wait_event("disconnect", |e| e["event"] == "disconnect" && e["conn"] == conn);
+    let bye = agent.wait_event("disconnect", |e| {
+        e["event"] == "disconnect" && e["conn"] == conn
+    });
     assert!(bye["bytes"]["from_client"].as_u64().unwrap() > 0, "{bye}");
     assert!(bye["bytes"]["from_server"].as_u64().unwrap() > 0, "{bye}");
     assert!(bye["duration_us"].as_u64().is_some(), "{bye}");
 
     // seq strictly increases.
-    let seqs: Vec<u64> = agent.events().iter().map(|e| e["seq"].as_u64().unwrap()).collect();
+    let seqs: Vec<u64> = agent
+        .events()
+        .iter()
+        .map(|e| e["seq"].as_u64().unwrap())
+        .collect();
     assert!(seqs.windows(2).all(|w| w[0] < w[1]), "{seqs:?}");
 
     // A client outside the cgroup is not redirected.
     let before = connects(&agent);
     assert_eq!(pg.sql("select 7").trim(), "7");
     std::thread::sleep(std::time::Duration::from_millis(300));
-    assert_eq!(connects(&agent), before, "a client outside the cgroup was redirected");
+    assert_eq!(
+        connects(&agent),
+        before,
+        "a client outside the cgroup was redirected"
+    );
 
     // A clean exit detaches everything: the next connection goes direct.
-    assert!(agent.stop().success(), "agent exit status:\n{}", agent.log());
-    let out = run_ok(cg.command(pg_bin("psql").to_str().unwrap()).args(pg.psql_args()).args(["-Atc", "select 'direct'"]));
+    assert!(
+        agent.stop().success(),
+        "agent exit status:\n{}",
+        agent.log()
+    );
+    let out = run_ok(
+        cg.command(pg_bin("psql").to_str().unwrap())
+            .args(pg.psql_args())
+            .args(["-Atc", "select 'direct'"]),
+    );
     assert_eq!(out.trim(), "direct");
     let last = agent.events().last().cloned().unwrap();
     assert_eq!(last["event"], "agent_stop", "{last}");
@@ -83,20 +122,39 @@ s = socket.socket(socket.AF_INET6); s.connect(("::1", p)); print(s.getpeername()
     );
     let out = run_ok(cg.command("python3").args(["-c", &script]));
     let lines: Vec<&str> = out.lines().collect();
-    assert_eq!(lines, vec![pg.port.to_string(), format!("::ffff:127.0.0.1 {}", pg.port), format!("::1 {}", pg.port)]);
+    assert_eq!(
+        lines,
+        vec![
+            pg.port.to_string(),
+            format!("::ffff:127.0.0.1 {}", pg.port),
+            format!("::1 {}", pg.port)
+        ]
+    );
     // All three really went through the agent.
     for (dst, target) in [
         (format!("127.0.0.1:{}", pg.port), "pg"),
         (format!("[::1]:{}", pg.port), "pg6"),
     ] {
-        agent.wait_event(&format!("connect to {dst}"), |e| e["event"] == "connect" && e["dst"] == dst && e["target"] == target);
+        agent.wait_event(&format!("connect to {dst}"), |e| {
+            e["event"] == "connect" && e["dst"] == dst && e["target"] == target
+        });
     }
     let n = agent
         .events()
         .iter()
         .filter(|e| e["event"] == "connect" && e["identity"]["comm"] == "python3")
         .count();
-    assert!(n >= 3 || agent.events().iter().filter(|e| e["event"] == "connect").count() == 3, "{:?}", agent.events());
+    assert!(
+        n >= 3
+            || agent
+                .events()
+                .iter()
+                .filter(|e| e["event"] == "connect")
+                .count()
+                == 3,
+        "{:?}",
+        agent.events()
+    );
 }
 
 #[test]
@@ -111,8 +169,16 @@ fn status_fails_without_an_agent_and_policy_check_locates_errors() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("not ready"));
 
     let bad = dir.path().join("bad.yaml");
-    std::fs::write(&bad, "version: 1\ntargets:\n  - name: a\n    protocol: postgres\n    adress: 1.2.3.4:5\n").unwrap();
-    let out = run_any(Command::new(interceptor_tests::agent_bin()).args(["policy", "check"]).arg(&bad));
+    std::fs::write(
+        &bad,
+        "version: 1\ntargets:\n  - name: a\n    protocol: postgres\n    adress: 1.2.3.4:5\n",
+    )
+    .unwrap();
+    let out = run_any(
+        Command::new(interceptor_tests::agent_bin())
+            .args(["policy", "check"])
+            .arg(&bad),
+    );
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("bad.yaml:5:"), "{err}");

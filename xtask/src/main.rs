@@ -74,7 +74,9 @@ fn main() -> Result<()> {
 
 fn workspace_root() -> PathBuf {
     let manifest = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-    manifest.parent().map_or(manifest.clone(), Path::to_path_buf)
+    manifest
+        .parent()
+        .map_or(manifest.clone(), Path::to_path_buf)
 }
 
 fn run(cmd: &mut Command) -> Result<()> {
@@ -102,14 +104,32 @@ fn setup() -> Result<()> {
     let mut did = Vec::new();
 
     // 1. nightly with rust-src, for -Z build-std=core on the BPF target.
-    let installed = output(Command::new("rustup").args(["component", "list", "--installed", "--toolchain", "nightly"]))
-        .unwrap_or_default();
+    let installed = output(Command::new("rustup").args([
+        "component",
+        "list",
+        "--installed",
+        "--toolchain",
+        "nightly",
+    ]))
+    .unwrap_or_default();
     if installed.is_empty() {
-        run(Command::new("rustup").args(["toolchain", "install", "nightly", "--profile", "minimal"]))?;
+        run(Command::new("rustup").args([
+            "toolchain",
+            "install",
+            "nightly",
+            "--profile",
+            "minimal",
+        ]))?;
         did.push("installed the nightly toolchain");
     }
     if !installed.lines().any(|l| l.starts_with("rust-src")) {
-        run(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]))?;
+        run(Command::new("rustup").args([
+            "component",
+            "add",
+            "rust-src",
+            "--toolchain",
+            "nightly",
+        ]))?;
         did.push("added nightly rust-src");
     }
 
@@ -123,9 +143,15 @@ fn setup() -> Result<()> {
         .to_owned();
     let major = llvm.split('.').next().unwrap_or_default().to_owned();
     let stamp = home().join(".cache/interceptor/bpf-linker.llvm");
-    let linker_ok = Command::new("bpf-linker").arg("--version").output().is_ok_and(|o| o.status.success())
+    let linker_ok = Command::new("bpf-linker")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success())
         && std::fs::read_to_string(&stamp).is_ok_and(|s| s.trim() == llvm);
-    let linker_present = Command::new("bpf-linker").arg("--version").output().is_ok_and(|o| o.status.success());
+    let linker_present = Command::new("bpf-linker")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
     if !linker_ok {
         let sysroot = output(Command::new("rustc").args(["+nightly", "--print", "sysroot"]))?;
         let libdir = Path::new(sysroot.trim()).join("lib");
@@ -133,9 +159,10 @@ fn setup() -> Result<()> {
             .flatten()
             .map(|e| e.path())
             .find(|p| {
-                p.file_name()
-                    .and_then(|n| n.to_str())
-                    .is_some_and(|n| n.starts_with("libLLVM.so.") || (n.starts_with("libLLVM-") && n.ends_with(".so")))
+                p.file_name().and_then(|n| n.to_str()).is_some_and(|n| {
+                    n.starts_with("libLLVM.so.")
+                        || (n.starts_with("libLLVM-") && n.ends_with(".so"))
+                })
             })
             .with_context(|| format!("no libLLVM shared library in {}", libdir.display()))?;
         let prefix = home().join(".cache/interceptor/llvm");
@@ -148,11 +175,21 @@ fn setup() -> Result<()> {
             eprintln!("bpf-linker present but not known to match LLVM {llvm}; rebuilding");
         }
         run(Command::new("cargo")
-            .args(["install", "bpf-linker", "--locked", "--force", "--no-default-features", "--features"])
+            .args([
+                "install",
+                "bpf-linker",
+                "--locked",
+                "--force",
+                "--no-default-features",
+                "--features",
+            ])
             .arg(format!("llvm-{major}"))
             .env("LLVM_PREFIX", &prefix)
             // The linker loads nightly's libLLVM at run time: find it without LD_LIBRARY_PATH.
-            .env("RUSTFLAGS", format!("-C link-arg=-Wl,-rpath,{}", libdir.display())))?;
+            .env(
+                "RUSTFLAGS",
+                format!("-C link-arg=-Wl,-rpath,{}", libdir.display()),
+            ))?;
         std::fs::create_dir_all(stamp.parent().context("stamp dir")?)?;
         std::fs::write(&stamp, &llvm)?;
         did.push("built bpf-linker against nightly's LLVM");
@@ -181,7 +218,10 @@ fn setup() -> Result<()> {
     }
 
     if did.is_empty() {
-        println!("setup: everything already in place (nightly rust-src, bpf-linker for LLVM {llvm}, {} packages)", PACKAGES.len());
+        println!(
+            "setup: everything already in place (nightly rust-src, bpf-linker for LLVM {llvm}, {} packages)",
+            PACKAGES.len()
+        );
     } else {
         println!("setup: {}", did.join("; "));
     }
@@ -195,19 +235,44 @@ fn build() -> Result<()> {
 fn test(filter: Option<&str>, no_lint: bool) -> Result<()> {
     if !no_lint {
         run(Command::new("cargo").args(["fmt", "--all", "--check"]))?;
-        run(Command::new("cargo").args(["clippy", "--locked", "--all-targets", "--", "-D", "warnings"]))?;
+        run(Command::new("cargo").args([
+            "clippy",
+            "--locked",
+            "--all-targets",
+            "--",
+            "-D",
+            "warnings",
+        ]))?;
     }
     build()?;
     let bin = workspace_root().join("target/release/interceptor");
     let mut unit = Command::new("cargo");
-    unit.args(["test", "--locked", "--release", "--workspace", "--exclude", "interceptor-ebpf", "--exclude", "interceptor-tests"]);
+    unit.args([
+        "test",
+        "--locked",
+        "--release",
+        "--workspace",
+        "--exclude",
+        "interceptor-ebpf",
+        "--exclude",
+        "interceptor-tests",
+    ]);
     if let Some(f) = filter {
         unit.arg(f);
     }
     run(&mut unit)?;
     let mut e2e = Command::new("cargo");
-    e2e.args(["test", "--locked", "--release", "-p", "interceptor-tests", "--", "--test-threads", "2"])
-        .env("INTERCEPTOR_BIN", &bin);
+    e2e.args([
+        "test",
+        "--locked",
+        "--release",
+        "-p",
+        "interceptor-tests",
+        "--",
+        "--test-threads",
+        "2",
+    ])
+    .env("INTERCEPTOR_BIN", &bin);
     if let Some(f) = filter {
         e2e.arg(f);
     }

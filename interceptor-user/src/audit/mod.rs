@@ -133,9 +133,12 @@ impl AuditWriter {
             .name("audit-writer".into())
             .spawn(move || write_loop(file, rx, start_seq))
             .map_err(AuditError::Spawn)?;
-        Ok((AuditLog { tx }, Self {
-            handle: Some(handle),
-        }))
+        Ok((
+            AuditLog { tx },
+            Self {
+                handle: Some(handle),
+            },
+        ))
     }
 
     /// Waits until every queued event is on disk.
@@ -172,7 +175,10 @@ fn write_loop(file: File, mut rx: mpsc::UnboundedReceiver<AuditEvent>, mut seq: 
         for ev in &batch {
             let line = render(seq, ev);
             seq += 1;
-            if let Err(e) = out.write_all(line.as_bytes()).and_then(|()| out.write_all(b"\n")) {
+            if let Err(e) = out
+                .write_all(line.as_bytes())
+                .and_then(|()| out.write_all(b"\n"))
+            {
                 tracing::error!("audit write failed: {e}");
             }
         }
@@ -209,7 +215,11 @@ mod tests {
         let text = std::fs::read_to_string(&path).unwrap();
         let seqs: Vec<u64> = text
             .lines()
-            .map(|l| serde_json::from_str::<Value>(l).unwrap()["seq"].as_u64().unwrap())
+            .map(|l| {
+                serde_json::from_str::<Value>(l).unwrap()["seq"]
+                    .as_u64()
+                    .unwrap()
+            })
             .collect();
         assert_eq!(seqs, vec![1, 2, 3, 4, 5, 6]);
     }

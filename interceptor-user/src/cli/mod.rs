@@ -13,7 +13,11 @@ pub use run::RunArgs;
 pub const DEFAULT_CONTROL_SOCKET: &str = "/run/interceptor/control.sock";
 
 #[derive(Debug, Parser)]
-#[command(name = "interceptor", version, about = "Query-level guard for non-human database access")]
+#[command(
+    name = "interceptor",
+    version,
+    about = "Query-level guard for non-human database access"
+)]
 pub struct Cli {
     /// Control socket of the agent (every subcommand uses it).
     #[arg(

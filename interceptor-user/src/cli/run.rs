@@ -184,7 +184,7 @@ fn run_inner(args: &RunArgs, control_socket: &Path) -> Result<(), String> {
         .enable_all()
         .build()
         .map_err(|e| format!("runtime: {e}"))?;
-    let _guard = rt.enter();
+    let guard = rt.enter();
     let control_listener = control::bind(control_socket).map_err(|e| e.to_string())?;
 
     let (audit, audit_writer) = AuditWriter::start(&args.audit_log).map_err(|e| e.to_string())?;
@@ -218,7 +218,8 @@ fn run_inner(args: &RunArgs, control_socket: &Path) -> Result<(), String> {
     ));
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let drain = Duration::from_secs_f64(args.drain_timeout.max(0.0));
-    let handles = proxy::spawn_workers(&shared, listeners, &shutdown_rx, drain).map_err(|e| e.to_string())?;
+    let handles =
+        proxy::spawn_workers(&shared, listeners, &shutdown_rx, drain).map_err(|e| e.to_string())?;
 
     let agent = Arc::new(Agent {
         shared: Arc::clone(&shared),
@@ -233,7 +234,10 @@ fn run_inner(args: &RunArgs, control_socket: &Path) -> Result<(), String> {
             .with("pid", std::process::id())
             .with("cgroup", cgroup.display().to_string())
             .with("policy", &policy_source)
-            .with("listen", addrs.iter().map(ToString::to_string).collect::<Vec<_>>())
+            .with(
+                "listen",
+                addrs.iter().map(ToString::to_string).collect::<Vec<_>>(),
+            )
             .with("targets", targets),
     );
     tracing::info!(
@@ -256,7 +260,10 @@ fn run_inner(args: &RunArgs, control_socket: &Path) -> Result<(), String> {
         let _ = h.join();
     }
     audit.record(AuditEvent::new("agent_stop").with("signal", signal));
-    // The writer finishes once the last sender is gone.
+    // The writer finishes once the last sender is gone: the control tasks
+    // hold some, and they only go with the runtime.
+    drop(guard);
+    rt.shutdown_timeout(Duration::from_secs(1));
     drop(shared);
     drop(audit);
     audit_writer.finish();
@@ -265,7 +272,10 @@ fn run_inner(args: &RunArgs, control_socket: &Path) -> Result<(), String> {
 
 async fn wait_for_signal() -> &'static str {
     use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
         // Without signal handlers there is no clean way to stop; wait forever
         // rather than exit with programs attached.
         std::future::pending::<()>().await;

@@ -37,7 +37,12 @@ pub fn status(args: &StatusArgs, socket: &Path) -> i32 {
     println!("listening:   {}", listen.join(", "));
     println!("targets:");
     for t in data["targets"].as_array().into_iter().flatten() {
-        println!("  - {} {} {}", s(&t["name"]), s(&t["protocol"]), s(&t["address"]));
+        println!(
+            "  - {} {} {}",
+            s(&t["name"]),
+            s(&t["protocol"]),
+            s(&t["address"])
+        );
     }
     let c = &data["connections"];
     println!(

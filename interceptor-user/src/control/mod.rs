@@ -22,7 +22,9 @@ const MAX_REQUEST: usize = 64 * 1024;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ControlError {
-    #[error("cannot reach the agent at {path}: {source} (is `interceptor run` up? set --control-socket or INTERCEPTOR_CONTROL_SOCKET)")]
+    #[error(
+        "cannot reach the agent at {path}: {source} (is `interceptor run` up? set --control-socket or INTERCEPTOR_CONTROL_SOCKET)"
+    )]
     Connect {
         path: PathBuf,
         source: std::io::Error,
@@ -114,9 +116,9 @@ async fn serve_one(stream: UnixStream, handler: Arc<dyn Handler>) -> std::io::Re
     let response = match read {
         Err(_) => Response::error("timed out waiting for a request"),
         Ok(Err(e)) => Response::error(format!("unreadable request: {e}")),
-        Ok(Ok(_)) if !line.ends_with('\n') => {
-            Response::error(format!("request must be one line of at most {MAX_REQUEST} bytes"))
-        }
+        Ok(Ok(_)) if !line.ends_with('\n') => Response::error(format!(
+            "request must be one line of at most {MAX_REQUEST} bytes"
+        )),
         Ok(Ok(_)) => match serde_json::from_str::<Request>(&line) {
             Err(e) => Response::error(format!("bad request: {e}")),
             Ok(req) => match handler.handle(req) {
@@ -208,7 +210,12 @@ mod tests {
         .unwrap();
         assert!(answer.contains("\"ok\":false"), "{answer}");
         let p = path.clone();
-        assert!(tokio::task::spawn_blocking(move || request(&p, &Request::Status)).await.unwrap().is_ok());
+        assert!(
+            tokio::task::spawn_blocking(move || request(&p, &Request::Status))
+                .await
+                .unwrap()
+                .is_ok()
+        );
         // A second agent may not steal a live socket.
         assert!(bind(&path).is_err());
         server.abort();

@@ -31,12 +31,12 @@ pub enum EbpfError {
     Load(#[from] aya::EbpfError),
     #[error("kernel object has no {0}")]
     Missing(&'static str),
-    #[error("map {name}: {source}")]
+    #[error("map {name}: {}", chain(source))]
     Map {
         name: &'static str,
         source: aya::maps::MapError,
     },
-    #[error("program {name}: {source}")]
+    #[error("program {name}: {}", chain(source))]
     Program {
         name: &'static str,
         source: aya::programs::ProgramError,
@@ -48,6 +48,18 @@ pub enum EbpfError {
     },
     #[error("{path} is not a cgroup v2 directory")]
     NotCgroup2 { path: PathBuf },
+}
+
+/// An error with its causes, `a: b: c`.
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
 }
 
 /// Where the agent listens and how it marks its own sockets.
@@ -69,7 +81,9 @@ pub struct Redirector {
 
 impl std::fmt::Debug for Redirector {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Redirector").field("cgroup", &self.cgroup).finish()
+        f.debug_struct("Redirector")
+            .field("cgroup", &self.cgroup)
+            .finish()
     }
 }
 
@@ -134,7 +148,9 @@ impl Redirector {
         let mut ebpf = Ebpf::load(OBJECT)?;
 
         {
-            let map = ebpf.map_mut(MAP_TARGETS).ok_or(EbpfError::Missing(MAP_TARGETS))?;
+            let map = ebpf
+                .map_mut(MAP_TARGETS)
+                .ok_or(EbpfError::Missing(MAP_TARGETS))?;
             let mut trie: LpmTrie<_, TargetKey, TargetValue> =
                 LpmTrie::try_from(map).map_err(map_err(MAP_TARGETS))?;
             for (i, t) in targets.iter().enumerate() {
@@ -157,7 +173,9 @@ impl Redirector {
                 .map_err(map_err(MAP_EXEMPT_TGIDS))?;
         }
         {
-            let map = ebpf.map_mut(MAP_CONFIG).ok_or(EbpfError::Missing(MAP_CONFIG))?;
+            let map = ebpf
+                .map_mut(MAP_CONFIG)
+                .ok_or(EbpfError::Missing(MAP_CONFIG))?;
             let mut cfg: Array<_, AgentConfig> =
                 Array::try_from(map).map_err(map_err(MAP_CONFIG))?;
             cfg.set(0, agent_config(listener), 0)
@@ -168,6 +186,10 @@ impl Redirector {
             path: cgroup.to_owned(),
             source,
         })?;
+        // Attached as bpf_links (kernel >= 5.7), which always coexist with
+        // other programs on the cgroup; the kernel refuses attach flags on
+        // links, so the mode must be the flagless `Single`.
+        let mode = CgroupAttachMode::Single;
         // sock_ops first, so a connect redirected a moment later is already re-keyed.
         {
             let prog: &mut SockOps = ebpf
@@ -176,18 +198,21 @@ impl Redirector {
                 .try_into()
                 .map_err(prog_err(PROG_SOCK_OPS))?;
             prog.load().map_err(prog_err(PROG_SOCK_OPS))?;
-            prog.attach(&fd, CgroupAttachMode::AllowMultiple)
-                .map_err(prog_err(PROG_SOCK_OPS))?;
+            prog.attach(&fd, mode).map_err(prog_err(PROG_SOCK_OPS))?;
         }
-        for name in [PROG_GETPEERNAME4, PROG_GETPEERNAME6, PROG_CONNECT4, PROG_CONNECT6] {
+        for name in [
+            PROG_GETPEERNAME4,
+            PROG_GETPEERNAME6,
+            PROG_CONNECT4,
+            PROG_CONNECT6,
+        ] {
             let prog: &mut CgroupSockAddr = ebpf
                 .program_mut(name)
                 .ok_or(EbpfError::Missing(name))?
                 .try_into()
                 .map_err(prog_err(name))?;
             prog.load().map_err(prog_err(name))?;
-            prog.attach(&fd, CgroupAttachMode::AllowMultiple)
-                .map_err(prog_err(name))?;
+            prog.attach(&fd, mode).map_err(prog_err(name))?;
         }
 
         let by_addr_map = ebpf
@@ -263,7 +288,11 @@ fn check_cgroup2(path: &Path) -> Result<(), EbpfError> {
 /// Kernels before 5.11 charge BPF maps to RLIMIT_MEMLOCK.
 fn raise_memlock() {
     use nix::sys::resource::{Resource, setrlimit};
-    let _ = setrlimit(Resource::RLIMIT_MEMLOCK, libc::RLIM_INFINITY, libc::RLIM_INFINITY);
+    let _ = setrlimit(
+        Resource::RLIMIT_MEMLOCK,
+        libc::RLIM_INFINITY,
+        libc::RLIM_INFINITY,
+    );
 }
 
 #[cfg(test)]

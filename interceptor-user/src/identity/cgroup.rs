@@ -43,10 +43,16 @@ fn container_id(part: &str) -> Option<String> {
     // systemd-driver scopes: docker-<id>.scope, cri-containerd-<id>.scope,
     // crio-<id>.scope, libpod-<id>.scope; cgroupfs driver: a bare <id>.
     let stem = part.strip_suffix(".scope").unwrap_or(part);
-    let id = ["docker-", "cri-containerd-", "crio-", "libpod-", "containerd-"]
-        .iter()
-        .find_map(|p| stem.strip_prefix(p))
-        .unwrap_or(stem);
+    let id = [
+        "docker-",
+        "cri-containerd-",
+        "crio-",
+        "libpod-",
+        "containerd-",
+    ]
+    .iter()
+    .find_map(|p| stem.strip_prefix(p))
+    .unwrap_or(stem);
     is_container_hex(id).then(|| id.to_ascii_lowercase())
 }
 
@@ -100,7 +106,9 @@ mod tests {
     #[test]
     fn systemd_units() {
         assert_eq!(
-            parse_cgroup_path("/system.slice/nginx.service").unit.as_deref(),
+            parse_cgroup_path("/system.slice/nginx.service")
+                .unit
+                .as_deref(),
             Some("nginx.service")
         );
         let f = parse_cgroup_path("/user.slice/user-1000.slice/session-3.scope");
@@ -119,7 +127,10 @@ mod tests {
             assert_eq!(parse_cgroup_path(&p).container.as_deref(), Some(ID), "{p}");
         }
         // A docker scope is a container, not a unit worth naming.
-        assert_eq!(parse_cgroup_path(&format!("/system.slice/docker-{ID}.scope")).unit, None);
+        assert_eq!(
+            parse_cgroup_path(&format!("/system.slice/docker-{ID}.scope")).unit,
+            None
+        );
     }
 
     #[test]
@@ -128,12 +139,18 @@ mod tests {
             "/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod1b2c3d4e_0000_1111_2222_333344445555.slice/cri-containerd-{ID}.scope"
         );
         let f = parse_cgroup_path(&p);
-        assert_eq!(f.pod_uid.as_deref(), Some("1b2c3d4e-0000-1111-2222-333344445555"));
+        assert_eq!(
+            f.pod_uid.as_deref(),
+            Some("1b2c3d4e-0000-1111-2222-333344445555")
+        );
         assert_eq!(f.container.as_deref(), Some(ID));
         let g = parse_cgroup_path(&format!(
             "/kubepods/besteffort/pod1b2c3d4e-0000-1111-2222-333344445555/{ID}"
         ));
-        assert_eq!(g.pod_uid.as_deref(), Some("1b2c3d4e-0000-1111-2222-333344445555"));
+        assert_eq!(
+            g.pod_uid.as_deref(),
+            Some("1b2c3d4e-0000-1111-2222-333344445555")
+        );
         assert_eq!(parse_cgroup_path("/ipod/foo").pod_uid, None);
     }
 
@@ -142,9 +159,19 @@ mod tests {
         let hybrid = "31 23 0:28 / /sys/fs/cgroup rw,relatime - tmpfs tmpfs rw,mode=755\n\
                       32 31 0:29 / /sys/fs/cgroup/cpu rw,relatime - cgroup cgroup rw,cpu\n\
                       41 31 0:38 / /sys/fs/cgroup/unified rw,relatime - cgroup2 cgroup2 rw\n";
-        assert_eq!(cgroup2_mount_in(hybrid), Some(PathBuf::from("/sys/fs/cgroup/unified")));
-        let unified = "25 20 0:22 / /sys/fs/cgroup rw,nosuid shared:4 - cgroup2 cgroup2 rw,nsdelegate\n";
-        assert_eq!(cgroup2_mount_in(unified), Some(PathBuf::from("/sys/fs/cgroup")));
-        assert_eq!(cgroup2_mount_in("1 2 3:4 / / rw - ext4 /dev/vda rw\n"), None);
+        assert_eq!(
+            cgroup2_mount_in(hybrid),
+            Some(PathBuf::from("/sys/fs/cgroup/unified"))
+        );
+        let unified =
+            "25 20 0:22 / /sys/fs/cgroup rw,nosuid shared:4 - cgroup2 cgroup2 rw,nsdelegate\n";
+        assert_eq!(
+            cgroup2_mount_in(unified),
+            Some(PathBuf::from("/sys/fs/cgroup"))
+        );
+        assert_eq!(
+            cgroup2_mount_in("1 2 3:4 / / rw - ext4 /dev/vda rw\n"),
+            None
+        );
     }
 }

@@ -97,7 +97,8 @@ impl IdentityResolver {
             .map(|p| p.to_string_lossy().into_owned());
         let exe_sha256 = self.exe_hash(&proc_dir.join("exe"));
         let cmdline = read_cmdline(&proc_dir.join("cmdline"));
-        let cgroup = read_proc_cgroup(&proc_dir.join("cgroup")).or_else(|| self.cgroup_by_id(k.cgroup_id));
+        let cgroup =
+            read_proc_cgroup(&proc_dir.join("cgroup")).or_else(|| self.cgroup_by_id(k.cgroup_id));
         let facts = cgroup.as_deref().map(parse_cgroup_path).unwrap_or_default();
         let user = nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(k.uid))
             .ok()
@@ -228,10 +229,12 @@ fn read_proc_cgroup(path: &Path) -> Option<String> {
 
 fn hex(bytes: &[u8]) -> String {
     use std::fmt::Write as _;
-    bytes.iter().fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
-        let _ = write!(s, "{b:02x}");
-        s
-    })
+    bytes
+        .iter()
+        .fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
+            let _ = write!(s, "{b:02x}");
+            s
+        })
 }
 
 #[cfg(test)]
@@ -249,7 +252,10 @@ mod tests {
             ..KernelFacts::default()
         });
         assert_eq!(id.comm, "test");
-        assert_eq!(id.user.as_deref(), Some("root").filter(|_| id.uid == 0).or(id.user.as_deref()));
+        assert_eq!(
+            id.user.as_deref(),
+            Some("root").filter(|_| id.uid == 0).or(id.user.as_deref())
+        );
         let exe = std::env::current_exe().unwrap();
         assert_eq!(id.exe.as_deref(), Some(exe.to_str().unwrap()));
         let sha = id.exe_sha256.unwrap();

@@ -49,7 +49,9 @@ pub enum IdentityMode {
 
 /// What happens to a statement. Ordered by strictness: deny beats approve
 /// beats allow.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
+)]
 #[serde(rename_all = "snake_case")]
 pub enum Decision {
     Allow,
@@ -372,11 +374,10 @@ impl PolicyFile {
                 message: e.to_string(),
             }
         })?;
-        file.validate()
-            .map_err(|message| PolicyError::Invalid {
-                path: path.to_owned(),
-                message,
-            })?;
+        file.validate().map_err(|message| PolicyError::Invalid {
+            path: path.to_owned(),
+            message,
+        })?;
         Ok(file)
     }
 
@@ -449,7 +450,14 @@ mod tests {
         assert_eq!(c.prefix, 128);
         let d: TargetAddress = "[fd00::/64]:5432".parse().unwrap();
         assert_eq!(d.prefix, 64);
-        for bad in ["127.0.0.1", "x:5432", "10.0.0.0/33:1", "127.0.0.1:0", "[::1:5432", ""] {
+        for bad in [
+            "127.0.0.1",
+            "x:5432",
+            "10.0.0.0/33:1",
+            "127.0.0.1:0",
+            "[::1:5432",
+            "",
+        ] {
             assert!(bad.parse::<TargetAddress>().is_err(), "{bad}");
         }
     }
@@ -460,7 +468,10 @@ mod tests {
             "version: 1\ntargets:\n  - {name: wide, protocol: postgres, address: 10.0.0.0/8:5432}\n  - {name: one, protocol: postgres, address: 10.1.2.3:5432}\n",
         )
         .unwrap();
-        let hit = |s: &str| p.target_for(s.parse().unwrap()).map(|(_, t)| t.name.clone());
+        let hit = |s: &str| {
+            p.target_for(s.parse().unwrap())
+                .map(|(_, t)| t.name.clone())
+        };
         assert_eq!(hit("10.1.2.3:5432").as_deref(), Some("one"));
         assert_eq!(hit("10.9.9.9:5432").as_deref(), Some("wide"));
         assert_eq!(hit("10.9.9.9:5433"), None);
@@ -469,26 +480,31 @@ mod tests {
 
     #[test]
     fn unknown_field_is_located() {
-        let err = parse("version: 1\ntargets:\n  - name: a\n    protocol: postgres\n    adress: 1.2.3.4:5\n")
-            .unwrap_err()
-            .to_string();
+        let err = parse(
+            "version: 1\ntargets:\n  - name: a\n    protocol: postgres\n    adress: 1.2.3.4:5\n",
+        )
+        .unwrap_err()
+        .to_string();
         assert!(err.starts_with("test.yaml:5:"), "{err}");
         assert!(err.contains("adress"), "{err}");
     }
 
     #[test]
     fn bad_address_is_located() {
-        let err = parse("version: 1\ntargets:\n  - name: a\n    protocol: postgres\n    address: nope\n")
-            .unwrap_err()
-            .to_string();
+        let err =
+            parse("version: 1\ntargets:\n  - name: a\n    protocol: postgres\n    address: nope\n")
+                .unwrap_err()
+                .to_string();
         assert!(err.starts_with("test.yaml:5:"), "{err}");
     }
 
     #[test]
     fn references_are_checked() {
-        let err = parse("version: 1\nrules:\n  - name: r\n    identities: [ghost]\n    decision: allow\n")
-            .unwrap_err()
-            .to_string();
+        let err = parse(
+            "version: 1\nrules:\n  - name: r\n    identities: [ghost]\n    decision: allow\n",
+        )
+        .unwrap_err()
+        .to_string();
         assert!(err.contains("ghost"), "{err}");
     }
 }

@@ -96,7 +96,8 @@ impl Shared {
 pub fn bind_listener(addr: SocketAddr) -> Result<std::net::TcpListener, ProxyError> {
     use socket2::{Domain, Protocol, Socket, Type};
     let err = |source| ProxyError::Listen { addr, source };
-    let sock = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP)).map_err(err)?;
+    let sock =
+        Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP)).map_err(err)?;
     sock.set_reuse_address(true).map_err(err)?;
     sock.set_reuse_port(true).map_err(err)?;
     if addr.is_ipv6() {
@@ -138,7 +139,10 @@ fn worker(
     mut shutdown: watch::Receiver<bool>,
     drain: Duration,
 ) {
-    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             tracing::error!("worker runtime: {e}");
@@ -184,7 +188,10 @@ fn worker(
     });
 }
 
-async fn accept_loop(listener: TcpListener, tx: tokio::sync::mpsc::Sender<(TcpStream, SocketAddr)>) {
+async fn accept_loop(
+    listener: TcpListener,
+    tx: tokio::sync::mpsc::Sender<(TcpStream, SocketAddr)>,
+) {
     loop {
         match listener.accept().await {
             Ok(conn) => {
@@ -278,7 +285,10 @@ async fn handle(
             AuditEvent::new("reject")
                 .with("conn", id)
                 .with("peer", peer.to_string())
-                .with("reason", "connection was not redirected by the kernel programs"),
+                .with(
+                    "reason",
+                    "connection was not redirected by the kernel programs",
+                ),
         );
         return;
     };
@@ -325,7 +335,13 @@ async fn handle(
             shared.audit.record(
                 info.event("disconnect")
                     .with("error", format!("upstream connect failed: {e}"))
-                    .with("bytes", Bytes { from_client: 0, from_server: 0 })
+                    .with(
+                        "bytes",
+                        Bytes {
+                            from_client: 0,
+                            from_server: 0,
+                        },
+                    )
                     .with("duration_us", elapsed_us(started)),
             );
             return;
@@ -346,7 +362,13 @@ async fn handle(
     let (from_client, from_server) = (counts.from_client.get(), counts.from_server.get());
     let mut ev = info
         .event("disconnect")
-        .with("bytes", Bytes { from_client, from_server })
+        .with(
+            "bytes",
+            Bytes {
+                from_client,
+                from_server,
+            },
+        )
         .with("duration_us", elapsed_us(started));
     if let Some(e) = error {
         ev = ev.with("error", e);
@@ -366,7 +388,11 @@ struct Counted {
 /// reads when its previous chunk was written (back-pressure), and neither
 /// direction waits on the other, so a peer blocked on writing can't stall
 /// the opposite flow.
-async fn relay(client: &mut TcpStream, upstream: &mut TcpStream, counts: &Counted) -> std::io::Result<()> {
+async fn relay(
+    client: &mut TcpStream,
+    upstream: &mut TcpStream,
+    counts: &Counted,
+) -> std::io::Result<()> {
     let (mut cr, mut cw) = client.split();
     let (mut ur, mut uw) = upstream.split();
     tokio::try_join!(
@@ -402,8 +428,16 @@ fn elapsed_us(since: Instant) -> u64 {
 ///
 /// # Errors
 /// When the socket cannot be made or the connect fails or times out.
-pub async fn connect_upstream(dst: SocketAddr, mark: u32, timeout: Duration) -> std::io::Result<TcpStream> {
-    let sock = if dst.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
+pub async fn connect_upstream(
+    dst: SocketAddr,
+    mark: u32,
+    timeout: Duration,
+) -> std::io::Result<TcpStream> {
+    let sock = if dst.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
     if mark != 0 {
         socket2::SockRef::from(&sock).set_mark(mark)?;
     }
@@ -419,7 +453,9 @@ mod tests {
     #[test]
     fn orig_dst_unmaps_v4() {
         let mut rec = ConnRecord::ZERO;
-        rec.orig_addr = std::net::Ipv4Addr::new(10, 1, 2, 3).to_ipv6_mapped().octets();
+        rec.orig_addr = std::net::Ipv4Addr::new(10, 1, 2, 3)
+            .to_ipv6_mapped()
+            .octets();
         rec.orig_port_be = 5432u16.to_be();
         assert_eq!(orig_dst(&rec), "10.1.2.3:5432".parse().unwrap());
         rec.orig_addr = std::net::Ipv6Addr::LOCALHOST.octets();
