@@ -1,7 +1,12 @@
 //! Policy: the file format, its validation, and (later) decisions. Knows
 //! statement facts and identities, not protocol bytes.
 
+mod engine;
 mod file;
+
+pub use engine::{
+    DecisionRequest, Engine, IdentityBinding, SessionState, StatementVerdict, Verdict,
+};
 
 pub use file::{
     ApprovalSpec, Decision, IdentityMode, IdentitySelectorSpec, Mode, NotifySpec, PolicyError,
