@@ -19,8 +19,8 @@ use crate::{
     control::{self, Handler, Request},
     ebpf::{ListenerConfig, Redirector},
     identity::{IdentityResolver, cgroup2_mount},
-    policy::{EMBEDDED_DEFAULT, PolicyFile},
-    proxy::{self, Shared},
+    policy::{EMBEDDED_DEFAULT, Engine, PolicyFile},
+    proxy::{self, Limits, Shared},
 };
 
 const SYSTEM_POLICY: &str = "/etc/interceptor/policy.yaml";
@@ -52,6 +52,13 @@ pub struct RunArgs {
     /// On shutdown, how long open connections may finish before they are closed (seconds).
     #[arg(long, default_value_t = 5.0)]
     pub drain_timeout: f64,
+    /// Largest client message (PostgreSQL Query/Parse/FunctionCall, MySQL
+    /// command) buffered for a decision; larger ones are a protocol error.
+    #[arg(long, default_value_t = 256 * 1024 * 1024)]
+    pub max_frame_bytes: usize,
+    /// Longest query text kept in an audit event, in bytes.
+    #[arg(long, default_value_t = 4096)]
+    pub audit_query_max: usize,
     /// Log filter for the agent's own diagnostics on stderr (tracing syntax).
     #[arg(long, env = "INTERCEPTOR_LOG", default_value = "info")]
     pub log: String,
@@ -70,7 +77,8 @@ impl Handler for Agent {
     fn handle(&self, req: Request) -> Result<Value, String> {
         match req {
             Request::Status => {
-                let policy = self.shared.policy.load();
+                let engine = self.shared.engine.load();
+                let policy = engine.file();
                 let stats = &self.shared.stats;
                 Ok(json!({
                     "pid": std::process::id(),
@@ -209,12 +217,17 @@ fn run_inner(args: &RunArgs, control_socket: &Path) -> Result<(), String> {
         .iter()
         .map(|t| json!({"name": t.name, "protocol": t.protocol.as_str(), "address": t.address.to_string()}))
         .collect();
+    let engine = Engine::new(policy).map_err(|e| e.to_string())?;
     let shared = Arc::new(Shared::new(
-        policy,
+        engine,
         audit.clone(),
         redirector.clone(),
         IdentityResolver::new(cgroup_root, args.max_exe_hash_bytes),
         args.mark,
+        Limits {
+            max_frame: args.max_frame_bytes,
+            audit_query_max: args.audit_query_max,
+        },
     ));
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let drain = Duration::from_secs_f64(args.drain_timeout.max(0.0));

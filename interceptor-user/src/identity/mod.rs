@@ -189,10 +189,10 @@ fn find_inode(root: &Path, dir: &Path, ino: u64, depth: u32, visited: &mut u32) 
         return Some(format!("/{}", rel.to_string_lossy()));
     }
     for entry in std::fs::read_dir(dir).ok()?.flatten() {
-        if entry.file_type().ok()?.is_dir() {
-            if let Some(p) = find_inode(root, &entry.path(), ino, depth + 1, visited) {
-                return Some(p);
-            }
+        if entry.file_type().ok()?.is_dir()
+            && let Some(p) = find_inode(root, &entry.path(), ino, depth + 1, visited)
+        {
+            return Some(p);
         }
     }
     None

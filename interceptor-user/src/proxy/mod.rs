@@ -25,8 +25,12 @@ use tokio::{
 use crate::{
     audit::{AuditEvent, AuditLog},
     identity::{Identity, IdentityResolver, KernelFacts},
-    policy::{PolicyFile, TargetSpec},
+    policy::{Engine, Protocol, TargetSpec},
 };
+
+mod guard;
+
+pub use guard::{Guard, Outcome, Refusal, truncate};
 
 /// Finds the kernel's record of a redirected connection from the accepted
 /// socket's peer address (linkerd2-proxy's `OrigDstAddr` pattern): the eBPF
@@ -53,37 +57,68 @@ pub struct Stats {
     pub live: AtomicU64,
     pub total: AtomicU64,
     pub rejected: AtomicU64,
+    pub denied: AtomicU64,
+}
+
+/// Limits and sizes of the data path.
+#[derive(Clone, Copy, Debug)]
+pub struct Limits {
+    /// Largest client message the agent buffers to decide (PostgreSQL Query,
+    /// Parse, FunctionCall; MySQL command); larger is a protocol error.
+    pub max_frame: usize,
+    /// Longest query text kept in an audit event, in bytes.
+    pub audit_query_max: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_frame: 256 * 1024 * 1024,
+            audit_query_max: 4096,
+        }
+    }
 }
 
 /// Everything a connection handler needs, shared by all workers.
 pub struct Shared {
-    pub policy: ArcSwap<PolicyFile>,
+    pub engine: ArcSwap<Engine>,
     pub audit: AuditLog,
     pub lookup: Arc<dyn OrigDstLookup>,
     pub identities: IdentityResolver,
     pub stats: Stats,
     pub mark: u32,
     pub connect_timeout: Duration,
+    pub max_frame: usize,
+    pub audit_query_max: usize,
+    /// Prefix of decision ids, unique per agent start.
+    pub boot_id: String,
     next_conn: AtomicU64,
 }
 
 impl Shared {
     #[must_use]
     pub fn new(
-        policy: PolicyFile,
+        engine: Engine,
         audit: AuditLog,
         lookup: Arc<dyn OrigDstLookup>,
         identities: IdentityResolver,
         mark: u32,
+        limits: Limits,
     ) -> Self {
+        let boot = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
         Self {
-            policy: ArcSwap::from_pointee(policy),
+            engine: ArcSwap::from_pointee(engine),
             audit,
             lookup,
             identities,
             stats: Stats::default(),
             mark,
             connect_timeout: Duration::from_secs(10),
+            max_frame: limits.max_frame,
+            audit_query_max: limits.audit_query_max,
+            boot_id: format!("{:08x}", boot & 0xffff_ffff),
             next_conn: AtomicU64::new(1),
         }
     }
@@ -297,7 +332,8 @@ async fn handle(
     let _live = LiveGuard(&shared.stats);
     let started = Instant::now();
     let dst = orig_dst(&rec);
-    let policy = shared.policy.load_full();
+    let engine = shared.engine.load_full();
+    let policy = engine.file();
     let target = policy
         .targets
         .get(rec.target_id as usize)
@@ -329,59 +365,107 @@ async fn handle(
     };
     shared.audit.record(info.event("connect"));
 
-    let mut upstream = match connect_upstream(dst, shared.mark, shared.connect_timeout).await {
-        Ok(s) => s,
-        Err(e) => {
-            shared.audit.record(
-                info.event("disconnect")
-                    .with("error", format!("upstream connect failed: {e}"))
-                    .with(
-                        "bytes",
-                        Bytes {
-                            from_client: 0,
-                            from_server: 0,
-                        },
-                    )
-                    .with("duration_us", elapsed_us(started)),
-            );
-            return;
-        }
+    let counts = Counted::default();
+    let upstream = Upstream {
+        dst,
+        mark: shared.mark,
+        timeout: shared.connect_timeout,
     };
     let _ = client.set_nodelay(true);
-    let _ = upstream.set_nodelay(true);
-    let counts = Counted::default();
-    let relay = relay(&mut client, &mut upstream, &counts);
+    let mut guard = Guard::new(Arc::clone(&shared), info);
+    let protocol = guard.info.target.protocol;
+    let session = async {
+        match protocol {
+            Protocol::Postgres => {
+                crate::protocol::postgres::serve(&mut guard, &mut client, &upstream, &counts).await
+            }
+            Protocol::Mysql => {
+                let mut server = upstream.connect().await?;
+                relay(&mut client, &mut server, &counts)
+                    .await
+                    .map_err(SessionError::Io)
+            }
+        }
+    };
     let stopping = async {
         let _ = shutdown.wait_for(|s| *s).await;
         tokio::time::sleep(drain).await;
     };
     let error = tokio::select! {
-        r = relay => r.err().map(|e| e.to_string()),
-        () = stopping => Some("agent shutting down".to_owned()),
+        r = session => r.err(),
+        () = stopping => Some(SessionError::Shutdown),
     };
-    let (from_client, from_server) = (counts.from_client.get(), counts.from_server.get());
-    let mut ev = info
+    if let Some(SessionError::ClientProtocol(e) | SessionError::ServerProtocol(e)) = &error {
+        shared
+            .audit
+            .record(guard.info.event("protocol_error").with("error", e));
+    }
+    let mut ev = guard
+        .info
         .event("disconnect")
         .with(
             "bytes",
             Bytes {
-                from_client,
-                from_server,
+                from_client: counts.from_client.get(),
+                from_server: counts.from_server.get(),
             },
         )
         .with("duration_us", elapsed_us(started));
     if let Some(e) = error {
-        ev = ev.with("error", e);
+        ev = ev.with("error", e.to_string());
     }
     shared.audit.record(ev);
+}
+
+/// Why a session ended early.
+#[derive(Debug, thiserror::Error)]
+pub enum SessionError {
+    #[error("upstream connect to {dst} failed: {source}")]
+    Connect {
+        dst: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+    #[error("client protocol violation: {0}")]
+    ClientProtocol(String),
+    #[error("server protocol violation: {0}")]
+    ServerProtocol(String),
+    #[error("agent shutting down")]
+    Shutdown,
+}
+
+/// The real server a redirected connection was going to.
+#[derive(Clone, Copy, Debug)]
+pub struct Upstream {
+    pub dst: SocketAddr,
+    pub mark: u32,
+    pub timeout: Duration,
+}
+
+impl Upstream {
+    /// Connects, marked so the kernel programs let it go direct.
+    ///
+    /// # Errors
+    /// When the connect fails or times out.
+    pub async fn connect(&self) -> Result<TcpStream, SessionError> {
+        let s = connect_upstream(self.dst, self.mark, self.timeout)
+            .await
+            .map_err(|source| SessionError::Connect {
+                dst: self.dst,
+                source,
+            })?;
+        let _ = s.set_nodelay(true);
+        Ok(s)
+    }
 }
 
 /// Bytes relayed so far each way; kept outside the relay future so they
 /// survive its cancellation.
 #[derive(Default)]
-struct Counted {
-    from_client: Cell<u64>,
-    from_server: Cell<u64>,
+pub struct Counted {
+    pub from_client: Cell<u64>,
+    pub from_server: Cell<u64>,
 }
 
 /// Copies both ways at once until both sides are done. Each direction only
