@@ -22,7 +22,7 @@ fn psql_in_cgroup_goes_through_agent_with_attested_identity() {
     let cg = TestCgroup::new();
     // The agent runs inside the very cgroup it redirects: its own upstream
     // connection must be exempt, or it would loop back to itself.
-    let mut agent = Agent::start(&pg_policy(pg.port, ""), &cg, true);
+    let mut agent = Agent::start(&pg_policy(pg.port, "default: allow\n"), &cg, true);
 
     let status = String::from_utf8(agent.status().stdout).unwrap();
     assert!(status.contains(&cg.path.display().to_string()), "{status}");
@@ -108,7 +108,7 @@ fn psql_in_cgroup_goes_through_agent_with_attested_identity() {
 fn getpeername_shows_the_original_destination() {
     let pg = PgServer::start();
     let cg = TestCgroup::new();
-    let agent = Agent::start(&pg_policy(pg.port, ""), &cg, false);
+    let agent = Agent::start(&pg_policy(pg.port, "default: allow\n"), &cg, false);
     // IPv4, IPv4-mapped on an IPv6 socket, and native IPv6.
     let script = format!(
         r#"

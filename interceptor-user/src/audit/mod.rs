@@ -9,6 +9,7 @@ use std::{
     fs::{File, OpenOptions},
     io::{BufWriter, Write as _},
     path::{Path, PathBuf},
+    sync::Arc,
     thread::JoinHandle,
 };
 
@@ -28,12 +29,36 @@ pub enum AuditError {
     Spawn(std::io::Error),
 }
 
+/// Typed event fields, rendered to JSON by the writer thread (off the data
+/// path).
+pub trait EventBody: Send + Sync {
+    /// The body as a JSON object.
+    fn to_json(&self) -> String;
+}
+
+impl<T: Serialize + Send + Sync> EventBody for T {
+    fn to_json(&self) -> String {
+        serde_json::to_string(self).unwrap_or_else(|_| String::from("{}"))
+    }
+}
+
 /// One event on its way to the log.
-#[derive(Debug, Clone)]
 pub struct AuditEvent {
     pub ts: OffsetDateTime,
     pub event: &'static str,
+    /// JSON members shared by every event of one connection (connection id,
+    /// target, identity...), rendered once per connection, without braces.
+    pub conn: Option<Arc<str>>,
+    /// Typed fields, for events on the per-query path.
+    pub body: Option<Box<dyn EventBody>>,
+    /// Ad-hoc fields, for rare events.
     pub fields: Map<String, Value>,
+}
+
+impl std::fmt::Debug for AuditEvent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AuditEvent").field("event", &self.event).finish_non_exhaustive()
+    }
 }
 
 impl AuditEvent {
@@ -42,6 +67,8 @@ impl AuditEvent {
         Self {
             ts: OffsetDateTime::now_utc(),
             event,
+            conn: None,
+            body: None,
             fields: Map::new(),
         }
     }
@@ -56,6 +83,30 @@ impl AuditEvent {
         );
         self
     }
+
+    /// Adds the connection's pre-rendered members.
+    #[must_use]
+    pub fn with_conn(mut self, members: Arc<str>) -> Self {
+        self.conn = Some(members);
+        self
+    }
+
+    /// Adds typed fields, serialised later by the writer.
+    #[must_use]
+    pub fn with_body(mut self, body: impl EventBody + 'static) -> Self {
+        self.body = Some(Box::new(body));
+        self
+    }
+}
+
+/// The members of a JSON object (`{"a":1}` -> `"a":1`), for splicing.
+#[must_use]
+pub fn members(object_json: &str) -> &str {
+    object_json
+        .trim()
+        .strip_prefix('{')
+        .and_then(|s| s.strip_suffix('}'))
+        .unwrap_or("")
 }
 
 /// RFC 3339 UTC with exactly microseconds, e.g. `2026-11-27T21:00:00.123456Z`.
@@ -75,14 +126,30 @@ pub fn format_ts(ts: OffsetDateTime) -> String {
 /// Renders one event as its JSON line (without the newline).
 #[must_use]
 pub fn render(seq: u64, ev: &AuditEvent) -> String {
-    let mut obj = Map::with_capacity(ev.fields.len() + 3);
-    obj.insert("ts".into(), Value::String(format_ts(ev.ts)));
-    obj.insert("seq".into(), Value::from(seq));
-    obj.insert("event".into(), Value::String(ev.event.to_owned()));
-    for (k, v) in &ev.fields {
-        obj.insert(k.clone(), v.clone());
+    let mut line = String::with_capacity(512);
+    line.push_str("{\"ts\":\"");
+    line.push_str(&format_ts(ev.ts));
+    line.push_str("\",\"seq\":");
+    line.push_str(&seq.to_string());
+    line.push_str(",\"event\":");
+    line.push_str(&Value::String(ev.event.to_owned()).to_string());
+    let mut splice = |m: &str| {
+        if !m.is_empty() {
+            line.push(',');
+            line.push_str(m);
+        }
+    };
+    if let Some(c) = &ev.conn {
+        splice(c);
     }
-    Value::Object(obj).to_string()
+    if let Some(b) = &ev.body {
+        splice(members(&b.to_json()));
+    }
+    if !ev.fields.is_empty() {
+        splice(members(&Value::Object(ev.fields.clone()).to_string()));
+    }
+    line.push('}');
+    line
 }
 
 /// Sending side of the audit log; cheap to clone, never blocks.

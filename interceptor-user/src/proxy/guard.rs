@@ -40,12 +40,6 @@ pub struct Guard {
     next_decision: u64,
 }
 
-#[derive(Serialize)]
-struct Facts<'a> {
-    kind: Kind,
-    tables: &'a [String],
-}
-
 impl Guard {
     #[must_use]
     pub fn new(shared: Arc<Shared>, info: ConnInfo) -> Self {
@@ -168,38 +162,46 @@ impl Guard {
             &v.statements
         };
         for (i, st) in statements.iter().enumerate() {
-            let facts = Facts {
+            let body = QueryEvent {
+                decision_id: id.to_owned(),
+                statement: i,
+                decision: st.decision,
+                message_decision: v.decision,
+                rule: st.rule.clone().or_else(|| v.rule.clone()),
+                reason: if st.reason.is_empty() { v.reason.clone() } else { st.reason.clone() },
+                enforced: v.enforced,
+                query: truncate(&st.text, max).to_owned(),
+                fingerprint: st.fingerprint.clone(),
                 kind: st.kind,
-                tables: &st.tables,
+                tables: st.tables.clone(),
+                unparsed: st.unparsed,
+                db_user: self.db_user.clone(),
+                database: self.database.clone(),
+                eval_us: v.eval_us,
             };
-            self.shared.audit.record(
-                self.info
-                    .event("query")
-                    .with("decision_id", id)
-                    .with("statement", i)
-                    .with("decision", st.decision)
-                    .with("message_decision", v.decision)
-                    .with("rule", st.rule.as_ref().or(v.rule.as_ref()))
-                    .with(
-                        "reason",
-                        if st.reason.is_empty() {
-                            &v.reason
-                        } else {
-                            &st.reason
-                        },
-                    )
-                    .with("enforced", v.enforced)
-                    .with("query", truncate(&st.text, max))
-                    .with("fingerprint", &st.fingerprint)
-                    .with("kind", facts.kind)
-                    .with("tables", facts.tables)
-                    .with("unparsed", st.unparsed)
-                    .with("db_user", &self.db_user)
-                    .with("database", &self.database)
-                    .with("eval_us", v.eval_us),
-            );
+            self.shared.audit.record(self.info.event("query").with_body(body));
         }
     }
+}
+
+/// Fields of a `query` event.
+#[derive(Serialize)]
+struct QueryEvent {
+    decision_id: String,
+    statement: usize,
+    decision: Decision,
+    message_decision: Decision,
+    rule: Option<String>,
+    reason: String,
+    enforced: bool,
+    query: String,
+    fingerprint: String,
+    kind: Kind,
+    tables: Vec<String>,
+    unparsed: bool,
+    db_user: String,
+    database: String,
+    eval_us: u64,
 }
 
 /// At most `max` bytes of `s`, cut on a character boundary.
@@ -215,9 +217,161 @@ pub fn truncate(s: &str, max: usize) -> &str {
     &s[..end]
 }
 
+/// What the MySQL protocol needs beyond deciding statements: the current
+/// database changing mid-session, session resets, refusals of messages
+/// that are not statements, and the server's LOCAL INFILE requests.
+impl Guard {
+    /// The current database changed (COM_INIT_DB or `USE`, once the server
+    /// accepted it, or put back after it refused).
+    pub fn set_database(&mut self, database: &str) {
+        database.clone_into(&mut self.database);
+        self.session.database = Some(database.to_owned());
+    }
+
+    /// The server reset the session (COM_CHANGE_USER, COM_RESET_CONNECTION):
+    /// SQL-level prepared statements and other session facts are gone.
+    pub fn reset_session(&mut self, db_user: &str, database: &str) {
+        self.session = SessionState::default();
+        self.set_session(db_user, database);
+    }
+
+    /// Refuses a message that is no statement the policy could judge (an
+    /// unsupported command, a prepared statement the agent never allowed),
+    /// audited like a denied statement.
+    pub fn refuse(&mut self, what: &str, reason: &str) -> Refusal {
+        let id = self.take_decision_id();
+        self.shared.stats.denied.fetch_add(1, Ordering::Relaxed);
+        self.audit_other("query", &id, what, Decision::Deny, None, reason, true);
+        Refusal {
+            message: format!("interceptor: denied: {reason} (decision {id})"),
+            id,
+        }
+    }
+
+    /// Decides the server's request for a client-side file (MySQL LOCAL
+    /// INFILE). Granted only when the statement being answered asked for
+    /// a local file and the policy allows that statement (it carries the
+    /// `file_access` flag); otherwise a server could read any file the
+    /// client can. Audited as a `local_infile` event.
+    pub fn check_local_infile(&mut self, statement: &str, file: &str) -> Outcome {
+        let engine = self.shared.engine.load();
+        let req = DecisionRequest {
+            identity: &self.info.identity,
+            binding: &self.binding,
+            target: &self.info.target.name,
+            db_user: &self.db_user,
+            database: &self.database,
+            sql: statement,
+        };
+        let v = engine.decide(&req, &mut self.session);
+        let id = self.take_decision_id();
+        let (decision, rule, reason) = if asks_for_local_file(statement) {
+            (v.decision, v.rule.clone(), v.reason.clone())
+        } else {
+            (
+                Decision::Deny,
+                None,
+                format!("the server asked for the client's file \"{file}\", but the statement did not ask to load a local file"),
+            )
+        };
+        let what = format!("LOCAL INFILE {file}: {statement}");
+        self.audit_other(
+            "local_infile",
+            &id,
+            &what,
+            decision,
+            rule.as_deref(),
+            &reason,
+            v.enforced,
+        );
+        if !v.enforced || decision == Decision::Allow {
+            return Outcome::Forward;
+        }
+        self.shared.stats.denied.fetch_add(1, Ordering::Relaxed);
+        let who = rule.map_or_else(String::new, |r| format!(" by rule \"{r}\""));
+        Outcome::Refuse(Refusal {
+            message: format!(
+                "interceptor: denied{who}: reading local file \"{file}\": {reason} (decision {id})"
+            ),
+            id,
+        })
+    }
+
+    fn take_decision_id(&mut self) -> String {
+        let id = format!(
+            "{}-{}-{}",
+            self.shared.boot_id, self.info.id, self.next_decision
+        );
+        self.next_decision += 1;
+        id
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn audit_other(
+        &self,
+        event: &'static str,
+        id: &str,
+        what: &str,
+        decision: Decision,
+        rule: Option<&str>,
+        reason: &str,
+        enforced: bool,
+    ) {
+        self.shared.audit.record(
+            self.info
+                .event(event)
+                .with("decision_id", id)
+                .with("statement", 0)
+                .with("decision", decision)
+                .with("message_decision", decision)
+                .with("rule", rule)
+                .with("reason", reason)
+                .with("enforced", enforced)
+                .with("query", truncate(what, self.shared.audit_query_max))
+                .with("fingerprint", "")
+                .with("kind", Kind::Other)
+                .with("tables", [(); 0])
+                .with("unparsed", true)
+                .with("db_user", &self.db_user)
+                .with("database", &self.database)
+                .with("eval_us", 0),
+        );
+    }
+}
+
+/// Whether a MySQL statement asks the client to send a file (`LOAD DATA
+/// LOCAL INFILE`, `LOAD XML LOCAL INFILE`): the words `LOCAL INFILE` in a
+/// statement that starts with `LOAD` (comments and case ignored).
+fn asks_for_local_file(sql: &str) -> bool {
+    let lower = sql.to_ascii_lowercase();
+    let words = lower
+        .split(|c: char| !c.is_ascii_alphanumeric() && c != '_')
+        .filter(|w| !w.is_empty());
+    let mut prev = "";
+    let mut saw_load = false;
+    for w in words {
+        saw_load |= w == "load";
+        if saw_load && prev == "local" && w == "infile" {
+            return true;
+        }
+        prev = w;
+    }
+    false
+}
+
 #[cfg(test)]
 mod tests {
     use super::truncate;
+
+    #[test]
+    fn local_file_statements() {
+        use super::asks_for_local_file as f;
+        assert!(f("LOAD DATA LOCAL INFILE '/tmp/x' INTO TABLE t"));
+        assert!(f("load xml /* c */ local\n infile 'x' into table t"));
+        assert!(!f("LOAD DATA INFILE '/tmp/x' INTO TABLE t"));
+        assert!(!f("SELECT 'local infile'"));
+        assert!(!f("SELECT 1"));
+    }
 
     #[test]
     fn truncates_on_char_boundaries() {

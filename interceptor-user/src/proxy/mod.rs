@@ -250,18 +250,43 @@ pub struct ConnInfo {
     pub target: TargetSpec,
     pub dst: SocketAddr,
     pub identity: Arc<Identity>,
+    /// The members above as JSON, rendered once for all of this
+    /// connection's events.
+    members: Arc<str>,
 }
 
 impl ConnInfo {
+    #[must_use]
+    pub fn new(id: u64, target: TargetSpec, dst: SocketAddr, identity: Identity) -> Self {
+        #[derive(Serialize)]
+        struct Members<'a> {
+            conn: u64,
+            target: &'a str,
+            protocol: &'a str,
+            dst: String,
+            identity: &'a Identity,
+        }
+        let json = serde_json::to_string(&Members {
+            conn: id,
+            target: &target.name,
+            protocol: target.protocol.as_str(),
+            dst: dst.to_string(),
+            identity: &identity,
+        })
+        .unwrap_or_default();
+        Self {
+            id,
+            members: Arc::from(crate::audit::members(&json)),
+            target,
+            dst,
+            identity: Arc::new(identity),
+        }
+    }
+
     /// An audit event carrying this connection's fields.
     #[must_use]
     pub fn event(&self, event: &'static str) -> AuditEvent {
-        AuditEvent::new(event)
-            .with("conn", self.id)
-            .with("target", &self.target.name)
-            .with("protocol", self.target.protocol.as_str())
-            .with("dst", self.dst.to_string())
-            .with("identity", &*self.identity)
+        AuditEvent::new(event).with_conn(Arc::clone(&self.members))
     }
 }
 
@@ -357,12 +382,7 @@ async fn handle(
         );
         return;
     };
-    let info = ConnInfo {
-        id,
-        target,
-        dst,
-        identity: Arc::new(identity),
-    };
+    let info = ConnInfo::new(id, target, dst, identity);
     shared.audit.record(info.event("connect"));
 
     let counts = Counted::default();
