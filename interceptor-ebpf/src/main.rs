@@ -7,7 +7,7 @@
 //! - `sockops` (kernel >= 4.13, state callbacks >= 4.16): once the client's
 //!   local port is chosen (TCP_CONNECT_CB), the record is re-keyed by the
 //!   client's local address, which is what the agent sees as its peer; on
-//!   close both entries go.
+//!   close the cookie entry goes (the agent deletes the other on accept).
 //! - `cgroup/getpeername4`, `cgroup/getpeername6` (kernel >= 5.8): the client
 //!   sees the original peer, so the redirect is invisible.
 #![no_std]
@@ -318,15 +318,17 @@ fn try_sock_ops(ctx: &SockOpsContext) -> Result<(), Skip> {
     let Some(rec) = (unsafe { CONN_BY_COOKIE.get(&cookie) }).copied() else {
         return Ok(());
     };
-    let key = local_key(ctx, &rec);
     if op == BPF_SOCK_OPS_TCP_CONNECT_CB {
+        let key = local_key(ctx, &rec);
         CONN_BY_ADDR
             .insert(&key, &rec, 0)
             .map_err(|_| Skip::MapFull)?;
         // Ask for state callbacks so the entries go when the socket closes.
         let _ = ctx.set_cb_flags(BPF_SOCK_OPS_STATE_CB_FLAG as i32);
     } else if ctx.arg(1) == BPF_TCP_CLOSE {
-        let _ = CONN_BY_ADDR.remove(&key);
+        // Only the cookie entry goes: the by-address one is the agent's to
+        // take (a client may close before the agent accepted), and a later
+        // socket on the same local port overwrites it; the LRU bounds both.
         let _ = CONN_BY_COOKIE.remove(&cookie);
     }
     Ok(())

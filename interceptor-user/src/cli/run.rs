@@ -261,7 +261,18 @@ fn run_inner(args: &RunArgs, control_socket: &Path) -> Result<(), String> {
     );
 
     let server = rt.spawn(control::serve(control_listener, agent));
+    let reload_path = args.policy.clone().or_else(|| {
+        Path::new(SYSTEM_POLICY)
+            .exists()
+            .then(|| PathBuf::from(SYSTEM_POLICY))
+    });
+    let reloader = rt.spawn(reload_loop(
+        reload_path,
+        Arc::clone(&shared),
+        Arc::clone(&redirector),
+    ));
     let signal = rt.block_on(wait_for_signal());
+    reloader.abort();
     tracing::info!("{signal}: detaching and shutting down");
 
     // Detach first: from now on new connections go direct.
@@ -281,6 +292,66 @@ fn run_inner(args: &RunArgs, control_socket: &Path) -> Result<(), String> {
     drop(audit);
     audit_writer.finish();
     Ok(())
+}
+
+/// Reloads the policy on SIGHUP and when the file changes. A valid policy
+/// takes effect for the next statement (and its targets for the next
+/// connect); an invalid one is rejected and the previous stays in force.
+/// Both are audited.
+async fn reload_loop(path: Option<PathBuf>, shared: Arc<Shared>, redirector: Arc<Redirector>) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let Some(path) = path else {
+        // The embedded default never changes.
+        return;
+    };
+    let Ok(mut hup) = signal(SignalKind::hangup()) else {
+        return;
+    };
+    let stamp = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
+    let mut last = stamp(&path);
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        let trigger = tokio::select! {
+            _ = hup.recv() => "SIGHUP",
+            _ = tick.tick() => {
+                let now = stamp(&path);
+                if now == last {
+                    continue;
+                }
+                last = now;
+                "file change"
+            }
+        };
+        let result = PolicyFile::load(&path)
+            .map_err(|e| e.to_string())
+            .and_then(|file| Engine::new(file).map_err(|e| e.to_string()))
+            .and_then(|engine| {
+                redirector
+                    .set_targets(&engine.file().targets)
+                    .map_err(|e| e.to_string())?;
+                Ok(engine)
+            });
+        let ev = AuditEvent::new("policy")
+            .with("path", path.display().to_string())
+            .with("trigger", trigger);
+        match result {
+            Ok(engine) => {
+                let ev = ev
+                    .with("status", "loaded")
+                    .with("targets", engine.file().targets.len())
+                    .with("rules", engine.file().rules.len());
+                shared.engine.store(Arc::new(engine));
+                tracing::info!("policy reloaded from {} ({trigger})", path.display());
+                shared.audit.record(ev);
+            }
+            Err(e) => {
+                tracing::error!("policy reload rejected, previous policy stays in force: {e}");
+                shared
+                    .audit
+                    .record(ev.with("status", "rejected").with("error", e));
+            }
+        }
+    }
 }
 
 async fn wait_for_signal() -> &'static str {

@@ -76,6 +76,7 @@ pub struct Redirector {
     // Holds the programs' links: dropping it detaches them.
     ebpf: Mutex<Option<Ebpf>>,
     by_addr: Mutex<HashMap<MapData, SockKey, ConnRecord>>,
+    targets: Mutex<LpmTrie<MapData, TargetKey, TargetValue>>,
     cgroup: PathBuf,
 }
 
@@ -149,21 +150,6 @@ impl Redirector {
 
         {
             let map = ebpf
-                .map_mut(MAP_TARGETS)
-                .ok_or(EbpfError::Missing(MAP_TARGETS))?;
-            let mut trie: LpmTrie<_, TargetKey, TargetValue> =
-                LpmTrie::try_from(map).map_err(map_err(MAP_TARGETS))?;
-            for (i, t) in targets.iter().enumerate() {
-                let value = TargetValue {
-                    target_id: u32::try_from(i).unwrap_or(u32::MAX),
-                    protocol: t.protocol.wire_id(),
-                };
-                trie.insert(&target_key(t), value, 0)
-                    .map_err(map_err(MAP_TARGETS))?;
-            }
-        }
-        {
-            let map = ebpf
                 .map_mut(MAP_EXEMPT_TGIDS)
                 .ok_or(EbpfError::Missing(MAP_EXEMPT_TGIDS))?;
             let mut exempt: HashMap<_, u32, u32> =
@@ -182,6 +168,8 @@ impl Redirector {
                 .map_err(map_err(MAP_CONFIG))?;
         }
 
+        // Targets are filled after the programs attach (set_targets): until
+        // then the programs match nothing, so nothing is redirected early.
         let fd = File::open(cgroup).map_err(|source| EbpfError::Cgroup {
             path: cgroup.to_owned(),
             source,
@@ -219,11 +207,51 @@ impl Redirector {
             .take_map(MAP_CONN_BY_ADDR)
             .ok_or(EbpfError::Missing(MAP_CONN_BY_ADDR))?;
         let by_addr = HashMap::try_from(by_addr_map).map_err(map_err(MAP_CONN_BY_ADDR))?;
-        Ok(Self {
+        let targets_map = ebpf
+            .take_map(MAP_TARGETS)
+            .ok_or(EbpfError::Missing(MAP_TARGETS))?;
+        let trie = LpmTrie::try_from(targets_map).map_err(map_err(MAP_TARGETS))?;
+        let me = Self {
             ebpf: Mutex::new(Some(ebpf)),
             by_addr: Mutex::new(by_addr),
+            targets: Mutex::new(trie),
             cgroup: cgroup.to_owned(),
-        })
+        };
+        me.set_targets(targets)?;
+        Ok(me)
+    }
+
+    /// Makes the kernel redirect exactly these targets (on start and on
+    /// policy reload). Target ids are positions in `targets`.
+    ///
+    /// # Errors
+    /// When the kernel refuses a map update.
+    pub fn set_targets(&self, targets: &[TargetSpec]) -> Result<(), EbpfError> {
+        let mut trie = self
+            .targets
+            .lock()
+            .map_err(|_| EbpfError::Missing("targets lock"))?;
+        let wanted: Vec<_> = targets.iter().map(target_key).collect();
+        let stale: Vec<_> = trie
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| {
+                !wanted
+                    .iter()
+                    .any(|w| w.prefix_len() == k.prefix_len() && w.data() == k.data())
+            })
+            .collect();
+        for k in stale {
+            trie.remove(&k).map_err(map_err(MAP_TARGETS))?;
+        }
+        for (i, (t, key)) in targets.iter().zip(&wanted).enumerate() {
+            let value = TargetValue {
+                target_id: u32::try_from(i).unwrap_or(u32::MAX),
+                protocol: t.protocol.wire_id(),
+            };
+            trie.insert(key, value, 0).map_err(map_err(MAP_TARGETS))?;
+        }
+        Ok(())
     }
 
     /// Detaches every program; connections from then on go direct.
