@@ -248,6 +248,12 @@ impl PgServer {
         server
     }
 
+    /// The postmaster's pid.
+    #[must_use]
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// `psql` arguments reaching this server over TCP, unchanged by the agent.
     #[must_use]
     pub fn psql_args(&self) -> Vec<String> {
@@ -374,6 +380,12 @@ impl Agent {
             sleep(Duration::from_millis(50));
         }
         agent
+    }
+
+    /// The agent's pid, while it runs.
+    #[must_use]
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
     }
 
     /// The agent's stderr so far.

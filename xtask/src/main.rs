@@ -33,6 +33,13 @@ enum Cmd {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// Benchmarks: `policy` (criterion), `postgres` (pgbench: direct, PgBouncer,
+    /// agent), or all of them.
+    Bench {
+        /// policy | postgres | all
+        #[arg(default_value = "all")]
+        which: String,
+    },
     /// fmt check, clippy, unit tests and end-to-end tests.
     Test {
         /// Only run tests whose name contains this.
@@ -69,6 +76,7 @@ fn main() -> Result<()> {
             run(Command::new(bin).arg("run").args(args))
         }
         Cmd::Test { filter, no_lint } => test(filter.as_deref(), no_lint),
+        Cmd::Bench { which } => bench(&which),
     }
 }
 
@@ -277,4 +285,37 @@ fn test(filter: Option<&str>, no_lint: bool) -> Result<()> {
         e2e.arg(f);
     }
     run(&mut e2e)
+}
+
+fn bench(which: &str) -> Result<()> {
+    let known = ["policy", "postgres", "all"];
+    if !known.contains(&which) {
+        bail!("unknown benchmark {which:?}; expected one of {known:?}");
+    }
+    if matches!(which, "policy" | "all") {
+        run(Command::new("cargo").args([
+            "bench",
+            "--locked",
+            "-p",
+            "interceptor-user",
+            "--bench",
+            "policy",
+        ]))?;
+    }
+    if matches!(which, "postgres" | "all") {
+        build()?;
+        let bin = workspace_root().join("target/release/interceptor");
+        run(Command::new("cargo")
+            .args([
+                "run",
+                "--locked",
+                "--release",
+                "-p",
+                "interceptor-tests",
+                "--bin",
+                "bench-postgres",
+            ])
+            .env("INTERCEPTOR_BIN", &bin))?;
+    }
+    Ok(())
 }
