@@ -19,7 +19,17 @@ fn setup() -> (PgServer, TestCgroup, Agent) {
 
 fn psql_in(cg: &TestCgroup, pg: &PgServer) -> Command {
     let mut c = cg.command(pg_bin("psql").to_str().unwrap());
-    c.args(["-X", "-h", "127.0.0.1", "-p", &pg.port.to_string(), "-U", "postgres", "-d", "postgres"]);
+    c.args([
+        "-X",
+        "-h",
+        "127.0.0.1",
+        "-p",
+        &pg.port.to_string(),
+        "-U",
+        "postgres",
+        "-d",
+        "postgres",
+    ]);
     c
 }
 
@@ -36,27 +46,48 @@ fn psql_denials_keep_the_session_usable_in_and_out_of_transactions() {
         select 'b2';\n\
         rollback;\n\
         select 'c1';\n";
-    let out = run_any(psql_in(&cg, &pg).args(["-Atq", "-f"]).arg(write_tmp(script)));
+    let out = run_any(
+        psql_in(&cg, &pg)
+            .args(["-Atq", "-f"])
+            .arg(write_tmp(script)),
+    );
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
     let lines: Vec<&str> = stdout.lines().collect();
-    assert_eq!(lines, ["a1", "a2", "b1", "c1"], "stdout:\n{stdout}\nstderr:\n{stderr}");
-    assert!(!stdout.contains("s3cr3t") && !stdout.contains("b2"), "{stdout}");
+    assert_eq!(
+        lines,
+        ["a1", "a2", "b1", "c1"],
+        "stdout:\n{stdout}\nstderr:\n{stderr}"
+    );
+    assert!(
+        !stdout.contains("s3cr3t") && !stdout.contains("b2"),
+        "{stdout}"
+    );
     // Denials: 42501 naming the rule and the decision; then 25P02 inside the
     // failed transaction, exactly as the server would answer.
     assert_eq!(stderr.matches("ERROR:  42501").count(), 2, "{stderr}");
-    assert!(stderr.contains("no-secrets") && stderr.contains("secrets are off limits") && stderr.contains("decision "), "{stderr}");
+    assert!(
+        stderr.contains("no-secrets")
+            && stderr.contains("secrets are off limits")
+            && stderr.contains("decision "),
+        "{stderr}"
+    );
     assert!(stderr.contains("ERROR:  25P02"), "{stderr}");
     // Nothing of the denied statements reached the table.
     assert_eq!(pg.sql("select seq_scan + coalesce(idx_scan, 0) from pg_stat_user_tables where relname = 'secrets'").trim(), "0");
     // Audited: two denials with the rule, enforced.
-    let ev = agent.wait_event("a denied query", |e| e["event"] == "query" && e["decision"] == "deny");
+    let ev = agent.wait_event("a denied query", |e| {
+        e["event"] == "query" && e["decision"] == "deny"
+    });
     assert_eq!(ev["rule"], "no-secrets", "{ev}");
     assert_eq!(ev["enforced"], true);
     assert_eq!(ev["db_user"], "postgres");
     assert_eq!(ev["database"], "postgres");
     assert_eq!(ev["identity"]["comm"], "psql");
-    assert!(ev["eval_us"].is_u64() && ev["fingerprint"].is_string() && ev["kind"].is_string(), "{ev}");
+    assert!(
+        ev["eval_us"].is_u64() && ev["fingerprint"].is_string() && ev["kind"].is_string(),
+        "{ev}"
+    );
 }
 
 fn write_tmp(text: &str) -> std::path::PathBuf {
@@ -69,18 +100,52 @@ fn write_tmp(text: &str) -> std::path::PathBuf {
 fn pgbench_in_all_protocol_modes_has_no_failures() {
     let (pg, cg, agent) = setup();
     let port = pg.port.to_string();
-    run_ok(Command::new(pg_bin("pgbench")).args(["-i", "-q", "-s", "1", "-h", "127.0.0.1", "-p", &port, "-U", "postgres", "postgres"]));
+    run_ok(Command::new(pg_bin("pgbench")).args([
+        "-i",
+        "-q",
+        "-s",
+        "1",
+        "-h",
+        "127.0.0.1",
+        "-p",
+        &port,
+        "-U",
+        "postgres",
+        "postgres",
+    ]));
     for mode in ["simple", "extended", "prepared"] {
         for select_only in [true, false] {
             let mut c = cg.command(pg_bin("pgbench").to_str().unwrap());
-            c.args(["-n", "-M", mode, "-c", "2", "-j", "2", "-t", "100", "-h", "127.0.0.1", "-p", &port, "-U", "postgres"]);
+            c.args([
+                "-n",
+                "-M",
+                mode,
+                "-c",
+                "2",
+                "-j",
+                "2",
+                "-t",
+                "100",
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &port,
+                "-U",
+                "postgres",
+            ]);
             if select_only {
                 c.arg("-S");
             }
             c.arg("postgres");
             let out = run_ok(&mut c);
-            assert!(out.contains("number of transactions actually processed: 200/200"), "{mode}: {out}");
-            assert!(out.contains("number of failed transactions: 0"), "{mode}: {out}");
+            assert!(
+                out.contains("number of transactions actually processed: 200/200"),
+                "{mode}: {out}"
+            );
+            assert!(
+                out.contains("number of failed transactions: 0"),
+                "{mode}: {out}"
+            );
         }
     }
     // They really went through the agent, statement by statement.
@@ -95,7 +160,10 @@ fn pgbench_in_all_protocol_modes_has_no_failures() {
 #[test]
 fn rust_driver_prepared_pipelined_copy_cancel_and_denial() {
     let (pg, cg, agent) = setup();
-    let out = run_any(cg.command(env!("CARGO_BIN_EXE_pg-driver")).args(["127.0.0.1", &pg.port.to_string()]));
+    let out = run_any(
+        cg.command(env!("CARGO_BIN_EXE_pg-driver"))
+            .args(["127.0.0.1", &pg.port.to_string()]),
+    );
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),
@@ -103,11 +171,23 @@ fn rust_driver_prepared_pipelined_copy_cancel_and_denial() {
         String::from_utf8_lossy(&out.stderr),
         agent.log()
     );
-    for step in ["prepared", "pipeline", "pipeline-denial", "copy", "cancel", "usable"] {
-        assert!(stdout.lines().any(|l| l == format!("ok {step}")), "{step} missing:\n{stdout}");
+    for step in [
+        "prepared",
+        "pipeline",
+        "pipeline-denial",
+        "copy",
+        "cancel",
+        "usable",
+    ] {
+        assert!(
+            stdout.lines().any(|l| l == format!("ok {step}")),
+            "{step} missing:\n{stdout}"
+        );
     }
     agent.wait_event("the cancel", |e| e["event"] == "cancel");
-    agent.wait_event("the denial", |e| e["event"] == "query" && e["decision"] == "deny" && e["identity"]["comm"] == "pg-driver");
+    agent.wait_event("the denial", |e| {
+        e["event"] == "query" && e["decision"] == "deny" && e["identity"]["comm"] == "pg-driver"
+    });
 }
 
 #[test]
@@ -157,11 +237,27 @@ print("midframe", True)
         port = pg.port
     );
     let out = run_ok(cg.command("python3").args(["-c", &script]));
-    for case in ["garbage", "malformed", "oversized", "unterminated", "midframe"] {
-        assert!(out.lines().any(|l| l == format!("{case} True")), "{case}:\n{out}\nagent log:\n{}", agent.log());
+    for case in [
+        "garbage",
+        "malformed",
+        "oversized",
+        "unterminated",
+        "midframe",
+    ] {
+        assert!(
+            out.lines().any(|l| l == format!("{case} True")),
+            "{case}:\n{out}\nagent log:\n{}",
+            agent.log()
+        );
     }
-    agent.wait_event("protocol errors audited", |e| e["event"] == "protocol_error");
-    let n = agent.events().iter().filter(|e| e["event"] == "protocol_error").count();
+    agent.wait_event("protocol errors audited", |e| {
+        e["event"] == "protocol_error"
+    });
+    let n = agent
+        .events()
+        .iter()
+        .filter(|e| e["event"] == "protocol_error")
+        .count();
     assert!(n >= 4, "{n} protocol_error events");
     // The agent is unaffected: status is fine and psql still works.
     assert!(agent.status().status.success());

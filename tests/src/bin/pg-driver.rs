@@ -17,7 +17,9 @@ async fn main() {
     let host = args.next().expect("host");
     let port = args.next().expect("port");
     let conninfo = format!("host={host} port={port} user=postgres dbname=postgres");
-    let (client, conn) = tokio_postgres::connect(&conninfo, NoTls).await.expect("connect");
+    let (client, conn) = tokio_postgres::connect(&conninfo, NoTls)
+        .await
+        .expect("connect");
     tokio::spawn(async move {
         if let Err(e) = conn.await {
             eprintln!("connection error: {e}");
@@ -30,20 +32,36 @@ async fn main() {
         .unwrap();
 
     // Prepared statements, reused, with binary results.
-    let insert = client.prepare("INSERT INTO items VALUES ($1, $2, $3)").await.unwrap();
+    let insert = client
+        .prepare("INSERT INTO items VALUES ($1, $2, $3)")
+        .await
+        .unwrap();
     for i in 0..20i32 {
         client
-            .execute(&insert, &[&i, &format!("item {i}"), &vec![0u8, 1, 2, u8::try_from(i).unwrap()]])
+            .execute(
+                &insert,
+                &[
+                    &i,
+                    &format!("item {i}"),
+                    &vec![0u8, 1, 2, u8::try_from(i).unwrap()],
+                ],
+            )
             .await
             .unwrap();
     }
-    let row = client.query_one("SELECT id, data FROM items WHERE id = $1", &[&7i32]).await.unwrap();
+    let row = client
+        .query_one("SELECT id, data FROM items WHERE id = $1", &[&7i32])
+        .await
+        .unwrap();
     let (id, data): (i32, Vec<u8>) = (row.get(0), row.get(1));
     assert_eq!((id, data), (7, vec![0, 1, 2, 7]));
     println!("ok prepared");
 
     // Pipelining: several queries in flight at once on one connection.
-    let stmt = client.prepare("SELECT name FROM items WHERE id = $1").await.unwrap();
+    let stmt = client
+        .prepare("SELECT name FROM items WHERE id = $1")
+        .await
+        .unwrap();
     let (a, b, c) = tokio::join!(
         client.query_one(&stmt, &[&1i32]),
         client.query_one(&stmt, &[&2i32]),
@@ -61,14 +79,24 @@ async fn main() {
     );
     assert_eq!(a.unwrap().get::<_, String>(0), "item 4");
     let err = b.expect_err("secrets must be denied");
-    assert_eq!(err.code(), Some(&SqlState::INSUFFICIENT_PRIVILEGE), "{err:?}");
+    assert_eq!(
+        err.code(),
+        Some(&SqlState::INSUFFICIENT_PRIVILEGE),
+        "{err:?}"
+    );
     let msg = err.as_db_error().unwrap().message().to_owned();
-    assert!(msg.contains("no-secrets") && msg.contains("decision"), "{msg}");
+    assert!(
+        msg.contains("no-secrets") && msg.contains("decision"),
+        "{msg}"
+    );
     assert_eq!(c.unwrap().get::<_, String>(0), "item 5");
     println!("ok pipeline-denial");
 
     // COPY in and out.
-    let sink = client.copy_in("COPY items (id, name) FROM STDIN").await.unwrap();
+    let sink = client
+        .copy_in("COPY items (id, name) FROM STDIN")
+        .await
+        .unwrap();
     pin_mut!(sink);
     let mut data = String::new();
     for i in 100..1100 {
@@ -76,9 +104,15 @@ async fn main() {
     }
     sink.send(Bytes::from(data)).await.unwrap();
     assert_eq!(sink.finish().await.unwrap(), 1000);
-    let stream = client.copy_out("COPY (SELECT id FROM items WHERE id >= 100 ORDER BY id) TO STDOUT").await.unwrap();
+    let stream = client
+        .copy_out("COPY (SELECT id FROM items WHERE id >= 100 ORDER BY id) TO STDOUT")
+        .await
+        .unwrap();
     let chunks: Vec<Bytes> = stream.try_collect().await.unwrap();
-    let text: String = chunks.iter().map(|c| String::from_utf8_lossy(c).into_owned()).collect();
+    let text: String = chunks
+        .iter()
+        .map(|c| String::from_utf8_lossy(c).into_owned())
+        .collect();
     assert_eq!(text.lines().count(), 1000);
     println!("ok copy");
 
@@ -89,14 +123,20 @@ async fn main() {
         token.cancel_query(NoTls).await
     });
     let started = std::time::Instant::now();
-    let err = client.simple_query("SELECT pg_sleep(30)").await.expect_err("must be cancelled");
+    let err = client
+        .simple_query("SELECT pg_sleep(30)")
+        .await
+        .expect_err("must be cancelled");
     assert_eq!(err.code(), Some(&SqlState::QUERY_CANCELED), "{err:?}");
     assert!(started.elapsed() < Duration::from_secs(20));
     canceller.await.unwrap().unwrap();
     println!("ok cancel");
 
     // Still usable, in a transaction, and simple queries.
-    let rows = client.simple_query("BEGIN; SELECT count(*) FROM items; COMMIT").await.unwrap();
+    let rows = client
+        .simple_query("BEGIN; SELECT count(*) FROM items; COMMIT")
+        .await
+        .unwrap();
     let count = rows.iter().find_map(|m| match m {
         SimpleQueryMessage::Row(r) => r.get(0).map(str::to_owned),
         _ => None,
