@@ -11,7 +11,7 @@ use std::{
 
 use serde::{Deserialize, Deserializer, Serialize};
 
-use crate::sql::{Dialect, Flag, Kind};
+use crate::sql::{Dialect, Flag, Fingerprint, Kind, Limits};
 
 #[derive(Debug, thiserror::Error)]
 pub enum PolicyError {
@@ -214,6 +214,37 @@ impl Serialize for TargetAddress {
     }
 }
 
+
+/// Deserialises a glob, rejecting bad patterns where they stand (so the
+/// error carries line and column).
+fn glob<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    let s = Option::<String>::deserialize(d)?;
+    if let Some(p) = &s {
+        globset::Glob::new(p).map_err(|e| serde::de::Error::custom(format!("bad glob {p:?}: {e}")))?;
+    }
+    Ok(s)
+}
+
+fn globs<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Vec<String>>, D::Error> {
+    let v = Option::<Vec<String>>::deserialize(d)?;
+    for p in v.iter().flatten() {
+        globset::Glob::new(p).map_err(|e| serde::de::Error::custom(format!("bad glob {p:?}: {e}")))?;
+    }
+    Ok(v)
+}
+
+fn fingerprints<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Vec<String>>, D::Error> {
+    let v = Option::<Vec<String>>::deserialize(d)?;
+    for f in v.iter().flatten() {
+        if Fingerprint::parse_id(f).is_none() {
+            return Err(serde::de::Error::custom(format!(
+                "bad fingerprint {f:?}: expected v1: and 16 hex digits"
+            )));
+        }
+    }
+    Ok(v)
+}
+
 #[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct TargetSpec {
@@ -231,7 +262,7 @@ pub struct TargetSpec {
 #[serde(deny_unknown_fields)]
 pub struct IdentitySelectorSpec {
     /// Glob over the cgroup path.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "glob")]
     pub cgroup: Option<String>,
     #[serde(default)]
     pub uid: Option<u32>,
@@ -242,7 +273,7 @@ pub struct IdentitySelectorSpec {
     #[serde(default)]
     pub comm: Option<String>,
     /// Glob over the executable path.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "glob")]
     pub exe: Option<String>,
     #[serde(default)]
     pub exe_sha256: Option<String>,
@@ -296,21 +327,21 @@ pub struct RuleSpec {
     pub identities: Option<Vec<String>>,
     #[serde(default)]
     pub targets: Option<Vec<String>>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "globs")]
     pub databases: Option<Vec<String>>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "globs")]
     pub db_users: Option<Vec<String>>,
     #[serde(default)]
     pub kinds: Option<Vec<Kind>>,
     /// Every table touched matches one of these globs.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "globs")]
     pub tables: Option<Vec<String>>,
     /// At least one table touched matches one of these globs.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "globs")]
     pub any_tables: Option<Vec<String>>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "globs")]
     pub functions: Option<Vec<String>>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "globs")]
     pub any_functions: Option<Vec<String>>,
     #[serde(default, rename = "where")]
     pub where_clause: Option<WherePresence>,
@@ -319,7 +350,7 @@ pub struct RuleSpec {
     /// Any of these flags.
     #[serde(default)]
     pub flags: Option<Vec<Flag>>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "fingerprints")]
     pub fingerprints: Option<Vec<String>>,
     pub decision: Decision,
     #[serde(default)]
@@ -344,6 +375,9 @@ pub struct PolicyFile {
     pub identities: BTreeMap<String, IdentitySelectorSpec>,
     #[serde(default)]
     pub rules: Vec<RuleSpec>,
+    /// Bounds on SQL analysis (statement size, nesting, tokens).
+    #[serde(default)]
+    pub limits: Limits,
 }
 
 impl PolicyFile {
@@ -415,6 +449,12 @@ impl PolicyFile {
                 if !names.contains(t.as_str()) {
                     return Err(format!("rule {:?} names unknown target {t:?}", r.name));
                 }
+            }
+            if r.approval.is_some() && r.decision != Decision::Approve {
+                return Err(format!(
+                    "rule {:?} has approval settings but its decision is {}",
+                    r.name, r.decision
+                ));
             }
         }
         Ok(())
@@ -495,7 +535,9 @@ mod tests {
             parse("version: 1\ntargets:\n  - name: a\n    protocol: postgres\n    address: nope\n")
                 .unwrap_err()
                 .to_string();
-        assert!(err.starts_with("test.yaml:5:"), "{err}");
+        // serde_yaml_ng places a value's custom error at its entry.
+        assert!(err.starts_with("test.yaml:3:"), "{err}");
+        assert!(err.contains("nope"), "{err}");
     }
 
     #[test]

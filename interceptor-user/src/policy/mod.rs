@@ -5,7 +5,8 @@ mod engine;
 mod file;
 
 pub use engine::{
-    DecisionRequest, Engine, IdentityBinding, SessionState, StatementVerdict, Verdict,
+    DecisionRequest, EffectiveMode, Engine, IdentityBinding, SessionState, StatementDetails,
+    StatementVerdict, Verdict,
 };
 
 pub use file::{
