@@ -264,3 +264,41 @@ print("midframe", True)
     let ok = run_ok(psql_in(&cg, &pg).args(["-Atc", "select 'still here'"]));
     assert_eq!(ok.trim(), "still here");
 }
+
+#[test]
+fn shadow_mode_forwards_everything_and_records_what_would_be_denied() {
+    let pg = PgServer::start();
+    pg.sql("CREATE TABLE secrets (v text); INSERT INTO secrets VALUES ('s3cr3t')");
+    let cg = TestCgroup::new();
+    let rules = RULES.replace("mode: enforce", "mode: shadow");
+    let agent = Agent::start(&pg_policy(pg.port, &rules), &cg, false);
+    let out = run_ok(psql_in(&cg, &pg).args(["-Atc", "select v from secrets"]));
+    assert_eq!(out.trim(), "s3cr3t");
+    let ev = agent.wait_event("the shadow denial", |e| {
+        e["event"] == "query" && e["decision"] == "deny"
+    });
+    assert_eq!(ev["enforced"], false, "{ev}");
+    assert_eq!(ev["rule"], "no-secrets", "{ev}");
+}
+
+#[test]
+fn function_call_messages_are_decided() {
+    // psql's \lo_import drives libpq's large-object API, which speaks the
+    // FunctionCall message.
+    let (pg, cg, agent) = setup();
+    let file = std::env::temp_dir().join(interceptor_tests::unique("lo"));
+    std::fs::write(&file, b"large object payload").unwrap();
+    let out = run_ok(
+        psql_in(&cg, &pg)
+            .args(["-Atc"])
+            .arg(format!("\\lo_import {}", file.display())),
+    );
+    assert!(out.contains("lo_import"), "{out}");
+    agent.wait_event("a FunctionCall decision", |e| {
+        e["event"] == "query"
+            && e["query"]
+                .as_str()
+                .is_some_and(|q| q.contains("FunctionCall"))
+    });
+    let _ = std::fs::remove_file(file);
+}
