@@ -400,10 +400,7 @@ async fn handle(
                 crate::protocol::postgres::serve(&mut guard, &mut client, &upstream, &counts).await
             }
             Protocol::Mysql => {
-                let mut server = upstream.connect().await?;
-                relay(&mut client, &mut server, &counts)
-                    .await
-                    .map_err(SessionError::Io)
+                crate::protocol::mysql::serve(&mut guard, &mut client, &upstream, &counts).await
             }
         }
     };
@@ -488,41 +485,6 @@ pub struct Counted {
     pub from_server: Cell<u64>,
 }
 
-/// Copies both ways at once until both sides are done. Each direction only
-/// reads when its previous chunk was written (back-pressure), and neither
-/// direction waits on the other, so a peer blocked on writing can't stall
-/// the opposite flow.
-async fn relay(
-    client: &mut TcpStream,
-    upstream: &mut TcpStream,
-    counts: &Counted,
-) -> std::io::Result<()> {
-    let (mut cr, mut cw) = client.split();
-    let (mut ur, mut uw) = upstream.split();
-    tokio::try_join!(
-        pump(&mut cr, &mut uw, &counts.from_client),
-        pump(&mut ur, &mut cw, &counts.from_server),
-    )?;
-    Ok(())
-}
-
-async fn pump<R, W>(r: &mut R, w: &mut W, count: &Cell<u64>) -> std::io::Result<()>
-where
-    R: tokio::io::AsyncRead + Unpin,
-    W: tokio::io::AsyncWrite + Unpin,
-{
-    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-    let mut buf = vec![0u8; 16 * 1024];
-    loop {
-        let n = r.read(&mut buf).await?;
-        if n == 0 {
-            return w.shutdown().await;
-        }
-        w.write_all(&buf[..n]).await?;
-        count.set(count.get() + n as u64);
-    }
-}
-
 fn elapsed_us(since: Instant) -> u64 {
     u64::try_from(since.elapsed().as_micros()).unwrap_or(u64::MAX)
 }
@@ -564,5 +526,151 @@ mod tests {
         assert_eq!(orig_dst(&rec), "10.1.2.3:5432".parse().unwrap());
         rec.orig_addr = std::net::Ipv6Addr::LOCALHOST.octets();
         assert_eq!(orig_dst(&rec), "[::1]:5432".parse().unwrap());
+    }
+
+    /// The original-destination lookup as a table: the proxy core runs
+    /// without root and without eBPF.
+    struct Table(std::sync::Mutex<std::collections::HashMap<SocketAddr, ConnRecord>>);
+
+    impl OrigDstLookup for Table {
+        fn take(&self, peer: SocketAddr) -> Option<ConnRecord> {
+            self.0.lock().ok()?.remove(&peer)
+        }
+    }
+
+    /// A stand-in PostgreSQL server: trust auth, answers every Query with
+    /// CommandComplete, and a stand-in query as PostgreSQL would (missing
+    /// relation).
+    async fn fake_postgres(listener: TcpListener) {
+        use crate::protocol::postgres::codec::{self, frame};
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let (mut s, _) = listener.accept().await.unwrap();
+        let mut len = [0u8; 4];
+        s.read_exact(&mut len).await.unwrap();
+        let mut rest = vec![0u8; u32::from_be_bytes(len) as usize - 4];
+        s.read_exact(&mut rest).await.unwrap();
+        s.write_all(&frame(b'R', &[0, 0, 0, 0])).await.unwrap();
+        s.write_all(&frame(b'Z', b"I")).await.unwrap();
+        let mut buf = bytes::BytesMut::new();
+        loop {
+            while let Some(f) = codec::decode_frame(&mut buf, 1 << 20).unwrap() {
+                if f.tag == b'X' {
+                    return;
+                }
+                let sql = codec::query_sql(f.body()).unwrap();
+                if let Some(rel) = sql.strip_prefix("SELECT FROM pg_catalog.") {
+                    let msg = format!(
+                        "relation \"pg_catalog.{}\" does not exist",
+                        rel.trim_matches('"')
+                    );
+                    s.write_all(&codec::error_response(
+                        b'E', "ERROR", "42P01", &msg, None, None,
+                    ))
+                    .await
+                    .unwrap();
+                } else {
+                    s.write_all(&frame(b'C', b"SELECT 1\0")).await.unwrap();
+                }
+                s.write_all(&frame(b'Z', b"I")).await.unwrap();
+            }
+            if s.read_buf(&mut buf).await.unwrap() == 0 {
+                return;
+            }
+        }
+    }
+
+    async fn read_until_ready(c: &mut TcpStream) -> Vec<crate::protocol::postgres::codec::Frame> {
+        use tokio::io::AsyncReadExt as _;
+        let mut buf = bytes::BytesMut::new();
+        let mut frames = Vec::new();
+        loop {
+            while let Some(f) =
+                crate::protocol::postgres::codec::decode_frame(&mut buf, 1 << 20).unwrap()
+            {
+                let done = f.tag == b'Z';
+                frames.push(f);
+                if done {
+                    return frames;
+                }
+            }
+            assert!(c.read_buf(&mut buf).await.unwrap() > 0, "closed early");
+        }
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn proxy_core_decides_and_rejects_without_ebpf() {
+        use crate::protocol::postgres::codec;
+        use tokio::io::AsyncWriteExt as _;
+        let local = tokio::task::LocalSet::new();
+        local
+            .run_until(async {
+                let server = TcpListener::bind("127.0.0.1:0").await.unwrap();
+                let server_addr = server.local_addr().unwrap();
+                tokio::task::spawn_local(fake_postgres(server));
+                let policy = crate::policy::PolicyFile::parse(
+                    &format!(
+                        "version: 1\nmode: enforce\ndefault: allow\ntargets:\n  - {{name: pg, protocol: postgres, address: '{server_addr}'}}\nrules:\n  - {{name: no-drops, kinds: [ddl], decision: deny}}\n"
+                    ),
+                    std::path::Path::new("test"),
+                )
+                .unwrap();
+                let dir = tempfile::tempdir().unwrap();
+                let (audit, writer) = crate::audit::AuditWriter::start(&dir.path().join("a.jsonl")).unwrap();
+                let table = Arc::new(Table(std::sync::Mutex::default()));
+                let shared = Arc::new(Shared::new(
+                    Engine::new(policy).unwrap(),
+                    audit,
+                    table.clone(),
+                    IdentityResolver::new(None, 1 << 20),
+                    0,
+                    Limits::default(),
+                ));
+                let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+                let agent_addr = listener.local_addr().unwrap();
+                let (_stop_tx, stop) = watch::channel(false);
+
+                // A connection the "kernel" recorded.
+                let mut client = TcpStream::connect(agent_addr).await.unwrap();
+                let (stream, peer) = listener.accept().await.unwrap();
+                let mut rec = ConnRecord::ZERO;
+                let std::net::IpAddr::V4(ip) = server_addr.ip() else { unreachable!() };
+                rec.orig_addr = ip.to_ipv6_mapped().octets();
+                rec.orig_port_be = server_addr.port().to_be();
+                rec.tgid = std::process::id();
+                rec.pid = rec.tgid;
+                table.0.lock().unwrap().insert(peer, rec);
+                let task = tokio::task::spawn_local(handle(Arc::clone(&shared), stream, peer, stop.clone(), Duration::ZERO));
+
+                let mut startup = 196_608u32.to_be_bytes().to_vec();
+                startup.extend_from_slice(b"user\0app\0\0");
+                let mut packet = u32::try_from(startup.len() + 4).unwrap().to_be_bytes().to_vec();
+                packet.extend(startup);
+                client.write_all(&packet).await.unwrap();
+                assert_eq!(read_until_ready(&mut client).await.len(), 2);
+                client.write_all(&codec::query_message("SELECT 1")).await.unwrap();
+                let tags: Vec<u8> = read_until_ready(&mut client).await.iter().map(|f| f.tag).collect();
+                assert_eq!(tags, b"CZ");
+                client.write_all(&codec::query_message("DROP TABLE orders")).await.unwrap();
+                let reply = read_until_ready(&mut client).await;
+                let err = codec::error_fields(reply[0].body());
+                assert_eq!(err.code, Some("42501"));
+                assert!(err.message.unwrap().contains("no-drops"), "{err:?}");
+                client.write_all(&codec::frame(b'X', &[])).await.unwrap();
+                drop(client);
+                task.await.unwrap();
+
+                // A connection nobody recorded is turned away.
+                let _stray = TcpStream::connect(agent_addr).await.unwrap();
+                let (stream, peer) = listener.accept().await.unwrap();
+                handle(Arc::clone(&shared), stream, peer, stop, Duration::ZERO).await;
+                assert_eq!(shared.stats.rejected.load(Ordering::Relaxed), 1);
+                assert_eq!(shared.stats.denied.load(Ordering::Relaxed), 1);
+                drop(shared);
+                writer.finish();
+                let log = std::fs::read_to_string(dir.path().join("a.jsonl")).unwrap();
+                assert!(log.contains("\"event\":\"reject\""), "{log}");
+                assert!(log.contains("\"decision\":\"deny\""), "{log}");
+            })
+            .await;
     }
 }
