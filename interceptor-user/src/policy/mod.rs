@@ -17,3 +17,6 @@ pub use file::{
 /// The policy shipped inside the binary, used when no file is given and
 /// `/etc/interceptor/policy.yaml` does not exist.
 pub const EMBEDDED_DEFAULT: &str = include_str!("../../../policies/default.yaml");
+
+#[cfg(test)]
+mod tests;

@@ -179,9 +179,10 @@ fn analyze_at(canonical: &str, info: &NormInfo, dialect: Dialect, limits: &Limit
                 let mut canon = String::new();
                 let info = normalize(text, LexMode::default_for(dialect), false, &mut canon, &mut Scratch::default());
                 let mut a = analyze_at(&canon, &info, dialect, limits, depth + 1);
+                // The body keeps its literals: EXECUTE reads its LIMIT.
                 a.effect = Effect::Prepare {
                     name: name.clone(),
-                    body: PreparedBody::Text(canon),
+                    body: PreparedBody::Text(text.clone()),
                 };
                 a
             }

@@ -346,14 +346,19 @@ fn set_statement(t: &[T<'_>], dialect: Dialect, f: &mut LexFacts) {
             }
             i += 1;
         } else {
+            // word(.word)*
             while let Some(tk) = t.get(i) {
-                match tk.kind {
-                    TokKind::Word | TokKind::QuotedIdent | TokKind::Dot => {
-                        name.push_str(&tk.text.to_lowercase());
-                    }
-                    _ => break,
+                if !matches!(tk.kind, TokKind::Word | TokKind::QuotedIdent) {
+                    break;
                 }
+                name.push_str(&tk.text.to_lowercase());
                 i += 1;
+                if t.get(i).is_some_and(|d| d.kind == TokKind::Dot) {
+                    name.push('.');
+                    i += 1;
+                } else {
+                    break;
+                }
             }
         }
         // `=`, `:=` or TO.

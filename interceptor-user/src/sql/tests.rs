@@ -1,0 +1,351 @@
+//! Table-driven facts for tricky statements, and property tests that no
+//! input makes the splitter, the normaliser or the analyser panic.
+
+use proptest::prelude::*;
+
+use super::*;
+
+fn ctx(d: Dialect) -> Resolution {
+    Resolution {
+        dialect: d,
+        schemas: vec![match d {
+            Dialect::Postgres => "public".into(),
+            Dialect::Mysql => "shop".into(),
+        }],
+        unknown: false,
+    }
+}
+
+/// Facts of every statement of a message.
+pub(crate) fn facts(sql: &str, d: Dialect) -> Vec<(StatementFacts, Effect, NormInfo)> {
+    let mut out = Vec::new();
+    let mut scratch = Scratch::default();
+    for span in split(sql, d) {
+        let mut canon = String::new();
+        let info = normalize(span.text(sql), span.mode, span.in_exec_comment, &mut canon, &mut scratch);
+        let a = analyze(&canon, &info, d, &Limits::default());
+        out.push((a.resolve(&ctx(d)), a.effect.clone(), info));
+    }
+    out
+}
+
+struct Case {
+    sql: &'static str,
+    dialect: Dialect,
+    /// Per statement: kind, tables, flags (as text).
+    want: &'static [(Kind, &'static [&'static str], &'static [Flag])],
+}
+
+const PG: Dialect = Dialect::Postgres;
+const MY: Dialect = Dialect::Mysql;
+
+#[rustfmt::skip]
+const CASES: &[Case] = &[
+    // Plain reads and writes, schema resolution, case folding.
+    Case { sql: "SELECT abalance FROM pgbench_accounts WHERE aid = 12345", dialect: PG,
+        want: &[(Kind::Select, &["public.pgbench_accounts"], &[])] },
+    Case { sql: "select * from Sales.\"Orders\" o join customers c on c.id = o.cid", dialect: PG,
+        want: &[(Kind::Select, &["public.customers", "sales.Orders"], &[])] },
+    Case { sql: "SELECT * FROM `Shop`.`Orders`, Items", dialect: MY,
+        want: &[(Kind::Select, &["shop.items", "shop.orders"], &[])] },
+    Case { sql: "select * from mydb.public.t", dialect: PG,
+        want: &[(Kind::Select, &["public.t"], &[])] },
+    // Multi-statement, and statements hidden in comments.
+    Case { sql: "select 1; delete from t where id = 1", dialect: PG,
+        want: &[(Kind::Select, &[], &[]), (Kind::Delete, &["public.t"], &[])] },
+    Case { sql: "select 1 /* ; drop table t */ -- ; truncate t\n", dialect: PG,
+        want: &[(Kind::Select, &[], &[])] },
+    Case { sql: "select 1 /*!50000 ; drop table t */", dialect: MY,
+        want: &[(Kind::Select, &[], &[]), (Kind::Ddl, &["shop.t"], &[])] },
+    Case { sql: "select 1 # ; drop table t\n", dialect: MY,
+        want: &[(Kind::Select, &[], &[])] },
+    Case { sql: "select $$ ; drop table t $$", dialect: PG,
+        want: &[(Kind::Select, &[], &[])] },
+    // DML inside CTEs; CTE names are not tables; scoping.
+    Case { sql: "with d as (delete from orders where id = 1 returning *) select * from d", dialect: PG,
+        want: &[(Kind::Delete, &["public.orders"], &[])] },
+    Case { sql: "with recent as (select * from orders) select * from recent join items using (id)", dialect: PG,
+        want: &[(Kind::Select, &["public.items", "public.orders"], &[])] },
+    Case { sql: "with secret as (select * from secret) select * from secret", dialect: PG,
+        want: &[(Kind::Select, &["public.secret"], &[])] },
+    Case { sql: "select * from (with x as (select 1) select * from x) s, x", dialect: PG,
+        want: &[(Kind::Select, &["public.x"], &[])] },
+    Case { sql: "with recursive r(n) as (select 1 union all select n + 1 from r) select * from r", dialect: PG,
+        want: &[(Kind::Select, &[], &[])] },
+    Case { sql: "select * from a union select * from b except select * from (select * from c) z", dialect: PG,
+        want: &[(Kind::Select, &["public.a", "public.b", "public.c"], &[])] },
+    Case { sql: "select * from t where id in (select id from u where exists (select 1 from v))", dialect: PG,
+        want: &[(Kind::Select, &["public.t", "public.u", "public.v"], &[])] },
+    // Writes.
+    Case { sql: "insert into t (a) select a from u", dialect: PG,
+        want: &[(Kind::Insert, &["public.t", "public.u"], &[])] },
+    Case { sql: "insert into t values (1) on conflict (a) do update set b = 2", dialect: PG,
+        want: &[(Kind::Update, &["public.t"], &[])] },
+    Case { sql: "replace into t values (1)", dialect: MY,
+        want: &[(Kind::Delete, &["shop.t"], &[])] },
+    Case { sql: "update t set a = 1 from u where t.id = u.id", dialect: PG,
+        want: &[(Kind::Update, &["public.t", "public.u"], &[])] },
+    Case { sql: "delete t1 from t1 join t2 on t1.a = t2.a", dialect: MY,
+        want: &[(Kind::Delete, &["shop.t1", "shop.t2"], &[])] },
+    Case { sql: "merge into t using s on t.id = s.id when matched then delete", dialect: PG,
+        want: &[(Kind::Merge, &["public.s", "public.t"], &[])] },
+    Case { sql: "truncate table a, b", dialect: PG,
+        want: &[(Kind::Truncate, &["public.a", "public.b"], &[])] },
+    Case { sql: "select * into newt from t", dialect: PG,
+        want: &[(Kind::Ddl, &["public.newt", "public.t"], &[])] },
+    // DDL, DCL, TCL, session.
+    Case { sql: "create table ci.t (a int)", dialect: PG,
+        want: &[(Kind::Ddl, &["ci.t"], &[])] },
+    Case { sql: "alter table t add column b int", dialect: PG,
+        want: &[(Kind::Ddl, &["public.t"], &[])] },
+    Case { sql: "drop table if exists a, b", dialect: PG,
+        want: &[(Kind::Ddl, &["public.a", "public.b"], &[])] },
+    Case { sql: "grant select on t to bob", dialect: PG,
+        want: &[(Kind::Dcl, &[], &[])] },
+    Case { sql: "create role r", dialect: PG, want: &[(Kind::Dcl, &[], &[])] },
+    Case { sql: "begin; commit", dialect: PG,
+        want: &[(Kind::Tcl, &[], &[]), (Kind::Tcl, &[], &[])] },
+    Case { sql: "set application_name = 'x'", dialect: PG, want: &[(Kind::Session, &[], &[])] },
+    Case { sql: "set search_path = other, public", dialect: PG,
+        want: &[(Kind::Session, &[], &[Flag::SessionChange])] },
+    Case { sql: "SET NAMES utf8mb4", dialect: MY, want: &[(Kind::Session, &[], &[])] },
+    Case { sql: "SET @x = (SELECT password FROM mysql.user)", dialect: MY,
+        want: &[(Kind::Select, &["mysql.user"], &[])] },
+    Case { sql: "use other", dialect: MY, want: &[(Kind::Session, &[], &[Flag::SessionChange])] },
+    Case { sql: "discard all", dialect: PG, want: &[(Kind::Session, &[], &[])] },
+    // Side-effect functions and dangerous flags.
+    Case { sql: "select pg_read_file('/etc/passwd')", dialect: PG,
+        want: &[(Kind::Select, &[], &[Flag::FileAccess])] },
+    Case { sql: "select \"pg_read_file\"('/etc/passwd')", dialect: PG,
+        want: &[(Kind::Select, &[], &[Flag::FileAccess])] },
+    Case { sql: "select pg_catalog.pg_terminate_backend(123)", dialect: PG,
+        want: &[(Kind::Select, &[], &[Flag::Admin])] },
+    Case { sql: "select * from dblink('host=x', 'select 1') as t(a int)", dialect: PG,
+        want: &[(Kind::Select, &[], &[Flag::RemoteAccess])] },
+    Case { sql: "select set_config('role', 'admin', false)", dialect: PG,
+        want: &[(Kind::Select, &[], &[Flag::RoleChange, Flag::SessionChange])] },
+    Case { sql: "select set_config('search_path', 'evil', false)", dialect: PG,
+        want: &[(Kind::Select, &[], &[Flag::SessionChange])] },
+    Case { sql: "copy t to program 'curl x'", dialect: PG,
+        want: &[(Kind::Copy, &["public.t"], &[Flag::ProgramExec])] },
+    Case { sql: "copy t from '/tmp/x'", dialect: PG,
+        want: &[(Kind::Copy, &["public.t"], &[Flag::FileAccess])] },
+    Case { sql: "copy t from stdin", dialect: PG, want: &[(Kind::Copy, &["public.t"], &[])] },
+    Case { sql: "set role admin", dialect: PG, want: &[(Kind::Session, &[], &[Flag::RoleChange])] },
+    Case { sql: "SET SESSION AUTHORIZATION bob", dialect: PG,
+        want: &[(Kind::Session, &[], &[Flag::RoleChange])] },
+    Case { sql: "alter system set work_mem = '1GB'", dialect: PG,
+        want: &[(Kind::Ddl, &[], &[Flag::Admin])] },
+    Case { sql: "select * from t for update", dialect: PG,
+        want: &[(Kind::Select, &["public.t"], &[Flag::Lock])] },
+    Case { sql: "SELECT * FROM t LOCK IN SHARE MODE", dialect: MY,
+        want: &[(Kind::Select, &["shop.t"], &[Flag::Lock])] },
+    Case { sql: "SELECT * FROM t INTO OUTFILE '/tmp/x'", dialect: MY,
+        want: &[(Kind::Select, &["shop.t"], &[Flag::FileAccess])] },
+    Case { sql: "SELECT LOAD_FILE('/etc/passwd')", dialect: MY,
+        want: &[(Kind::Select, &[], &[Flag::FileAccess])] },
+    Case { sql: "LOAD DATA LOCAL INFILE '/tmp/x' INTO TABLE t", dialect: MY,
+        want: &[(Kind::Insert, &["shop.t"], &[Flag::FileAccess])] },
+    Case { sql: "KILL 42", dialect: MY, want: &[(Kind::Other, &[], &[Flag::Admin])] },
+    Case { sql: "SET GLOBAL max_connections = 10", dialect: MY,
+        want: &[(Kind::Session, &[], &[Flag::SessionChange, Flag::Admin])] },
+    Case { sql: "CREATE TABLE f (a int) ENGINE=FEDERATED CONNECTION='mysql://x/db/t'", dialect: MY,
+        want: &[(Kind::Ddl, &["shop.f"], &[Flag::RemoteAccess])] },
+    // Explain, cursors, prepared statements.
+    Case { sql: "explain select * from t", dialect: PG, want: &[(Kind::Explain, &["public.t"], &[])] },
+    Case { sql: "explain analyze delete from t", dialect: PG, want: &[(Kind::Delete, &["public.t"], &[])] },
+    Case { sql: "explain (analyze, buffers) delete from t", dialect: PG, want: &[(Kind::Delete, &["public.t"], &[])] },
+    Case { sql: "declare c cursor for select * from t", dialect: PG, want: &[(Kind::Select, &["public.t"], &[])] },
+    Case { sql: "fetch 10 from c; move next in c; close c", dialect: PG,
+        want: &[(Kind::Select, &[], &[]), (Kind::Select, &[], &[]), (Kind::Select, &[], &[])] },
+    Case { sql: "prepare p (int) as delete from t where id = $1", dialect: PG,
+        want: &[(Kind::Delete, &["public.t"], &[])] },
+    Case { sql: "PREPARE s FROM 'DELETE FROM t'", dialect: MY, want: &[(Kind::Delete, &["shop.t"], &[])] },
+    Case { sql: "deallocate p", dialect: PG, want: &[(Kind::Session, &[], &[])] },
+    Case { sql: "call do_things(1)", dialect: PG, want: &[(Kind::Call, &[], &[])] },
+    Case { sql: "do $$ begin perform 1; end $$", dialect: PG, want: &[(Kind::Call, &[], &[])] },
+    // Quoting traps.
+    Case { sql: "select 'it''s; fine' from \"weird;name\"", dialect: PG,
+        want: &[(Kind::Select, &["public.weird;name"], &[])] },
+    Case { sql: "select E'\\'; drop table t; --'", dialect: PG,
+        want: &[(Kind::Select, &[], &[])] },
+    Case { sql: "select * from \"a.b\".c", dialect: PG, want: &[(Kind::Select, &["\"a.b\".c"], &[])] },
+    Case { sql: "select * from pg_class", dialect: PG,
+        want: &[(Kind::Select, &["pg_catalog.pg_class", "public.pg_class"], &[])] },
+];
+
+#[test]
+fn table_of_tricky_statements() {
+    let mut failures = Vec::new();
+    for case in CASES {
+        let got = facts(case.sql, case.dialect);
+        let got_short: Vec<(Kind, Vec<String>, Vec<Flag>)> = got
+            .iter()
+            .map(|(f, _, _)| (f.kind, f.tables.clone(), f.flags.iter().collect()))
+            .collect();
+        let want: Vec<(Kind, Vec<String>, Vec<Flag>)> = case
+            .want
+            .iter()
+            .map(|(k, t, f)| (*k, t.iter().map(|s| (*s).to_owned()).collect(), f.to_vec()))
+            .collect();
+        if got_short != want {
+            failures.push(format!("{:?} [{:?}]\n   got  {got_short:?}\n   want {want:?}\n   {:?}", case.sql, case.dialect, got.iter().map(|g| &g.0).collect::<Vec<_>>()));
+        }
+    }
+    assert!(failures.is_empty(), "{} failing:\n{}", failures.len(), failures.join("\n"));
+}
+
+#[test]
+fn where_and_limit() {
+    let one = |sql: &str, d| facts(sql, d).remove(0);
+    assert_eq!(one("delete from t", PG).0.has_where, Some(false));
+    assert_eq!(one("update t set a = 1 where id = 2", PG).0.has_where, Some(true));
+    assert_eq!(one("with x as (delete from t) update u set a = 1 where b = 2", PG).0.has_where, Some(false));
+    assert_eq!(one("select 1", PG).0.has_where, None);
+    let (f, _, info) = one("select * from t limit 50", PG);
+    assert!(f.limit_literal);
+    assert_eq!(info.limit, Some(50));
+    let (f, _, _) = one("select * from t limit $1", PG);
+    assert!(!f.limit_literal);
+    let (f, _, info) = one("select * from t limit 10, 500", MY);
+    assert!(f.limit_literal);
+    assert_eq!(info.limit, Some(500));
+    let (f, _, _) = one("select * from t limit 5 + 5", PG);
+    assert!(!f.limit_literal);
+    let (f, _, _) = one("insert into t select * from u limit 5", PG);
+    assert!(!f.limit_literal);
+}
+
+#[test]
+fn effects() {
+    let eff = |sql: &str, d| facts(sql, d).remove(0).1;
+    assert_eq!(eff("use Shop2", MY), Effect::Use("shop2".into()));
+    assert_eq!(
+        eff("set search_path to app, \"$user\"", PG),
+        Effect::SearchPath(SearchPathChange::Set { schemas: vec!["app".into(), "$user".into()], local: false })
+    );
+    assert_eq!(eff("set local search_path = 'a, b'", PG), Effect::SearchPath(SearchPathChange::Set { schemas: vec!["a".into(), "b".into()], local: true }));
+    assert_eq!(eff("reset all", PG), Effect::SearchPath(SearchPathChange::Reset));
+    assert_eq!(eff("execute p(1)", PG), Effect::Execute("p".into()));
+    assert_eq!(eff("EXECUTE s USING @a", MY), Effect::Execute("s".into()));
+    assert!(matches!(eff("prepare p as select * from t limit 5", PG), Effect::Prepare { name, body: PreparedBody::Text(b) } if name == "p" && b.contains("limit 5")));
+    assert!(matches!(eff("PREPARE s FROM @sql", MY), Effect::Prepare { body: PreparedBody::Unknown, .. }));
+    assert_eq!(eff("deallocate all", PG), Effect::Deallocate(None));
+    assert_eq!(eff("DEALLOCATE PREPARE s", MY), Effect::Deallocate(Some("s".into())));
+    assert_eq!(eff("begin", PG), Effect::Begin);
+    assert_eq!(eff("rollback", PG), Effect::End);
+    assert_eq!(eff("rollback to savepoint a", PG), Effect::None);
+}
+
+#[test]
+fn unparsable_is_lexical_and_marked() {
+    let (f, _, _) = facts("selec * from t", PG).remove(0);
+    assert!(f.unparsed);
+    let (f, _, _) = facts("delete from orders where id = 'unterminated", PG).remove(0);
+    assert!(f.unparsed);
+    assert_eq!(f.kind, Kind::Delete);
+    assert_eq!(f.tables, ["public.orders"]);
+    let (f, _, _) = facts("with x as (delete from t) frobnicate", PG).remove(0);
+    assert!(f.unparsed);
+    assert_eq!(f.kind, Kind::Delete);
+}
+
+#[test]
+fn deep_nesting_is_bounded() {
+    // Runs on the test thread's 2 MiB stack, in a debug build.
+    for n in [10, 63, 64, 65, 200, 10_000] {
+        let sql = format!("select {}1{}", "(".repeat(n), ")".repeat(n));
+        let (f, _, _) = facts(&sql, PG).remove(0);
+        assert_eq!(f.kind, Kind::Select, "{n}");
+        assert_eq!(f.unparsed, n > 64, "{n}");
+    }
+    for sql in [
+        format!("select a{}", "[1]".repeat(20_000)),
+        format!("select {}1", "not ".repeat(20_000)),
+        format!("select {}1", "- ".repeat(20_000)),
+        format!("select 1{}", " + 1".repeat(20_000)),
+        format!("select {}1{}", "(select ".repeat(5000), ")".repeat(5000)),
+        format!("select {}1{}", "array[".repeat(5000), "]".repeat(5000)),
+    ] {
+        let _ = facts(&sql, PG);
+        let _ = facts(&sql, MY);
+    }
+}
+
+#[test]
+fn bulk_insert_is_cheap() {
+    let blob = "x".repeat(20 << 20);
+    let sql = format!("INSERT INTO blobs (id, data) VALUES (1, '{blob}'), (2, '{blob}')");
+    let started = std::time::Instant::now();
+    let got = facts(&sql, PG);
+    let took = started.elapsed();
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].0.kind, Kind::Insert);
+    assert_eq!(got[0].0.tables, ["public.blobs"]);
+    assert!(!got[0].0.unparsed);
+    // Generous even for a debug build: the point is no quadratic blow-up.
+    assert!(took < std::time::Duration::from_secs(10), "{took:?}");
+}
+
+#[test]
+fn fingerprints_normalise_literals_only() {
+    let fp = |sql: &str, d| {
+        let mut c = String::new();
+        normalize(sql, LexMode::default_for(d), false, &mut c, &mut Scratch::default());
+        Fingerprint::of(&c, d).to_string()
+    };
+    assert_eq!(fp("SELECT * FROM t WHERE a = 1", PG), fp("select *\nfrom t where a=2 -- x", PG));
+    assert_eq!(fp("select * from t where a in (1,2,3)", PG), fp("select * from t where a in (4)", PG));
+    assert_ne!(fp("select * from t", PG), fp("select * from u", PG));
+    assert_ne!(fp("select * from s.t", PG), fp("select * from t", PG));
+    assert_ne!(fp("select a, b from t", PG), fp("select b, a from t", PG));
+    assert_ne!(fp("set search_path = a", PG), fp("set search_path = b", PG));
+    assert_ne!(fp("execute p1", PG), fp("execute p2", PG));
+    assert_ne!(fp("select 1", PG), fp("select 1", MY));
+}
+
+fn any_sql() -> impl Strategy<Value = String> {
+    let atoms = prop::sample::select(vec![
+        "select", "from", "t", "'", "\"", "`", "$$", "$a$", "/*", "*/", "/*!", "--", "#", "\n", ";",
+        "(", ")", "[", "]", ",", ".", "1", "e'", "\\", "with", "as", "delete", "insert", "into",
+        "values", "set", "search_path", "=", "prepare", "execute", "limit", "union", "copy",
+        "program", " ", "é", "\0", "?", "$1", "@", "@@global.x", "not", "-",
+    ]);
+    prop_oneof![
+        prop::collection::vec(atoms, 0..40).prop_map(|v| v.join(" ")),
+        prop::collection::vec(prop::sample::select(vec!["(", ")", "'", "/*", "*/", "$$", ";", "x", " "]), 0..60)
+            .prop_map(|v| v.concat()),
+        ".{0,200}",
+    ]
+}
+
+proptest! {
+    #[test]
+    fn never_panics(sql in any_sql()) {
+        for d in [PG, MY] {
+            for (f, _, _) in facts(&sql, d) {
+                prop_assert!(f.tables.iter().all(|t| !t.is_empty()));
+            }
+        }
+    }
+
+    #[test]
+    fn splitting_covers_no_less_than_the_text(sql in any_sql()) {
+        for d in [PG, MY] {
+            for s in split(&sql, d) {
+                prop_assert!(s.start < s.end && s.end <= sql.len());
+                prop_assert!(sql.is_char_boundary(s.start) && sql.is_char_boundary(s.end));
+            }
+        }
+    }
+
+    #[test]
+    fn normalising_is_idempotent_on_parse(sql in any_sql()) {
+        for d in [PG, MY] {
+            let mut a = String::new();
+            let mut scratch = Scratch::default();
+            normalize(&sql, LexMode::default_for(d), false, &mut a, &mut scratch);
+            let _ = Fingerprint::of(&a, d);
+        }
+    }
+}
