@@ -488,3 +488,5 @@ pub fn sha256_file(path: &Path) -> String {
     let digest = sha2::Sha256::digest(fs::read(path).unwrap());
     digest.iter().map(|b| format!("{b:02x}")).collect()
 }
+
+pub mod mysql;

@@ -2,4 +2,5 @@
 //! [`crate::proxy::Guard`] about each statement and turns a refusal into the
 //! protocol's own error.
 
+pub mod mysql;
 pub mod postgres;

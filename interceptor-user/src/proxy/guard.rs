@@ -271,7 +271,9 @@ impl Guard {
             (
                 Decision::Deny,
                 None,
-                format!("the server asked for the client's file \"{file}\", but the statement did not ask to load a local file"),
+                format!(
+                    "the server asked for the client's file \"{file}\", but the statement did not ask to load a local file"
+                ),
             )
         };
         let what = format!("LOCAL INFILE {file}: {statement}");

@@ -1,0 +1,870 @@
+use std::{collections::HashSet, time::Duration};
+
+use bytes::{Buf as _, BytesMut};
+use tokio::{
+    io::{AsyncReadExt as _, AsyncWriteExt as _},
+    net::TcpStream,
+};
+
+use super::{
+    codec::{
+        self, ClientHello, CodecError, HEADER, MAX_PACKET, Message, caps, com, command_name,
+        decode_header, decode_message, err_packet, quote_ident,
+    },
+    reply::{Expect, Reply, Step},
+};
+use crate::proxy::{Counted, Guard, Outcome, Refusal, SessionError, Upstream};
+
+/// How long the server may take to greet, and the client to answer.
+const GREETING_TIMEOUT: Duration = Duration::from_secs(10);
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(60);
+/// Largest greeting, handshake response or authentication packet.
+const MAX_HANDSHAKE: usize = 64 * 1024;
+const READ_CHUNK: usize = 64 * 1024;
+
+/// ER_TABLEACCESS_DENIED_ERROR: how every denial looks to clients.
+const ER_DENIED: u16 = 1142;
+const DENIED_STATE: &str = "42000";
+const ER_HANDSHAKE_ERROR: u16 = 1043;
+const ER_NET_PACKET_TOO_LARGE: u16 = 1153;
+const ER_NET_PACKETS_OUT_OF_ORDER: u16 = 1156;
+const ER_NET_READ_ERROR: u16 = 1158;
+const NET_STATE: &str = "08S01";
+
+/// MariaDB's COM_STMT_EXECUTE id for "the statement prepared last".
+const LAST_PREPARED: u32 = u32::MAX;
+
+/// Serves one client: the handshake with capabilities adjusted,
+/// authentication relayed untouched, then every command decided.
+///
+/// # Errors
+/// I/O failures, the upstream connect, and protocol violations by either
+/// peer (the client then gets an ERR packet where that is still possible).
+pub async fn serve(
+    guard: &mut Guard,
+    client: &mut TcpStream,
+    upstream: &Upstream,
+    counts: &Counted,
+) -> Result<(), SessionError> {
+    let server = match upstream.connect().await {
+        Ok(s) => s,
+        Err(e) => {
+            let msg = format!("interceptor: {e}");
+            let _ = client
+                .write_all(&err_packet(0, ER_HANDSHAKE_ERROR, None, &msg))
+                .await;
+            return Err(e);
+        }
+    };
+    let max = guard.max_frame();
+    let mut session = Session {
+        guard,
+        client,
+        server,
+        counts,
+        cbuf: BytesMut::with_capacity(8192),
+        sbuf: BytesMut::with_capacity(READ_CHUNK),
+        max,
+        caps: 0,
+        statements: HashSet::new(),
+        last_prepared: None,
+    };
+    session.run().await
+}
+
+/// One client connection and its server connection.
+struct Session<'a> {
+    guard: &'a mut Guard,
+    client: &'a mut TcpStream,
+    server: TcpStream,
+    counts: &'a Counted,
+    /// Bytes from the client not yet forwarded or refused.
+    cbuf: BytesMut,
+    /// Bytes from the server not yet forwarded.
+    sbuf: BytesMut,
+    max: usize,
+    /// Capabilities both sides agreed on, after the agent's adjustment.
+    caps: u64,
+    /// Prepared statements the agent allowed, by the server's ids.
+    statements: HashSet<u32>,
+    /// The last COM_STMT_PREPARE's statement, if the agent allowed it and
+    /// the server accepted it (MariaDB executes id 0xFFFFFFFF as this).
+    last_prepared: Option<u32>,
+}
+
+/// How a reply ended.
+struct Finished {
+    ok: bool,
+    prepared: Option<u32>,
+}
+
+impl Session<'_> {
+    async fn run(&mut self) -> Result<(), SessionError> {
+        if !self.handshake().await? {
+            return Ok(());
+        }
+        while let Some(msg) = self.next_command().await? {
+            if !self.command(msg).await? {
+                break;
+            }
+        }
+        let _ = self.server.shutdown().await;
+        Ok(())
+    }
+
+    /// Greeting, handshake response and authentication. False when the
+    /// session ends there (the server refused the client, or either left).
+    async fn handshake(&mut self) -> Result<bool, SessionError> {
+        let greeting = loop {
+            match decode_message(&mut self.sbuf, 0, MAX_HANDSHAKE) {
+                Ok(Some(m)) => break m,
+                Ok(None) => {}
+                Err(e) => return Err(self.bad_greeting(&e.to_string()).await),
+            }
+            let read = tokio::time::timeout(GREETING_TIMEOUT, self.server.read_buf(&mut self.sbuf));
+            match read.await {
+                Ok(Ok(0)) => {
+                    return Err(self
+                        .bad_greeting("the server closed the connection before greeting")
+                        .await);
+                }
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => return Err(e.into()),
+                Err(_) => {
+                    return Err(self
+                        .bad_greeting("the server sent no greeting within 10s")
+                        .await);
+                }
+            }
+        };
+        self.count_server(greeting.bytes.len());
+        if greeting.first_byte() == Some(0xff) {
+            // "Too many connections", "Host is blocked": the server's word.
+            self.client.write_all(&greeting.bytes).await?;
+            return Ok(false);
+        }
+        let mut bytes = BytesMut::from(&greeting.bytes[..]);
+        let server_info = match codec::adjust_greeting(bytes.get_mut(HEADER..).unwrap_or_default())
+        {
+            Ok(g) => g,
+            Err(e) => return Err(self.bad_greeting(&e.to_string()).await),
+        };
+        self.client.write_all(&bytes).await?;
+
+        let response = loop {
+            match decode_message(&mut self.cbuf, 1, MAX_HANDSHAKE) {
+                Ok(Some(m)) => break m,
+                Ok(None) => {}
+                Err(e) => return Err(self.client_violation(2, &e).await),
+            }
+            let read =
+                tokio::time::timeout(HANDSHAKE_TIMEOUT, self.client.read_buf(&mut self.cbuf));
+            match read.await {
+                Ok(Ok(0)) => {
+                    if self.cbuf.is_empty() {
+                        return Ok(false);
+                    }
+                    return Err(mid_packet(&self.cbuf));
+                }
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => return Err(e.into()),
+                Err(_) => {
+                    return Err(SessionError::ClientProtocol(
+                        "no handshake response within 60s".into(),
+                    ));
+                }
+            }
+        };
+        self.count_client(response.bytes.len());
+        let reply_seq = response.last_seq.wrapping_add(1);
+        let mut bytes = BytesMut::from(&response.bytes[..]);
+        let hello = if response.first_seq == response.last_seq {
+            codec::adjust_handshake_response(bytes.get_mut(HEADER..).unwrap_or_default())
+        } else {
+            Err(CodecError::Malformed("handshake response"))
+        };
+        let response = match hello {
+            Ok(ClientHello::Response(r)) => r,
+            Ok(ClientHello::SslRequest) => {
+                let msg = "interceptor: TLS between the client and the agent is not supported yet; \
+                           connect without requiring TLS (the hop to the agent stays on this host)";
+                let _ = self
+                    .client
+                    .write_all(&err_packet(
+                        reply_seq,
+                        ER_HANDSHAKE_ERROR,
+                        Some(NET_STATE),
+                        msg,
+                    ))
+                    .await;
+                return Err(SessionError::ClientProtocol(
+                    "client asked for TLS, which the agent does not offer".into(),
+                ));
+            }
+            Err(e) => return Err(self.client_violation(reply_seq, &e).await),
+        };
+        self.caps = response.capabilities & server_info.capabilities;
+        self.guard
+            .set_session(&response.user, response.database.as_deref().unwrap_or(""));
+        self.guard.record_session(response.program_name.as_deref());
+        self.server.write_all(&bytes).await?;
+        let done = self.reply(Expect::Auth, reply_seq, None).await?;
+        Ok(done.ok)
+    }
+
+    /// Tells the client the server is no MySQL server, before its greeting.
+    async fn bad_greeting(&mut self, why: &str) -> SessionError {
+        let msg = format!(
+            "interceptor: the server at {} did not greet as a MySQL server: {why}",
+            self.guard.info.dst
+        );
+        let _ = self
+            .client
+            .write_all(&err_packet(0, ER_HANDSHAKE_ERROR, None, &msg))
+            .await;
+        SessionError::ServerProtocol(why.to_owned())
+    }
+
+    /// Tells the client what it did wrong, then ends the session.
+    async fn client_violation(&mut self, seq: u8, e: &CodecError) -> SessionError {
+        let code = match e {
+            CodecError::OutOfOrder { .. } => ER_NET_PACKETS_OUT_OF_ORDER,
+            CodecError::FrameTooLarge { .. } => ER_NET_PACKET_TOO_LARGE,
+            _ => ER_NET_READ_ERROR,
+        };
+        let msg = format!("interceptor: invalid packet from client: {e}");
+        let _ = self
+            .client
+            .write_all(&err_packet(seq, code, Some(NET_STATE), &msg))
+            .await;
+        SessionError::ClientProtocol(e.to_string())
+    }
+
+    /// Tells the client the server broke the protocol, then ends the session.
+    async fn server_violation(&mut self, seq: u8, e: &CodecError) -> SessionError {
+        let msg = format!("interceptor: invalid reply from server: {e}");
+        let _ = self
+            .client
+            .write_all(&err_packet(seq, ER_NET_READ_ERROR, Some(NET_STATE), &msg))
+            .await;
+        SessionError::ServerProtocol(e.to_string())
+    }
+
+    fn count_client(&self, n: usize) {
+        let c = &self.counts.from_client;
+        c.set(c.get() + n as u64);
+    }
+
+    fn count_server(&self, n: usize) {
+        let c = &self.counts.from_server;
+        c.set(c.get() + n as u64);
+    }
+
+    /// The client's next whole command; `None` when either side is done.
+    /// While waiting, whatever the server sends unasked is passed on (an
+    /// ERR before it closes the connection) or is a violation.
+    async fn next_command(&mut self) -> Result<Option<Message>, SessionError> {
+        loop {
+            match decode_message(&mut self.cbuf, 0, self.max) {
+                Ok(Some(m)) => return Ok(Some(m)),
+                Ok(None) => {}
+                Err(e) => {
+                    let seq = decode_header(&self.cbuf).map_or(1, |h| h.seq.wrapping_add(1));
+                    return Err(self.client_violation(seq, &e).await);
+                }
+            }
+            if self.cbuf.capacity() - self.cbuf.len() < 1024 {
+                self.cbuf.reserve(8192);
+            }
+            tokio::select! {
+                n = self.client.read_buf(&mut self.cbuf) => {
+                    if n? == 0 {
+                        if self.cbuf.is_empty() {
+                            return Ok(None);
+                        }
+                        return Err(mid_packet(&self.cbuf));
+                    }
+                }
+                n = self.server.read_buf(&mut self.sbuf) => {
+                    if n? == 0 {
+                        let _ = self.client.shutdown().await;
+                        return Ok(None);
+                    }
+                    self.unsolicited().await?;
+                }
+            }
+        }
+    }
+
+    /// Server packets between replies: only an ERR (a server says why it
+    /// closes the connection) is passed on.
+    async fn unsolicited(&mut self) -> Result<(), SessionError> {
+        while let Some(h) = decode_header(&self.sbuf) {
+            if self.sbuf.get(HEADER) != Some(&0xff) {
+                let e =
+                    CodecError::Malformed("packet from the server while no command was running");
+                return Err(self.server_violation(0, &e).await);
+            }
+            if self.sbuf.len() < HEADER + h.len {
+                self.sbuf.reserve(HEADER + h.len - self.sbuf.len());
+                return Ok(());
+            }
+            let p = self.sbuf.split_to(HEADER + h.len);
+            self.count_server(p.len());
+            self.client.write_all(&p).await?;
+        }
+        Ok(())
+    }
+
+    /// Sends a whole client message on to the server.
+    async fn forward(&mut self, msg: &Message) -> Result<(), SessionError> {
+        self.count_client(msg.bytes.len());
+        self.server.write_all(&msg.bytes).await?;
+        Ok(())
+    }
+
+    /// Answers a refused command in the server's place.
+    async fn refuse(&mut self, msg: &Message, r: &Refusal) -> Result<(), SessionError> {
+        self.count_client(msg.bytes.len());
+        let seq = msg.last_seq.wrapping_add(1);
+        let err = err_packet(seq, ER_DENIED, Some(DENIED_STATE), &r.message);
+        self.client.write_all(&err).await?;
+        Ok(())
+    }
+
+    /// Decides `sql` for `msg`; forwards it and relays the reply when
+    /// allowed. `None` when refused.
+    async fn decided(
+        &mut self,
+        msg: &Message,
+        sql: &str,
+        expect: Expect,
+    ) -> Result<Option<Finished>, SessionError> {
+        match self.guard.check(sql) {
+            Outcome::Forward => {
+                self.forward(msg).await?;
+                let seq = msg.last_seq.wrapping_add(1);
+                Ok(Some(self.reply(expect, seq, Some(sql)).await?))
+            }
+            Outcome::Refuse(r) => {
+                self.refuse(msg, &r).await?;
+                Ok(None)
+            }
+        }
+    }
+
+    /// Forwards a command the policy has nothing to say about and relays
+    /// its reply (`Expect` `None`: the command has none).
+    async fn passed(
+        &mut self,
+        msg: &Message,
+        expect: Option<Expect>,
+    ) -> Result<Option<Finished>, SessionError> {
+        self.forward(msg).await?;
+        match expect {
+            Some(e) => {
+                let seq = msg.last_seq.wrapping_add(1);
+                Ok(Some(self.reply(e, seq, None).await?))
+            }
+            None => Ok(None),
+        }
+    }
+
+    /// Refuses a message that is no statement (an unsupported command, a
+    /// statement id the agent never allowed).
+    async fn refuse_other(
+        &mut self,
+        msg: &Message,
+        what: &str,
+        reason: &str,
+    ) -> Result<(), SessionError> {
+        let r = self.guard.refuse(what, reason);
+        self.refuse(msg, &r).await
+    }
+
+    /// The statement a prepared-statement command names, if the agent
+    /// allowed it.
+    fn allowed_statement(&self, payload: &[u8]) -> Result<Option<u32>, SessionError> {
+        let id = codec::statement_id(payload)
+            .ok_or_else(|| SessionError::ClientProtocol("statement command too short".into()))?;
+        let id = if id == LAST_PREPARED {
+            match self.last_prepared {
+                Some(id) => id,
+                None => return Ok(None),
+            }
+        } else {
+            id
+        };
+        Ok(self.statements.contains(&id).then_some(id))
+    }
+
+    fn forget_statements(&mut self) {
+        self.statements.clear();
+        self.last_prepared = None;
+    }
+
+    /// Handles one command. False when the session ends (COM_QUIT).
+    #[allow(clippy::too_many_lines)]
+    async fn command(&mut self, msg: Message) -> Result<bool, SessionError> {
+        let payload = msg.payload();
+        let Some((&cmd, body)) = payload.split_first() else {
+            let e = CodecError::Malformed("empty command packet");
+            return Err(self
+                .client_violation(msg.last_seq.wrapping_add(1), &e)
+                .await);
+        };
+        match cmd {
+            com::QUIT => {
+                self.forward(&msg).await?;
+                return Ok(false);
+            }
+            com::QUERY => {
+                let sql = String::from_utf8_lossy(body);
+                let new_db = use_database(&sql);
+                let done = self.decided(&msg, &sql, Expect::Results).await?;
+                if let (Some(Finished { ok: true, .. }), Some(db)) = (done, new_db) {
+                    self.guard.set_database(&db);
+                }
+            }
+            com::STMT_PREPARE => {
+                let sql = String::from_utf8_lossy(body);
+                self.last_prepared = None;
+                if let Some(Finished {
+                    ok: true,
+                    prepared: Some(id),
+                }) = self.decided(&msg, &sql, Expect::Prepare).await?
+                {
+                    self.statements.insert(id);
+                    self.last_prepared = Some(id);
+                }
+            }
+            com::STMT_EXECUTE | com::STMT_FETCH | com::STMT_RESET => {
+                if self.allowed_statement(&payload)?.is_some() {
+                    let expect = match cmd {
+                        com::STMT_EXECUTE => Expect::Results,
+                        com::STMT_FETCH => Expect::Rows,
+                        _ => Expect::OnePacket,
+                    };
+                    self.passed(&msg, Some(expect)).await?;
+                } else {
+                    let id = codec::statement_id(&payload).unwrap_or_default();
+                    let what = format!("{} of statement {id}", command_name(cmd));
+                    self.refuse_other(&msg, &what, &unknown_statement(id))
+                        .await?;
+                }
+            }
+            com::STMT_SEND_LONG_DATA => {
+                // No reply either way: data for a statement the agent never
+                // allowed goes nowhere, and its execute is refused.
+                if self.allowed_statement(&payload)?.is_some() {
+                    self.passed(&msg, None).await?;
+                } else {
+                    let id = codec::statement_id(&payload).unwrap_or_default();
+                    let what = format!("COM_STMT_SEND_LONG_DATA of statement {id}");
+                    let _ = self.guard.refuse(&what, &unknown_statement(id));
+                    self.count_client(msg.bytes.len());
+                }
+            }
+            com::STMT_CLOSE => {
+                if let Some(id) = self.allowed_statement(&payload)? {
+                    self.statements.remove(&id);
+                    if self.last_prepared == Some(id) {
+                        self.last_prepared = None;
+                    }
+                    self.passed(&msg, None).await?;
+                } else {
+                    self.count_client(msg.bytes.len());
+                }
+            }
+            com::INIT_DB => {
+                let db = String::from_utf8_lossy(body).into_owned();
+                let before = self.guard.database.clone();
+                let sql = format!("USE {}", quote_ident(&db));
+                match self.decided(&msg, &sql, Expect::OnePacket).await? {
+                    Some(Finished { ok: true, .. }) => self.guard.set_database(&db),
+                    Some(_) => self.guard.set_database(&before),
+                    None => {}
+                }
+            }
+            com::FIELD_LIST => {
+                let table = codec::cstr(body).map_or(body, |(t, _)| t);
+                let sql = format!(
+                    "SHOW COLUMNS FROM {}",
+                    quote_ident(&String::from_utf8_lossy(table))
+                );
+                self.decided(&msg, &sql, Expect::Rows).await?;
+            }
+            com::CREATE_DB | com::DROP_DB => {
+                let verb = if cmd == com::CREATE_DB {
+                    "CREATE"
+                } else {
+                    "DROP"
+                };
+                let sql = format!(
+                    "{verb} DATABASE {}",
+                    quote_ident(&String::from_utf8_lossy(body))
+                );
+                self.decided(&msg, &sql, Expect::OnePacket).await?;
+            }
+            com::REFRESH => {
+                let sql = refresh_sql(body.first().copied().unwrap_or(0));
+                self.decided(&msg, &sql, Expect::OnePacket).await?;
+            }
+            com::SHUTDOWN => {
+                self.decided(&msg, "SHUTDOWN", Expect::OnePacket).await?;
+            }
+            com::PROCESS_INFO => {
+                self.decided(&msg, "SHOW PROCESSLIST", Expect::Results)
+                    .await?;
+            }
+            com::PROCESS_KILL => {
+                let Some(id) = body.get(..4) else {
+                    let e = CodecError::Malformed("COM_PROCESS_KILL");
+                    return Err(self
+                        .client_violation(msg.last_seq.wrapping_add(1), &e)
+                        .await);
+                };
+                let id = u32::from_le_bytes([id[0], id[1], id[2], id[3]]);
+                self.decided(&msg, &format!("KILL {id}"), Expect::OnePacket)
+                    .await?;
+            }
+            com::PING | com::STATISTICS | com::SET_OPTION => {
+                self.passed(&msg, Some(Expect::OnePacket)).await?;
+            }
+            com::CHANGE_USER => {
+                let change = match codec::change_user(&payload, self.caps) {
+                    Ok(c) => c,
+                    Err(e) => {
+                        return Err(self
+                            .client_violation(msg.last_seq.wrapping_add(1), &e)
+                            .await);
+                    }
+                };
+                if let Some(Finished { ok: true, .. }) =
+                    self.passed(&msg, Some(Expect::Auth)).await?
+                {
+                    self.forget_statements();
+                    self.guard
+                        .reset_session(&change.user, change.database.as_deref().unwrap_or(""));
+                    self.guard.record_session(None);
+                }
+            }
+            com::RESET_CONNECTION => {
+                if let Some(Finished { ok: true, .. }) =
+                    self.passed(&msg, Some(Expect::OnePacket)).await?
+                {
+                    self.forget_statements();
+                    let (user, db) = (self.guard.db_user.clone(), self.guard.database.clone());
+                    self.guard.reset_session(&user, &db);
+                }
+            }
+            other => {
+                let name = command_name(other);
+                let reason = format!("{name} is not supported through the agent");
+                self.refuse_other(&msg, &name, &reason).await?;
+            }
+        }
+        Ok(true)
+    }
+
+    /// Relays the server's reply to a command (or the authentication
+    /// exchange) to the client, following its grammar to find its end.
+    /// `statement` is the SQL it answers, for LOCAL INFILE requests.
+    async fn reply(
+        &mut self,
+        expect: Expect,
+        seq: u8,
+        statement: Option<&str>,
+    ) -> Result<Finished, SessionError> {
+        let mut reply = Reply::new(expect, seq, self.caps & caps::DEPRECATE_EOF != 0);
+        // Bytes of a streamed packet still to come.
+        let mut skip = 0usize;
+        // A refused LOCAL INFILE: the rest of the reply is dropped and the
+        // client gets this ERR in its place.
+        let mut refused = None;
+        loop {
+            let mut pos = 0usize;
+            let mut ended = None;
+            let mut event = None;
+            while pos < self.sbuf.len() {
+                if skip > 0 {
+                    let n = skip.min(self.sbuf.len() - pos);
+                    pos += n;
+                    skip -= n;
+                    continue;
+                }
+                let Some(h) = decode_header(&self.sbuf[pos..]) else {
+                    break;
+                };
+                let start = pos + HEADER;
+                let end = (start + h.len).min(self.sbuf.len());
+                let step = match reply.feed(h, &self.sbuf[start..end]) {
+                    Ok(s) => s,
+                    Err(e) => {
+                        let seq = reply.next_seq();
+                        return Err(self.server_violation(seq, &e).await);
+                    }
+                };
+                match step {
+                    Step::NeedMore => {
+                        self.sbuf.reserve(start + h.len - self.sbuf.len());
+                        break;
+                    }
+                    Step::More => {
+                        skip = start + h.len - end;
+                        pos = end;
+                    }
+                    Step::Done { ok } => {
+                        pos = start + h.len;
+                        ended = Some(ok);
+                        break;
+                    }
+                    Step::LocalInfile => {
+                        event = Some((step, pos, h.seq));
+                        pos = start + h.len;
+                        break;
+                    }
+                    Step::ClientTurn => {
+                        pos = start + h.len;
+                        event = Some((step, pos, h.seq));
+                        break;
+                    }
+                }
+            }
+            // Forward what was read, except a LOCAL INFILE request, which
+            // is decided first.
+            let forward_to = match event {
+                Some((Step::LocalInfile, at, _)) => at,
+                _ => pos,
+            };
+            if refused.is_none() && forward_to > 0 {
+                self.client.write_all(&self.sbuf[..forward_to]).await?;
+            }
+            self.count_server(pos);
+            let request = self.sbuf.get(forward_to + HEADER..pos).map(<[u8]>::to_vec);
+            self.sbuf.advance(pos);
+            match event {
+                Some((Step::LocalInfile, _, req_seq)) => {
+                    let request = request.unwrap_or_default();
+                    let file = String::from_utf8_lossy(request.get(1..).unwrap_or_default());
+                    let statement = statement.unwrap_or_default();
+                    match self.guard.check_local_infile(statement, &file) {
+                        Outcome::Forward if refused.is_none() => {
+                            self.client
+                                .write_all(&codec::packet(req_seq, &request))
+                                .await?;
+                            self.send_local_file(&mut reply).await?;
+                        }
+                        outcome => {
+                            // The server gets an empty file; the client
+                            // never sees the request, only the denial.
+                            let next = reply.next_seq();
+                            let _ = reply.client_packet(next);
+                            self.server.write_all(&codec::packet(next, &[])).await?;
+                            if refused.is_none() {
+                                let message = match outcome {
+                                    Outcome::Refuse(r) => r.message,
+                                    Outcome::Forward => String::new(),
+                                };
+                                refused = Some(err_packet(
+                                    req_seq,
+                                    ER_DENIED,
+                                    Some(DENIED_STATE),
+                                    &message,
+                                ));
+                            }
+                        }
+                    }
+                    reply.resume();
+                    continue;
+                }
+                Some((Step::ClientTurn, _, _)) => {
+                    self.client_turn(&mut reply).await?;
+                    continue;
+                }
+                _ => {}
+            }
+            if let Some(ok) = ended {
+                if !self.sbuf.is_empty() {
+                    let e = CodecError::Malformed("data after the end of a reply");
+                    return Err(self.server_violation(reply.next_seq(), &e).await);
+                }
+                if let Some(err) = refused {
+                    self.client.write_all(&err).await?;
+                    return Ok(Finished {
+                        ok: false,
+                        prepared: None,
+                    });
+                }
+                return Ok(Finished {
+                    ok,
+                    prepared: reply.prepared().map(|p| p.statement_id),
+                });
+            }
+            if self.sbuf.capacity() - self.sbuf.len() < 4096 {
+                self.sbuf.reserve(READ_CHUNK);
+            }
+            if self.server.read_buf(&mut self.sbuf).await? == 0 {
+                return Err(SessionError::ServerProtocol(
+                    "the server closed the connection in the middle of a reply".into(),
+                ));
+            }
+        }
+    }
+
+    /// One client packet within an authentication exchange.
+    async fn client_turn(&mut self, reply: &mut Reply) -> Result<(), SessionError> {
+        let msg = loop {
+            match decode_message(&mut self.cbuf, reply.next_seq(), MAX_HANDSHAKE) {
+                Ok(Some(m)) => break m,
+                Ok(None) => {}
+                Err(e) => return Err(self.client_violation(reply.next_seq(), &e).await),
+            }
+            if self.client.read_buf(&mut self.cbuf).await? == 0 {
+                return Err(if self.cbuf.is_empty() {
+                    SessionError::ClientProtocol("connection closed during authentication".into())
+                } else {
+                    mid_packet(&self.cbuf)
+                });
+            }
+        };
+        let mut seq = msg.first_seq;
+        loop {
+            if let Err(e) = reply.client_packet(seq) {
+                return Err(self.client_violation(seq.wrapping_add(1), &e).await);
+            }
+            if seq == msg.last_seq {
+                break;
+            }
+            seq = seq.wrapping_add(1);
+        }
+        self.forward(&msg).await
+    }
+
+    /// Streams the client's LOCAL INFILE data to the server: packets up to
+    /// an empty one, each checked for its sequence id, none buffered whole.
+    async fn send_local_file(&mut self, reply: &mut Reply) -> Result<(), SessionError> {
+        let mut continuing = false;
+        loop {
+            while self.cbuf.len() < HEADER {
+                self.read_client_within("sending a local file").await?;
+            }
+            let Some(h) = decode_header(&self.cbuf) else {
+                continue;
+            };
+            if let Err(e) = reply.client_packet(h.seq) {
+                return Err(self.client_violation(h.seq.wrapping_add(1), &e).await);
+            }
+            let mut left = HEADER + h.len;
+            while left > 0 {
+                if self.cbuf.is_empty() {
+                    self.read_client_within("sending a local file").await?;
+                }
+                let n = left.min(self.cbuf.len());
+                self.server.write_all(&self.cbuf[..n]).await?;
+                self.cbuf.advance(n);
+                self.count_client(n);
+                left -= n;
+            }
+            if h.len == 0 && !continuing {
+                return Ok(());
+            }
+            continuing = h.len == MAX_PACKET;
+        }
+    }
+
+    async fn read_client_within(&mut self, doing: &str) -> Result<(), SessionError> {
+        if self.cbuf.capacity() - self.cbuf.len() < 4096 {
+            self.cbuf.reserve(READ_CHUNK);
+        }
+        if self.client.read_buf(&mut self.cbuf).await? == 0 {
+            return Err(SessionError::ClientProtocol(format!(
+                "connection closed while {doing}"
+            )));
+        }
+        Ok(())
+    }
+}
+
+fn mid_packet(pending: &[u8]) -> SessionError {
+    SessionError::ClientProtocol(format!(
+        "connection closed in the middle of a packet ({} bytes pending)",
+        pending.len()
+    ))
+}
+
+fn unknown_statement(id: u32) -> String {
+    format!(
+        "prepared statement {id} was not allowed by this agent (never prepared through it, refused, or closed)"
+    )
+}
+
+/// The database a lone `USE name` statement switches to.
+fn use_database(sql: &str) -> Option<String> {
+    let s = sql.trim().trim_end_matches(';').trim_end();
+    if !s.get(..3)?.eq_ignore_ascii_case("use") {
+        return None;
+    }
+    let rest = s.get(3..)?;
+    if !rest.starts_with(|c: char| c.is_ascii_whitespace() || c == '`') {
+        return None;
+    }
+    let name = rest.trim_start();
+    if let Some(quoted) = name.strip_prefix('`') {
+        let inner = quoted.strip_suffix('`')?;
+        let unescaped = inner.replace("``", "`");
+        // A lone backtick inside means it was not one identifier.
+        return (!unescaped.is_empty() && !inner.replace("``", "").contains('`'))
+            .then_some(unescaped);
+    }
+    let plain = !name.is_empty()
+        && name
+            .chars()
+            .all(|c| c.is_alphanumeric() || c == '_' || c == '$');
+    plain.then(|| name.to_owned())
+}
+
+/// The SQL equivalent of COM_REFRESH's flags, for the policy.
+fn refresh_sql(flags: u8) -> String {
+    const WHAT: [(u8, &str); 7] = [
+        (0x01, "PRIVILEGES"),
+        (0x02, "LOGS"),
+        (0x04, "TABLES"),
+        (0x08, "HOSTS"),
+        (0x10, "STATUS"),
+        (0x40, "SLAVE"),
+        (0x80, "MASTER"),
+    ];
+    let names: Vec<&str> = WHAT
+        .iter()
+        .filter(|(bit, _)| flags & bit != 0)
+        .map(|(_, n)| *n)
+        .collect();
+    if names.is_empty() {
+        "FLUSH TABLES".to_owned()
+    } else {
+        format!("FLUSH {}", names.join(", "))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn use_statements() {
+        assert_eq!(use_database("USE shop").as_deref(), Some("shop"));
+        assert_eq!(use_database(" use `my db`; ").as_deref(), Some("my db"));
+        assert_eq!(use_database("use `a``b`").as_deref(), Some("a`b"));
+        assert_eq!(use_database("USE shop; DROP TABLE x"), None);
+        assert_eq!(use_database("user_defined()"), None);
+        assert_eq!(use_database("USE"), None);
+        assert_eq!(use_database("use `a` `b`"), None);
+    }
+
+    #[test]
+    fn refresh_flags() {
+        assert_eq!(refresh_sql(0x05), "FLUSH PRIVILEGES, TABLES");
+        assert_eq!(refresh_sql(0), "FLUSH TABLES");
+    }
+}

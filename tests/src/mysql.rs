@@ -1,0 +1,279 @@
+//! MySQL-side harness: a MariaDB server of the test's own on a loopback
+//! port, with real users and passwords (so authentication is exercised,
+//! including an AuthSwitchRequest), and helpers for the agent in front of
+//! it.
+
+use std::{
+    fs,
+    path::PathBuf,
+    process::{Child, Command, Stdio},
+    thread::sleep,
+    time::{Duration, Instant},
+};
+
+use crate::{Agent, TestCgroup, agent_bin, free_port, require_root, run_ok, unique};
+
+/// A user with `mysql_native_password` and every privilege.
+pub const APP_USER: &str = "app";
+pub const APP_PASSWORD: &str = "app-Secret-1";
+/// A user with `ed25519`: the server asks the client to switch plugins.
+pub const ED_USER: &str = "ed";
+pub const ED_PASSWORD: &str = "ed-Secret-2";
+
+/// A MariaDB server on 127.0.0.1, its data in a throwaway directory.
+pub struct MariaDb {
+    pub port: u16,
+    pub dir: PathBuf,
+    pub socket: PathBuf,
+    child: Child,
+}
+
+fn mysql_ids() -> (u32, u32) {
+    let u = nix::unistd::User::from_name("mysql")
+        .unwrap()
+        .expect("no user mysql: run `cargo xtask setup` (installs mariadb-server)");
+    (u.uid.as_raw(), u.gid.as_raw())
+}
+
+impl MariaDb {
+    #[must_use]
+    pub fn start() -> Self {
+        require_root();
+        let (uid, gid) = mysql_ids();
+        let dir = std::env::temp_dir().join(unique("interceptor-mariadb"));
+        fs::create_dir_all(&dir).unwrap();
+        nix::unistd::chown(&dir, Some(uid.into()), Some(gid.into())).unwrap();
+        let data = dir.join("data");
+        run_ok(
+            Command::new("mariadb-install-db")
+                .arg("--no-defaults")
+                .arg("--auth-root-authentication-method=normal")
+                .arg(format!("--datadir={}", data.display()))
+                .args(["--user=mysql", "--skip-test-db", "--skip-name-resolve"])
+                .current_dir(&dir),
+        );
+        let port = free_port();
+        let socket = dir.join("mysqld.sock");
+        let child = Command::new("mariadbd")
+            .arg("--no-defaults")
+            .arg(format!("--datadir={}", data.display()))
+            .arg(format!("--socket={}", socket.display()))
+            .arg(format!("--pid-file={}", dir.join("mysqld.pid").display()))
+            .arg(format!("--log-error={}", dir.join("error.log").display()))
+            .arg(format!("--port={port}"))
+            .args([
+                "--bind-address=127.0.0.1",
+                "--user=mysql",
+                "--skip-name-resolve",
+                "--skip-log-bin",
+                "--max-allowed-packet=64M",
+                "--max-connections=300",
+                "--innodb-buffer-pool-size=64M",
+                "--innodb-flush-log-at-trx-commit=0",
+                "--local-infile=1",
+                "--plugin-load-add=auth_ed25519",
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let server = Self {
+            port,
+            dir,
+            socket,
+            child,
+        };
+        let start = Instant::now();
+        loop {
+            let ok = Command::new("mariadb-admin")
+                .arg("--no-defaults")
+                .arg(format!("--socket={}", server.socket.display()))
+                .args(["-uroot", "ping"])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success());
+            if ok {
+                break;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(60),
+                "mariadbd did not start:\n{}",
+                fs::read_to_string(server.dir.join("error.log")).unwrap_or_default()
+            );
+            sleep(Duration::from_millis(100));
+        }
+        server.sql(&format!(
+            "CREATE DATABASE shop; CREATE DATABASE sbtest;
+             CREATE USER '{APP_USER}'@'%' IDENTIFIED BY '{APP_PASSWORD}';
+             GRANT ALL ON *.* TO '{APP_USER}'@'%';
+             CREATE USER '{ED_USER}'@'%' IDENTIFIED VIA ed25519 USING PASSWORD('{ED_PASSWORD}');
+             GRANT ALL ON shop.* TO '{ED_USER}'@'%';
+             CREATE TABLE shop.items (id INT PRIMARY KEY, name VARCHAR(64));
+             INSERT INTO shop.items VALUES (1, 'apple'), (2, 'pear'), (3, 'fig');
+             CREATE TABLE shop.secrets (id INT PRIMARY KEY, secret VARCHAR(64));
+             INSERT INTO shop.secrets VALUES (1, 'hunter2');
+             CREATE TABLE shop.blobs (id INT PRIMARY KEY, body LONGBLOB);
+             CREATE TABLE shop.log (id INT AUTO_INCREMENT PRIMARY KEY, note VARCHAR(64));"
+        ));
+        server
+    }
+
+    /// Runs SQL as root over the socket (never redirected); tab-separated
+    /// output without column names.
+    pub fn sql(&self, sql: &str) -> String {
+        run_ok(
+            Command::new("mariadb")
+                .arg("--no-defaults")
+                .arg(format!("--socket={}", self.socket.display()))
+                .args(["-uroot", "-N", "-B", "-e", sql]),
+        )
+    }
+
+    /// `mariadb` client arguments reaching this server over TCP as `user`.
+    #[must_use]
+    pub fn client_args(&self, user: &str, password: &str, database: &str) -> Vec<String> {
+        let mut args = vec![
+            "--no-defaults".to_owned(),
+            "--protocol=tcp".to_owned(),
+            "-h127.0.0.1".to_owned(),
+            format!("-P{}", self.port),
+            format!("-u{user}"),
+            format!("-p{password}"),
+        ];
+        if !database.is_empty() {
+            args.push(database.to_owned());
+        }
+        args
+    }
+
+    /// The server's error log so far.
+    #[must_use]
+    pub fn log(&self) -> String {
+        fs::read_to_string(self.dir.join("error.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for MariaDb {
+    fn drop(&mut self) {
+        let pid = nix::unistd::Pid::from_raw(i32::try_from(self.child.id()).unwrap());
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+        let start = Instant::now();
+        while self.child.try_wait().ok().flatten().is_none() {
+            if start.elapsed() > Duration::from_secs(20) {
+                let _ = self.child.kill();
+                let _ = self.child.wait();
+                break;
+            }
+            sleep(Duration::from_millis(50));
+        }
+        let _ = fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A policy with a MySQL target `maria` on `port` and the rest as `extra`.
+#[must_use]
+pub fn mysql_policy(port: u16, extra: &str) -> String {
+    format!(
+        "version: 1\ntargets:\n  - name: maria\n    protocol: mysql\n    address: 127.0.0.1:{port}\n{extra}"
+    )
+}
+
+/// Like [`Agent::start`] (outside the cgroup), with extra `run` arguments.
+#[must_use]
+pub fn start_agent_with(policy: &str, cgroup: &TestCgroup, extra: &[&str]) -> Agent {
+    require_root();
+    let dir = tempfile::tempdir().unwrap();
+    let policy_path = dir.path().join("policy.yaml");
+    fs::write(&policy_path, policy).unwrap();
+    let control_socket = dir.path().join("control.sock");
+    let audit_log = dir.path().join("audit.jsonl");
+    let listen_port = free_port();
+    let child = Command::new(agent_bin())
+        .arg("run")
+        .arg("--cgroup")
+        .arg(&cgroup.path)
+        .arg("--listen")
+        .arg(format!("127.0.0.1:{listen_port}"))
+        .arg("--policy")
+        .arg(&policy_path)
+        .arg("--audit-log")
+        .arg(&audit_log)
+        .arg("--control-socket")
+        .arg(&control_socket)
+        .args(["--drain-timeout", "1", "--workers", "2"])
+        .args(extra)
+        .stdout(Stdio::null())
+        .stderr(fs::File::create(dir.path().join("agent.log")).unwrap())
+        .spawn()
+        .unwrap();
+    let mut agent = Agent {
+        child: Some(child),
+        dir,
+        listen_port,
+        control_socket,
+        audit_log,
+        policy: policy_path,
+    };
+    let start = Instant::now();
+    while !agent.status().status.success() {
+        if let Some(st) = agent.child.as_mut().unwrap().try_wait().unwrap() {
+            panic!("agent exited early ({st}):\n{}", agent.log());
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "agent not ready:\n{}",
+            agent.log()
+        );
+        sleep(Duration::from_millis(50));
+    }
+    agent
+}
+
+/// Runs `mariadb` inside `cg` with `args`, feeding `-e sql`; returns the
+/// whole output (the client's exit status is left to the caller).
+#[must_use]
+pub fn mariadb_in(cg: &TestCgroup, args: &[String], sql: &str) -> std::process::Output {
+    let mut cmd = cg.command("mariadb");
+    cmd.args(args).args(["-N", "-B", "-e", sql]);
+    crate::run_any(&mut cmd)
+}
+
+/// Runs a `mariadb` session inside `cg`, reading `script` from stdin
+/// (`--force` carries on after errors, as a person at the prompt would).
+#[must_use]
+pub fn mariadb_script_in(cg: &TestCgroup, args: &[String], script: &str) -> std::process::Output {
+    use std::io::Write as _;
+    let mut cmd = cg.command("mariadb");
+    cmd.args(args)
+        .args(["-N", "-B", "--force"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = cmd.spawn().unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(script.as_bytes())
+        .unwrap();
+    child.wait_with_output().unwrap()
+}
+
+/// A `sysbench` command for `test` against `db`, inside `cg`.
+#[must_use]
+pub fn sysbench_in(cg: &TestCgroup, db: &MariaDb, test: &str, args: &[&str]) -> Command {
+    let mut cmd = cg.command("sysbench");
+    cmd.arg(test)
+        .args([
+            "--db-driver=mysql",
+            "--mysql-host=127.0.0.1",
+            &format!("--mysql-port={}", db.port),
+            &format!("--mysql-user={APP_USER}"),
+            &format!("--mysql-password={APP_PASSWORD}"),
+            "--mysql-db=sbtest",
+            "--mysql-ssl=off",
+        ])
+        .args(args);
+    cmd
+}
