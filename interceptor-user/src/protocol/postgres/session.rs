@@ -163,6 +163,65 @@ fn poison_sql(token: &str) -> String {
     format!("SELECT FROM pg_catalog.\"{token}\"")
 }
 
+/// Walks received bytes message by message. Messages nobody needs to read
+/// are streamed through as they arrive (no whole-message buffering, so a
+/// huge DataRow or CopyData costs no memory); the caller asks for the whole
+/// of the ones it inspects.
+#[derive(Default)]
+struct Scanner {
+    /// Bytes of a streamed-through message still to come.
+    skip: usize,
+}
+
+enum Step {
+    /// This many bytes belong to a streamed message: forward them.
+    Forward(usize),
+    /// A message starts here.
+    Message(codec::Header),
+    /// Not even a header yet.
+    NeedMore,
+}
+
+impl Scanner {
+    fn step(&mut self, buf: &[u8], max: usize) -> Result<Step, CodecError> {
+        if self.skip > 0 {
+            let n = self.skip.min(buf.len());
+            self.skip -= n;
+            return Ok(Step::Forward(n));
+        }
+        Ok(decode_header(buf, max)?.map_or(Step::NeedMore, Step::Message))
+    }
+
+    /// Streams the message `h` through.
+    fn pass(&mut self, h: codec::Header) {
+        self.skip = h.total;
+    }
+
+    /// Whether the stream stopped at a message boundary.
+    fn at_boundary(&self, buffered: usize) -> bool {
+        self.skip == 0 && buffered == 0
+    }
+}
+
+/// Counts and drops the `upto` bytes already forwarded, then reads more;
+/// returns the bytes read (0 at end of stream).
+async fn refill<R>(
+    r: &mut R,
+    buf: &mut BytesMut,
+    upto: usize,
+    counter: &std::cell::Cell<u64>,
+) -> std::io::Result<usize>
+where
+    R: AsyncRead + Unpin,
+{
+    counter.set(counter.get() + upto as u64);
+    buf.advance(upto);
+    if buf.capacity() - buf.len() < 4096 {
+        buf.reserve(READ_CHUNK);
+    }
+    r.read_buf(buf).await
+}
+
 async fn client_to_server<R, W>(
     r: &mut R,
     w: &mut W,
@@ -176,81 +235,68 @@ where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
-    // Bytes of a passed-through message still to come.
-    let mut skip = 0usize;
+    let mut scan = Scanner::default();
     loop {
         let mut pos = 0usize;
+        // Start of the bytes not yet forwarded.
         let mut out = 0usize;
         while pos < buf.len() {
-            if skip > 0 {
-                let n = skip.min(buf.len() - pos);
-                pos += n;
-                skip -= n;
-                continue;
-            }
-            let h = match decode_header(&buf[pos..], max) {
-                Ok(Some(h)) => h,
-                Ok(None) => break,
+            let h = match scan.step(&buf[pos..], max) {
+                Ok(Step::Forward(n)) => {
+                    pos += n;
+                    continue;
+                }
+                Ok(Step::NeedMore) => break,
+                Ok(Step::Message(h)) => h,
                 Err(e) => return Err(SessionError::ClientProtocol(e.to_string())),
             };
-            match h.tag {
-                b'Q' | b'P' | b'F' => {
-                    if buf.len() - pos < h.total {
-                        buf.reserve(h.total - (buf.len() - pos));
-                        break;
-                    }
-                    let body = &buf[pos + 5..pos + h.total];
-                    if let Outcome::Refuse(refusal) = decide(guard, h.tag, body)? {
-                        w.write_all(&buf[out..pos]).await?;
-                        let token = format!("interceptor-denied-{}", refusal.id);
-                        let stand_in = stand_in(h.tag, body, &poison_sql(&token));
-                        {
-                            let mut p = pending.borrow_mut();
-                            let group = p.groups_sent;
-                            p.poisons.push_back(Poison {
-                                token,
-                                group,
-                                error: error_response(
-                                    b'E',
-                                    "ERROR",
-                                    "42501",
-                                    &refusal.message,
-                                    Some("The statement was not sent to the server."),
-                                    None,
-                                ),
-                            });
-                        }
-                        w.write_all(&stand_in).await?;
-                        out = pos + h.total;
-                    }
-                    if h.tag != b'P' {
-                        pending.borrow_mut().groups_sent += 1;
-                    }
-                    pos += h.total;
-                }
-                b'S' => {
+            if !matches!(h.tag, b'Q' | b'P' | b'F') {
+                if h.tag == b'S' {
                     pending.borrow_mut().groups_sent += 1;
-                    skip = h.total;
                 }
-                _ => skip = h.total,
+                scan.pass(h);
+                continue;
             }
+            if buf.len() - pos < h.total {
+                buf.reserve(h.total - (buf.len() - pos));
+                break;
+            }
+            let body = &buf[pos + 5..pos + h.total];
+            if let Outcome::Refuse(refusal) = decide(guard, h.tag, body)? {
+                w.write_all(&buf[out..pos]).await?;
+                let token = format!("interceptor-denied-{}", refusal.id);
+                let stand_in = stand_in(h.tag, body, &poison_sql(&token));
+                {
+                    let mut p = pending.borrow_mut();
+                    let group = p.groups_sent;
+                    p.poisons.push_back(Poison {
+                        token,
+                        group,
+                        error: error_response(
+                            b'E',
+                            "ERROR",
+                            "42501",
+                            &refusal.message,
+                            Some("The statement was not sent to the server."),
+                            None,
+                        ),
+                    });
+                }
+                w.write_all(&stand_in).await?;
+                out = pos + h.total;
+            }
+            if h.tag != b'P' {
+                // Query and FunctionCall each end a group (one ReadyForQuery).
+                pending.borrow_mut().groups_sent += 1;
+            }
+            pos += h.total;
         }
-        if out < pos {
-            w.write_all(&buf[out..pos]).await?;
-        }
-        counts
-            .from_client
-            .set(counts.from_client.get() + pos as u64);
-        buf.advance(pos);
-        if buf.capacity() - buf.len() < 4096 {
-            buf.reserve(READ_CHUNK);
-        }
-        if r.read_buf(&mut buf).await? == 0 {
-            if !buf.is_empty() && skip == 0 {
-                return Err(SessionError::ClientProtocol(format!(
-                    "connection closed in the middle of a message ({} bytes pending)",
-                    buf.len()
-                )));
+        w.write_all(&buf[out..pos]).await?;
+        if refill(r, &mut buf, pos, &counts.from_client).await? == 0 {
+            if !scan.at_boundary(buf.len()) {
+                return Err(SessionError::ClientProtocol(
+                    "connection closed in the middle of a message".into(),
+                ));
             }
             w.shutdown().await?;
             return Ok(());
@@ -293,20 +339,18 @@ where
     W: AsyncWrite + Unpin,
 {
     let mut buf = BytesMut::with_capacity(READ_CHUNK);
-    let mut skip = 0usize;
+    let mut scan = Scanner::default();
     loop {
         let mut pos = 0usize;
         let mut out = 0usize;
         while pos < buf.len() {
-            if skip > 0 {
-                let n = skip.min(buf.len() - pos);
-                pos += n;
-                skip -= n;
-                continue;
-            }
-            let h = match decode_header(&buf[pos..], usize::MAX) {
-                Ok(Some(h)) => h,
-                Ok(None) => break,
+            let h = match scan.step(&buf[pos..], usize::MAX) {
+                Ok(Step::Forward(n)) => {
+                    pos += n;
+                    continue;
+                }
+                Ok(Step::NeedMore) => break,
+                Ok(Step::Message(h)) => h,
                 Err(e) => return Err(SessionError::ServerProtocol(e.to_string())),
             };
             let inspect = match h.tag {
@@ -315,7 +359,7 @@ where
                 _ => false,
             };
             if !inspect {
-                skip = h.total;
+                scan.pass(h);
                 continue;
             }
             if h.total > MAX_INSPECTED_SERVER_FRAME {
@@ -345,17 +389,8 @@ where
             }
             pos += h.total;
         }
-        if out < pos {
-            w.write_all(&buf[out..pos]).await?;
-        }
-        counts
-            .from_server
-            .set(counts.from_server.get() + pos as u64);
-        buf.advance(pos);
-        if buf.capacity() - buf.len() < 4096 {
-            buf.reserve(READ_CHUNK);
-        }
-        if r.read_buf(&mut buf).await? == 0 {
+        w.write_all(&buf[out..pos]).await?;
+        if refill(r, &mut buf, pos, &counts.from_server).await? == 0 {
             w.shutdown().await?;
             return Ok(());
         }
