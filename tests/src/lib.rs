@@ -5,6 +5,8 @@
 //! skipped: without root these tests fail, loudly.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::missing_panics_doc)]
 
+pub mod bench;
+
 use std::{
     fs,
     net::TcpListener,

@@ -34,9 +34,9 @@ enum Cmd {
         args: Vec<String>,
     },
     /// Benchmarks: `policy` (criterion), `postgres` (pgbench: direct, PgBouncer,
-    /// agent), or all of them.
+    /// agent), `mysql` (sysbench: direct, agent), or all of them.
     Bench {
-        /// policy | postgres | all
+        /// policy | postgres | mysql | all
         #[arg(default_value = "all")]
         which: String,
     },
@@ -288,7 +288,7 @@ fn test(filter: Option<&str>, no_lint: bool) -> Result<()> {
 }
 
 fn bench(which: &str) -> Result<()> {
-    let known = ["policy", "postgres", "all"];
+    let known = ["policy", "postgres", "mysql", "all"];
     if !known.contains(&which) {
         bail!("unknown benchmark {which:?}; expected one of {known:?}");
     }
@@ -302,20 +302,22 @@ fn bench(which: &str) -> Result<()> {
             "policy",
         ]))?;
     }
-    if matches!(which, "postgres" | "all") {
-        build()?;
-        let bin = workspace_root().join("target/release/interceptor");
-        run(Command::new("cargo")
-            .args([
-                "run",
-                "--locked",
-                "--release",
-                "-p",
-                "interceptor-tests",
-                "--bin",
-                "bench-postgres",
-            ])
-            .env("INTERCEPTOR_BIN", &bin))?;
+    for proto in ["postgres", "mysql"] {
+        if which == proto || which == "all" {
+            build()?;
+            let bin = workspace_root().join("target/release/interceptor");
+            run(Command::new("cargo")
+                .args([
+                    "run",
+                    "--locked",
+                    "--release",
+                    "-p",
+                    "interceptor-tests",
+                    "--bin",
+                ])
+                .arg(format!("bench-{proto}"))
+                .env("INTERCEPTOR_BIN", &bin))?;
+        }
     }
     Ok(())
 }

@@ -8,7 +8,6 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::cast_precision_loss)]
 
 use std::{
-    fmt::Write as _,
     fs,
     os::unix::process::CommandExt as _,
     path::{Path, PathBuf},
@@ -16,7 +15,7 @@ use std::{
     time::Duration,
 };
 
-use interceptor_tests::{Agent, PgServer, TestCgroup, free_port, pg_bin, pg_policy, run_ok};
+use interceptor_tests::{Agent, PgServer, TestCgroup, bench, free_port, pg_bin, pg_policy, run_ok};
 
 const POLICY_RULES: &str = "mode: enforce\ndefault: allow\non_parse_error: allow\nrules:\n  - name: no-secrets\n    any_tables: [public.secrets]\n    decision: deny\n  - name: dangerous\n    flags: [file_access, program_exec, role_change, remote_access, admin]\n    decision: deny\n";
 
@@ -34,23 +33,6 @@ impl Path_ {
             Self::PgBouncer => "pgbouncer",
             Self::Agent => "interceptor",
         }
-    }
-}
-
-#[derive(Default, Clone)]
-struct Sample {
-    tps: Vec<f64>,
-    avg_ms: Vec<f64>,
-    p99_ms: Vec<f64>,
-}
-
-fn median(v: &[f64]) -> f64 {
-    let mut v = v.to_vec();
-    v.sort_by(f64::total_cmp);
-    if v.is_empty() {
-        f64::NAN
-    } else {
-        v[v.len() / 2]
     }
 }
 
@@ -116,28 +98,6 @@ fn pgbouncer_bin() -> PathBuf {
         .map(PathBuf::from)
         .find(|p| p.exists())
         .expect("pgbouncer not installed: run `cargo xtask setup`")
-}
-
-/// Pins `pids` and all their threads and children to `cpus`.
-fn pin(pids: &[u32], cpus: &str) {
-    let mut all: Vec<u32> = pids.to_vec();
-    for p in pids {
-        let out = Command::new("pgrep")
-            .args(["-P", &p.to_string()])
-            .output()
-            .unwrap();
-        all.extend(
-            String::from_utf8_lossy(&out.stdout)
-                .lines()
-                .filter_map(|l| l.trim().parse::<u32>().ok()),
-        );
-    }
-    for p in all {
-        let _ = Command::new("taskset")
-            .args(["-a", "-cp", cpus, &p.to_string()])
-            .stdout(Stdio::null())
-            .status();
-    }
 }
 
 fn run_pgbench(
@@ -224,14 +184,7 @@ fn run_pgbench(
 }
 
 fn main() {
-    let secs: u64 = std::env::var("BENCH_SECONDS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(5);
-    let rounds: usize = std::env::var("BENCH_ROUNDS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(2);
+    let (secs, rounds) = bench::settings();
     let pg = PgServer::start();
     run_ok(Command::new(pg_bin("pgbench")).args([
         "-i",
@@ -256,18 +209,18 @@ fn main() {
     let paths = [Path_::Direct, Path_::PgBouncer, Path_::Agent];
     let configs = [(1u32, true), (8u32, false)];
     let modes = ["simple", "extended", "prepared"];
-    let mut results: Vec<((&str, u32, bool, Path_), Sample)> = Vec::new();
+    let mut rows = Vec::new();
     for &mode in &modes {
         for &(clients, pinned) in &configs {
             for p in paths {
-                results.push(((mode, clients, pinned, p), Sample::default()));
+                rows.push(bench::Row::new(mode, clients, pinned, p.name()));
             }
         }
     }
     for round in 0..rounds {
         for &mode in &modes {
             for &(clients, pinned) in &configs {
-                pin(&pids, if pinned { "0" } else { "0-1" });
+                bench::pin(&pids, if pinned { "0" } else { "0-1" });
                 for p in paths {
                     let (cgroup, port) = match p {
                         Path_::Direct => (None, pg.port),
@@ -280,59 +233,19 @@ fn main() {
                         "round {round} {mode} c={clients} {}: tps {tps:.0} avg {avg:.3} ms p99 {p99:.3} ms",
                         p.name()
                     );
-                    let s = &mut results
+                    let row = rows
                         .iter_mut()
-                        .find(|(k, _)| *k == (mode, clients, pinned, p))
-                        .unwrap()
-                        .1;
-                    s.tps.push(tps);
-                    s.avg_ms.push(avg);
-                    s.p99_ms.push(p99);
+                        .find(|r| r.mode == mode && r.clients == clients && r.path == p.name())
+                        .unwrap();
+                    row.tps.push(tps);
+                    row.avg_ms.push(avg);
+                    row.p_ms.push(p99);
                 }
             }
         }
     }
-    pin(&pids, "0-1");
-
-    let mut table = String::new();
-    writeln!(table, "| mode | clients | CPUs | path | tps | avg latency | p99 latency | tps vs direct | added avg latency vs direct |").unwrap();
-    writeln!(table, "|---|---|---|---|---:|---:|---:|---:|---:|").unwrap();
-    for &mode in &modes {
-        for &(clients, pinned) in &configs {
-            let direct = results
-                .iter()
-                .find(|(k, _)| *k == (mode, clients, pinned, Path_::Direct))
-                .unwrap()
-                .1
-                .clone();
-            for p in paths {
-                let s = &results
-                    .iter()
-                    .find(|(k, _)| *k == (mode, clients, pinned, p))
-                    .unwrap()
-                    .1;
-                writeln!(
-                    table,
-                    "| {mode} | {clients} | {} | {} | {:.0} | {:.1} µs | {:.1} µs | {:.2} | {:+.1} µs |",
-                    if pinned { "1 (pinned)" } else { "2" },
-                    p.name(),
-                    median(&s.tps),
-                    median(&s.avg_ms) * 1000.0,
-                    median(&s.p99_ms) * 1000.0,
-                    median(&s.tps) / median(&direct.tps),
-                    (median(&s.avg_ms) - median(&direct.avg_ms)) * 1000.0,
-                )
-                .unwrap();
-            }
-        }
-    }
-    println!("{table}");
-    let out = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .unwrap()
-        .join("target/bench");
-    fs::create_dir_all(&out).unwrap();
-    fs::write(out.join("postgres.md"), &table).unwrap();
+    bench::pin(&pids, "0-1");
+    bench::report("postgres", &bench::table(&rows, "direct", "p99"));
     let statements = agent
         .events()
         .iter()

@@ -1,0 +1,129 @@
+//! Shared pieces of the benchmark drivers (`cargo xtask bench`): CPU
+//! pinning, medians over interleaved rounds, and the Markdown report.
+#![allow(clippy::cast_precision_loss)]
+
+use std::{
+    fmt::Write as _,
+    fs,
+    path::Path,
+    process::{Command, Stdio},
+};
+
+/// Pins `pids`, their threads and their children to `cpus` (taskset list).
+pub fn pin(pids: &[u32], cpus: &str) {
+    let mut all: Vec<u32> = pids.to_vec();
+    for p in pids {
+        if let Ok(out) = Command::new("pgrep").args(["-P", &p.to_string()]).output() {
+            all.extend(
+                String::from_utf8_lossy(&out.stdout)
+                    .lines()
+                    .filter_map(|l| l.trim().parse::<u32>().ok()),
+            );
+        }
+    }
+    for p in all {
+        let _ = Command::new("taskset")
+            .args(["-a", "-cp", cpus, &p.to_string()])
+            .stdout(Stdio::null())
+            .status();
+    }
+}
+
+#[must_use]
+pub fn median(v: &[f64]) -> f64 {
+    let mut v = v.to_vec();
+    v.sort_by(f64::total_cmp);
+    if v.is_empty() {
+        f64::NAN
+    } else {
+        v[v.len() / 2]
+    }
+}
+
+/// Measurements of one configuration on one path, one value per round.
+#[derive(Clone, Debug)]
+pub struct Row {
+    pub mode: String,
+    pub clients: u32,
+    pub pinned: bool,
+    pub path: &'static str,
+    pub tps: Vec<f64>,
+    pub avg_ms: Vec<f64>,
+    pub p_ms: Vec<f64>,
+}
+
+impl Row {
+    #[must_use]
+    pub fn new(mode: &str, clients: u32, pinned: bool, path: &'static str) -> Self {
+        Self {
+            mode: mode.to_owned(),
+            clients,
+            pinned,
+            path,
+            tps: Vec::new(),
+            avg_ms: Vec::new(),
+            p_ms: Vec::new(),
+        }
+    }
+
+    fn same_config(&self, other: &Self) -> bool {
+        self.mode == other.mode && self.clients == other.clients && self.pinned == other.pinned
+    }
+}
+
+/// The Markdown table: medians, and ratios against the `baseline` path of
+/// the same configuration. `pct` names the latency percentile column.
+#[must_use]
+pub fn table(rows: &[Row], baseline: &str, pct: &str) -> String {
+    let mut t = String::new();
+    let _ = writeln!(
+        t,
+        "| mode | clients | CPUs | path | tps | avg latency | {pct} latency | tps vs {baseline} | added avg latency vs {baseline} |"
+    );
+    let _ = writeln!(t, "|---|---|---|---|---:|---:|---:|---:|---:|");
+    for r in rows {
+        let Some(base) = rows.iter().find(|b| b.path == baseline && b.same_config(r)) else {
+            continue;
+        };
+        let _ = writeln!(
+            t,
+            "| {} | {} | {} | {} | {:.0} | {:.1} µs | {:.1} µs | {:.2} | {:+.1} µs |",
+            r.mode,
+            r.clients,
+            if r.pinned { "1 (pinned)" } else { "2" },
+            r.path,
+            median(&r.tps),
+            median(&r.avg_ms) * 1000.0,
+            median(&r.p_ms) * 1000.0,
+            median(&r.tps) / median(&base.tps),
+            (median(&r.avg_ms) - median(&base.avg_ms)) * 1000.0,
+        );
+    }
+    t
+}
+
+/// Prints the table and writes it to `target/bench/NAME.md`.
+pub fn report(name: &str, table: &str) {
+    println!("{table}");
+    let out = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(|p| p.join("target/bench"));
+    if let Some(out) = out {
+        let _ = fs::create_dir_all(&out);
+        let _ = fs::write(out.join(format!("{name}.md")), table);
+    }
+}
+
+/// Benchmark length from the environment: (seconds per run, rounds).
+#[must_use]
+pub fn settings() -> (u64, usize) {
+    let secs = std::env::var("BENCH_SECONDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(5);
+    let rounds = std::env::var("BENCH_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(2);
+    (secs, rounds)
+}

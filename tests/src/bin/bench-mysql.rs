@@ -1,0 +1,134 @@
+//! `cargo xtask bench mysql`: sysbench oltp_point_select, prepared
+//! (`--db-ps-mode=auto`) and not (`disable`), direct and through the agent
+//! (deciding and auditing every statement), interleaved in one run. Latency
+//! at 1 thread with every process pinned to CPU 0; throughput at 8 threads
+//! unpinned. Prints a Markdown table (also target/bench/mysql.md).
+//!
+//! Environment: BENCH_SECONDS (per run, default 5), BENCH_ROUNDS (default 2).
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::process::Command;
+
+use interceptor_tests::{
+    TestCgroup, bench,
+    mysql::{APP_PASSWORD, APP_USER, MariaDb, mysql_policy, start_agent_with},
+    run_ok,
+};
+
+const POLICY_RULES: &str = "mode: enforce\ndefault: allow\non_parse_error: allow\nrules:\n  - name: no-secrets\n    any_tables: [shop.secrets]\n    decision: deny\n  - name: dangerous\n    flags: [file_access, program_exec, role_change, remote_access, admin]\n    decision: deny\n";
+
+fn sysbench(db: &MariaDb, cg: Option<&TestCgroup>, pinned: bool, args: &[String]) -> String {
+    let mut cmd = match (cg, pinned) {
+        (Some(cg), true) => {
+            let mut c = cg.command("taskset");
+            c.args(["-c", "0", "sysbench"]);
+            c
+        }
+        (Some(cg), false) => cg.command("sysbench"),
+        (None, true) => {
+            let mut c = Command::new("taskset");
+            c.args(["-c", "0", "sysbench"]);
+            c
+        }
+        (None, false) => Command::new("sysbench"),
+    };
+    cmd.arg("oltp_point_select")
+        .args([
+            "--db-driver=mysql",
+            "--mysql-host=127.0.0.1",
+            &format!("--mysql-port={}", db.port),
+            &format!("--mysql-user={APP_USER}"),
+            &format!("--mysql-password={APP_PASSWORD}"),
+            "--mysql-db=sbtest",
+            "--mysql-ssl=off",
+            "--tables=1",
+            "--table-size=10000",
+        ])
+        .args(args);
+    run_ok(&mut cmd)
+}
+
+/// (tps, avg ms, p99 ms) from sysbench's report.
+fn parse(out: &str) -> (f64, f64, f64) {
+    let field = |prefix: &str| {
+        out.lines()
+            .find_map(|l| l.trim().strip_prefix(prefix))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.trim_start_matches('(').parse::<f64>().ok())
+            .unwrap_or(f64::NAN)
+    };
+    let tps = out
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("transactions:"))
+        .and_then(|v| v.split('(').nth(1))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse::<f64>().ok())
+        .unwrap_or(f64::NAN);
+    (tps, field("avg:"), field("99th percentile:"))
+}
+
+fn main() {
+    let (secs, rounds) = bench::settings();
+    let db = MariaDb::start();
+    sysbench(&db, None, false, &["prepare".into()]);
+    let cg = TestCgroup::new();
+    let agent = start_agent_with(&mysql_policy(db.port, POLICY_RULES), &cg, &[]);
+    let db_pid: u32 = std::fs::read_to_string(db.dir.join("mysqld.pid"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let pids = [db_pid, agent.pid().unwrap()];
+    let modes = [("prepared", "auto"), ("text", "disable")];
+    let configs = [(1u32, true), (8u32, false)];
+    let paths = ["direct", "interceptor"];
+    let mut rows = Vec::new();
+    for (mode, _) in modes {
+        for (threads, pinned) in configs {
+            for p in paths {
+                rows.push(bench::Row::new(mode, threads, pinned, p));
+            }
+        }
+    }
+    for round in 0..rounds {
+        for (mode, ps) in modes {
+            for (threads, pinned) in configs {
+                bench::pin(&pids, if pinned { "0" } else { "0-1" });
+                for p in paths {
+                    let cgroup = (p == "interceptor").then_some(&cg);
+                    let args = [
+                        format!("--db-ps-mode={ps}"),
+                        format!("--threads={threads}"),
+                        format!("--time={secs}"),
+                        "--percentile=99".into(),
+                        "run".into(),
+                    ];
+                    let out = sysbench(&db, cgroup, pinned, &args);
+                    let (tps, avg, p99) = parse(&out);
+                    assert!(
+                        out.contains("ignored errors:                      0"),
+                        "{p} {mode}: errors:\n{out}"
+                    );
+                    eprintln!(
+                        "round {round} {mode} t={threads} {p}: tps {tps:.0} avg {avg:.3} ms p99 {p99:.3} ms"
+                    );
+                    let row = rows
+                        .iter_mut()
+                        .find(|r| r.mode == mode && r.clients == threads && r.path == p)
+                        .unwrap();
+                    row.tps.push(tps);
+                    row.avg_ms.push(avg);
+                    row.p_ms.push(p99);
+                }
+            }
+        }
+    }
+    bench::pin(&pids, "0-1");
+    bench::report("mysql", &bench::table(&rows, "direct", "p99"));
+    let statements = agent
+        .events()
+        .iter()
+        .filter(|e| e["event"] == "query")
+        .count();
+    eprintln!("agent decided and audited {statements} statements");
+}
