@@ -19,6 +19,8 @@ pub const APP_PASSWORD: &str = "app-Secret-1";
 /// A user with `ed25519`: the server asks the client to switch plugins.
 pub const ED_USER: &str = "ed";
 pub const ED_PASSWORD: &str = "ed-Secret-2";
+/// A user without a password, for hand-written protocol clients.
+pub const NOPW_USER: &str = "nopw";
 
 /// A MariaDB server on 127.0.0.1, its data in a throwaway directory.
 pub struct MariaDb {
@@ -109,6 +111,8 @@ impl MariaDb {
              GRANT ALL ON *.* TO '{APP_USER}'@'%';
              CREATE USER '{ED_USER}'@'%' IDENTIFIED VIA ed25519 USING PASSWORD('{ED_PASSWORD}');
              GRANT ALL ON shop.* TO '{ED_USER}'@'%';
+             CREATE USER '{NOPW_USER}'@'%';
+             GRANT SELECT ON shop.* TO '{NOPW_USER}'@'%';
              CREATE TABLE shop.items (id INT PRIMARY KEY, name VARCHAR(64));
              INSERT INTO shop.items VALUES (1, 'apple'), (2, 'pear'), (3, 'fig');
              CREATE TABLE shop.secrets (id INT PRIMARY KEY, secret VARCHAR(64));
@@ -260,20 +264,24 @@ pub fn mariadb_script_in(cg: &TestCgroup, args: &[String], script: &str) -> std:
     child.wait_with_output().unwrap()
 }
 
+/// sysbench's connection arguments for `db`.
+#[must_use]
+pub fn sysbench_args(db: &MariaDb) -> Vec<String> {
+    vec![
+        "--db-driver=mysql".to_owned(),
+        "--mysql-host=127.0.0.1".to_owned(),
+        format!("--mysql-port={}", db.port),
+        format!("--mysql-user={APP_USER}"),
+        format!("--mysql-password={APP_PASSWORD}"),
+        "--mysql-db=sbtest".to_owned(),
+        "--mysql-ssl=off".to_owned(),
+    ]
+}
+
 /// A `sysbench` command for `test` against `db`, inside `cg`.
 #[must_use]
 pub fn sysbench_in(cg: &TestCgroup, db: &MariaDb, test: &str, args: &[&str]) -> Command {
     let mut cmd = cg.command("sysbench");
-    cmd.arg(test)
-        .args([
-            "--db-driver=mysql",
-            "--mysql-host=127.0.0.1",
-            &format!("--mysql-port={}", db.port),
-            &format!("--mysql-user={APP_USER}"),
-            &format!("--mysql-password={APP_PASSWORD}"),
-            "--mysql-db=sbtest",
-            "--mysql-ssl=off",
-        ])
-        .args(args);
+    cmd.arg(test).args(sysbench_args(db)).args(args);
     cmd
 }

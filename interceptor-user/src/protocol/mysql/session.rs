@@ -116,6 +116,13 @@ impl Session<'_> {
     /// session ends there (the server refused the client, or either left).
     async fn handshake(&mut self) -> Result<bool, SessionError> {
         let greeting = loop {
+            // Anything but a first packet of plausible size is no greeting.
+            if let Some(h) = decode_header(&self.sbuf)
+                && (h.seq != 0 || h.len == 0 || h.len > MAX_HANDSHAKE)
+            {
+                let e = CodecError::NotMysql(self.sbuf.iter().take(16).copied().collect());
+                return Err(self.bad_greeting(&e.to_string()).await);
+            }
             match decode_message(&mut self.sbuf, 0, MAX_HANDSHAKE) {
                 Ok(Some(m)) => break m,
                 Ok(None) => {}
@@ -384,18 +391,13 @@ impl Session<'_> {
 
     /// The statement a prepared-statement command names, if the agent
     /// allowed it.
-    fn allowed_statement(&self, payload: &[u8]) -> Result<Option<u32>, SessionError> {
-        let id = codec::statement_id(payload)
-            .ok_or_else(|| SessionError::ClientProtocol("statement command too short".into()))?;
+    fn allowed_statement(&self, id: u32) -> Option<u32> {
         let id = if id == LAST_PREPARED {
-            match self.last_prepared {
-                Some(id) => id,
-                None => return Ok(None),
-            }
+            self.last_prepared?
         } else {
             id
         };
-        Ok(self.statements.contains(&id).then_some(id))
+        self.statements.contains(&id).then_some(id)
     }
 
     fn forget_statements(&mut self) {
@@ -412,6 +414,22 @@ impl Session<'_> {
             return Err(self
                 .client_violation(msg.last_seq.wrapping_add(1), &e)
                 .await);
+        };
+        let statement = match cmd {
+            com::STMT_EXECUTE
+            | com::STMT_FETCH
+            | com::STMT_RESET
+            | com::STMT_SEND_LONG_DATA
+            | com::STMT_CLOSE => match codec::statement_id(&payload) {
+                Some(id) => id,
+                None => {
+                    let e = CodecError::Malformed("statement command too short");
+                    return Err(self
+                        .client_violation(msg.last_seq.wrapping_add(1), &e)
+                        .await);
+                }
+            },
+            _ => 0,
         };
         match cmd {
             com::QUIT => {
@@ -439,7 +457,7 @@ impl Session<'_> {
                 }
             }
             com::STMT_EXECUTE | com::STMT_FETCH | com::STMT_RESET => {
-                if self.allowed_statement(&payload)?.is_some() {
+                if self.allowed_statement(statement).is_some() {
                     let expect = match cmd {
                         com::STMT_EXECUTE => Expect::Results,
                         com::STMT_FETCH => Expect::Rows,
@@ -447,26 +465,24 @@ impl Session<'_> {
                     };
                     self.passed(&msg, Some(expect)).await?;
                 } else {
-                    let id = codec::statement_id(&payload).unwrap_or_default();
-                    let what = format!("{} of statement {id}", command_name(cmd));
-                    self.refuse_other(&msg, &what, &unknown_statement(id))
+                    let what = format!("{} of statement {statement}", command_name(cmd));
+                    self.refuse_other(&msg, &what, &unknown_statement(statement))
                         .await?;
                 }
             }
             com::STMT_SEND_LONG_DATA => {
                 // No reply either way: data for a statement the agent never
                 // allowed goes nowhere, and its execute is refused.
-                if self.allowed_statement(&payload)?.is_some() {
+                if self.allowed_statement(statement).is_some() {
                     self.passed(&msg, None).await?;
                 } else {
-                    let id = codec::statement_id(&payload).unwrap_or_default();
-                    let what = format!("COM_STMT_SEND_LONG_DATA of statement {id}");
-                    let _ = self.guard.refuse(&what, &unknown_statement(id));
+                    let what = format!("COM_STMT_SEND_LONG_DATA of statement {statement}");
+                    let _ = self.guard.refuse(&what, &unknown_statement(statement));
                     self.count_client(msg.bytes.len());
                 }
             }
             com::STMT_CLOSE => {
-                if let Some(id) = self.allowed_statement(&payload)? {
+                if let Some(id) = self.allowed_statement(statement) {
                     self.statements.remove(&id);
                     if self.last_prepared == Some(id) {
                         self.last_prepared = None;
