@@ -136,7 +136,10 @@ pub fn identity_from_pairs(pairs: &[String]) -> Result<Identity, String> {
         let (k, v) = p
             .split_once('=')
             .ok_or_else(|| format!("--identity {p:?}: expected key=value"))?;
-        let num = |v: &str| v.parse::<u32>().map_err(|_| format!("--identity {k}: {v:?} is not a number"));
+        let num = |v: &str| {
+            v.parse::<u32>()
+                .map_err(|_| format!("--identity {k}: {v:?} is not a number"))
+        };
         let s = Some(v.to_owned());
         match k {
             "uid" => id.uid = num(v)?,
@@ -209,7 +212,8 @@ fn render(v: &Verdict, identities: &[String], json: bool) -> String {
                 })
                 .collect(),
         };
-        return serde_json::to_string(&out).map_or_else(|e| format!("{{\"error\":\"{e}\"}}\n"), |s| s + "\n");
+        return serde_json::to_string(&out)
+            .map_or_else(|e| format!("{{\"error\":\"{e}\"}}\n"), |s| s + "\n");
     }
     let mut o = String::new();
     let how = match v.mode {
@@ -218,17 +222,30 @@ fn render(v: &Verdict, identities: &[String], json: bool) -> String {
         crate::policy::EffectiveMode::Learn => "learn mode: allowed and recorded",
     };
     let _ = writeln!(o, "decision: {} ({how})", v.decision);
-    let _ = writeln!(o, "rule:     {}", v.rule.as_deref().unwrap_or("(none: default)"));
+    let _ = writeln!(
+        o,
+        "rule:     {}",
+        v.rule.as_deref().unwrap_or("(none: default)")
+    );
     let _ = writeln!(o, "reason:   {}", v.reason);
     let _ = writeln!(
         o,
         "identity: {}",
-        if identities.is_empty() { "(no named identity)".to_owned() } else { identities.join(", ") }
+        if identities.is_empty() {
+            "(no named identity)".to_owned()
+        } else {
+            identities.join(", ")
+        }
     );
     for (i, (s, d)) in v.statements.iter().zip(&v.details).enumerate() {
         let f = &d.facts;
         let _ = writeln!(o, "statement {}: {}", i + 1, one_line(&s.text, 200));
-        let _ = writeln!(o, "  decision:    {} ({})", s.decision, s.rule.as_deref().unwrap_or("default"));
+        let _ = writeln!(
+            o,
+            "  decision:    {} ({})",
+            s.decision,
+            s.rule.as_deref().unwrap_or("default")
+        );
         let _ = writeln!(o, "  reason:      {}", s.reason);
         let _ = writeln!(o, "  kind:        {}", f.kind);
         let _ = writeln!(o, "  tables:      {}", list(&f.tables));
@@ -245,7 +262,11 @@ fn render(v: &Verdict, identities: &[String], json: bool) -> String {
                 None => "-",
             }
         );
-        let _ = writeln!(o, "  limit:       {}", d.limit.map_or_else(|| "-".to_owned(), |l| l.to_string()));
+        let _ = writeln!(
+            o,
+            "  limit:       {}",
+            d.limit.map_or_else(|| "-".to_owned(), |l| l.to_string())
+        );
         let _ = writeln!(o, "  fingerprint: {}", s.fingerprint);
         if let Some(e) = &f.parse_error {
             let _ = writeln!(o, "  unparsed:    {e}");
@@ -255,7 +276,11 @@ fn render(v: &Verdict, identities: &[String], json: bool) -> String {
 }
 
 fn list(v: &[String]) -> String {
-    if v.is_empty() { "-".to_owned() } else { v.join(", ") }
+    if v.is_empty() {
+        "-".to_owned()
+    } else {
+        v.join(", ")
+    }
 }
 
 fn one_line(s: &str, max: usize) -> String {
@@ -279,8 +304,16 @@ fn test(
 ) -> Result<String, String> {
     let engine = Engine::load(policy).map_err(|e| e.to_string())?;
     if !engine.file().targets.iter().any(|t| t.name == target) {
-        let names: Vec<&str> = engine.file().targets.iter().map(|t| t.name.as_str()).collect();
-        return Err(format!("unknown target {target:?} (the policy has: {})", names.join(", ")));
+        let names: Vec<&str> = engine
+            .file()
+            .targets
+            .iter()
+            .map(|t| t.name.as_str())
+            .collect();
+        return Err(format!(
+            "unknown target {target:?} (the policy has: {})",
+            names.join(", ")
+        ));
     }
     let id = identity_from_pairs(identity)?;
     let binding = engine.bind_identity(&id);
@@ -310,7 +343,12 @@ fn test(
 /// An audit event's identity object, as far as selectors look at it.
 fn identity_from_json(v: &Value) -> Identity {
     let s = |k: &str| v.get(k).and_then(Value::as_str).map(ToOwned::to_owned);
-    let n = |k: &str| v.get(k).and_then(Value::as_u64).and_then(|x| u32::try_from(x).ok()).unwrap_or(0);
+    let n = |k: &str| {
+        v.get(k)
+            .and_then(Value::as_u64)
+            .and_then(|x| u32::try_from(x).ok())
+            .unwrap_or(0)
+    };
     Identity {
         pid: n("pid"),
         tgid: n("tgid"),
@@ -367,10 +405,18 @@ struct Held {
     count: usize,
 }
 
-fn suggest(from: &[PathBuf], policy: &Path, identity: &str, by_fingerprint: bool) -> Result<String, String> {
+fn suggest(
+    from: &[PathBuf],
+    policy: &Path,
+    identity: &str,
+    by_fingerprint: bool,
+) -> Result<String, String> {
     let engine = Engine::load(policy).map_err(|e| e.to_string())?;
     if !engine.file().identities.contains_key(identity) {
-        return Err(format!("{}: no identity named {identity:?}", policy.display()));
+        return Err(format!(
+            "{}: no identity named {identity:?}",
+            policy.display()
+        ));
     }
     // (target, kind) → what was seen; session/transaction statements are
     // pinned by fingerprint whatever `by` says.
@@ -398,9 +444,17 @@ fn suggest(from: &[PathBuf], policy: &Path, identity: &str, by_fingerprint: bool
                 continue;
             }
             matched += 1;
-            let target = ev.get("target").and_then(Value::as_str).unwrap_or("").to_owned();
+            let target = ev
+                .get("target")
+                .and_then(Value::as_str)
+                .unwrap_or("")
+                .to_owned();
             let query = ev.get("query").and_then(Value::as_str).unwrap_or("");
-            let fingerprint = ev.get("fingerprint").and_then(Value::as_str).unwrap_or("").to_owned();
+            let fingerprint = ev
+                .get("fingerprint")
+                .and_then(Value::as_str)
+                .unwrap_or("")
+                .to_owned();
             let dialect = match ev.get("protocol").and_then(Value::as_str) {
                 Some("mysql") => Dialect::Mysql,
                 _ => Dialect::Postgres,
@@ -412,13 +466,22 @@ fn suggest(from: &[PathBuf], policy: &Path, identity: &str, by_fingerprint: bool
             let tables: Vec<String> = ev
                 .get("tables")
                 .and_then(Value::as_array)
-                .map(|a| a.iter().filter_map(Value::as_str).map(ToOwned::to_owned).collect())
+                .map(|a| {
+                    a.iter()
+                        .filter_map(Value::as_str)
+                        .map(ToOwned::to_owned)
+                        .collect()
+                })
                 .unwrap_or_default();
             // Flags, functions and procedural code are not in the event:
             // re-read the query.
             let facts = reanalyse(query, dialect, &mut scratch);
-            let bad_flags: Vec<String> =
-                facts.flags.iter().filter(|f| never_suggested(*f)).map(|f| f.to_string()).collect();
+            let bad_flags: Vec<String> = facts
+                .flags
+                .iter()
+                .filter(|f| never_suggested(*f))
+                .map(|f| f.to_string())
+                .collect();
             let why = if facts.unparsed {
                 Some("could not be parsed".to_owned())
             } else if !bad_flags.is_empty() {
@@ -449,7 +512,15 @@ fn suggest(from: &[PathBuf], policy: &Path, identity: &str, by_fingerprint: bool
             }
         }
     }
-    Ok(render_suggestion(identity, from, events, matched, &groups, &held, by_fingerprint))
+    Ok(render_suggestion(
+        identity,
+        from,
+        events,
+        matched,
+        &groups,
+        &held,
+        by_fingerprint,
+    ))
 }
 
 fn reanalyse(query: &str, dialect: Dialect, scratch: &mut Scratch) -> sql::StatementFacts {
@@ -459,7 +530,13 @@ fn reanalyse(query: &str, dialect: Dialect, scratch: &mut Scratch) -> sql::State
         unknown: false,
     };
     let mut canon = String::new();
-    let info = sql::normalize(query, LexMode::default_for(dialect), false, &mut canon, scratch);
+    let info = sql::normalize(
+        query,
+        LexMode::default_for(dialect),
+        false,
+        &mut canon,
+        scratch,
+    );
     sql::analyze(&canon, &info, dialect, &Limits::default()).resolve(&ctx)
 }
 
@@ -483,15 +560,29 @@ fn render_suggestion(
 ) -> String {
     let mut o = String::new();
     let files: Vec<String> = from.iter().map(|p| p.display().to_string()).collect();
-    let _ = writeln!(o, "# Suggested by `interceptor policy suggest` for identity {identity:?}");
-    let _ = writeln!(o, "# from {} ({events} query events, {matched} from this identity).", files.join(", "));
-    let _ = writeln!(o, "# Least privilege from what was observed: review before adding to `rules:`.");
+    let _ = writeln!(
+        o,
+        "# Suggested by `interceptor policy suggest` for identity {identity:?}"
+    );
+    let _ = writeln!(
+        o,
+        "# from {} ({events} query events, {matched} from this identity).",
+        files.join(", ")
+    );
+    let _ = writeln!(
+        o,
+        "# Least privilege from what was observed: review before adding to `rules:`."
+    );
     let _ = writeln!(o, "rules:");
     let mut names = BTreeSet::new();
     for ((target, kind), g) in groups {
         // Statements without tables to confine them are pinned by shape.
-        let fingerprint_only = by_fingerprint || matches!(kind, Kind::Copy | Kind::Tcl | Kind::Session);
-        let base = format!("{identity}-{}-{kind}", if target.is_empty() { "any" } else { target });
+        let fingerprint_only =
+            by_fingerprint || matches!(kind, Kind::Copy | Kind::Tcl | Kind::Session);
+        let base = format!(
+            "{identity}-{}-{kind}",
+            if target.is_empty() { "any" } else { target }
+        );
         let mut name = base.clone();
         let mut n = 2;
         while !names.insert(name.clone()) {
@@ -506,10 +597,18 @@ fn render_suggestion(
         }
         let _ = writeln!(o, "    kinds: [{kind}]");
         if fingerprint_only {
-            let _ = writeln!(o, "    fingerprints: {}", yaml_list(g.fingerprints.iter().cloned()));
+            let _ = writeln!(
+                o,
+                "    fingerprints: {}",
+                yaml_list(g.fingerprints.iter().cloned())
+            );
         } else {
             let _ = writeln!(o, "    tables: {}", yaml_list(g.tables.iter().cloned()));
-            let _ = writeln!(o, "    functions: {}", yaml_list(g.functions.iter().cloned()));
+            let _ = writeln!(
+                o,
+                "    functions: {}",
+                yaml_list(g.functions.iter().cloned())
+            );
         }
         let _ = writeln!(o, "    decision: allow");
     }
@@ -518,10 +617,20 @@ fn render_suggestion(
     }
     if !held.is_empty() {
         let _ = writeln!(o, "#");
-        let _ = writeln!(o, "# Not suggested: these need a human decision (DDL, DCL, role changes,");
-        let _ = writeln!(o, "# dangerous flags, procedural code, unparsable statements).");
+        let _ = writeln!(
+            o,
+            "# Not suggested: these need a human decision (DDL, DCL, role changes,"
+        );
+        let _ = writeln!(
+            o,
+            "# dangerous flags, procedural code, unparsable statements)."
+        );
         for h in held.values() {
-            let _ = writeln!(o, "#   {} x{} ({}): {}", h.fingerprint, h.count, h.why, h.query);
+            let _ = writeln!(
+                o,
+                "#   {} x{} ({}): {}",
+                h.fingerprint, h.count, h.why, h.query
+            );
         }
     }
     o
@@ -561,29 +670,70 @@ identities:
         let log = dir.path().join("audit.jsonl");
         let lines = [
             r#"{"event":"connect","conn":3}"#.to_owned(),
-            event("/reporting/a", "SELECT count(*) FROM orders", "select", &["public.orders"], "v1:0000000000000001"),
-            event("/reporting/a", "SELECT * FROM report_daily", "select", &["public.report_daily"], "v1:0000000000000002"),
-            event("/reporting/b", "CREATE TABLE x (a int)", "ddl", &["public.x"], "v1:0000000000000003"),
-            event("/reporting/b", "SELECT pg_read_file('/etc/passwd')", "select", &[], "v1:0000000000000004"),
-            event("/other", "DELETE FROM orders", "delete", &["public.orders"], "v1:0000000000000005"),
+            event(
+                "/reporting/a",
+                "SELECT count(*) FROM orders",
+                "select",
+                &["public.orders"],
+                "v1:0000000000000001",
+            ),
+            event(
+                "/reporting/a",
+                "SELECT * FROM report_daily",
+                "select",
+                &["public.report_daily"],
+                "v1:0000000000000002",
+            ),
+            event(
+                "/reporting/b",
+                "CREATE TABLE x (a int)",
+                "ddl",
+                &["public.x"],
+                "v1:0000000000000003",
+            ),
+            event(
+                "/reporting/b",
+                "SELECT pg_read_file('/etc/passwd')",
+                "select",
+                &[],
+                "v1:0000000000000004",
+            ),
+            event(
+                "/other",
+                "DELETE FROM orders",
+                "delete",
+                &["public.orders"],
+                "v1:0000000000000005",
+            ),
             "not json".to_owned(),
         ];
         std::fs::write(&log, lines.join("\n")).unwrap();
-        let out = suggest(&[log.clone()], &policy, "reporting", false).unwrap();
+        let out = suggest(std::slice::from_ref(&log), &policy, "reporting", false).unwrap();
         assert!(out.contains("kinds: [select]"), "{out}");
-        assert!(out.contains(r#"tables: ["public.orders", "public.report_daily"]"#), "{out}");
+        assert!(
+            out.contains(r#"tables: ["public.orders", "public.report_daily"]"#),
+            "{out}"
+        );
         assert!(out.contains(r#"functions: ["count"]"#), "{out}");
         assert!(!out.contains("kinds: [ddl]"), "{out}");
         assert!(!out.contains("kinds: [delete]"), "{out}");
         assert!(out.contains("v1:0000000000000003 x1 (ddl)"), "{out}");
         assert!(out.contains("(flags file_access)"), "{out}");
         // The suggestion is a valid rule list once put in a policy.
-        let rules = out.lines().skip_while(|l| !l.starts_with("rules:")).collect::<Vec<_>>().join("\n");
+        let rules = out
+            .lines()
+            .skip_while(|l| !l.starts_with("rules:"))
+            .collect::<Vec<_>>()
+            .join("\n");
         let full = format!("{POLICY}{rules}\n");
-        let file = PolicyFile::parse(&full, Path::new("s.yaml")).unwrap_or_else(|e| panic!("{e}\n{full}"));
+        let file =
+            PolicyFile::parse(&full, Path::new("s.yaml")).unwrap_or_else(|e| panic!("{e}\n{full}"));
         assert_eq!(file.rules.len(), 1);
         let by_fp = suggest(&[log], &policy, "reporting", true).unwrap();
-        assert!(by_fp.contains(r#"fingerprints: ["v1:0000000000000001", "v1:0000000000000002"]"#), "{by_fp}");
+        assert!(
+            by_fp.contains(r#"fingerprints: ["v1:0000000000000001", "v1:0000000000000002"]"#),
+            "{by_fp}"
+        );
         assert!(suggest(&[], &policy, "ghost", false).is_err());
     }
 
@@ -593,12 +743,30 @@ identities:
         let policy = dir.path().join("p.yaml");
         std::fs::write(&policy, POLICY.replace("mode: learn", "mode: enforce")).unwrap();
         let ids = ["cgroup=/reporting/x".to_owned(), "uid=5".to_owned()];
-        let text = test(&policy, "app-db", &ids, "app", "orders", &["DELETE FROM orders".to_owned()], false).unwrap();
+        let text = test(
+            &policy,
+            "app-db",
+            &ids,
+            "app",
+            "orders",
+            &["DELETE FROM orders".to_owned()],
+            false,
+        )
+        .unwrap();
         assert!(text.contains("decision: deny (enforced)"), "{text}");
         assert!(text.contains("kind:        delete"), "{text}");
         assert!(text.contains("public.orders"), "{text}");
         assert!(text.contains("identity: reporting"), "{text}");
-        let json = test(&policy, "app-db", &ids, "app", "orders", &["select 1; delete from t".to_owned()], true).unwrap();
+        let json = test(
+            &policy,
+            "app-db",
+            &ids,
+            "app",
+            "orders",
+            &["select 1; delete from t".to_owned()],
+            true,
+        )
+        .unwrap();
         let v: Value = serde_json::from_str(json.trim()).unwrap();
         assert_eq!(v["decision"], "deny");
         assert!(v["rule"].is_null());
@@ -606,7 +774,18 @@ identities:
         assert_eq!(v["statements"].as_array().unwrap().len(), 2);
         assert_eq!(v["statements"][1]["kind"], "delete");
         assert_eq!(v["statements"][1]["tables"][0], "public.t");
-        assert!(test(&policy, "nope", &[], "", "", &["select 1".to_owned()], false).is_err());
+        assert!(
+            test(
+                &policy,
+                "nope",
+                &[],
+                "",
+                "",
+                &["select 1".to_owned()],
+                false
+            )
+            .is_err()
+        );
         assert!(identity_from_pairs(&["colour=blue".to_owned()]).is_err());
     }
 }

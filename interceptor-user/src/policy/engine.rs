@@ -31,14 +31,15 @@ use globset::{GlobBuilder, GlobMatcher, GlobSet, GlobSetBuilder};
 use serde::Serialize;
 
 use super::{
-    ApprovalSpec, Decision, IdentityMode, IdentitySelectorSpec, Mode, PolicyError, PolicyFile, RuleSpec,
-    WherePresence,
+    ApprovalSpec, Decision, IdentityMode, IdentitySelectorSpec, Mode, PolicyError, PolicyFile,
+    RuleSpec, WherePresence,
 };
 use crate::{
     identity::Identity,
     sql::{
-        self, Analysis, Dialect, Effect, Fingerprint, Flag, FlagSet, Kind, LexMode, Limits, NormInfo,
-        PreparedBody, Resolution, Scratch, SearchPathChange, StatementFacts, StatementSpan,
+        self, Analysis, Dialect, Effect, Fingerprint, Flag, FlagSet, Kind, LexMode, Limits,
+        NormInfo, PreparedBody, Resolution, Scratch, SearchPathChange, StatementFacts,
+        StatementSpan,
     },
 };
 
@@ -85,8 +86,18 @@ impl NameMatcher {
         let mut folded = GlobSetBuilder::new();
         for p in patterns {
             let e = |e: globset::Error| format!("bad glob {p:?}: {e}");
-            exact.add(GlobBuilder::new(p).literal_separator(false).build().map_err(e)?);
-            folded.add(GlobBuilder::new(p).case_insensitive(true).build().map_err(e)?);
+            exact.add(
+                GlobBuilder::new(p)
+                    .literal_separator(false)
+                    .build()
+                    .map_err(e)?,
+            );
+            folded.add(
+                GlobBuilder::new(p)
+                    .case_insensitive(true)
+                    .build()
+                    .map_err(e)?,
+            );
         }
         Ok(Self {
             exact: exact.build().map_err(|e| e.to_string())?,
@@ -413,10 +424,9 @@ fn compile_rule(
         .map(|ids| {
             ids.iter()
                 .map(|n| {
-                    identities
-                        .iter()
-                        .position(|s| &s.name == n)
-                        .ok_or_else(|| invalid(format!("rule {:?} names unknown identity {n:?}", r.name)))
+                    identities.iter().position(|s| &s.name == n).ok_or_else(|| {
+                        invalid(format!("rule {:?} names unknown identity {n:?}", r.name))
+                    })
                 })
                 .collect::<Result<Vec<_>, _>>()
         })
@@ -427,10 +437,9 @@ fn compile_rule(
         .map(|ts| {
             ts.iter()
                 .map(|n| {
-                    targets
-                        .get(n)
-                        .map(|t| t.index)
-                        .ok_or_else(|| invalid(format!("rule {:?} names unknown target {n:?}", r.name)))
+                    targets.get(n).map(|t| t.index).ok_or_else(|| {
+                        invalid(format!("rule {:?} names unknown target {n:?}", r.name))
+                    })
                 })
                 .collect::<Result<Vec<_>, _>>()
         })
@@ -456,7 +465,10 @@ fn compile_rule(
         targets: target_idx,
         databases: matcher(&r.databases)?,
         db_users: matcher(&r.db_users)?,
-        kinds: r.kinds.as_ref().map(|ks| ks.iter().fold(0, |m, k| m | k.bit())),
+        kinds: r
+            .kinds
+            .as_ref()
+            .map(|ks| ks.iter().fold(0, |m, k| m | k.bit())),
         tables: matcher(&r.tables)?,
         any_tables: matcher(&r.any_tables)?,
         functions: matcher(&r.functions)?,
@@ -513,7 +525,10 @@ impl Engine {
                     TargetInfo {
                         index,
                         dialect: t.protocol.dialect(),
-                        default_schema: t.default_schema.clone().unwrap_or_else(|| "public".to_owned()),
+                        default_schema: t
+                            .default_schema
+                            .clone()
+                            .unwrap_or_else(|| "public".to_owned()),
                     },
                 )
             })
@@ -569,16 +584,23 @@ impl Engine {
     fn selector_matches(s: &CompiledSelector, id: &Identity) -> bool {
         let spec = &s.spec;
         let opt_eq = |want: &Option<String>, have: &Option<String>| {
-            want.as_ref().is_none_or(|w| have.as_deref() == Some(w.as_str()))
+            want.as_ref()
+                .is_none_or(|w| have.as_deref() == Some(w.as_str()))
         };
         spec.uid.is_none_or(|u| u == id.uid)
             && spec.gid.is_none_or(|g| g == id.gid)
             && opt_eq(&spec.user, &id.user)
             && spec.comm.as_ref().is_none_or(|c| *c == id.comm)
-            && s.cgroup.as_ref().is_none_or(|g| id.cgroup.as_deref().is_some_and(|c| g.is_match(c)))
-            && s.exe.as_ref().is_none_or(|g| id.exe.as_deref().is_some_and(|e| g.is_match(e)))
+            && s.cgroup
+                .as_ref()
+                .is_none_or(|g| id.cgroup.as_deref().is_some_and(|c| g.is_match(c)))
+            && s.exe
+                .as_ref()
+                .is_none_or(|g| id.exe.as_deref().is_some_and(|e| g.is_match(e)))
             && spec.exe_sha256.as_ref().is_none_or(|h| {
-                id.exe_sha256.as_deref().is_some_and(|x| x.eq_ignore_ascii_case(h))
+                id.exe_sha256
+                    .as_deref()
+                    .is_some_and(|x| x.eq_ignore_ascii_case(h))
             })
             && opt_eq(&spec.unit, &id.unit)
             && opt_eq(&spec.container, &id.container)
@@ -599,7 +621,10 @@ impl Engine {
             .filter_map(|i| self.identities[*i].spec.mode)
             .max_by_key(|m| mode_rank(*m));
         IdentityBinding {
-            names: matched.iter().map(|i| self.identities[*i].name.clone()).collect(),
+            names: matched
+                .iter()
+                .map(|i| self.identities[*i].name.clone())
+                .collect(),
             mode,
             generation: self.generation,
             key: hash_of(&matched),
@@ -628,7 +653,12 @@ impl Engine {
         }
     }
 
-    fn resolution(&self, target: &TargetInfo, session: &SessionState, req: &DecisionRequest<'_>) -> Resolution {
+    fn resolution(
+        &self,
+        target: &TargetInfo,
+        session: &SessionState,
+        req: &DecisionRequest<'_>,
+    ) -> Resolution {
         match target.dialect {
             Dialect::Postgres => {
                 let schemas = session
@@ -691,10 +721,24 @@ impl Engine {
                     canonical: String::new(),
                     spans: Vec::new(),
                 };
-                self.decide_statements(&cx, session, &mut fresh, &mut statements, &mut details, &mut effects);
+                self.decide_statements(
+                    &cx,
+                    session,
+                    &mut fresh,
+                    &mut statements,
+                    &mut details,
+                    &mut effects,
+                );
                 return;
             };
-            self.decide_statements(&cx, session, &mut cache, &mut statements, &mut details, &mut effects);
+            self.decide_statements(
+                &cx,
+                session,
+                &mut cache,
+                &mut statements,
+                &mut details,
+                &mut effects,
+            );
         });
         let verdict = self.verdict(statements, details, mode, started);
         if !verdict.blocks() {
@@ -743,15 +787,20 @@ impl Engine {
         sql::split_into(sql, cx.target.dialect, &mut spans);
         for span in &spans {
             let text = span.text(sql);
-            let (entry, limit) = self.statement_facts(text, span.mode, span.in_exec_comment, cx, cache);
+            let (entry, limit) =
+                self.statement_facts(text, span.mode, span.in_exec_comment, cx, cache);
             let mut entry = entry;
             let mut limit = limit;
             // EXECUTE: decided as the statement prepared under that name.
             if let Effect::Execute(name) = &entry.effect {
                 let (e, l) = match session.prepared.get(name) {
-                    Some(Prepared::Text(body)) => {
-                        self.statement_facts(body, LexMode::default_for(cx.target.dialect), false, cx, cache)
-                    }
+                    Some(Prepared::Text(body)) => self.statement_facts(
+                        body,
+                        LexMode::default_for(cx.target.dialect),
+                        false,
+                        cx,
+                        cache,
+                    ),
                     Some(Prepared::Unknown) => (
                         synthetic(
                             &format!("execute-unknown {name}"),
@@ -787,7 +836,11 @@ impl Engine {
             });
             details.push(StatementDetails {
                 facts: entry.facts.clone(),
-                limit: if entry.facts.limit_literal { limit } else { None },
+                limit: if entry.facts.limit_literal {
+                    limit
+                } else {
+                    None
+                },
             });
         }
         cache.spans = spans;
@@ -805,11 +858,21 @@ impl Engine {
     ) -> (Arc<FactsEntry>, Option<u64>) {
         let dialect = cx.target.dialect;
         if text.len() > self.limits.max_statement_bytes {
-            let why = format!("statement of {} bytes exceeds the {}-byte limit", text.len(), self.limits.max_statement_bytes);
+            let why = format!(
+                "statement of {} bytes exceeds the {}-byte limit",
+                text.len(),
+                self.limits.max_statement_bytes
+            );
             return (synthetic("oversize", dialect, &why), None);
         }
         let mut canonical = std::mem::take(&mut cache.canonical);
-        let info = sql::normalize(text, mode, in_exec_comment, &mut canonical, &mut cache.scratch);
+        let info = sql::normalize(
+            text,
+            mode,
+            in_exec_comment,
+            &mut canonical,
+            &mut cache.scratch,
+        );
         let fp = Fingerprint::of(&canonical, dialect);
         let key = FactsKey {
             shape: fp.key,
@@ -819,7 +882,14 @@ impl Engine {
         let entry = match cache.facts.get(&key) {
             Some(e) => e,
             None => {
-                let e = Arc::new(analyse_entry(&canonical, &info, fp, &cx.resolution, &self.limits, dialect));
+                let e = Arc::new(analyse_entry(
+                    &canonical,
+                    &info,
+                    fp,
+                    &cx.resolution,
+                    &self.limits,
+                    dialect,
+                ));
                 cache.facts.insert(key, e.clone());
                 e
             }
@@ -828,7 +898,13 @@ impl Engine {
         (entry, info.limit)
     }
 
-    fn evaluate_cached(&self, entry: &FactsEntry, limit: Option<u64>, cx: &Ctx<'_>, cache: &mut ThreadCache) -> Evaluation {
+    fn evaluate_cached(
+        &self,
+        entry: &FactsEntry,
+        limit: Option<u64>,
+        cx: &Ctx<'_>,
+        cache: &mut ThreadCache,
+    ) -> Evaluation {
         let key = DecisionKey {
             generation: self.generation,
             binding: cx.binding.key,
@@ -837,10 +913,10 @@ impl Engine {
             ctx: cx.ctx_key,
             shape: entry.fingerprint.key,
         };
-        if let Some(e) = cache.decisions.get(&key) {
-            if !e.limit_sensitive {
-                return e;
-            }
+        if let Some(e) = cache.decisions.get(&key)
+            && !e.limit_sensitive
+        {
+            return e;
         }
         let e = self.evaluate(&entry.facts, entry.fingerprint.id, limit, cx);
         cache.decisions.insert(key, e.clone());
@@ -852,18 +928,32 @@ impl Engine {
         r.identities
             .as_ref()
             .is_none_or(|ids| ids.iter().any(|i| cx.binding.matched.contains(i)))
-            && r.targets.as_ref().is_none_or(|ts| ts.contains(&cx.target.index))
-            && r.databases.as_ref().is_none_or(|m| m.is_match(&cx.database, dialect))
-            && r.db_users.as_ref().is_none_or(|m| m.is_match(cx.req.db_user, dialect))
+            && r.targets
+                .as_ref()
+                .is_none_or(|ts| ts.contains(&cx.target.index))
+            && r.databases
+                .as_ref()
+                .is_none_or(|m| m.is_match(&cx.database, dialect))
+            && r.db_users
+                .as_ref()
+                .is_none_or(|m| m.is_match(cx.req.db_user, dialect))
     }
 
     /// Whether a rule's statement conditions hold, leaving out `max_limit`.
     fn rule_matches(r: &CompiledRule, f: &StatementFacts, fp: u64, dialect: Dialect) -> bool {
         r.kinds.is_none_or(|k| k & f.kind.bit() != 0)
-            && r.tables.as_ref().is_none_or(|m| f.tables.iter().all(|t| m.is_match(t, dialect)))
-            && r.any_tables.as_ref().is_none_or(|m| f.tables.iter().any(|t| m.is_match(t, dialect)))
-            && r.functions.as_ref().is_none_or(|m| f.functions.iter().all(|t| m.is_match(t, dialect)))
-            && r.any_functions.as_ref().is_none_or(|m| f.functions.iter().any(|t| m.is_match(t, dialect)))
+            && r.tables
+                .as_ref()
+                .is_none_or(|m| f.tables.iter().all(|t| m.is_match(t, dialect)))
+            && r.any_tables
+                .as_ref()
+                .is_none_or(|m| f.tables.iter().any(|t| m.is_match(t, dialect)))
+            && r.functions
+                .as_ref()
+                .is_none_or(|m| f.functions.iter().all(|t| m.is_match(t, dialect)))
+            && r.any_functions
+                .as_ref()
+                .is_none_or(|m| f.functions.iter().any(|t| m.is_match(t, dialect)))
             && r.where_clause.is_none_or(|w| match w {
                 WherePresence::Absent => f.has_where == Some(false),
                 WherePresence::Present => f.has_where == Some(true),
@@ -872,7 +962,13 @@ impl Engine {
             && r.fingerprints.as_ref().is_none_or(|set| set.contains(&fp))
     }
 
-    fn evaluate(&self, f: &StatementFacts, fp: u64, limit: Option<u64>, cx: &Ctx<'_>) -> Evaluation {
+    fn evaluate(
+        &self,
+        f: &StatementFacts,
+        fp: u64,
+        limit: Option<u64>,
+        cx: &Ctx<'_>,
+    ) -> Evaluation {
         let dialect = cx.target.dialect;
         let mut best: Option<(Decision, usize)> = None;
         let mut limit_sensitive = false;
@@ -969,7 +1065,12 @@ impl Engine {
         }
     }
 
-    fn unknown_target(&self, req: &DecisionRequest<'_>, mode: EffectiveMode, started: Instant) -> Verdict {
+    fn unknown_target(
+        &self,
+        req: &DecisionRequest<'_>,
+        mode: EffectiveMode,
+        started: Instant,
+    ) -> Verdict {
         let reason = format!("target {:?} is not in the policy", req.target);
         let facts = Arc::new(StatementFacts {
             kind: Kind::Other,
@@ -1001,7 +1102,12 @@ impl Engine {
 
     /// Decides a PostgreSQL FunctionCall message (a call by function OID,
     /// named by the caller as well as it can).
-    pub fn decide_function_call(&self, req: &DecisionRequest<'_>, function: &str, session: &mut SessionState) -> Verdict {
+    pub fn decide_function_call(
+        &self,
+        req: &DecisionRequest<'_>,
+        function: &str,
+        session: &mut SessionState,
+    ) -> Verdict {
         let started = Instant::now();
         let fresh;
         let binding = if req.binding.generation == self.generation {
@@ -1015,7 +1121,10 @@ impl Engine {
             return self.unknown_target(req, mode, started);
         };
         let cx = self.context(req, target, binding, session);
-        let name = function.strip_prefix("pg_catalog.").unwrap_or(function).to_lowercase();
+        let name = function
+            .strip_prefix("pg_catalog.")
+            .unwrap_or(function)
+            .to_lowercase();
         let fp = Fingerprint::of(&format!("function-call {name}"), target.dialect);
         let facts = Arc::new(StatementFacts {
             kind: Kind::Call,
@@ -1044,7 +1153,6 @@ impl Engine {
         self.verdict(vec![st], vec![d], mode, started)
     }
 }
-
 
 fn default_approval() -> ApprovalSpec {
     ApprovalSpec {

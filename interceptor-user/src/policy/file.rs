@@ -11,7 +11,7 @@ use std::{
 
 use serde::{Deserialize, Deserializer, Serialize};
 
-use crate::sql::{Dialect, Flag, Fingerprint, Kind, Limits};
+use crate::sql::{Dialect, Fingerprint, Flag, Kind, Limits};
 
 #[derive(Debug, thiserror::Error)]
 pub enum PolicyError {
@@ -214,13 +214,13 @@ impl Serialize for TargetAddress {
     }
 }
 
-
 /// Deserialises a glob, rejecting bad patterns where they stand (so the
 /// error carries line and column).
 fn glob<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
     let s = Option::<String>::deserialize(d)?;
     if let Some(p) = &s {
-        globset::Glob::new(p).map_err(|e| serde::de::Error::custom(format!("bad glob {p:?}: {e}")))?;
+        globset::Glob::new(p)
+            .map_err(|e| serde::de::Error::custom(format!("bad glob {p:?}: {e}")))?;
     }
     Ok(s)
 }
@@ -228,7 +228,8 @@ fn glob<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
 fn globs<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Vec<String>>, D::Error> {
     let v = Option::<Vec<String>>::deserialize(d)?;
     for p in v.iter().flatten() {
-        globset::Glob::new(p).map_err(|e| serde::de::Error::custom(format!("bad glob {p:?}: {e}")))?;
+        globset::Glob::new(p)
+            .map_err(|e| serde::de::Error::custom(format!("bad glob {p:?}: {e}")))?;
     }
     Ok(v)
 }

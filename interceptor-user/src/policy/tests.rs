@@ -13,7 +13,9 @@ fn engine(yaml: &str) -> Engine {
 }
 
 fn policy_file(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../policies").join(name)
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../policies")
+        .join(name)
 }
 
 fn load(name: &str) -> Engine {
@@ -31,7 +33,12 @@ struct Conn<'e> {
 }
 
 impl<'e> Conn<'e> {
-    fn new(engine: &'e Engine, identity: Identity, target: &'static str, database: &'static str) -> Self {
+    fn new(
+        engine: &'e Engine,
+        identity: Identity,
+        target: &'static str,
+        database: &'static str,
+    ) -> Self {
         let binding = engine.bind_identity(&identity);
         Self {
             engine,
@@ -139,8 +146,15 @@ fn migrator() -> Identity {
 fn decisions_table() {
     let e = engine(RULES);
     use Decision::{Allow, Approve, Deny};
+    type Case = (
+        fn() -> Identity,
+        &'static str,
+        &'static str,
+        Decision,
+        Option<&'static str>,
+    );
     #[rustfmt::skip]
-    let cases: &[(fn() -> Identity, &str, &str, Decision, Option<&str>)] = &[
+    let cases: &[Case] = &[
         (reporting, "pg", "SELECT * FROM orders WHERE id = 1", Allow, Some("reporting-reads")),
         (reporting, "pg", "select * from public.report_daily", Allow, Some("reporting-reads")),
         (reporting, "pg", "select * from orders join customers using (id)", Deny, None),
@@ -173,7 +187,10 @@ fn decisions_table() {
         let mut c = Conn::new(&e, who(), target, "shop");
         let v = c.run(sql);
         if v.decision != *want || v.rule.as_deref() != *rule || v.blocks() != (*want != Allow) {
-            failures.push(format!("{sql:?}: got {} {:?} ({}), want {want} {rule:?}", v.decision, v.rule, v.reason));
+            failures.push(format!(
+                "{sql:?}: got {} {:?} ({}), want {want} {rule:?}",
+                v.decision, v.rule, v.reason
+            ));
         }
     }
     assert!(failures.is_empty(), "\n{}", failures.join("\n"));
@@ -189,16 +206,28 @@ fn reasons_are_clear() {
         "rule \"no-unbounded-writes\" denies delete on public.orders: UPDATE and DELETE need a WHERE clause"
     );
     let v = c.run("select * from orders");
-    assert_eq!(v.reason, "no rule allowed this statement; the policy's default is deny");
+    assert_eq!(
+        v.reason,
+        "no rule allowed this statement; the policy's default is deny"
+    );
     assert_eq!(v.rule, None);
     let v = c.run("begin; drop table orders");
     assert!(v.reason.starts_with("statement 2 of 2: "), "{}", v.reason);
     let v = c.run("selec 1");
-    assert!(v.reason.contains("could not be parsed") && v.reason.contains("on_parse_error is deny"), "{}", v.reason);
+    assert!(
+        v.reason.contains("could not be parsed") && v.reason.contains("on_parse_error is deny"),
+        "{}",
+        v.reason
+    );
     let mut m = Conn::new(&e, migrator(), "pg", "app");
     let v = m.run("alter table orders add column x int");
     assert_eq!(v.decision, Decision::Approve);
-    assert!(v.reason.starts_with("rule \"migrations-need-approval\" requires approval for ddl"), "{}", v.reason);
+    assert!(
+        v.reason
+            .starts_with("rule \"migrations-need-approval\" requires approval for ddl"),
+        "{}",
+        v.reason
+    );
     let approval = v.approval.unwrap_or_else(|| panic!("approval spec"));
     assert_eq!(approval.approvers, ["dba"]);
 }
@@ -231,7 +260,10 @@ rules: []
     assert_eq!(b.names, ["learner"]);
     let mut c = Conn::new(&e, id(1500, "x", None, None), "pg", "d");
     let v = c.run("drop table t");
-    assert_eq!((v.decision, v.enforced, v.mode), (Decision::Deny, false, EffectiveMode::Learn));
+    assert_eq!(
+        (v.decision, v.enforced, v.mode),
+        (Decision::Deny, false, EffectiveMode::Learn)
+    );
     assert!(!v.blocks());
     let mut c = Conn::new(&e, id(1, "psql", None, None), "pg", "d");
     let v = c.run("drop table t");
@@ -239,11 +271,25 @@ rules: []
     // Enforce beats learn when both match.
     let mut c = Conn::new(&e, id(1500, "python3", None, None), "pg", "d");
     assert!(c.run("drop table t").blocks());
-    assert_eq!(e.bind_identity(&id(2, "x", Some("/opt/shop/bin/app"), Some("abcdef"))).names, ["pinned"]);
-    assert!(e.bind_identity(&id(2, "x", Some("/opt/shop/bin/app"), Some("00"))).names.is_empty());
-    assert!(e.bind_identity(&id(2, "x", Some("/opt/shop/sub/bin/app"), Some("abcdef"))).names.is_empty());
+    assert_eq!(
+        e.bind_identity(&id(2, "x", Some("/opt/shop/bin/app"), Some("abcdef")))
+            .names,
+        ["pinned"]
+    );
+    assert!(
+        e.bind_identity(&id(2, "x", Some("/opt/shop/bin/app"), Some("00")))
+            .names
+            .is_empty()
+    );
+    assert!(
+        e.bind_identity(&id(2, "x", Some("/opt/shop/sub/bin/app"), Some("abcdef")))
+            .names
+            .is_empty()
+    );
     // A file-level shadow mode.
-    let s = engine("version: 1\nmode: shadow\ntargets: [{name: pg, protocol: postgres, address: 127.0.0.1:5432}]\n");
+    let s = engine(
+        "version: 1\nmode: shadow\ntargets: [{name: pg, protocol: postgres, address: 127.0.0.1:5432}]\n",
+    );
     let mut c = Conn::new(&s, anyone(), "pg", "d");
     let v = c.run("drop table t");
     assert_eq!((v.decision, v.enforced), (Decision::Deny, false));
@@ -289,10 +335,19 @@ fn search_path_and_use_are_followed() {
 fn prepared_statements_follow_the_session() {
     let e = engine(RULES);
     let mut c = Conn::new(&e, reporting(), "pg", "app");
-    assert_eq!(c.decision("prepare p as select * from orders where id = $1"), Decision::Allow);
-    assert_eq!(c.decision("prepare q as delete from orders"), Decision::Deny);
+    assert_eq!(
+        c.decision("prepare p as select * from orders where id = $1"),
+        Decision::Allow
+    );
+    assert_eq!(
+        c.decision("prepare q as delete from orders"),
+        Decision::Deny
+    );
     let v = c.run("execute p(1)");
-    assert_eq!((v.decision, v.statements[0].kind), (Decision::Allow, Kind::Select));
+    assert_eq!(
+        (v.decision, v.statements[0].kind),
+        (Decision::Allow, Kind::Select)
+    );
     // q was denied, so never prepared: EXECUTE q is unknown.
     let v = c.run("execute q");
     assert_eq!(v.decision, Decision::Deny);
@@ -304,11 +359,17 @@ fn prepared_statements_follow_the_session() {
     let mut c = Conn::new(&s, reporting(), "pg", "app");
     c.run("prepare q as delete from orders");
     let v = c.run("execute q");
-    assert_eq!((v.decision, v.statements[0].kind), (Decision::Deny, Kind::Delete));
+    assert_eq!(
+        (v.decision, v.statements[0].kind),
+        (Decision::Deny, Kind::Delete)
+    );
     assert_eq!(v.rule.as_deref(), Some("no-unbounded-writes"));
     // MySQL PREPARE FROM 'text'.
     let mut m = Conn::new(&e, reporting(), "my", "shop");
-    assert_eq!(m.decision("PREPARE s FROM 'SELECT * FROM orders WHERE id = ?'"), Decision::Allow);
+    assert_eq!(
+        m.decision("PREPARE s FROM 'SELECT * FROM orders WHERE id = ?'"),
+        Decision::Allow
+    );
     assert_eq!(m.decision("EXECUTE s USING @id"), Decision::Allow);
     assert_eq!(m.decision("PREPARE s2 FROM @sql"), Decision::Deny);
 }
@@ -357,10 +418,20 @@ fn function_calls_and_unknown_targets() {
     };
     let mut s = SessionState::default();
     let v = e.decide_function_call(&req, "pg_catalog.lo_export", &mut s);
-    assert_eq!((v.decision, v.rule.as_deref()), (Decision::Deny, Some("dangerous")));
+    assert_eq!(
+        (v.decision, v.rule.as_deref()),
+        (Decision::Deny, Some("dangerous"))
+    );
     let empty = e.decide(&req, &mut s);
     assert_eq!(empty.decision, Decision::Allow);
-    let v = e.decide(&DecisionRequest { target: "nope", sql: "select 1", ..req }, &mut s);
+    let v = e.decide(
+        &DecisionRequest {
+            target: "nope",
+            sql: "select 1",
+            ..req
+        },
+        &mut s,
+    );
     assert_eq!(v.decision, Decision::Deny);
     assert!(v.reason.contains("not in the policy"));
 }
@@ -379,21 +450,42 @@ fn stale_bindings_are_recomputed() {
         database: "app",
         sql: "select * from orders",
     };
-    assert_eq!(b.decide(&req, &mut SessionState::default()).decision, Decision::Allow);
+    assert_eq!(
+        b.decide(&req, &mut SessionState::default()).decision,
+        Decision::Allow
+    );
 }
 
 #[test]
 fn bad_policies_are_rejected_with_location() {
     let bad = [
-        ("version: 1\nrules:\n  - name: r\n    tables: [\"a[\"]\n    decision: allow\n", "bad glob"),
-        ("version: 1\nrules:\n  - name: r\n    fingerprints: [\"v1:zz\"]\n    decision: allow\n", "bad fingerprint"),
-        ("version: 1\nidentities:\n  x: {cgroup: \"[\"}\n", "bad glob"),
-        ("version: 1\nrules:\n  - name: r\n    kinds: [selects]\n    decision: allow\n", "selects"),
-        ("version: 1\nrules:\n  - {name: r, decision: deny, approval: {approvers: [x]}}\n", "approval"),
+        (
+            "version: 1\nrules:\n  - name: r\n    tables: [\"a[\"]\n    decision: allow\n",
+            "bad glob",
+        ),
+        (
+            "version: 1\nrules:\n  - name: r\n    fingerprints: [\"v1:zz\"]\n    decision: allow\n",
+            "bad fingerprint",
+        ),
+        (
+            "version: 1\nidentities:\n  x: {cgroup: \"[\"}\n",
+            "bad glob",
+        ),
+        (
+            "version: 1\nrules:\n  - name: r\n    kinds: [selects]\n    decision: allow\n",
+            "selects",
+        ),
+        (
+            "version: 1\nrules:\n  - {name: r, decision: deny, approval: {approvers: [x]}}\n",
+            "approval",
+        ),
         ("version: 1\nlimits: {max_depht: 3}\n", "max_depht"),
     ];
     for (yaml, needle) in bad {
-        let err = PolicyFile::parse(yaml, Path::new("p.yaml")).map(|_| ()).unwrap_err().to_string();
+        let err = PolicyFile::parse(yaml, Path::new("p.yaml"))
+            .map(|_| ())
+            .unwrap_err()
+            .to_string();
         assert!(err.starts_with("p.yaml:"), "{err}");
         assert!(err.contains(needle), "{err}");
     }
@@ -413,7 +505,16 @@ fn cached_and_uncached_agree() {
         let mut c = Conn::new(&e, reporting(), "pg", "app");
         let got: Vec<Decision> = statements.iter().map(|s| c.decision(s)).collect();
         // pg_sleep touches no table, so `tables` holds: allowed.
-        assert_eq!(got, [Decision::Allow, Decision::Deny, Decision::Allow, Decision::Allow, Decision::Allow]);
+        assert_eq!(
+            got,
+            [
+                Decision::Allow,
+                Decision::Deny,
+                Decision::Allow,
+                Decision::Allow,
+                Decision::Allow
+            ]
+        );
     }
 }
 
@@ -423,17 +524,26 @@ fn cached_and_uncached_agree() {
 fn exercise_default() {
     // Embedded, shadow mode: everything recorded, dangerous flags marked
     // deny but let through, the rest allowed, the two local targets.
-    let file = PolicyFile::parse(EMBEDDED_DEFAULT, Path::new("default.yaml")).unwrap_or_else(|e| panic!("{e}"));
+    let file = PolicyFile::parse(EMBEDDED_DEFAULT, Path::new("default.yaml"))
+        .unwrap_or_else(|e| panic!("{e}"));
     let e = Engine::new(file).unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(e.file().targets.len(), 2);
     for (target, db) in [("local-postgres", "app"), ("local-mysql", "app")] {
         let mut c = Conn::new(&e, anyone(), target, db);
         let v = c.run("select * from orders; delete from orders");
         assert_eq!((v.decision, v.enforced), (Decision::Allow, false));
-        for sql in ["select pg_read_file('/etc/passwd')", "SELECT LOAD_FILE('/etc/passwd')", "set role admin"] {
+        for sql in [
+            "select pg_read_file('/etc/passwd')",
+            "SELECT LOAD_FILE('/etc/passwd')",
+            "set role admin",
+        ] {
             let v = c.run(sql);
             if target == "local-postgres" || sql.contains("LOAD_FILE") {
-                assert_eq!((v.decision, v.rule.as_deref()), (Decision::Deny, Some("dangerous")), "{sql}");
+                assert_eq!(
+                    (v.decision, v.rule.as_deref()),
+                    (Decision::Deny, Some("dangerous")),
+                    "{sql}"
+                );
             }
             assert!(!v.blocks(), "shadow mode never blocks: {sql}");
         }
@@ -451,12 +561,18 @@ fn exercise_reporting() {
     };
     let mut c = Conn::new(&e, job.clone(), "orders-db", "orders");
     for (sql, want) in [
-        ("SELECT o.id, sum(i.price) FROM orders o JOIN order_items i ON i.order_id = o.id GROUP BY o.id", Decision::Allow),
+        (
+            "SELECT o.id, sum(i.price) FROM orders o JOIN order_items i ON i.order_id = o.id GROUP BY o.id",
+            Decision::Allow,
+        ),
         ("select * from report_daily", Decision::Allow),
         ("begin; select * from orders; commit", Decision::Allow),
         ("select * from customers", Decision::Deny),
         ("update orders set paid = true where id = 1", Decision::Deny),
-        ("with d as (delete from orders returning *) select * from d", Decision::Deny),
+        (
+            "with d as (delete from orders returning *) select * from d",
+            Decision::Deny,
+        ),
         ("select pg_read_file('x')", Decision::Deny),
         ("select * from orders; drop table orders", Decision::Deny),
         ("selec * from orders", Decision::Deny),
@@ -495,13 +611,25 @@ fn exercise_migrations() {
     };
     let mut m = Conn::new(&e, migrate, "shop-db", "shop");
     let v = m.run("ALTER TABLE orders ADD COLUMN note TEXT");
-    assert_eq!((v.decision, v.rule.as_deref()), (Decision::Approve, Some("migrations-need-approval")));
+    assert_eq!(
+        (v.decision, v.rule.as_deref()),
+        (Decision::Approve, Some("migrations-need-approval"))
+    );
     let approval = v.approval.clone().unwrap_or_else(|| panic!("approval"));
-    assert_eq!((approval.approvers.as_slice(), approval.timeout.as_deref()), (["dba".to_owned()].as_slice(), Some("5m")));
+    assert_eq!(
+        (approval.approvers.as_slice(), approval.timeout.as_deref()),
+        (["dba".to_owned()].as_slice(), Some("5m"))
+    );
     assert!(v.blocks());
     assert_eq!(m.decision("CREATE TABLE audit (id INT)"), Decision::Approve);
-    assert_eq!(m.decision("CREATE TABLE other.audit (id INT)"), Decision::Deny);
-    assert_eq!(m.decision("SELECT version FROM schema_migrations"), Decision::Allow);
+    assert_eq!(
+        m.decision("CREATE TABLE other.audit (id INT)"),
+        Decision::Deny
+    );
+    assert_eq!(
+        m.decision("SELECT version FROM schema_migrations"),
+        Decision::Allow
+    );
     assert_eq!(m.decision("DELETE FROM schema_migrations"), Decision::Deny);
 }
 
@@ -544,9 +672,15 @@ fn exercise_ai_agent() {
     let text = std::fs::read_to_string(policy_file("ai-agent.yaml")).unwrap_or_default();
     let learning = load("ai-agent.yaml");
     let enforcing = engine(&text.replace("mode: learn", "mode: enforce"));
-    let agent = Identity { uid: 1500, ..anyone() };
+    let agent = Identity {
+        uid: 1500,
+        ..anyone()
+    };
     let cases = [
-        ("SELECT region, sum(amount) FROM sales GROUP BY region LIMIT 100", Decision::Allow),
+        (
+            "SELECT region, sum(amount) FROM sales GROUP BY region LIMIT 100",
+            Decision::Allow,
+        ),
         ("select * from analytics.sales limit 10", Decision::Allow),
         ("select * from sales", Decision::Deny),
         ("select * from sales limit 101", Decision::Deny),
@@ -559,10 +693,19 @@ fn exercise_ai_agent() {
     let mut f = Conn::new(&enforcing, agent, "warehouse", "dw");
     for (sql, want) in cases {
         let v = l.run(sql);
-        assert_eq!((v.decision, v.mode, v.blocks()), (want, EffectiveMode::Learn, false), "{sql}");
+        assert_eq!(
+            (v.decision, v.mode, v.blocks()),
+            (want, EffectiveMode::Learn, false),
+            "{sql}"
+        );
         assert!(v.statements[0].fingerprint.starts_with("v1:"));
         let v = f.run(sql);
-        assert_eq!((v.decision, v.blocks()), (want, want != Decision::Allow), "{sql}: {}", v.reason);
+        assert_eq!(
+            (v.decision, v.blocks()),
+            (want, want != Decision::Allow),
+            "{sql}: {}",
+            v.reason
+        );
     }
 }
 
@@ -585,7 +728,10 @@ fn every_shipped_policy_is_exercised() {
     on_disk.sort();
     let mut covered: Vec<String> = exercises.iter().map(|(n, _)| (*n).to_owned()).collect();
     covered.sort();
-    assert_eq!(on_disk, covered, "every file in policies/ needs an exercise here");
+    assert_eq!(
+        on_disk, covered,
+        "every file in policies/ needs an exercise here"
+    );
     for (name, run) in exercises {
         let text = std::fs::read_to_string(dir.join(name)).unwrap_or_default();
         assert!(text.starts_with('#'), "{name} needs a header comment");

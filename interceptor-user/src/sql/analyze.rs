@@ -6,8 +6,9 @@ use std::ops::ControlFlow;
 
 use sqlparser::{
     ast::{
-        CopySource, CopyTarget, Expr, FromTable, ObjectName, ObjectNamePart, ObjectType, OnConflictAction,
-        OnInsert, Query, Select, Statement, TableFactor, TableObject, TableWithJoins, Value, Visit, Visitor,
+        CopySource, CopyTarget, Expr, FromTable, ObjectName, ObjectNamePart, ObjectType,
+        OnConflictAction, OnInsert, Query, Select, Statement, TableFactor, TableObject,
+        TableWithJoins, Value, Visit, Visitor,
     },
     dialect::{MySqlDialect, PostgreSqlDialect},
     parser::Parser,
@@ -46,7 +47,10 @@ pub enum Effect {
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum SearchPathChange {
-    Set { schemas: Vec<String>, local: bool },
+    Set {
+        schemas: Vec<String>,
+        local: bool,
+    },
     Reset,
     /// Changed to something we cannot read (a run-time expression).
     Unknown,
@@ -148,23 +152,38 @@ fn pg_prepare_body<'a>(canonical: &'a str, toks: &[T<'a>]) -> Option<(String, &'
             i += 1;
         }
     }
-    let as_tok = toks.get(i).filter(|t| t.kind == TokKind::Word && t.text == "as")?;
+    let as_tok = toks
+        .get(i)
+        .filter(|t| t.kind == TokKind::Word && t.text == "as")?;
     // Tokens borrow from `canonical`: find the body by offset.
     let offset = as_tok.text.as_ptr() as usize - canonical.as_ptr() as usize + 2;
     Some((name, canonical.get(offset..)?.trim_start()))
 }
 
-fn analyze_at(canonical: &str, info: &NormInfo, dialect: Dialect, limits: &Limits, depth: u8) -> Analysis {
+fn analyze_at(
+    canonical: &str,
+    info: &NormInfo,
+    dialect: Dialect,
+    limits: &Limits,
+    depth: u8,
+) -> Analysis {
     let toks = lexical::tokens(canonical, dialect);
     if info.unterminated {
         let lf = lexical::scan(&toks, dialect);
         return lexical_only(lf, Some("unterminated quote or comment".into()));
     }
-    let first = toks.first().map_or("", |t| if t.kind == TokKind::Word { t.text } else { "" });
+    let first = toks
+        .first()
+        .map_or("", |t| if t.kind == TokKind::Word { t.text } else { "" });
     // PREPARE is decided as the statement it prepares.
-    if first == "prepare" && !toks.get(2).is_some_and(|t| t.kind == TokKind::Word && t.text == "transaction") {
+    if first == "prepare"
+        && !toks
+            .get(2)
+            .is_some_and(|t| t.kind == TokKind::Word && t.text == "transaction")
+    {
         let prepared = match dialect {
-            Dialect::Postgres => pg_prepare_body(canonical, &toks).map(|(n, b)| (n, PreparedBody::Text(b.to_owned()))),
+            Dialect::Postgres => pg_prepare_body(canonical, &toks)
+                .map(|(n, b)| (n, PreparedBody::Text(b.to_owned()))),
             Dialect::Mysql => match lexical::scan(&toks, dialect).effect {
                 Effect::Prepare { name, body } => Some((name, body)),
                 _ => None,
@@ -177,7 +196,13 @@ fn analyze_at(canonical: &str, info: &NormInfo, dialect: Dialect, limits: &Limit
         let inner = match (&body, depth) {
             (PreparedBody::Text(text), 0) => {
                 let mut canon = String::new();
-                let info = normalize(text, LexMode::default_for(dialect), false, &mut canon, &mut Scratch::default());
+                let info = normalize(
+                    text,
+                    LexMode::default_for(dialect),
+                    false,
+                    &mut canon,
+                    &mut Scratch::default(),
+                );
                 let mut a = analyze_at(&canon, &info, dialect, limits, depth + 1);
                 // The body keeps its literals: EXECUTE reads its LIMIT.
                 a.effect = Effect::Prepare {
@@ -228,7 +253,9 @@ fn analyze_at(canonical: &str, info: &NormInfo, dialect: Dialect, limits: &Limit
         let _ = s.visit(&mut c);
     }
     let explain_plain = statements.first().is_some_and(|s| match s {
-        Statement::Explain { analyze, options, .. } => {
+        Statement::Explain {
+            analyze, options, ..
+        } => {
             !*analyze
                 && !options
                     .iter()
@@ -352,7 +379,9 @@ impl Collector {
                     ObjectNamePart::Identifier(i) => {
                         NamePart(fold(&i.value, i.quote_style.is_some(), self.dialect))
                     }
-                    ObjectNamePart::Function(f) => NamePart(fold(&f.name.value, false, self.dialect)),
+                    ObjectNamePart::Function(f) => {
+                        NamePart(fold(&f.name.value, false, self.dialect))
+                    }
                 })
                 .collect(),
         )
@@ -398,7 +427,11 @@ impl Collector {
 
     fn is_cte(&self, name: &str) -> bool {
         self.scopes.iter().any(|s| {
-            let n = if s.recursive { s.ctes.len() } else { s.visible.min(s.ctes.len()) };
+            let n = if s.recursive {
+                s.ctes.len()
+            } else {
+                s.visible.min(s.ctes.len())
+            };
             s.ctes[..n].iter().any(|(c, _)| c == name)
         })
     }
@@ -413,7 +446,9 @@ impl Collector {
                 }
                 let upsert = match &i.on {
                     Some(OnInsert::DuplicateKeyUpdate(_)) => true,
-                    Some(OnInsert::OnConflict(c)) => matches!(c.action, OnConflictAction::DoUpdate(_)),
+                    Some(OnInsert::OnConflict(c)) => {
+                        matches!(c.action, OnConflictAction::DoUpdate(_))
+                    }
                     _ => false,
                 };
                 // REPLACE deletes the rows it collides with; an upsert
@@ -453,7 +488,9 @@ impl Collector {
                 }
                 Some(Kind::Truncate)
             }
-            Statement::Copy { source, to, target, .. } => {
+            Statement::Copy {
+                source, to, target, ..
+            } => {
                 if let CopySource::Table { table_name, .. } = source {
                     if *to {
                         let raw = self.raw(table_name);
@@ -477,7 +514,9 @@ impl Collector {
                 self.tables.push((raw, false));
                 Some(Kind::Explain)
             }
-            Statement::Declare { .. } | Statement::Fetch { .. } | Statement::Close { .. } => Some(Kind::Select),
+            Statement::Declare { .. } | Statement::Fetch { .. } | Statement::Close { .. } => {
+                Some(Kind::Select)
+            }
             Statement::Call(f) => {
                 self.add_function(&f.name);
                 Some(Kind::Call)
@@ -491,7 +530,11 @@ impl Collector {
                 self.flags.insert(Flag::Lock);
                 if let Statement::LockTables { tables } = s {
                     for t in tables {
-                        let raw = RawName(vec![NamePart(fold(&t.table.value, t.table.quote_style.is_some(), self.dialect))]);
+                        let raw = RawName(vec![NamePart(fold(
+                            &t.table.value,
+                            t.table.quote_style.is_some(),
+                            self.dialect,
+                        ))]);
                         self.tables.push((raw, false));
                     }
                 }
@@ -522,7 +565,9 @@ impl Collector {
                 self.write_target(&at.name);
                 Some(Kind::Ddl)
             }
-            Statement::Drop { object_type, names, .. } => match object_type {
+            Statement::Drop {
+                object_type, names, ..
+            } => match object_type {
                 ObjectType::Table | ObjectType::View | ObjectType::MaterializedView => {
                     for n in names {
                         self.write_target(n);
@@ -565,10 +610,10 @@ impl Visitor for Collector {
             self.flags.insert(Flag::Lock);
         }
         let me = ptr(q);
-        if let Some(top) = self.scopes.last_mut() {
-            if let Some(i) = top.ctes.iter().position(|(_, p)| *p == me) {
-                top.visible = i;
-            }
+        if let Some(top) = self.scopes.last_mut()
+            && let Some(i) = top.ctes.iter().position(|(_, p)| *p == me)
+        {
+            top.visible = i;
         }
         let scope = match &q.with {
             Some(w) => Scope {
@@ -577,7 +622,10 @@ impl Visitor for Collector {
                     .iter()
                     .map(|c| {
                         let a = &c.alias.name;
-                        (fold(&a.value, a.quote_style.is_some(), self.dialect), ptr(&*c.query))
+                        (
+                            fold(&a.value, a.quote_style.is_some(), self.dialect),
+                            ptr(&*c.query),
+                        )
                     })
                     .collect(),
                 recursive: w.recursive,
@@ -596,10 +644,10 @@ impl Visitor for Collector {
     fn post_visit_query(&mut self, q: &Query) -> ControlFlow<()> {
         self.scopes.pop();
         let me = ptr(q);
-        if let Some(top) = self.scopes.last_mut() {
-            if let Some(i) = top.ctes.iter().position(|(_, p)| *p == me) {
-                top.visible = top.visible.max(i + 1);
-            }
+        if let Some(top) = self.scopes.last_mut()
+            && let Some(i) = top.ctes.iter().position(|(_, p)| *p == me)
+        {
+            top.visible = top.visible.max(i + 1);
         }
         ControlFlow::Continue(())
     }
@@ -613,9 +661,10 @@ impl Visitor for Collector {
                 for t in &into.targets {
                     let parts: Vec<(&str, bool)> = match t {
                         Expr::Identifier(i) => vec![(i.value.as_str(), i.quote_style.is_some())],
-                        Expr::CompoundIdentifier(ids) => {
-                            ids.iter().map(|i| (i.value.as_str(), i.quote_style.is_some())).collect()
-                        }
+                        Expr::CompoundIdentifier(ids) => ids
+                            .iter()
+                            .map(|i| (i.value.as_str(), i.quote_style.is_some()))
+                            .collect(),
                         _ => continue,
                     };
                     let raw = RawName::from_ident_parts(parts.into_iter(), self.dialect);
@@ -628,7 +677,11 @@ impl Visitor for Collector {
 
     fn pre_visit_table_factor(&mut self, tf: &TableFactor) -> ControlFlow<()> {
         match tf {
-            TableFactor::Table { name, args: Some(_), .. } => {
+            TableFactor::Table {
+                name,
+                args: Some(_),
+                ..
+            } => {
                 self.skip.push(ptr(name));
                 self.add_function(name);
             }

@@ -142,8 +142,7 @@ impl<'a> Lexer<'a> {
                     self.spaced = true;
                 }
                 b'-' if self.peek(1) == b'-'
-                    && (dialect == Dialect::Postgres
-                        || matches!(self.peek(2), 0..=b' ')) =>
+                    && (dialect == Dialect::Postgres || matches!(self.peek(2), 0..=b' ')) =>
                 {
                     // MySQL: `--` starts a comment only before whitespace or
                     // a control character (`1--1` is arithmetic).
@@ -152,8 +151,7 @@ impl<'a> Lexer<'a> {
                 b'#' if dialect == Dialect::Mysql => self.skip_line(),
                 b'/' if self.peek(1) == b'*' => {
                     if dialect == Dialect::Mysql
-                        && (self.peek(2) == b'!'
-                            || (self.peek(2) == b'M' && self.peek(3) == b'!'))
+                        && (self.peek(2) == b'!' || (self.peek(2) == b'M' && self.peek(3) == b'!'))
                     {
                         // Executable comment: `/*!` or `/*M!`, then an
                         // optional version number; the rest is code.
@@ -253,7 +251,9 @@ impl<'a> Lexer<'a> {
     fn dollar_quote(&mut self) -> bool {
         let start = self.pos;
         let mut i = start + 1;
-        while i < self.src.len() && (self.src[i].is_ascii_alphanumeric() || self.src[i] == b'_' || self.src[i] >= 0x80) {
+        while i < self.src.len()
+            && (self.src[i].is_ascii_alphanumeric() || self.src[i] == b'_' || self.src[i] >= 0x80)
+        {
             i += 1;
         }
         if i >= self.src.len() || self.src[i] != b'$' {
@@ -424,8 +424,10 @@ impl<'a> Lexer<'a> {
                 // String prefixes glued to their quote.
                 let prefix = match dialect {
                     Dialect::Postgres => {
-                        matches!(word, [b'e' | b'E' | b'b' | b'B' | b'x' | b'X' | b'n' | b'N'])
-                            && next == b'\''
+                        matches!(
+                            word,
+                            [b'e' | b'E' | b'b' | b'B' | b'x' | b'X' | b'n' | b'N']
+                        ) && next == b'\''
                     }
                     Dialect::Mysql => {
                         (matches!(word, [b'b' | b'B' | b'x' | b'X' | b'n' | b'N'])
@@ -466,7 +468,10 @@ impl<'a> Lexer<'a> {
                     if n == b'/' && n1 == b'*' {
                         break;
                     }
-                    if n == b'-' && n1 == b'-' && (dialect == Dialect::Postgres || matches!(self.peek(2), 0..=b' ')) {
+                    if n == b'-'
+                        && n1 == b'-'
+                        && (dialect == Dialect::Postgres || matches!(self.peek(2), 0..=b' '))
+                    {
                         break;
                     }
                     if n == b'*' && n1 == b'/' && self.in_exec_comment {
@@ -500,13 +505,8 @@ impl Iterator for Lexer<'_> {
     }
 }
 
-pub(crate) fn memchr(needle: u8, hay: &[u8]) -> Option<usize> {
-    hay.iter().position(|b| *b == needle)
-}
-
-fn memchr2(a: u8, b: u8, hay: &[u8]) -> Option<usize> {
-    hay.iter().position(|c| *c == a || *c == b)
-}
+// SIMD searches: bulk statements are mostly one long literal.
+use memchr::{memchr, memchr2};
 
 /// One statement of a message: where it is, and the lexer state it starts in.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -633,7 +633,15 @@ pub struct Scratch {
 fn keeps_literals(first: &[u8], dialect: Dialect) -> bool {
     matches!(
         first,
-        b"set" | b"reset" | b"do" | b"create" | b"alter" | b"copy" | b"load" | b"comment" | b"grant"
+        b"set"
+            | b"reset"
+            | b"do"
+            | b"create"
+            | b"alter"
+            | b"copy"
+            | b"load"
+            | b"comment"
+            | b"grant"
             | b"prepare"
     ) && matches!(dialect, Dialect::Postgres | Dialect::Mysql)
 }
@@ -688,7 +696,11 @@ pub fn normalize(
             info.literals_kept = keep;
         }
         // set_config's arguments say what it changes: keep them.
-        if !keep && t.kind == TokKind::Word && raw.len() == 10 && raw.eq_ignore_ascii_case(b"set_config") {
+        if !keep
+            && t.kind == TokKind::Word
+            && raw.len() == 10
+            && raw.eq_ignore_ascii_case(b"set_config")
+        {
             keep = true;
             info.literals_kept = true;
         }
@@ -793,13 +805,12 @@ pub fn normalize(
                             None => &mut top_last,
                         };
                         let mut merged = false;
-                        if let Some((ps, pe)) = *last {
-                            if buf.get(pe..span.0) == Some(b" , ".as_slice())
-                                && buf[ps..pe] == buf[span.0..span.1]
-                            {
-                                buf.truncate(pe);
-                                merged = true;
-                            }
+                        if let Some((ps, pe)) = *last
+                            && buf.get(pe..span.0) == Some(b" , ".as_slice())
+                            && buf[ps..pe] == buf[span.0..span.1]
+                        {
+                            buf.truncate(pe);
+                            merged = true;
                         }
                         if !merged {
                             *last = Some(span);
@@ -814,7 +825,8 @@ pub fn normalize(
     info.unterminated = lx.unterminated;
     info.limit = if limit_seen == 1 { limit_val } else { None };
     // The buffer holds whole tokens of a str plus ASCII: valid UTF-8.
-    *out = String::from_utf8(buf).unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned());
+    *out = String::from_utf8(buf)
+        .unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned());
     info
 }
 
@@ -823,12 +835,21 @@ mod tests {
     use super::*;
 
     fn texts(sql: &str, d: Dialect) -> Vec<String> {
-        split(sql, d).iter().map(|s| s.text(sql).to_owned()).collect()
+        split(sql, d)
+            .iter()
+            .map(|s| s.text(sql).to_owned())
+            .collect()
     }
 
     fn norm(sql: &str, d: Dialect) -> (String, NormInfo) {
         let mut out = String::new();
-        let info = normalize(sql, LexMode::default_for(d), false, &mut out, &mut Scratch::default());
+        let info = normalize(
+            sql,
+            LexMode::default_for(d),
+            false,
+            &mut out,
+            &mut Scratch::default(),
+        );
         (out, info)
     }
 
@@ -836,26 +857,56 @@ mod tests {
     fn splits_respecting_quotes_and_comments() {
         let pg = Dialect::Postgres;
         assert_eq!(texts("select 1; select 2;", pg), ["select 1", "select 2"]);
-        assert_eq!(texts("select ';'; select \"a;b\"", pg), ["select ';'", "select \"a;b\""]);
-        assert_eq!(texts("select $$;$$; select $x$ $$ ; $x$", pg), ["select $$;$$", "select $x$ $$ ; $x$"]);
-        assert_eq!(texts("select /* ; /* ; */ ; */ 1; select 2", pg), ["select /* ; /* ; */ ; */ 1", "select 2"]);
-        assert_eq!(texts("select 1 -- ; drop\n; select 2", pg), ["select 1", "select 2"]);
+        assert_eq!(
+            texts("select ';'; select \"a;b\"", pg),
+            ["select ';'", "select \"a;b\""]
+        );
+        assert_eq!(
+            texts("select $$;$$; select $x$ $$ ; $x$", pg),
+            ["select $$;$$", "select $x$ $$ ; $x$"]
+        );
+        assert_eq!(
+            texts("select /* ; /* ; */ ; */ 1; select 2", pg),
+            ["select /* ; /* ; */ ; */ 1", "select 2"]
+        );
+        assert_eq!(
+            texts("select 1 -- ; drop\n; select 2", pg),
+            ["select 1", "select 2"]
+        );
         assert_eq!(texts(";;  ; ", pg), Vec::<String>::new());
-        assert_eq!(texts("select a$b$c from t; x", pg), ["select a$b$c from t", "x"]);
-        assert_eq!(texts("select E'\\';'; drop table t", pg), ["select E'\\';'", "drop table t"]);
+        assert_eq!(
+            texts("select a$b$c from t; x", pg),
+            ["select a$b$c from t", "x"]
+        );
+        assert_eq!(
+            texts("select E'\\';'; drop table t", pg),
+            ["select E'\\';'", "drop table t"]
+        );
     }
 
     #[test]
     fn mysql_comments() {
         let my = Dialect::Mysql;
-        assert_eq!(texts("select 1 # ; drop\n; select 2", my), ["select 1", "select 2"]);
-        assert_eq!(texts("select 1--1; select 2", my), ["select 1--1", "select 2"]);
-        assert_eq!(texts("select 1 -- ;x\n; select 2", my), ["select 1", "select 2"]);
+        assert_eq!(
+            texts("select 1 # ; drop\n; select 2", my),
+            ["select 1", "select 2"]
+        );
+        assert_eq!(
+            texts("select 1--1; select 2", my),
+            ["select 1--1", "select 2"]
+        );
+        assert_eq!(
+            texts("select 1 -- ;x\n; select 2", my),
+            ["select 1", "select 2"]
+        );
         // Executable comments are code: the `;` inside splits.
         let parts = texts("select 1 /*!50000 ; drop table t */", my);
         assert_eq!(parts.len(), 2, "{parts:?}");
         // MySQL block comments do not nest.
-        assert_eq!(texts("select /* /* */ 1; select 2", my), ["select /* /* */ 1", "select 2"]);
+        assert_eq!(
+            texts("select /* /* */ 1; select 2", my),
+            ["select /* /* */ 1", "select 2"]
+        );
     }
 
     #[test]
@@ -863,21 +914,39 @@ mod tests {
         // With standard strings `'a\'` ends at the second quote; without, the
         // server would read on. Both readings are kept.
         let parts = texts("select 'a\\'; drop table t; --'", Dialect::Postgres);
-        assert!(parts.iter().any(|p| p.starts_with("drop table t")), "{parts:?}");
+        assert!(
+            parts.iter().any(|p| p.starts_with("drop table t")),
+            "{parts:?}"
+        );
         let parts = texts("select 'x\\' ; ' ; drop table t; --'", Dialect::Mysql);
-        assert!(parts.iter().any(|p| p.contains("drop table t")), "{parts:?}");
+        assert!(
+            parts.iter().any(|p| p.contains("drop table t")),
+            "{parts:?}"
+        );
     }
 
     #[test]
     fn normalizes_literals_case_and_space() {
         let pg = Dialect::Postgres;
-        let (a, ia) = norm("SELECT abalance FROM pgbench_accounts WHERE aid = 12345;", pg);
+        let (a, ia) = norm(
+            "SELECT abalance FROM pgbench_accounts WHERE aid = 12345;",
+            pg,
+        );
         assert_eq!(a, "select abalance from pgbench_accounts where aid = 0");
         assert_eq!(ia.tokens, 8);
-        let (b, _) = norm("select   abalance\n from pgbench_accounts /* x */ where aid=7", pg);
+        let (b, _) = norm(
+            "select   abalance\n from pgbench_accounts /* x */ where aid=7",
+            pg,
+        );
         assert_eq!(a, b);
-        let (c, _) = norm("SELECT * FROM \"Orders\" WHERE a IN (1, 2, 3) AND b = E'x' AND c = $2", pg);
-        assert_eq!(c, "select * from \"Orders\" where a in ( 0 ) and b = '' and c = $1");
+        let (c, _) = norm(
+            "SELECT * FROM \"Orders\" WHERE a IN (1, 2, 3) AND b = E'x' AND c = $2",
+            pg,
+        );
+        assert_eq!(
+            c,
+            "select * from \"Orders\" where a in ( 0 ) and b = '' and c = $1"
+        );
         let (d, _) = norm("INSERT INTO t VALUES (1, 'a'), (2, 'b'),(3,'c')", pg);
         assert_eq!(d, "insert into t values ( 0 )");
         let (e, _) = norm("SET search_path = 'x'", pg);
@@ -888,10 +957,19 @@ mod tests {
     fn limit_is_read_from_literals() {
         let pg = Dialect::Postgres;
         assert_eq!(norm("select * from t limit 10", pg).1.limit, Some(10));
-        assert_eq!(norm("select * from t limit 10 offset 5", pg).1.limit, Some(10));
+        assert_eq!(
+            norm("select * from t limit 10 offset 5", pg).1.limit,
+            Some(10)
+        );
         assert_eq!(norm("select * from (select 1 limit 5) x", pg).1.limit, None);
-        assert_eq!(norm("select * from t fetch first 7 rows only", pg).1.limit, Some(7));
-        assert_eq!(norm("select * from t limit 5, 20", Dialect::Mysql).1.limit, Some(20));
+        assert_eq!(
+            norm("select * from t fetch first 7 rows only", pg).1.limit,
+            Some(7)
+        );
+        assert_eq!(
+            norm("select * from t limit 5, 20", Dialect::Mysql).1.limit,
+            Some(20)
+        );
         assert_eq!(norm("select * from t limit all", pg).1.limit, None);
     }
 

@@ -40,12 +40,6 @@ pub(crate) struct LexFacts {
     pub procedural: bool,
 }
 
-impl Default for Kind {
-    fn default() -> Self {
-        Self::Other
-    }
-}
-
 fn word<'a>(t: &[T<'a>], i: usize) -> &'a str {
     match t.get(i) {
         Some(T {
@@ -64,7 +58,11 @@ pub(crate) fn ident(t: &T<'_>, dialect: Dialect) -> Option<String> {
             let q = t.text.chars().next()?;
             let inner = t.text.get(1..t.text.len().saturating_sub(1))?;
             let doubled: String = [q, q].iter().collect();
-            Some(fold(&inner.replace(&doubled, &q.to_string()), true, dialect))
+            Some(fold(
+                &inner.replace(&doubled, &q.to_string()),
+                true,
+                dialect,
+            ))
         }
         _ => None,
     }
@@ -287,7 +285,8 @@ fn set_statement(t: &[T<'_>], dialect: Dialect, f: &mut LexFacts) {
     f.kind = Kind::Session;
     let w = |i| word(t, i);
     match (w(1), w(2), w(3)) {
-        ("transaction" | "constraints", _, _) | ("session" | "local", "characteristics" | "transaction", _) => {
+        ("transaction" | "constraints", _, _)
+        | ("session" | "local", "characteristics" | "transaction", _) => {
             f.kind = Kind::Tcl;
             return;
         }
@@ -318,7 +317,10 @@ fn set_statement(t: &[T<'_>], dialect: Dialect, f: &mut LexFacts) {
     let mut i = 1;
     loop {
         let mut scope = "";
-        if matches!(w(i), "session" | "local" | "global" | "persist" | "persist_only") {
+        if matches!(
+            w(i),
+            "session" | "local" | "global" | "persist" | "persist_only"
+        ) {
             scope = w(i);
             i += 1;
         }
@@ -362,7 +364,9 @@ fn set_statement(t: &[T<'_>], dialect: Dialect, f: &mut LexFacts) {
             }
         }
         // `=`, `:=` or TO.
-        if t.get(i).is_some_and(|x| x.kind == TokKind::Op || (x.kind == TokKind::Word && x.text == "to")) {
+        if t.get(i)
+            .is_some_and(|x| x.kind == TokKind::Op || (x.kind == TokKind::Word && x.text == "to"))
+        {
             i += 1;
         }
         let start = i;
@@ -415,8 +419,24 @@ fn name_at(t: &[T<'_>], mut i: usize, dialect: Dialect) -> Option<(RawName, usiz
 }
 
 const NOT_TABLE_WORDS: &[&str] = &[
-    "select", "lateral", "only", "if", "exists", "not", "table", "ignore", "low_priority", "delayed",
-    "high_priority", "quick", "stdin", "stdout", "where", "set", "values", "default",
+    "select",
+    "lateral",
+    "only",
+    "if",
+    "exists",
+    "not",
+    "table",
+    "ignore",
+    "low_priority",
+    "delayed",
+    "high_priority",
+    "quick",
+    "stdin",
+    "stdout",
+    "where",
+    "set",
+    "values",
+    "default",
 ];
 
 /// Names after FROM / JOIN / INTO / UPDATE / TABLE: a best effort for
@@ -433,13 +453,16 @@ fn lexical_tables(t: &[T<'_>], dialect: Dialect, out: &mut Vec<(RawName, bool)>)
             _ => continue,
         };
         let mut j = i + 1;
-        while NOT_TABLE_WORDS.contains(&word(t, j)) && word(t, j) != "" && word(t, j) != "select" {
+        while NOT_TABLE_WORDS.contains(&word(t, j))
+            && !word(t, j).is_empty()
+            && word(t, j) != "select"
+        {
             j += 1;
         }
-        if let Some((n, _)) = name_at(t, j, dialect) {
-            if !NOT_TABLE_WORDS.contains(&n.last()) {
-                out.push((n, written));
-            }
+        if let Some((n, _)) = name_at(t, j, dialect)
+            && !NOT_TABLE_WORDS.contains(&n.last())
+        {
+            out.push((n, written));
         }
     }
 }
@@ -449,7 +472,11 @@ fn lexical_tables(t: &[T<'_>], dialect: Dialect, out: &mut Vec<(RawName, bool)>)
 fn lexical_kind(t: &[T<'_>]) -> Kind {
     let w = |i| word(t, i);
     let mut k = match (w(0), w(1)) {
-        ("select" | "values" | "table" | "with" | "handler" | "fetch" | "move" | "close" | "declare", _) => Kind::Select,
+        (
+            "select" | "values" | "table" | "with" | "handler" | "fetch" | "move" | "close"
+            | "declare",
+            _,
+        ) => Kind::Select,
         ("", _) if t.first().is_some_and(|x| x.kind == TokKind::LParen) => Kind::Select,
         ("insert", _) => Kind::Insert,
         ("replace", _) => Kind::Delete,
@@ -458,13 +485,28 @@ fn lexical_kind(t: &[T<'_>]) -> Kind {
         ("delete", _) => Kind::Delete,
         ("merge", _) => Kind::Merge,
         ("truncate", _) => Kind::Truncate,
-        ("create" | "alter" | "drop", "role" | "user" | "group") | ("grant" | "revoke" | "deny", _) => Kind::Dcl,
+        ("create" | "alter" | "drop", "role" | "user" | "group")
+        | ("grant" | "revoke" | "deny", _) => Kind::Dcl,
         ("alter", "default") => Kind::Dcl,
-        ("create" | "alter" | "drop" | "comment" | "rename" | "security" | "import" | "refresh" | "reindex" | "cluster", _) => Kind::Ddl,
+        (
+            "create" | "alter" | "drop" | "comment" | "rename" | "security" | "import" | "refresh"
+            | "reindex" | "cluster",
+            _,
+        ) => Kind::Ddl,
         ("start", "slave" | "replica" | "group_replication") => Kind::Other,
-        ("begin" | "start" | "commit" | "rollback" | "savepoint" | "release" | "end" | "abort" | "xa" | "prepare", "transaction")
-        | ("begin" | "start" | "commit" | "rollback" | "savepoint" | "release" | "end" | "abort" | "xa", _) => Kind::Tcl,
-        ("set" | "reset" | "discard" | "deallocate" | "use" | "listen" | "unlisten", _) => Kind::Session,
+        (
+            "begin" | "start" | "commit" | "rollback" | "savepoint" | "release" | "end" | "abort"
+            | "xa" | "prepare",
+            "transaction",
+        )
+        | (
+            "begin" | "start" | "commit" | "rollback" | "savepoint" | "release" | "end" | "abort"
+            | "xa",
+            _,
+        ) => Kind::Tcl,
+        ("set" | "reset" | "discard" | "deallocate" | "use" | "listen" | "unlisten", _) => {
+            Kind::Session
+        }
         ("copy", _) => Kind::Copy,
         ("call" | "do", _) => Kind::Call,
         ("explain" | "describe" | "desc", _) => Kind::Explain,
@@ -506,12 +548,12 @@ pub(crate) fn scan(t: &[T<'_>], dialect: Dialect) -> LexFacts {
         if t[i].kind == TokKind::Word && is_keyword_before_paren(t[i].text) {
             continue;
         }
-        if i >= 2 && t[i - 1].kind == TokKind::Dot {
-            if let Some(q) = ident(&t[i - 2], dialect) {
-                if q != "pg_catalog" {
-                    name = format!("{q}.{name}");
-                }
-            }
+        if i >= 2
+            && t[i - 1].kind == TokKind::Dot
+            && let Some(q) = ident(&t[i - 2], dialect)
+            && q != "pg_catalog"
+        {
+            name = format!("{q}.{name}");
         }
         let ff = function_flags(&name);
         if name.rsplit('.').next() == Some("set_config") {
@@ -525,21 +567,25 @@ pub(crate) fn scan(t: &[T<'_>], dialect: Dialect) -> LexFacts {
     // Keyword sequences.
     for i in 0..t.len() {
         match w(i) {
-            "into" if matches!(w(i + 1), "outfile" | "dumpfile") => f.flags.insert(Flag::FileAccess),
+            "into" if matches!(w(i + 1), "outfile" | "dumpfile") => {
+                f.flags.insert(Flag::FileAccess)
+            }
             "engine" if w(i + 1) == "federated" || w(i + 2) == "federated" => {
                 f.flags.insert(Flag::RemoteAccess);
             }
-            "connection" if matches!(w(0), "create" | "alter") => f.flags.insert(Flag::RemoteAccess),
+            "connection" if matches!(w(0), "create" | "alter") => {
+                f.flags.insert(Flag::RemoteAccess)
+            }
             _ => {}
         }
     }
     match (w(0), w(1), w(2)) {
         ("load", "data" | "xml", _) => {
             f.flags.insert(Flag::FileAccess);
-            if let Some(i) = (0..t.len()).find(|i| w(*i) == "into" && w(i + 1) == "table") {
-                if let Some((n, _)) = name_at(t, i + 2, dialect) {
-                    f.tables.push((n, true));
-                }
+            if let Some(i) = (0..t.len()).find(|i| w(*i) == "into" && w(i + 1) == "table")
+                && let Some((n, _)) = name_at(t, i + 2, dialect)
+            {
+                f.tables.push((n, true));
             }
             f.simple = true;
         }
@@ -553,7 +599,9 @@ pub(crate) fn scan(t: &[T<'_>], dialect: Dialect) -> LexFacts {
                 if w(i) == "program" {
                     f.flags.insert(Flag::ProgramExec);
                 }
-                if matches!(w(i), "from" | "to") && t.get(i + 1).is_some_and(|x| x.kind == TokKind::Str) {
+                if matches!(w(i), "from" | "to")
+                    && t.get(i + 1).is_some_and(|x| x.kind == TokKind::Str)
+                {
                     f.flags.insert(Flag::FileAccess);
                 }
             }
@@ -563,7 +611,11 @@ pub(crate) fn scan(t: &[T<'_>], dialect: Dialect) -> LexFacts {
             f.flags.insert(Flag::Admin);
             f.simple = true;
         }
-        ("kill" | "shutdown" | "checkpoint" | "restart" | "install" | "uninstall" | "purge", _, _)
+        (
+            "kill" | "shutdown" | "checkpoint" | "restart" | "install" | "uninstall" | "purge",
+            _,
+            _,
+        )
         | ("change", "master" | "replication", _)
         | ("start" | "stop", "slave" | "replica" | "group_replication", _)
         | ("reset", "master" | "slave" | "replica" | "persist" | "binary", _) => {
@@ -585,7 +637,9 @@ pub(crate) fn scan(t: &[T<'_>], dialect: Dialect) -> LexFacts {
     }
     if w(0) == "create" && w(1) == "extension" {
         f.flags.insert(Flag::Admin);
-        let ext = t.get(2 + usize::from(w(2) == "if") * 3).and_then(|x| ident(x, dialect));
+        let ext = t
+            .get(2 + usize::from(w(2) == "if") * 3)
+            .and_then(|x| ident(x, dialect));
         if let Some(e) = ext {
             if e == "dblink" || e.ends_with("_fdw") {
                 f.flags.insert(Flag::RemoteAccess);
@@ -597,9 +651,7 @@ pub(crate) fn scan(t: &[T<'_>], dialect: Dialect) -> LexFacts {
     }
     // Procedural code.
     let proc_words = ["function", "procedure", "trigger", "event"];
-    if matches!(w(0), "create" | "alter")
-        && (1..6).any(|i| proc_words.contains(&w(i)))
-    {
+    if matches!(w(0), "create" | "alter") && (1..6).any(|i| proc_words.contains(&w(i))) {
         f.procedural = true;
     }
     // Statements read whole, without a parser.
@@ -612,7 +664,9 @@ pub(crate) fn scan(t: &[T<'_>], dialect: Dialect) -> LexFacts {
         "reset" => {
             f.simple = true;
             match (w(1), w(2)) {
-                ("all", _) | ("search_path", _) => f.effect = Effect::SearchPath(SearchPathChange::Reset),
+                ("all", _) | ("search_path", _) => {
+                    f.effect = Effect::SearchPath(SearchPathChange::Reset)
+                }
                 ("role", _) | ("session", "authorization") => f.flags.insert(Flag::RoleChange),
                 _ => {}
             }
@@ -623,7 +677,9 @@ pub(crate) fn scan(t: &[T<'_>], dialect: Dialect) -> LexFacts {
                 f.effect = Effect::DiscardAll;
             }
         }
-        "deallocate" | "drop" if w(0) == "deallocate" || (w(1) == "prepare" && dialect == Dialect::Mysql) => {
+        "deallocate" | "drop"
+            if w(0) == "deallocate" || (w(1) == "prepare" && dialect == Dialect::Mysql) =>
+        {
             f.simple = true;
             f.kind = Kind::Session;
             let i = if w(1) == "prepare" { 2 } else { 1 };
@@ -660,23 +716,25 @@ pub(crate) fn scan(t: &[T<'_>], dialect: Dialect) -> LexFacts {
                 f.effect = Effect::Prepare { name, body };
             }
         }
-        "listen" | "unlisten" | "show" | "notify" | "checkpoint" | "begin" | "commit" | "rollback"
-        | "savepoint" | "release" | "end" | "abort" | "move" | "close" | "fetch" | "handler"
-        | "shutdown" | "do" | "xa" => {
+        "listen" | "unlisten" | "show" | "notify" | "checkpoint" | "begin" | "commit"
+        | "rollback" | "savepoint" | "release" | "end" | "abort" | "move" | "close" | "fetch"
+        | "handler" | "shutdown" | "do" | "xa" => {
             f.simple = !has_subquery(t);
             match (w(0), w(1), w(2)) {
                 ("begin", _, _) => f.effect = Effect::Begin,
                 ("commit" | "end" | "abort", w1, _) if w1 != "prepared" => f.effect = Effect::End,
-                ("rollback", w1, w2) if w1 != "prepared" && w1 != "to" && w2 != "to" => f.effect = Effect::End,
+                ("rollback", w1, w2) if w1 != "prepared" && w1 != "to" && w2 != "to" => {
+                    f.effect = Effect::End
+                }
                 _ => {}
             }
             if w(0) == "do" {
                 f.procedural = true;
             }
-            if w(0) == "handler" {
-                if let Some((n, _)) = name_at(t, 1, dialect) {
-                    f.tables.push((n, false));
-                }
+            if w(0) == "handler"
+                && let Some((n, _)) = name_at(t, 1, dialect)
+            {
+                f.tables.push((n, false));
             }
         }
         "start" if w(1) == "transaction" => {
@@ -692,8 +750,9 @@ pub(crate) fn scan(t: &[T<'_>], dialect: Dialect) -> LexFacts {
 }
 
 fn has_subquery(t: &[T<'_>]) -> bool {
-    t.iter()
-        .any(|x| x.kind == TokKind::Word && matches!(x.text, "select" | "from" | "table" | "values"))
+    t.iter().any(|x| {
+        x.kind == TokKind::Word && matches!(x.text, "select" | "from" | "table" | "values")
+    })
 }
 
 /// `set_config('name', 'value', is_local)`: literals after `set_config` are
@@ -706,9 +765,9 @@ fn set_config_call(t: &[T<'_>], i: usize, dialect: Dialect, f: &mut LexFacts) {
         .map(|s| s.to_lowercase());
     match name.as_deref() {
         Some("search_path") => {
-            let value = t
-                .get(i + 2)
-                .filter(|x| x.kind == TokKind::Str && t.get(i + 1).is_some_and(|c| c.kind == TokKind::Comma));
+            let value = t.get(i + 2).filter(|x| {
+                x.kind == TokKind::Str && t.get(i + 1).is_some_and(|c| c.kind == TokKind::Comma)
+            });
             f.effect = Effect::SearchPath(match value {
                 Some(v) => search_path_values(std::slice::from_ref(v), dialect),
                 None => SearchPathChange::Unknown,
@@ -729,18 +788,104 @@ fn set_config_call(t: &[T<'_>], i: usize, dialect: Dialect, f: &mut LexFacts) {
 fn is_keyword_before_paren(w: &str) -> bool {
     matches!(
         w,
-        "in" | "values" | "as" | "exists" | "any" | "all" | "some" | "using" | "on" | "and" | "or"
-            | "not" | "from" | "join" | "where" | "select" | "into" | "table" | "over" | "filter"
-            | "within" | "with" | "lateral" | "returning" | "by" | "set" | "when" | "then" | "else"
-            | "is" | "array" | "row" | "cast" | "key" | "unique" | "check" | "references"
-            | "primary" | "index" | "partition" | "like" | "between" | "case" | "distinct"
-            | "union" | "except" | "intersect" | "limit" | "offset" | "group" | "order" | "having"
-            | "window" | "recursive" | "default" | "cube" | "rollup" | "sets" | "do" | "conflict"
-            | "update" | "delete" | "insert" | "only" | "include" | "foreign" | "constraint"
-            | "to" | "char" | "varchar" | "numeric" | "decimal" | "int" | "integer" | "bigint"
-            | "smallint" | "float" | "double" | "timestamp" | "time" | "interval" | "bit"
-            | "varbinary" | "binary" | "text" | "character" | "values_list" | "extract"
-            | "substring" | "trim" | "position" | "overlay" | "coalesce" | "nullif" | "greatest"
-            | "least" | "exclude" | "generated" | "identity" | "storage"
+        "in" | "values"
+            | "as"
+            | "exists"
+            | "any"
+            | "all"
+            | "some"
+            | "using"
+            | "on"
+            | "and"
+            | "or"
+            | "not"
+            | "from"
+            | "join"
+            | "where"
+            | "select"
+            | "into"
+            | "table"
+            | "over"
+            | "filter"
+            | "within"
+            | "with"
+            | "lateral"
+            | "returning"
+            | "by"
+            | "set"
+            | "when"
+            | "then"
+            | "else"
+            | "is"
+            | "array"
+            | "row"
+            | "cast"
+            | "key"
+            | "unique"
+            | "check"
+            | "references"
+            | "primary"
+            | "index"
+            | "partition"
+            | "like"
+            | "between"
+            | "case"
+            | "distinct"
+            | "union"
+            | "except"
+            | "intersect"
+            | "limit"
+            | "offset"
+            | "group"
+            | "order"
+            | "having"
+            | "window"
+            | "recursive"
+            | "default"
+            | "cube"
+            | "rollup"
+            | "sets"
+            | "do"
+            | "conflict"
+            | "update"
+            | "delete"
+            | "insert"
+            | "only"
+            | "include"
+            | "foreign"
+            | "constraint"
+            | "to"
+            | "char"
+            | "varchar"
+            | "numeric"
+            | "decimal"
+            | "int"
+            | "integer"
+            | "bigint"
+            | "smallint"
+            | "float"
+            | "double"
+            | "timestamp"
+            | "time"
+            | "interval"
+            | "bit"
+            | "varbinary"
+            | "binary"
+            | "text"
+            | "character"
+            | "values_list"
+            | "extract"
+            | "substring"
+            | "trim"
+            | "position"
+            | "overlay"
+            | "coalesce"
+            | "nullif"
+            | "greatest"
+            | "least"
+            | "exclude"
+            | "generated"
+            | "identity"
+            | "storage"
     )
 }

@@ -26,12 +26,14 @@ use serde::{Deserialize, Serialize};
 
 pub use analyze::{Analysis, Effect, PreparedBody, SearchPathChange, analyze};
 pub use fingerprint::Fingerprint;
-pub use lexical::function_flags;
 pub use lexer::{LexMode, NormInfo, Scratch, StatementSpan, normalize, split, split_into};
+pub use lexical::function_flags;
 pub use names::{Resolution, StatementFacts};
 
 /// What a statement does, from its most powerful operation.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize,
+)]
 #[serde(rename_all = "snake_case")]
 pub enum Kind {
     Select,
@@ -47,6 +49,7 @@ pub enum Kind {
     Copy,
     Call,
     Explain,
+    #[default]
     Other,
 }
 

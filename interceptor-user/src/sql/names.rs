@@ -183,10 +183,19 @@ mod tests {
         pg.resolve(&raw(&[("Orders", false)], Dialect::Postgres), &mut out);
         pg.resolve(&raw(&[("Orders", true)], Dialect::Postgres), &mut out);
         pg.resolve(&raw(&[("pg_class", false)], Dialect::Postgres), &mut out);
-        pg.resolve(&raw(&[("a.b", true), ("t", false)], Dialect::Postgres), &mut out);
+        pg.resolve(
+            &raw(&[("a.b", true), ("t", false)], Dialect::Postgres),
+            &mut out,
+        );
         assert_eq!(
             out,
-            ["public.orders", "public.Orders", "pg_catalog.pg_class", "public.pg_class", "\"a.b\".t"]
+            [
+                "public.orders",
+                "public.Orders",
+                "pg_catalog.pg_class",
+                "public.pg_class",
+                "\"a.b\".t"
+            ]
         );
         let my = Resolution {
             dialect: Dialect::Mysql,
@@ -195,7 +204,10 @@ mod tests {
         };
         out.clear();
         my.resolve(&raw(&[("Orders", true)], Dialect::Mysql), &mut out);
-        my.resolve(&raw(&[("Other", false), ("T", false)], Dialect::Mysql), &mut out);
+        my.resolve(
+            &raw(&[("Other", false), ("T", false)], Dialect::Mysql),
+            &mut out,
+        );
         assert_eq!(out, ["shop.orders", "other.t"]);
     }
 }

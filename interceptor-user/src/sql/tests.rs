@@ -22,7 +22,13 @@ pub(crate) fn facts(sql: &str, d: Dialect) -> Vec<(StatementFacts, Effect, NormI
     let mut scratch = Scratch::default();
     for span in split(sql, d) {
         let mut canon = String::new();
-        let info = normalize(span.text(sql), span.mode, span.in_exec_comment, &mut canon, &mut scratch);
+        let info = normalize(
+            span.text(sql),
+            span.mode,
+            span.in_exec_comment,
+            &mut canon,
+            &mut scratch,
+        );
         let a = analyze(&canon, &info, d, &Limits::default());
         out.push((a.resolve(&ctx(d)), a.effect.clone(), info));
     }
@@ -189,18 +195,39 @@ fn table_of_tricky_statements() {
             .map(|(k, t, f)| (*k, t.iter().map(|s| (*s).to_owned()).collect(), f.to_vec()))
             .collect();
         if got_short != want {
-            failures.push(format!("{:?} [{:?}]\n   got  {got_short:?}\n   want {want:?}\n   {:?}", case.sql, case.dialect, got.iter().map(|g| &g.0).collect::<Vec<_>>()));
+            failures.push(format!(
+                "{:?} [{:?}]\n   got  {got_short:?}\n   want {want:?}\n   {:?}",
+                case.sql,
+                case.dialect,
+                got.iter().map(|g| &g.0).collect::<Vec<_>>()
+            ));
         }
     }
-    assert!(failures.is_empty(), "{} failing:\n{}", failures.len(), failures.join("\n"));
+    assert!(
+        failures.is_empty(),
+        "{} failing:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
 }
 
 #[test]
 fn where_and_limit() {
     let one = |sql: &str, d| facts(sql, d).remove(0);
     assert_eq!(one("delete from t", PG).0.has_where, Some(false));
-    assert_eq!(one("update t set a = 1 where id = 2", PG).0.has_where, Some(true));
-    assert_eq!(one("with x as (delete from t) update u set a = 1 where b = 2", PG).0.has_where, Some(false));
+    assert_eq!(
+        one("update t set a = 1 where id = 2", PG).0.has_where,
+        Some(true)
+    );
+    assert_eq!(
+        one(
+            "with x as (delete from t) update u set a = 1 where b = 2",
+            PG
+        )
+        .0
+        .has_where,
+        Some(false)
+    );
     assert_eq!(one("select 1", PG).0.has_where, None);
     let (f, _, info) = one("select * from t limit 50", PG);
     assert!(f.limit_literal);
@@ -222,16 +249,39 @@ fn effects() {
     assert_eq!(eff("use Shop2", MY), Effect::Use("shop2".into()));
     assert_eq!(
         eff("set search_path to app, \"$user\"", PG),
-        Effect::SearchPath(SearchPathChange::Set { schemas: vec!["app".into(), "$user".into()], local: false })
+        Effect::SearchPath(SearchPathChange::Set {
+            schemas: vec!["app".into(), "$user".into()],
+            local: false
+        })
     );
-    assert_eq!(eff("set local search_path = 'a, b'", PG), Effect::SearchPath(SearchPathChange::Set { schemas: vec!["a".into(), "b".into()], local: true }));
-    assert_eq!(eff("reset all", PG), Effect::SearchPath(SearchPathChange::Reset));
+    assert_eq!(
+        eff("set local search_path = 'a, b'", PG),
+        Effect::SearchPath(SearchPathChange::Set {
+            schemas: vec!["a".into(), "b".into()],
+            local: true
+        })
+    );
+    assert_eq!(
+        eff("reset all", PG),
+        Effect::SearchPath(SearchPathChange::Reset)
+    );
     assert_eq!(eff("execute p(1)", PG), Effect::Execute("p".into()));
     assert_eq!(eff("EXECUTE s USING @a", MY), Effect::Execute("s".into()));
-    assert!(matches!(eff("prepare p as select * from t limit 5", PG), Effect::Prepare { name, body: PreparedBody::Text(b) } if name == "p" && b.contains("limit 5")));
-    assert!(matches!(eff("PREPARE s FROM @sql", MY), Effect::Prepare { body: PreparedBody::Unknown, .. }));
+    assert!(
+        matches!(eff("prepare p as select * from t limit 5", PG), Effect::Prepare { name, body: PreparedBody::Text(b) } if name == "p" && b.contains("limit 5"))
+    );
+    assert!(matches!(
+        eff("PREPARE s FROM @sql", MY),
+        Effect::Prepare {
+            body: PreparedBody::Unknown,
+            ..
+        }
+    ));
     assert_eq!(eff("deallocate all", PG), Effect::Deallocate(None));
-    assert_eq!(eff("DEALLOCATE PREPARE s", MY), Effect::Deallocate(Some("s".into())));
+    assert_eq!(
+        eff("DEALLOCATE PREPARE s", MY),
+        Effect::Deallocate(Some("s".into()))
+    );
     assert_eq!(eff("begin", PG), Effect::Begin);
     assert_eq!(eff("rollback", PG), Effect::End);
     assert_eq!(eff("rollback to savepoint a", PG), Effect::None);
@@ -291,11 +341,23 @@ fn bulk_insert_is_cheap() {
 fn fingerprints_normalise_literals_only() {
     let fp = |sql: &str, d| {
         let mut c = String::new();
-        normalize(sql, LexMode::default_for(d), false, &mut c, &mut Scratch::default());
+        normalize(
+            sql,
+            LexMode::default_for(d),
+            false,
+            &mut c,
+            &mut Scratch::default(),
+        );
         Fingerprint::of(&c, d).to_string()
     };
-    assert_eq!(fp("SELECT * FROM t WHERE a = 1", PG), fp("select *\nfrom t where a=2 -- x", PG));
-    assert_eq!(fp("select * from t where a in (1,2,3)", PG), fp("select * from t where a in (4)", PG));
+    assert_eq!(
+        fp("SELECT * FROM t WHERE a = 1", PG),
+        fp("select *\nfrom t where a=2 -- x", PG)
+    );
+    assert_eq!(
+        fp("select * from t where a in (1,2,3)", PG),
+        fp("select * from t where a in (4)", PG)
+    );
     assert_ne!(fp("select * from t", PG), fp("select * from u", PG));
     assert_ne!(fp("select * from s.t", PG), fp("select * from t", PG));
     assert_ne!(fp("select a, b from t", PG), fp("select b, a from t", PG));
@@ -306,15 +368,62 @@ fn fingerprints_normalise_literals_only() {
 
 fn any_sql() -> impl Strategy<Value = String> {
     let atoms = prop::sample::select(vec![
-        "select", "from", "t", "'", "\"", "`", "$$", "$a$", "/*", "*/", "/*!", "--", "#", "\n", ";",
-        "(", ")", "[", "]", ",", ".", "1", "e'", "\\", "with", "as", "delete", "insert", "into",
-        "values", "set", "search_path", "=", "prepare", "execute", "limit", "union", "copy",
-        "program", " ", "é", "\0", "?", "$1", "@", "@@global.x", "not", "-",
+        "select",
+        "from",
+        "t",
+        "'",
+        "\"",
+        "`",
+        "$$",
+        "$a$",
+        "/*",
+        "*/",
+        "/*!",
+        "--",
+        "#",
+        "\n",
+        ";",
+        "(",
+        ")",
+        "[",
+        "]",
+        ",",
+        ".",
+        "1",
+        "e'",
+        "\\",
+        "with",
+        "as",
+        "delete",
+        "insert",
+        "into",
+        "values",
+        "set",
+        "search_path",
+        "=",
+        "prepare",
+        "execute",
+        "limit",
+        "union",
+        "copy",
+        "program",
+        " ",
+        "é",
+        "\0",
+        "?",
+        "$1",
+        "@",
+        "@@global.x",
+        "not",
+        "-",
     ]);
     prop_oneof![
         prop::collection::vec(atoms, 0..40).prop_map(|v| v.join(" ")),
-        prop::collection::vec(prop::sample::select(vec!["(", ")", "'", "/*", "*/", "$$", ";", "x", " "]), 0..60)
-            .prop_map(|v| v.concat()),
+        prop::collection::vec(
+            prop::sample::select(vec!["(", ")", "'", "/*", "*/", "$$", ";", "x", " "]),
+            0..60
+        )
+        .prop_map(|v| v.concat()),
         ".{0,200}",
     ]
 }
