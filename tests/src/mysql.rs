@@ -46,12 +46,19 @@ impl MariaDb {
         fs::create_dir_all(&dir).unwrap();
         nix::unistd::chown(&dir, Some(uid.into()), Some(gid.into())).unwrap();
         let data = dir.join("data");
+        // Each server its own tmpdir: a starting server deletes the `#sql`
+        // files it finds there, which breaks others sharing /tmp.
+        let tmp = dir.join("tmp");
+        fs::create_dir_all(&tmp).unwrap();
+        nix::unistd::chown(&tmp, Some(uid.into()), Some(gid.into())).unwrap();
+        let tmpdir = format!("--tmpdir={}", tmp.display());
         run_ok(
             Command::new("mariadb-install-db")
                 .arg("--no-defaults")
                 .arg("--auth-root-authentication-method=normal")
                 .arg(format!("--datadir={}", data.display()))
                 .args(["--user=mysql", "--skip-test-db", "--skip-name-resolve"])
+                .arg(&tmpdir)
                 .current_dir(&dir),
         );
         let port = free_port();
@@ -63,6 +70,7 @@ impl MariaDb {
             .arg(format!("--pid-file={}", dir.join("mysqld.pid").display()))
             .arg(format!("--log-error={}", dir.join("error.log").display()))
             .arg(format!("--port={port}"))
+            .arg(&tmpdir)
             .args([
                 "--bind-address=127.0.0.1",
                 "--user=mysql",

@@ -879,4 +879,35 @@ mod tests {
         );
         assert!(change_user(b"\x11bob\0\x09xx", caps::SECURE_CONNECTION).is_err());
     }
+
+    proptest::proptest! {
+        /// No peer bytes make the decoders panic; whatever they accept
+        /// keeps its length.
+        #[test]
+        fn decoders_never_panic(bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..300)) {
+            let mut b = BytesMut::from(&bytes[..]);
+            let _ = decode_message(&mut b, 0, 200);
+            let mut g = bytes.clone();
+            if adjust_greeting(&mut g).is_ok() {
+                proptest::prop_assert_eq!(g.len(), bytes.len());
+            }
+            let mut r = bytes.clone();
+            let _ = adjust_handshake_response(&mut r);
+            proptest::prop_assert_eq!(r.len(), bytes.len());
+            let _ = change_user(&bytes, caps::SECURE_CONNECTION);
+            let _ = change_user(&bytes, 0);
+            let _ = err_fields(&bytes);
+            let _ = ok_status(&bytes);
+            let _ = prepare_ok(&bytes);
+            let _ = lenenc_bytes(&bytes);
+        }
+
+        /// A greeting whose bytes after the version are anything.
+        #[test]
+        fn greetings_never_panic(tail in proptest::collection::vec(proptest::num::u8::ANY, 0..80)) {
+            let mut g = b"\x0a8.0.36\0".to_vec();
+            g.extend_from_slice(&tail);
+            let _ = adjust_greeting(&mut g);
+        }
+    }
 }

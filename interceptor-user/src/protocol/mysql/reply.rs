@@ -597,4 +597,31 @@ mod tests {
         let mut r = Reply::new(Expect::Prepare, 1, false);
         assert!(r.feed(Header { len: 3, seq: 1 }, &[0, 1, 2]).is_err());
     }
+
+    proptest::proptest! {
+        /// Any run of server packets (and client packets in between) is
+        /// read or refused, never a panic, in every reply shape.
+        #[test]
+        fn replies_never_panic(
+            packets in proptest::collection::vec(
+                (proptest::num::u8::ANY, proptest::collection::vec(proptest::num::u8::ANY, 0..24), proptest::bool::ANY),
+                0..24,
+            ),
+            shape in 0usize..5,
+            deprecate in proptest::bool::ANY,
+        ) {
+            let expect = [Expect::OnePacket, Expect::Results, Expect::Rows, Expect::Prepare, Expect::Auth][shape];
+            let mut r = Reply::new(expect, 1, deprecate);
+            for (seq_delta, payload, long) in packets {
+                let seq = if seq_delta < 200 { r.next_seq() } else { seq_delta };
+                let len = if long { MAX_PACKET } else { payload.len() };
+                match r.feed(Header { len, seq }, &payload) {
+                    Ok(Step::LocalInfile) => { let _ = r.client_packet(r.next_seq()); r.resume(); }
+                    Ok(Step::ClientTurn) => { let _ = r.client_packet(r.next_seq()); }
+                    Ok(Step::Done { .. }) | Err(_) => break,
+                    Ok(Step::NeedMore | Step::More) => {}
+                }
+            }
+        }
+    }
 }

@@ -307,7 +307,10 @@ impl Session<'_> {
     /// closes the connection) is passed on.
     async fn unsolicited(&mut self) -> Result<(), SessionError> {
         while let Some(h) = decode_header(&self.sbuf) {
-            if self.sbuf.get(HEADER) != Some(&0xff) {
+            let Some(&first) = self.sbuf.get(HEADER) else {
+                return Ok(());
+            };
+            if first != 0xff {
                 let e =
                     CodecError::Malformed("packet from the server while no command was running");
                 return Err(self.server_violation(0, &e).await);
