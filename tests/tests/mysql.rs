@@ -90,6 +90,9 @@ rules:
     any_tables: [shop.secrets]
     decision: deny
     message: secrets stay in the vault
+  - name: deletes-need-approval
+    kinds: [delete]
+    decision: approve
 ",
     );
     let agent = start_agent_with(&policy, &cg, &[]);
@@ -101,6 +104,7 @@ rules:
 SELECT secret FROM secrets;
 SELECT name FROM items WHERE id = 2;
 INSERT INTO log (note) VALUES ('nope');
+DELETE FROM items WHERE id = 1;
 SELECT name FROM items WHERE id = 3;
 use sbtest
 SELECT name FROM items WHERE id = 3;
@@ -112,7 +116,7 @@ SELECT 'back', name FROM items WHERE id = 3;
     let stderr = text(&out.stderr);
     assert_eq!(stdout, "apple\npear\nfig\nback\tfig\n", "{}", show(&out));
     let errors: Vec<&str> = stderr.lines().filter(|l| l.starts_with("ERROR")).collect();
-    assert_eq!(errors.len(), 3, "{}", show(&out));
+    assert_eq!(errors.len(), 4, "{}", show(&out));
     assert!(
         errors.iter().all(|l| l.starts_with("ERROR 1142 (42000)")),
         "{}",
@@ -124,16 +128,24 @@ SELECT 'back', name FROM items WHERE id = 3;
         errors[0]
     );
     assert!(errors[1].contains("decision"), "{}", errors[1]);
+    // No approval channel yet: approve is refused, and says so.
+    assert!(
+        errors[2].contains("deletes-need-approval") && errors[2].contains("approval"),
+        "{}",
+        errors[2]
+    );
     // After `use sbtest`, `items` is sbtest.items, which no rule allows.
-    assert!(errors[2].contains("decision"), "{}", errors[2]);
+    assert!(errors[3].contains("decision"), "{}", errors[3]);
     assert_eq!(db.sql("SELECT COUNT(*) FROM shop.log").trim(), "0");
+    assert_eq!(db.sql("SELECT COUNT(*) FROM shop.items").trim(), "3");
 
     // Every denial is audited with the decision id the client saw.
     let denied: Vec<Value> = queries(&agent)
         .into_iter()
-        .filter(|e| e["decision"] == "deny")
+        .filter(|e| e["decision"] != "allow")
         .collect();
-    assert_eq!(denied.len(), 3, "{denied:?}");
+    assert_eq!(denied.len(), 4, "{denied:?}");
+    assert_eq!(denied[2]["decision"], "approve");
     assert_eq!(denied[0]["rule"], "no-secrets");
     for (ev, line) in denied.iter().zip(&errors) {
         let id = ev["decision_id"].as_str().unwrap();
@@ -141,7 +153,7 @@ SELECT 'back', name FROM items WHERE id = 3;
         assert_eq!(ev["enforced"], true);
         assert_eq!(ev["db_user"], APP_USER);
     }
-    assert_eq!(denied[2]["database"], "sbtest", "{}", denied[2]);
+    assert_eq!(denied[3]["database"], "sbtest", "{}", denied[3]);
     let session = agent.wait_event("session", |e| e["event"] == "session");
     assert_eq!(session["db_user"], APP_USER);
     assert_eq!(session["database"], "shop");
