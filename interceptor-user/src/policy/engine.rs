@@ -55,6 +55,8 @@ pub struct Engine {
     identities: Vec<CompiledSelector>,
     rules: Vec<CompiledRule>,
     limits: Limits,
+    /// Part of the facts-cache key: facts depend on the limits.
+    limits_key: u64,
 }
 
 #[derive(Debug)]
@@ -552,6 +554,7 @@ impl Engine {
             .collect::<Result<Vec<_>, _>>()?;
         Ok(Self {
             limits: file.limits,
+            limits_key: hash_of(&(file.limits.max_depth, file.limits.max_tokens)),
             file,
             generation: GENERATION.fetch_add(1, Ordering::Relaxed),
             targets,
@@ -877,7 +880,7 @@ impl Engine {
         let key = FactsKey {
             shape: fp.key,
             ctx: cx.ctx_key,
-            limits: hash_of(&(self.limits.max_depth, self.limits.max_tokens)),
+            limits: self.limits_key,
         };
         let entry = match cache.facts.get(&key) {
             Some(e) => e,
