@@ -886,4 +886,252 @@ mod tests {
         assert_eq!(refresh_sql(0x05), "FLUSH PRIVILEGES, TABLES");
         assert_eq!(refresh_sql(0), "FLUSH TABLES");
     }
+
+    /// The session between a scripted client and a scripted server, without
+    /// root or eBPF: forwarding, pipelining, denials that never reach the
+    /// server, prepared statement ids, a rogue LOCAL INFILE request.
+    mod relay {
+        use std::{cell::RefCell, rc::Rc, sync::Arc};
+
+        use bytes::BytesMut;
+        use tokio::{
+            io::{AsyncReadExt as _, AsyncWriteExt as _},
+            net::{TcpListener, TcpStream},
+        };
+
+        use crate::{
+            identity::Identity,
+            policy::{Engine, PolicyFile},
+            protocol::mysql::codec::{self, Message, decode_message, err_fields, packet},
+            proxy::{ConnInfo, Counted, Guard, Limits, Shared, Upstream},
+        };
+
+        const OK: &[u8] = &[0, 0, 0, 2, 0, 0, 0];
+        const EOF: &[u8] = &[0xfe, 0, 0, 2, 0];
+        const COLDEF: &[u8] = b"\x03def\0\0\0\x01a\0\x0c\x3f\0\x01\0\0\0\x08\x81\0\0\0\0";
+
+        struct NoLookup;
+        impl crate::proxy::OrigDstLookup for NoLookup {
+            fn take(&self, _: std::net::SocketAddr) -> Option<interceptor_common::ConnRecord> {
+                None
+            }
+        }
+
+        async fn read_message(s: &mut TcpStream, buf: &mut BytesMut, seq: u8) -> Option<Message> {
+            loop {
+                if let Some(m) = decode_message(buf, seq, 1 << 26).unwrap() {
+                    return Some(m);
+                }
+                if s.read_buf(buf).await.unwrap() == 0 {
+                    return None;
+                }
+            }
+        }
+
+        fn greeting() -> Vec<u8> {
+            let mut g = vec![10];
+            g.extend_from_slice(b"5.5.5-10.11.0-MariaDB\0");
+            g.extend_from_slice(&9u32.to_le_bytes());
+            g.extend_from_slice(b"12345678\0");
+            let caps: u32 = 0x1 | 0x8 | 0x20 | 0x80 | 0x200 | 0x800 | 0x8000 | 0x000f_0000;
+            g.extend_from_slice(&caps.to_le_bytes()[..2]);
+            g.push(33);
+            g.extend_from_slice(&2u16.to_le_bytes());
+            g.extend_from_slice(&caps.to_le_bytes()[2..]);
+            g.push(21);
+            g.extend_from_slice(&[0; 10]);
+            g.extend_from_slice(b"abcdefghijkl\0mysql_native_password\0");
+            g
+        }
+
+        /// Answers commands; records each command's payload.
+        async fn server(listener: TcpListener, seen: Rc<RefCell<Vec<Vec<u8>>>>) {
+            let (mut s, _) = listener.accept().await.unwrap();
+            let mut buf = BytesMut::new();
+            s.write_all(&packet(0, &greeting())).await.unwrap();
+            let hello = read_message(&mut s, &mut buf, 1).await.unwrap();
+            let caps = u32::from_le_bytes(hello.payload()[..4].try_into().unwrap());
+            assert_eq!(caps & (0x800 | 0x20), 0, "TLS and compression cleared");
+            s.write_all(&packet(2, OK)).await.unwrap();
+            while let Some(m) = read_message(&mut s, &mut buf, 0).await {
+                let p = m.payload().into_owned();
+                seen.borrow_mut().push(p.clone());
+                let mut out = Vec::new();
+                let mut seq = 1u8;
+                let mut put = |payload: &[u8]| {
+                    out.extend_from_slice(&packet(seq, payload));
+                    seq = seq.wrapping_add(1);
+                };
+                match p.first() {
+                    Some(1) => return,
+                    Some(3) if p.ends_with(b"ROGUE") => {
+                        s.write_all(&packet(1, b"\xfb/etc/passwd")).await.unwrap();
+                        let data = read_message(&mut s, &mut buf, 2).await.unwrap();
+                        assert_eq!(data.len, 0, "the agent sent an empty file");
+                        seen.borrow_mut().push(b"<empty file>".to_vec());
+                        out.extend_from_slice(&packet(3, OK));
+                    }
+                    Some(3 | 0x17) => {
+                        for p in [&[1][..], COLDEF, EOF, b"\x011", EOF] {
+                            put(p);
+                        }
+                    }
+                    Some(0x16) => {
+                        put(&[0, 7, 0, 0, 0, 1, 0, 1, 0, 0, 0, 0]);
+                        for p in [COLDEF, EOF, COLDEF, EOF] {
+                            put(p);
+                        }
+                    }
+                    Some(0x19) => {}
+                    _ => put(OK),
+                }
+                s.write_all(&out).await.unwrap();
+            }
+        }
+
+        /// Reads `n` reply packets; returns their payloads.
+        async fn replies(c: &mut TcpStream, buf: &mut BytesMut, n: usize) -> Vec<Vec<u8>> {
+            let mut out = Vec::new();
+            let mut seq = 1u8;
+            for _ in 0..n {
+                let m = read_message(c, buf, seq).await.expect("reply");
+                seq = m.last_seq.wrapping_add(1);
+                out.push(m.payload().into_owned());
+            }
+            out
+        }
+
+        fn denial(p: &[u8]) -> String {
+            let e = err_fields(p).expect("an ERR packet");
+            assert_eq!((e.code, e.sqlstate), (1142, Some(&b"42000"[..])));
+            String::from_utf8_lossy(e.message).into_owned()
+        }
+
+        #[tokio::test(flavor = "current_thread")]
+        async fn scripted_session() {
+            let upstream = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let dst = upstream.local_addr().unwrap();
+            let seen = Rc::new(RefCell::new(Vec::new()));
+            let local = tokio::task::LocalSet::new();
+            local
+                .run_until(async move {
+                    let srv = tokio::task::spawn_local(server(upstream, Rc::clone(&seen)));
+                    let policy = PolicyFile::parse(
+                        &format!(
+                            "version: 1\ndefault: allow\ntargets:\n  - {{name: m, protocol: mysql, address: '{dst}'}}\nrules:\n  - {{name: no-drops, kinds: [ddl], decision: deny}}\n"
+                        ),
+                        std::path::Path::new("test"),
+                    )
+                    .unwrap();
+                    let dir = tempfile::tempdir().unwrap();
+                    let (audit, writer) =
+                        crate::audit::AuditWriter::start(&dir.path().join("a.jsonl")).unwrap();
+                    let engine = Engine::new(policy).unwrap();
+                    let target = engine.file().targets[0].clone();
+                    let shared = Arc::new(Shared::new(
+                        engine,
+                        audit,
+                        Arc::new(NoLookup),
+                        crate::identity::IdentityResolver::new(None, 1 << 20),
+                        0,
+                        Limits::default(),
+                    ));
+                    let mut guard = Guard::new(
+                        Arc::clone(&shared),
+                        ConnInfo::new(1, target, dst, Identity::default()),
+                    );
+                    let front = TcpListener::bind("127.0.0.1:0").await.unwrap();
+                    let mut client = TcpStream::connect(front.local_addr().unwrap()).await.unwrap();
+                    let (mut agent_side, _) = front.accept().await.unwrap();
+                    let up = Upstream {
+                        dst,
+                        mark: 0,
+                        timeout: std::time::Duration::from_secs(5),
+                    };
+                    let session = tokio::task::spawn_local(async move {
+                        let counts = Counted::default();
+                        super::super::serve(&mut guard, &mut agent_side, &up, &counts).await
+                    });
+
+                    let mut buf = BytesMut::new();
+                    let g = read_message(&mut client, &mut buf, 0).await.unwrap();
+                    let info = codec::adjust_greeting(&mut g.payload().into_owned()).unwrap();
+                    assert_eq!(info.capabilities & (0x800 | 0x20), 0);
+                    let mut hello = (0x200u32 | 0x8000 | 0x80000 | 0x20).to_le_bytes().to_vec();
+                    hello.extend_from_slice(&(1u32 << 24).to_le_bytes());
+                    hello.push(33);
+                    hello.extend_from_slice(&[0; 23]);
+                    hello.extend_from_slice(b"app\0\0mysql_native_password\0");
+                    client.write_all(&packet(1, &hello)).await.unwrap();
+                    let ok = read_message(&mut client, &mut buf, 2).await.unwrap();
+                    assert_eq!(ok.payload()[0], 0);
+
+                    // A query, then two commands pipelined in one write.
+                    client.write_all(&packet(0, b"\x03SELECT 1")).await.unwrap();
+                    assert_eq!(replies(&mut client, &mut buf, 5).await[3], b"\x011");
+                    let mut two = packet(0, b"\x0e").to_vec();
+                    two.extend_from_slice(&packet(0, b"\x03SELECT 1"));
+                    client.write_all(&two).await.unwrap();
+                    assert_eq!(replies(&mut client, &mut buf, 1).await[0][0], 0);
+                    assert_eq!(replies(&mut client, &mut buf, 5).await.len(), 5);
+
+                    // Denied: the client hears it, the server never does.
+                    client.write_all(&packet(0, b"\x03DROP TABLE t")).await.unwrap();
+                    let msg = denial(&replies(&mut client, &mut buf, 1).await[0]);
+                    assert!(msg.contains("no-drops"), "{msg}");
+
+                    // Prepared statements: ids learnt from the server.
+                    client.write_all(&packet(0, b"\x16SELECT ?")).await.unwrap();
+                    let prep = replies(&mut client, &mut buf, 5).await;
+                    assert_eq!(prep[0][1], 7);
+                    let exec = |id: u32| {
+                        let mut p = vec![0x17];
+                        p.extend_from_slice(&id.to_le_bytes());
+                        p.extend_from_slice(&[0, 1, 0, 0, 0]);
+                        packet(0, &p)
+                    };
+                    client.write_all(&exec(7)).await.unwrap();
+                    assert_eq!(replies(&mut client, &mut buf, 5).await.len(), 5);
+                    client.write_all(&exec(8)).await.unwrap();
+                    let msg = denial(&replies(&mut client, &mut buf, 1).await[0]);
+                    assert!(msg.contains("statement 8"), "{msg}");
+                    client.write_all(&exec(u32::MAX)).await.unwrap();
+                    assert_eq!(replies(&mut client, &mut buf, 5).await.len(), 5);
+                    // A refused prepare, then "execute the last prepared".
+                    client.write_all(&packet(0, b"\x16DROP TABLE x")).await.unwrap();
+                    denial(&replies(&mut client, &mut buf, 1).await[0]);
+                    client.write_all(&exec(u32::MAX)).await.unwrap();
+                    denial(&replies(&mut client, &mut buf, 1).await[0]);
+                    // Closing 7 forgets it.
+                    let mut close = vec![0x19];
+                    close.extend_from_slice(&7u32.to_le_bytes());
+                    client.write_all(&packet(0, &close)).await.unwrap();
+                    client.write_all(&exec(7)).await.unwrap();
+                    denial(&replies(&mut client, &mut buf, 1).await[0]);
+
+                    // A server asking for a file nobody named.
+                    client.write_all(&packet(0, b"\x03SELECT ROGUE")).await.unwrap();
+                    let msg = denial(&replies(&mut client, &mut buf, 1).await[0]);
+                    assert!(msg.contains("/etc/passwd"), "{msg}");
+                    client.write_all(&packet(0, b"\x0e")).await.unwrap();
+                    assert_eq!(replies(&mut client, &mut buf, 1).await[0][0], 0);
+
+                    client.write_all(&packet(0, b"\x01")).await.unwrap();
+                    srv.await.unwrap();
+                    session.await.unwrap().unwrap();
+                    let seen: Vec<String> = seen
+                        .borrow()
+                        .iter()
+                        .map(|p| String::from_utf8_lossy(p).into_owned())
+                        .collect();
+                    assert!(seen.iter().all(|p| !p.contains("DROP")), "{seen:?}");
+                    assert_eq!(seen.iter().filter(|p| p.starts_with('\x17')).count(), 2);
+                    assert!(seen.contains(&"<empty file>".to_owned()), "{seen:?}");
+                    assert_eq!(shared.stats.denied.load(std::sync::atomic::Ordering::Relaxed), 6);
+                    drop(shared);
+                    writer.finish();
+                })
+                .await;
+        }
+    }
 }
