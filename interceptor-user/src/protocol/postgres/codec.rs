@@ -194,7 +194,7 @@ pub fn cstr(b: &[u8]) -> Option<(&str, &[u8])> {
 /// When the body is not one NUL-terminated string.
 pub fn query_sql(body: &[u8]) -> Result<&str, CodecError> {
     match cstr(body) {
-        Some((sql, rest)) if rest.is_empty() => Ok(sql),
+        Some((sql, [])) => Ok(sql),
         _ => Err(CodecError::Malformed("Query")),
     }
 }
