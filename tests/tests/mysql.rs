@@ -534,6 +534,29 @@ elif scenario == 'commands':
     got = [read(s)[1] for _ in range(5)]
     assert got[0] == b'\x01' and got[2][0] == 0xfe and got[4][0] == 0xfe, got
     assert got[3][0] == 0 and got[3][2:] == struct.pack('<q', 42), got
+    # A read-only cursor: the execute ends after the column definitions,
+    # rows come with COM_STMT_FETCH.
+    s.sendall(pkt(0, b'\x16SELECT name FROM items WHERE id < ? ORDER BY id'))
+    seq, ok = read(s)
+    assert ok[0] == 0, ok
+    cur = struct.unpack('<I', ok[1:5])[0]
+    kinds = [read(s)[1][0] for _ in range(4)]
+    assert kinds[1] == 0xfe and kinds[3] == 0xfe, kinds
+    s.sendall(pkt(0, b'\x17' + struct.pack('<IBI', cur, 1, 1) + b'\x00\x01\x08\x00' + struct.pack('<q', 3)))
+    got = [read(s)[1] for _ in range(3)]
+    assert got[0] == b'\x01' and got[2][0] == 0xfe and got[2][3] & 0x40, got
+    s.sendall(pkt(0, b'\x1c' + struct.pack('<II', cur, 1)))
+    got = [read(s)[1] for _ in range(2)]
+    assert got[0] == b'\x00\x00\x05apple' and got[1][0] == 0xfe, got
+    s.sendall(pkt(0, b'\x1c' + struct.pack('<II', cur, 5)))
+    got = [read(s)[1] for _ in range(2)]
+    assert got[0] == b'\x00\x00\x04pear' and got[1][0] == 0xfe, got
+    s.sendall(pkt(0, b'\x1a' + struct.pack('<I', cur)))
+    assert read(s)[1][0] == 0
+    s.sendall(pkt(0, b'\x19' + struct.pack('<I', cur)))
+    s.sendall(pkt(0, b'\x1c' + struct.pack('<II', cur, 1)))
+    code, msg = err(read(s)[1])
+    assert code == 1142, (code, msg)
     s.sendall(pkt(0, b'\x19' + struct.pack('<I', stmt)))
     s.sendall(pkt(0, execute))
     code, msg = err(read(s)[1])
