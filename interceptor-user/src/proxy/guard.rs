@@ -8,7 +8,7 @@ use serde::Serialize;
 
 use super::{ConnInfo, Shared};
 use crate::{
-    policy::{Decision, DecisionRequest, IdentityBinding, SessionState, Verdict},
+    policy::{Decision, DecisionRequest, Engine, IdentityBinding, SessionState, Verdict},
     sql::Kind,
 };
 
@@ -88,6 +88,25 @@ impl Guard {
 
     /// Decides one query message (which may hold several statements).
     pub fn check(&mut self, sql: &str) -> Outcome {
+        let verdict = self.decide_with(sql, |engine, req, session| engine.decide(req, session));
+        self.conclude(sql, &verdict)
+    }
+
+    /// Decides a call of a function given by name or OID (PostgreSQL FunctionCall).
+    pub fn check_call(&mut self, function: &str) -> Outcome {
+        let text = format!("-- FunctionCall {function}");
+        let verdict = self.decide_with(&text, |engine, req, session| {
+            engine.decide_function_call(req, function, session)
+        });
+        self.conclude(&text, &verdict)
+    }
+
+    /// Runs one engine call with this connection's request for `sql`.
+    fn decide_with(
+        &mut self,
+        sql: &str,
+        call: impl FnOnce(&Engine, &DecisionRequest<'_>, &mut SessionState) -> Verdict,
+    ) -> Verdict {
         let engine = self.shared.engine.load();
         let req = DecisionRequest {
             identity: &self.info.identity,
@@ -97,24 +116,7 @@ impl Guard {
             database: &self.database,
             sql,
         };
-        let verdict = engine.decide(&req, &mut self.session);
-        self.conclude(sql, &verdict)
-    }
-
-    /// Decides a call of a function given by name or OID (PostgreSQL FunctionCall).
-    pub fn check_call(&mut self, function: &str) -> Outcome {
-        let engine = self.shared.engine.load();
-        let text = format!("-- FunctionCall {function}");
-        let req = DecisionRequest {
-            identity: &self.info.identity,
-            binding: &self.binding,
-            target: &self.info.target.name,
-            db_user: &self.db_user,
-            database: &self.database,
-            sql: &text,
-        };
-        let verdict = engine.decide_function_call(&req, function, &mut self.session);
-        self.conclude(&text, &verdict)
+        call(&engine, &req, &mut self.session)
     }
 
     fn conclude(&mut self, sql: &str, v: &Verdict) -> Outcome {
@@ -168,7 +170,11 @@ impl Guard {
                 decision: st.decision,
                 message_decision: v.decision,
                 rule: st.rule.clone().or_else(|| v.rule.clone()),
-                reason: if st.reason.is_empty() { v.reason.clone() } else { st.reason.clone() },
+                reason: if st.reason.is_empty() {
+                    v.reason.clone()
+                } else {
+                    st.reason.clone()
+                },
                 enforced: v.enforced,
                 query: truncate(&st.text, max).to_owned(),
                 fingerprint: st.fingerprint.clone(),
@@ -179,7 +185,9 @@ impl Guard {
                 database: self.database.clone(),
                 eval_us: v.eval_us,
             };
-            self.shared.audit.record(self.info.event("query").with_body(body));
+            self.shared
+                .audit
+                .record(self.info.event("query").with_body(body));
         }
     }
 }
@@ -254,16 +262,9 @@ impl Guard {
     /// `file_access` flag); otherwise a server could read any file the
     /// client can. Audited as a `local_infile` event.
     pub fn check_local_infile(&mut self, statement: &str, file: &str) -> Outcome {
-        let engine = self.shared.engine.load();
-        let req = DecisionRequest {
-            identity: &self.info.identity,
-            binding: &self.binding,
-            target: &self.info.target.name,
-            db_user: &self.db_user,
-            database: &self.database,
-            sql: statement,
-        };
-        let v = engine.decide(&req, &mut self.session);
+        let v = self.decide_with(statement, |engine, req, session| {
+            engine.decide(req, session)
+        });
         let id = self.take_decision_id();
         let (decision, rule, reason) = if asks_for_local_file(statement) {
             (v.decision, v.rule.clone(), v.reason.clone())

@@ -230,7 +230,15 @@ fn analyze_at(
         let why = format!("nested deeper than {} levels", limits.max_depth);
         return lexical_only(lf, Some(why));
     }
-    if info.tokens > limits.max_tokens {
+    // Count what the parser will really see: literal-only groups and
+    // repeated VALUES rows were collapsed after the normaliser counted them,
+    // so a bulk INSERT of thousands of rows is a short text to parse.
+    let parse_tokens = if info.literals_kept {
+        info.tokens
+    } else {
+        canonical.bytes().filter(|b| *b == b' ').count() + 1
+    };
+    if parse_tokens > limits.max_tokens {
         let why = format!("more than {} tokens to parse", limits.max_tokens);
         return lexical_only(lf, Some(why));
     }
