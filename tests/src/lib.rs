@@ -328,6 +328,12 @@ impl Agent {
     /// redirects its own upstream connections).
     #[must_use]
     pub fn start(policy: &str, cgroup: &TestCgroup, inside: bool) -> Self {
+        Self::start_with(policy, cgroup, inside, &[])
+    }
+
+    /// [`Agent::start`] with extra `interceptor run` arguments.
+    #[must_use]
+    pub fn start_with(policy: &str, cgroup: &TestCgroup, inside: bool, extra: &[&str]) -> Self {
         require_root();
         let dir = tempfile::tempdir().unwrap();
         let policy_path = dir.path().join("policy.yaml");
@@ -355,6 +361,7 @@ impl Agent {
             .arg("--control-socket")
             .arg(&control_socket)
             .args(["--drain-timeout", "1", "--workers", "2"])
+            .args(extra)
             .stdout(Stdio::null())
             .stderr(fs::File::create(dir.path().join("agent.log")).unwrap());
         let child = cmd.spawn().unwrap();

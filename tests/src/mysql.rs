@@ -11,7 +11,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use crate::{Agent, TestCgroup, agent_bin, free_port, require_root, run_ok, unique};
+use crate::{Agent, TestCgroup, free_port, require_root, run_ok, unique};
 
 /// A user with `mysql_native_password` and every privilege.
 pub const APP_USER: &str = "app";
@@ -194,52 +194,7 @@ pub fn mysql_policy(port: u16, extra: &str) -> String {
 /// Like [`Agent::start`] (outside the cgroup), with extra `run` arguments.
 #[must_use]
 pub fn start_agent_with(policy: &str, cgroup: &TestCgroup, extra: &[&str]) -> Agent {
-    require_root();
-    let dir = tempfile::tempdir().unwrap();
-    let policy_path = dir.path().join("policy.yaml");
-    fs::write(&policy_path, policy).unwrap();
-    let control_socket = dir.path().join("control.sock");
-    let audit_log = dir.path().join("audit.jsonl");
-    let listen_port = free_port();
-    let child = Command::new(agent_bin())
-        .arg("run")
-        .arg("--cgroup")
-        .arg(&cgroup.path)
-        .arg("--listen")
-        .arg(format!("127.0.0.1:{listen_port}"))
-        .arg("--policy")
-        .arg(&policy_path)
-        .arg("--audit-log")
-        .arg(&audit_log)
-        .arg("--control-socket")
-        .arg(&control_socket)
-        .args(["--drain-timeout", "1", "--workers", "2"])
-        .args(extra)
-        .stdout(Stdio::null())
-        .stderr(fs::File::create(dir.path().join("agent.log")).unwrap())
-        .spawn()
-        .unwrap();
-    let mut agent = Agent {
-        child: Some(child),
-        dir,
-        listen_port,
-        control_socket,
-        audit_log,
-        policy: policy_path,
-    };
-    let start = Instant::now();
-    while !agent.status().status.success() {
-        if let Some(st) = agent.child.as_mut().unwrap().try_wait().unwrap() {
-            panic!("agent exited early ({st}):\n{}", agent.log());
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(30),
-            "agent not ready:\n{}",
-            agent.log()
-        );
-        sleep(Duration::from_millis(50));
-    }
-    agent
+    Agent::start_with(policy, cgroup, false, extra)
 }
 
 /// Runs `mariadb` inside `cg` with `args`, feeding `-e sql`; returns the
