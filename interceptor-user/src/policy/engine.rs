@@ -695,6 +695,13 @@ impl Engine {
         }
     }
 
+    /// Whether `binding` was computed by this engine (after a reload the
+    /// caller should rebind once rather than have every message rebound).
+    #[must_use]
+    pub fn is_current(&self, binding: &IdentityBinding) -> bool {
+        binding.generation == self.generation
+    }
+
     /// Decides one query message.
     pub fn decide(&self, req: &DecisionRequest<'_>, session: &mut SessionState) -> Verdict {
         let started = Instant::now();

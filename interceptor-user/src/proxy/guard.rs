@@ -108,6 +108,10 @@ impl Guard {
         call: impl FnOnce(&Engine, &DecisionRequest<'_>, &mut SessionState) -> Verdict,
     ) -> Verdict {
         let engine = self.shared.engine.load();
+        if !engine.is_current(&self.binding) {
+            // The policy was reloaded: bind once to the new one.
+            self.binding = engine.bind_identity(&self.info.identity);
+        }
         let req = DecisionRequest {
             identity: &self.info.identity,
             binding: &self.binding,
