@@ -702,16 +702,24 @@ impl Engine {
         binding.generation == self.generation
     }
 
+    /// The request's binding, or a fresh one when it was computed by an
+    /// older policy.
+    fn current_binding<'a>(
+        &self,
+        req: &DecisionRequest<'a>,
+    ) -> std::borrow::Cow<'a, IdentityBinding> {
+        if self.is_current(req.binding) {
+            std::borrow::Cow::Borrowed(req.binding)
+        } else {
+            std::borrow::Cow::Owned(self.bind_identity(req.identity))
+        }
+    }
+
     /// Decides one query message.
     pub fn decide(&self, req: &DecisionRequest<'_>, session: &mut SessionState) -> Verdict {
         let started = Instant::now();
-        let fresh;
-        let binding = if req.binding.generation == self.generation {
-            req.binding
-        } else {
-            fresh = self.bind_identity(req.identity);
-            &fresh
-        };
+        let binding = self.current_binding(req);
+        let binding = &*binding;
         let mode = self.mode_for(binding);
         let Some(target) = self.targets.get(req.target) else {
             return self.unknown_target(req, mode, started);
@@ -1119,13 +1127,8 @@ impl Engine {
         session: &mut SessionState,
     ) -> Verdict {
         let started = Instant::now();
-        let fresh;
-        let binding = if req.binding.generation == self.generation {
-            req.binding
-        } else {
-            fresh = self.bind_identity(req.identity);
-            &fresh
-        };
+        let binding = self.current_binding(req);
+        let binding = &*binding;
         let mode = self.mode_for(binding);
         let Some(target) = self.targets.get(req.target) else {
             return self.unknown_target(req, mode, started);
