@@ -16,7 +16,7 @@ use tokio::sync::watch;
 
 use crate::{
     audit::{AuditEvent, AuditWriter},
-    control::{self, Handler, Request},
+    control::{self, Caller, Handler, Reply, Request},
     ebpf::{ListenerConfig, Redirector},
     identity::{IdentityResolver, cgroup2_mount},
     policy::{EMBEDDED_DEFAULT, Engine, PolicyFile},
@@ -74,7 +74,7 @@ struct Agent {
 }
 
 impl Handler for Agent {
-    fn handle(&self, req: Request) -> Result<Value, String> {
+    fn handle(&self, _caller: &Caller, req: Request) -> Result<Reply, String> {
         match req {
             Request::Status => {
                 let engine = self.shared.engine.load();
@@ -98,7 +98,8 @@ impl Handler for Agent {
                         "total": stats.total.load(Ordering::Relaxed),
                         "rejected": stats.rejected.load(Ordering::Relaxed),
                     },
-                }))
+                })
+                .into())
             }
         }
     }

@@ -1,6 +1,11 @@
 //! The control socket: a Unix stream socket speaking one JSON request line
-//! and one JSON response line per connection. Every operator subcommand
-//! goes through it.
+//! and one JSON response line per connection (a streaming request, such as
+//! `tail` with `follow`, then gets one JSON line per item until either side
+//! closes). Every operator subcommand goes through it.
+//!
+//! The caller's uid, gid and pid come from `SO_PEERCRED`, never from the
+//! request: they are the actor recorded for every command that changes
+//! something.
 
 use std::{
     io::{BufRead as _, BufReader, Write as _},
@@ -48,6 +53,72 @@ pub enum Request {
     Status,
 }
 
+/// Who sent a request, as the kernel reports it (`SO_PEERCRED`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Caller {
+    pub uid: u32,
+    pub gid: u32,
+    pub pid: Option<i32>,
+    /// The uid's user name, when it has one.
+    pub user: Option<String>,
+}
+
+impl Caller {
+    /// The caller as recorded in audit events (`actor`).
+    #[must_use]
+    pub fn from_ids(uid: u32, gid: u32, pid: Option<i32>) -> Self {
+        let user = nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(uid))
+            .ok()
+            .flatten()
+            .map(|u| u.name);
+        Self {
+            uid,
+            gid,
+            pid,
+            user,
+        }
+    }
+
+    /// Names of every group the caller belongs to (primary and
+    /// supplementary, from the group database).
+    #[must_use]
+    pub fn groups(&self) -> Vec<String> {
+        let mut gids = vec![nix::unistd::Gid::from_raw(self.gid)];
+        if let Some(name) = &self.user
+            && let Ok(cname) = std::ffi::CString::new(name.as_str())
+            && let Ok(all) = nix::unistd::getgrouplist(&cname, gids[0])
+        {
+            gids = all;
+        }
+        let mut names: Vec<String> = gids
+            .into_iter()
+            .filter_map(|g| nix::unistd::Group::from_gid(g).ok().flatten())
+            .map(|g| g.name)
+            .collect();
+        names.sort();
+        names.dedup();
+        names
+    }
+}
+
+/// What a handler answers.
+pub enum Reply {
+    /// One response line.
+    Value(Value),
+    /// A first response line, then one line per item until the sender is
+    /// dropped or the caller hangs up.
+    Stream {
+        first: Value,
+        items: tokio::sync::mpsc::Receiver<Value>,
+    },
+}
+
+impl From<Value> for Reply {
+    fn from(v: Value) -> Self {
+        Self::Value(v)
+    }
+}
+
 #[derive(Debug, Serialize, Deserialize)]
 struct Response {
     ok: bool,
@@ -61,10 +132,14 @@ struct Response {
 pub trait Handler: Send + Sync + 'static {
     /// # Errors
     /// A message for the caller when the request cannot be served.
-    fn handle(&self, req: Request) -> Result<Value, String>;
+    fn handle(&self, caller: &Caller, req: Request) -> Result<Reply, String>;
 }
 
-/// Binds the socket (replacing a stale one) with mode 0660.
+/// Group that may use the control socket, when it exists on the host.
+pub const SOCKET_GROUP: &str = "interceptor";
+
+/// Binds the socket (replacing a stale one) with mode 0660, owned by the
+/// group `interceptor` when that group exists.
 ///
 /// # Errors
 /// When the directory or socket cannot be created.
@@ -85,6 +160,10 @@ pub fn bind(path: &Path) -> Result<UnixListener, ControlError> {
     let _ = std::fs::remove_file(path);
     let listener = UnixListener::bind(path).map_err(err)?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660)).map_err(err)?;
+    if let Ok(Some(group)) = nix::unistd::Group::from_name(SOCKET_GROUP) {
+        nix::unistd::chown(path, None, Some(group.gid))
+            .map_err(|e| err(std::io::Error::from(e)))?;
+    }
     Ok(listener)
 }
 
@@ -109,35 +188,66 @@ pub async fn serve(listener: UnixListener, handler: Arc<dyn Handler>) {
 }
 
 async fn serve_one(stream: UnixStream, handler: Arc<dyn Handler>) -> std::io::Result<()> {
+    let caller = stream
+        .peer_cred()
+        .map(|c| Caller::from_ids(c.uid(), c.gid(), c.pid()));
     let (read, mut write) = stream.into_split();
     let mut reader = tokio::io::BufReader::new(read).take(MAX_REQUEST as u64);
     let mut line = String::new();
     let read = tokio::time::timeout(Duration::from_secs(10), reader.read_line(&mut line)).await;
-    let response = match read {
-        Err(_) => Response::error("timed out waiting for a request"),
-        Ok(Err(e)) => Response::error(format!("unreadable request: {e}")),
-        Ok(Ok(_)) if !line.ends_with('\n') => Response::error(format!(
+    let reply = match (read, caller) {
+        (_, Err(e)) => Err(format!("cannot identify the caller (SO_PEERCRED): {e}")),
+        (Err(_), _) => Err("timed out waiting for a request".to_owned()),
+        (Ok(Err(e)), _) => Err(format!("unreadable request: {e}")),
+        (Ok(Ok(_)), _) if !line.ends_with('\n') => Err(format!(
             "request must be one line of at most {MAX_REQUEST} bytes"
         )),
-        Ok(Ok(_)) => match serde_json::from_str::<Request>(&line) {
-            Err(e) => Response::error(format!("bad request: {e}")),
-            Ok(req) => match handler.handle(req) {
-                Ok(data) => Response {
-                    ok: true,
-                    data: Some(data),
-                    error: None,
-                },
-                Err(e) => Response::error(e),
-            },
+        (Ok(Ok(_)), Ok(caller)) => match serde_json::from_str::<Request>(&line) {
+            Err(e) => Err(format!("bad request: {e}")),
+            Ok(req) => handler.handle(&caller, req),
         },
     };
-    let mut out = serde_json::to_vec(&response).unwrap_or_else(|_| b"{\"ok\":false}".to_vec());
-    out.push(b'\n');
-    write.write_all(&out).await?;
+    let (response, items) = match reply {
+        Ok(Reply::Value(data)) => (Response::data(data), None),
+        Ok(Reply::Stream { first, items }) => (Response::data(first), Some(items)),
+        Err(e) => (Response::error(e), None),
+    };
+    write_line(&mut write, &response).await?;
+    if let Some(mut items) = items {
+        // The caller hanging up (EOF or error on its side) ends the stream.
+        let mut hangup = [0u8; 1];
+        let mut read = reader.into_inner().into_inner();
+        loop {
+            tokio::select! {
+                item = items.recv() => match item {
+                    Some(v) => write_line(&mut write, &v).await?,
+                    None => break,
+                },
+                _ = read.read(&mut hangup) => break,
+            }
+        }
+    }
     write.shutdown().await
 }
 
+async fn write_line(
+    write: &mut tokio::net::unix::OwnedWriteHalf,
+    value: &impl Serialize,
+) -> std::io::Result<()> {
+    let mut out = serde_json::to_vec(value).unwrap_or_else(|_| b"{\"ok\":false}".to_vec());
+    out.push(b'\n');
+    write.write_all(&out).await
+}
+
 impl Response {
+    fn data(data: Value) -> Self {
+        Self {
+            ok: true,
+            data: Some(data),
+            error: None,
+        }
+    }
+
     fn error(msg: impl Into<String>) -> Self {
         Self {
             ok: false,
@@ -152,6 +262,15 @@ impl Response {
 /// # Errors
 /// When the agent cannot be reached, answers garbage, or refuses.
 pub fn request(path: &Path, req: &Request) -> Result<Value, ControlError> {
+    request_stream(path, req).map(|(data, _)| data)
+}
+
+/// Sends one request; returns the agent's data and the stream of items
+/// that follow it (empty unless the request streams).
+///
+/// # Errors
+/// When the agent cannot be reached, answers garbage, or refuses.
+pub fn request_stream(path: &Path, req: &Request) -> Result<(Value, Items), ControlError> {
     let stream = StdUnixStream::connect(path).map_err(|source| ControlError::Connect {
         path: path.to_owned(),
         source,
@@ -160,15 +279,36 @@ pub fn request(path: &Path, req: &Request) -> Result<Value, ControlError> {
     let mut line = serde_json::to_vec(req).map_err(|e| ControlError::BadResponse(e.to_string()))?;
     line.push(b'\n');
     (&stream).write_all(&line)?;
-    let mut reader = BufReader::new(&stream);
+    let mut reader = BufReader::new(stream);
     let mut answer = String::new();
     reader.read_line(&mut answer)?;
     let resp: Response =
         serde_json::from_str(&answer).map_err(|e| ControlError::BadResponse(e.to_string()))?;
-    if resp.ok {
-        Ok(resp.data.unwrap_or(Value::Null))
-    } else {
-        Err(ControlError::Refused(resp.error.unwrap_or_default()))
+    if !resp.ok {
+        return Err(ControlError::Refused(resp.error.unwrap_or_default()));
+    }
+    // Streams may be quiet for a long time.
+    reader.get_ref().set_read_timeout(None)?;
+    Ok((resp.data.unwrap_or(Value::Null), Items { reader }))
+}
+
+/// The items of a streaming reply, one JSON value per line.
+pub struct Items {
+    reader: BufReader<StdUnixStream>,
+}
+
+impl Iterator for Items {
+    type Item = Result<Value, ControlError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        let mut line = String::new();
+        match self.reader.read_line(&mut line) {
+            Ok(0) => None,
+            Ok(_) => Some(
+                serde_json::from_str(&line).map_err(|e| ControlError::BadResponse(e.to_string())),
+            ),
+            Err(e) => Some(Err(e.into())),
+        }
     }
 }
 
@@ -178,9 +318,21 @@ mod tests {
 
     struct Echo;
     impl Handler for Echo {
-        fn handle(&self, req: Request) -> Result<Value, String> {
+        fn handle(&self, caller: &Caller, req: Request) -> Result<Reply, String> {
             match req {
-                Request::Status => Ok(serde_json::json!({"up": true})),
+                Request::Status => {
+                    let (tx, items) = tokio::sync::mpsc::channel(4);
+                    let uid = caller.uid;
+                    tokio::spawn(async move {
+                        for i in 0..3 {
+                            let _ = tx.send(serde_json::json!({ "i": i })).await;
+                        }
+                    });
+                    Ok(Reply::Stream {
+                        first: serde_json::json!({"up": true, "uid": uid}),
+                        items,
+                    })
+                }
             }
         }
     }
@@ -192,11 +344,18 @@ mod tests {
         let listener = bind(&path).unwrap();
         let server = tokio::spawn(serve(listener, Arc::new(Echo)));
         let p = path.clone();
-        let data = tokio::task::spawn_blocking(move || request(&p, &Request::Status))
-            .await
-            .unwrap()
-            .unwrap();
+        let (data, items) = tokio::task::spawn_blocking(move || {
+            let (data, items) = request_stream(&p, &Request::Status)?;
+            Ok::<_, ControlError>((data, items.collect::<Result<Vec<_>, _>>()?))
+        })
+        .await
+        .unwrap()
+        .unwrap();
         assert_eq!(data["up"], true);
+        // The caller is who the kernel says it is.
+        assert_eq!(data["uid"], nix::unistd::getuid().as_raw());
+        assert_eq!(items.len(), 3);
+        assert_eq!(items[2]["i"], 2);
         // Garbage gets an error answer, and the server keeps serving.
         let p = path.clone();
         let answer = tokio::task::spawn_blocking(move || {

@@ -6,7 +6,7 @@ use std::sync::{Arc, atomic::Ordering};
 
 use serde::Serialize;
 
-use super::{ConnInfo, Shared};
+use super::{ConnInfo, LiveConn, Shared};
 use crate::{
     policy::{Decision, DecisionRequest, Engine, IdentityBinding, SessionState, Verdict},
     sql::Kind,
@@ -33,6 +33,7 @@ pub struct Refusal {
 pub struct Guard {
     shared: Arc<Shared>,
     pub info: ConnInfo,
+    live: Arc<LiveConn>,
     binding: IdentityBinding,
     session: SessionState,
     pub db_user: String,
@@ -41,12 +42,21 @@ pub struct Guard {
 }
 
 impl Guard {
+    /// A guard for a connection outside the registry (tests, tools).
     #[must_use]
     pub fn new(shared: Arc<Shared>, info: ConnInfo) -> Self {
+        Self::with_live(shared, Arc::new(LiveConn::new(info)))
+    }
+
+    /// The guard of a registered live connection.
+    #[must_use]
+    pub fn with_live(shared: Arc<Shared>, live: Arc<LiveConn>) -> Self {
+        let info = live.info.clone();
         let binding = shared.engine.load().bind_identity(&info.identity);
         Self {
             shared,
             info,
+            live,
             binding,
             session: SessionState::default(),
             db_user: String::new(),
@@ -60,6 +70,16 @@ impl Guard {
         db_user.clone_into(&mut self.db_user);
         database.clone_into(&mut self.database);
         self.session.database = Some(database.to_owned());
+        self.live.update(|s| {
+            db_user.clone_into(&mut s.db_user);
+            database.clone_into(&mut s.database);
+        });
+    }
+
+    /// This connection's entry among the live connections.
+    #[must_use]
+    pub fn live(&self) -> Arc<LiveConn> {
+        Arc::clone(&self.live)
     }
 
     /// Largest client message to buffer for a decision.
@@ -130,6 +150,7 @@ impl Guard {
         );
         self.next_decision += 1;
         self.audit(&id, sql, v);
+        self.live.decisions.add(v.decision);
         if !v.blocks() {
             return Outcome::Forward;
         }
@@ -238,6 +259,7 @@ impl Guard {
     pub fn set_database(&mut self, database: &str) {
         database.clone_into(&mut self.database);
         self.session.database = Some(database.to_owned());
+        self.live.update(|s| database.clone_into(&mut s.database));
     }
 
     /// The server reset the session (COM_CHANGE_USER, COM_RESET_CONNECTION):
@@ -253,6 +275,7 @@ impl Guard {
     pub fn refuse(&mut self, what: &str, reason: &str) -> Refusal {
         let id = self.take_decision_id();
         self.shared.stats.denied.fetch_add(1, Ordering::Relaxed);
+        self.live.decisions.add(Decision::Deny);
         self.audit_other("query", &id, what, Decision::Deny, None, reason, true);
         Refusal {
             message: format!("interceptor: denied: {reason} (decision {id})"),

@@ -29,8 +29,10 @@ use crate::{
 };
 
 mod guard;
+mod registry;
 
 pub use guard::{Guard, Outcome, Refusal, truncate};
+pub use registry::{CancelKey, DecisionCounts, LiveConn, Registered, Registry, SessionFacts};
 
 /// Finds the kernel's record of a redirected connection from the accepted
 /// socket's peer address (linkerd2-proxy's `OrigDstAddr` pattern): the eBPF
@@ -86,6 +88,8 @@ pub struct Shared {
     pub lookup: Arc<dyn OrigDstLookup>,
     pub identities: IdentityResolver,
     pub stats: Stats,
+    /// The live connections.
+    pub registry: Arc<Registry>,
     pub mark: u32,
     pub connect_timeout: Duration,
     pub max_frame: usize,
@@ -114,6 +118,7 @@ impl Shared {
             lookup,
             identities,
             stats: Stats::default(),
+            registry: Arc::default(),
             mark,
             connect_timeout: Duration::from_secs(10),
             max_frame: limits.max_frame,
@@ -384,6 +389,7 @@ async fn handle(
     };
     let info = ConnInfo::new(id, target, dst, identity);
     shared.audit.record(info.event("connect"));
+    let registered = shared.registry.insert(info);
 
     let counts = Counted::default();
     let upstream = Upstream {
@@ -392,7 +398,7 @@ async fn handle(
         timeout: shared.connect_timeout,
     };
     let _ = client.set_nodelay(true);
-    let mut guard = Guard::new(Arc::clone(&shared), info);
+    let mut guard = Guard::with_live(Arc::clone(&shared), Arc::clone(&registered.live));
     let protocol = guard.info.target.protocol;
     let session = async {
         match protocol {
@@ -408,9 +414,11 @@ async fn handle(
         let _ = shutdown.wait_for(|s| *s).await;
         tokio::time::sleep(drain).await;
     };
+    let killed = registered.live.killed();
     let error = tokio::select! {
         r = session => r.err(),
         () = stopping => Some(SessionError::Shutdown),
+        reason = killed => Some(SessionError::Killed(reason)),
     };
     if let Some(SessionError::ClientProtocol(e) | SessionError::ServerProtocol(e)) = &error {
         shared
@@ -450,6 +458,8 @@ pub enum SessionError {
     ServerProtocol(String),
     #[error("agent shutting down")]
     Shutdown,
+    #[error("closed by the agent: {0}")]
+    Killed(String),
 }
 
 /// The real server a redirected connection was going to.

@@ -156,6 +156,11 @@ impl Session<'_> {
             Ok(g) => g,
             Err(e) => return Err(self.bad_greeting(&e.to_string()).await),
         };
+        self.guard
+            .live()
+            .set_cancel_key(crate::proxy::CancelKey::Mysql {
+                thread_id: server_info.connection_id,
+            });
         self.client.write_all(&bytes).await?;
 
         let response = loop {

@@ -36,6 +36,8 @@ struct Pending {
     groups_done: u64,
     /// The first ReadyForQuery ends authentication, not a client group.
     authenticated: bool,
+    /// The server's BackendKeyData, once seen (cancels on a kill).
+    backend_key: Option<(u32, Bytes)>,
 }
 
 /// Serves one client: startup, authentication relayed untouched, then
@@ -90,12 +92,13 @@ pub async fn serve(
 
     let pending = RefCell::new(Pending::default());
     let max = guard.max_frame();
+    let live = guard.live();
     let result = {
         let (mut cr, mut cw) = client.split();
         let (mut sr, mut sw) = server.split();
         tokio::try_join!(
             client_to_server(&mut cr, &mut sw, cbuf, guard, &pending, max, counts),
-            server_to_client(&mut sr, &mut cw, &pending, counts),
+            server_to_client(&mut sr, &mut cw, &pending, &live, counts),
         )
     };
     match result {
@@ -332,6 +335,7 @@ async fn server_to_client<R, W>(
     r: &mut R,
     w: &mut W,
     pending: &RefCell<Pending>,
+    live: &crate::proxy::LiveConn,
     counts: &Counted,
 ) -> Result<(), SessionError>
 where
@@ -355,6 +359,7 @@ where
             };
             let inspect = match h.tag {
                 b'Z' => true,
+                b'K' => !pending.borrow().authenticated,
                 b'E' => !pending.borrow().poisons.is_empty(),
                 _ => false,
             };
@@ -373,7 +378,9 @@ where
                 break;
             }
             let body = &buf[pos + 5..pos + h.total];
-            if h.tag == b'Z' {
+            if h.tag == b'K' {
+                pending.borrow_mut().backend_key = codec::backend_key(body);
+            } else if h.tag == b'Z' {
                 let mut p = pending.borrow_mut();
                 if p.authenticated {
                     p.groups_done += 1;
@@ -381,6 +388,12 @@ where
                     p.poisons.retain(|x| x.group >= done);
                 } else {
                     p.authenticated = true;
+                    if let Some((pid, secret)) = p.backend_key.take() {
+                        live.set_cancel_key(crate::proxy::CancelKey::Postgres {
+                            pid,
+                            secret: secret.to_vec(),
+                        });
+                    }
                 }
             } else if let Some(replacement) = take_poison(pending, body) {
                 w.write_all(&buf[out..pos]).await?;

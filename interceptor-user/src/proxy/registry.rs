@@ -1,0 +1,227 @@
+//! The live connections: who they belong to, what they have been told, and
+//! a handle to end them. Touched once at connect and once at disconnect
+//! (one short lock); per-statement counters are the connection's own
+//! atomics, so the per-query path shares nothing with other connections.
+
+use std::{
+    collections::HashMap,
+    sync::{
+        Arc, Mutex, PoisonError,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+};
+
+use serde::Serialize;
+use time::OffsetDateTime;
+use tokio::sync::Notify;
+
+use super::ConnInfo;
+use crate::policy::Decision;
+
+/// How the server can be told to stop what a connection is running.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(tag = "protocol", rename_all = "snake_case")]
+pub enum CancelKey {
+    /// From the server's BackendKeyData; used in a CancelRequest.
+    Postgres { pid: u32, secret: Vec<u8> },
+    /// The server's connection (thread) id, for `KILL QUERY`.
+    Mysql { thread_id: u32 },
+}
+
+/// Statements decided on one connection, by decision.
+#[derive(Debug, Default)]
+pub struct DecisionCounts {
+    allow: AtomicU64,
+    approve: AtomicU64,
+    deny: AtomicU64,
+}
+
+impl DecisionCounts {
+    pub fn add(&self, d: Decision) {
+        let c = match d {
+            Decision::Allow => &self.allow,
+            Decision::Approve => &self.approve,
+            Decision::Deny => &self.deny,
+        };
+        c.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// `[allow, approve, deny]`.
+    #[must_use]
+    pub fn get(&self) -> [u64; 3] {
+        [
+            self.allow.load(Ordering::Relaxed),
+            self.approve.load(Ordering::Relaxed),
+            self.deny.load(Ordering::Relaxed),
+        ]
+    }
+}
+
+/// One live connection.
+#[derive(Debug)]
+pub struct LiveConn {
+    pub info: ConnInfo,
+    pub opened: OffsetDateTime,
+    pub decisions: DecisionCounts,
+    session: Mutex<SessionFacts>,
+    killed: AtomicBool,
+    kill: Notify,
+    kill_reason: Mutex<Option<String>>,
+}
+
+/// Facts the protocol learns after connect.
+#[derive(Clone, Debug, Default)]
+pub struct SessionFacts {
+    pub db_user: String,
+    pub database: String,
+    pub cancel: Option<CancelKey>,
+}
+
+impl LiveConn {
+    #[must_use]
+    pub fn new(info: ConnInfo) -> Self {
+        Self {
+            info,
+            opened: OffsetDateTime::now_utc(),
+            decisions: DecisionCounts::default(),
+            session: Mutex::default(),
+            killed: AtomicBool::new(false),
+            kill: Notify::new(),
+            kill_reason: Mutex::new(None),
+        }
+    }
+
+    /// Updates the session facts.
+    pub fn update(&self, f: impl FnOnce(&mut SessionFacts)) {
+        f(&mut self.session.lock().unwrap_or_else(PoisonError::into_inner));
+    }
+
+    /// Records how the server can cancel this connection's statement.
+    pub fn set_cancel_key(&self, key: CancelKey) {
+        self.update(|s| s.cancel = Some(key));
+    }
+
+    #[must_use]
+    pub fn session(&self) -> SessionFacts {
+        self.session
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Asks the connection's handler to close it; the reason goes into its
+    /// `disconnect` event. Idempotent.
+    pub fn kill(&self, reason: &str) {
+        if !self.killed.swap(true, Ordering::AcqRel) {
+            *self
+                .kill_reason
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner) = Some(reason.to_owned());
+            // A stored permit: a handler that is not waiting yet still sees it.
+            self.kill.notify_one();
+        }
+    }
+
+    #[must_use]
+    pub fn is_killed(&self) -> bool {
+        self.killed.load(Ordering::Acquire)
+    }
+
+    /// Resolves once [`LiveConn::kill`] was called; returns its reason.
+    pub async fn killed(&self) -> String {
+        if !self.is_killed() {
+            self.kill.notified().await;
+        }
+        self.kill_reason
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+            .unwrap_or_default()
+    }
+}
+
+/// Every live connection of the agent, by connection id.
+#[derive(Debug, Default)]
+pub struct Registry {
+    conns: Mutex<HashMap<u64, Arc<LiveConn>>>,
+}
+
+impl Registry {
+    /// Adds a connection; it is removed when the returned guard drops.
+    #[must_use]
+    pub fn insert(self: &Arc<Self>, info: ConnInfo) -> Registered {
+        let live = Arc::new(LiveConn::new(info));
+        self.lock().insert(live.info.id, Arc::clone(&live));
+        Registered {
+            registry: Arc::clone(self),
+            live,
+        }
+    }
+
+    /// A snapshot of the live connections.
+    #[must_use]
+    pub fn all(&self) -> Vec<Arc<LiveConn>> {
+        let mut v: Vec<_> = self.lock().values().cloned().collect();
+        v.sort_by_key(|c| c.info.id);
+        v
+    }
+
+    #[must_use]
+    pub fn get(&self, id: u64) -> Option<Arc<LiveConn>> {
+        self.lock().get(&id).cloned()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Arc<LiveConn>>> {
+        self.conns.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// A connection's place in the registry, for as long as it lives.
+pub struct Registered {
+    registry: Arc<Registry>,
+    pub live: Arc<LiveConn>,
+}
+
+impl Drop for Registered {
+    fn drop(&mut self) {
+        self.registry.lock().remove(&self.live.info.id);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn info(id: u64) -> ConnInfo {
+        let target: crate::policy::TargetSpec =
+            serde_yaml_ng::from_str("{name: pg, protocol: postgres, address: '127.0.0.1:5432'}")
+                .unwrap();
+        ConnInfo::new(
+            id,
+            target,
+            "127.0.0.1:5432".parse().unwrap(),
+            crate::identity::Identity::default(),
+        )
+    }
+
+    #[tokio::test]
+    async fn registers_counts_and_kills() {
+        let reg = Arc::new(Registry::default());
+        let a = reg.insert(info(1));
+        {
+            let _b = reg.insert(info(2));
+            assert_eq!(reg.all().len(), 2);
+        }
+        assert_eq!(reg.all().len(), 1);
+        a.live.decisions.add(Decision::Deny);
+        a.live.decisions.add(Decision::Allow);
+        a.live.decisions.add(Decision::Allow);
+        assert_eq!(a.live.decisions.get(), [2, 0, 1]);
+        // Killed before anyone waits: the waiter still sees it.
+        reg.get(1).unwrap().kill("blocked");
+        reg.get(1).unwrap().kill("again");
+        assert_eq!(a.live.killed().await, "blocked");
+        drop(a);
+        assert!(reg.all().is_empty());
+    }
+}
