@@ -42,6 +42,12 @@ impl<T: Serialize + Send + Sync> EventBody for T {
     }
 }
 
+/// Sees every record once it is rendered (live tail, metrics); called on
+/// the writer thread, so it must be quick.
+pub trait Tap: Send + Sync {
+    fn event(&self, ev: &AuditEvent, line: &str);
+}
+
 /// One event on its way to the log.
 pub struct AuditEvent {
     pub ts: OffsetDateTime,
@@ -182,6 +188,17 @@ impl AuditWriter {
     /// # Errors
     /// When the file cannot be opened or the thread cannot start.
     pub fn start(path: &Path) -> Result<(AuditLog, Self), AuditError> {
+        Self::start_with_taps(path, Vec::new())
+    }
+
+    /// As [`AuditWriter::start`], handing every rendered record to `taps`.
+    ///
+    /// # Errors
+    /// As [`AuditWriter::start`].
+    pub fn start_with_taps(
+        path: &Path,
+        taps: Vec<Arc<dyn Tap>>,
+    ) -> Result<(AuditLog, Self), AuditError> {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir).map_err(|source| AuditError::Open {
                 path: path.to_owned(),
@@ -200,7 +217,7 @@ impl AuditWriter {
         let (tx, rx) = mpsc::unbounded_channel();
         let handle = std::thread::Builder::new()
             .name("audit-writer".into())
-            .spawn(move || write_loop(file, rx, start_seq))
+            .spawn(move || write_loop(file, rx, start_seq, &taps))
             .map_err(AuditError::Spawn)?;
         Ok((
             AuditLog { tx },
@@ -216,6 +233,21 @@ impl AuditWriter {
             let _ = h.join();
         }
     }
+}
+
+/// Audit files in chain order (by their first record's `seq`).
+#[must_use]
+pub fn chain_order(paths: &[PathBuf]) -> Vec<PathBuf> {
+    let first_seq = |p: &PathBuf| {
+        std::fs::read_to_string(p).ok().and_then(|t| {
+            t.lines()
+                .find_map(|l| serde_json::from_str::<Value>(l).ok()?.get("seq")?.as_u64())
+        })
+    };
+    let mut v: Vec<(Option<u64>, PathBuf)> =
+        paths.iter().map(|p| (first_seq(p), p.clone())).collect();
+    v.sort();
+    v.into_iter().map(|(_, p)| p).collect()
 }
 
 /// `seq` continues across restarts: find the last one in an existing log.
@@ -239,7 +271,12 @@ fn last_seq(path: &Path) -> Option<u64> {
 /// on a busy CPU is most of a query's budget); it only pushes.
 const DRAIN_INTERVAL: std::time::Duration = std::time::Duration::from_millis(5);
 
-fn write_loop(file: File, mut rx: mpsc::UnboundedReceiver<AuditEvent>, mut seq: u64) {
+fn write_loop(
+    file: File,
+    mut rx: mpsc::UnboundedReceiver<AuditEvent>,
+    mut seq: u64,
+    taps: &[Arc<dyn Tap>],
+) {
     use mpsc::error::TryRecvError;
     let mut out = BufWriter::with_capacity(256 * 1024, file);
     loop {
@@ -249,6 +286,9 @@ fn write_loop(file: File, mut rx: mpsc::UnboundedReceiver<AuditEvent>, mut seq: 
                 Ok(ev) => {
                     let line = render(seq, &ev);
                     seq += 1;
+                    for t in taps {
+                        t.event(&ev, &line);
+                    }
                     wrote = true;
                     if let Err(e) = out
                         .write_all(line.as_bytes())

@@ -1,8 +1,10 @@
 //! The `interceptor` command line.
 
+mod identities;
 mod policy;
 mod run;
 mod status;
+mod tail;
 
 use std::path::PathBuf;
 
@@ -40,6 +42,10 @@ pub enum Command {
     /// Check, test and derive policies.
     #[command(subcommand)]
     Policy(policy::PolicyCommand),
+    /// Print recent decisions and events; `-f` follows live ones.
+    Tail(tail::TailArgs),
+    /// The workloads with live connections: identity, connections, statements by decision.
+    Identities(identities::IdentitiesArgs),
 }
 
 /// Runs the command line; returns the process exit code.
@@ -50,5 +56,7 @@ pub fn main() -> i32 {
         Command::Run(args) => run::run(&args, &cli.control_socket),
         Command::Status(args) => status::status(&args, &cli.control_socket),
         Command::Policy(cmd) => policy::policy(cmd),
+        Command::Tail(args) => tail::tail(&args, &cli.control_socket),
+        Command::Identities(args) => identities::identities(&args, &cli.control_socket),
     }
 }

@@ -71,11 +71,27 @@ struct Agent {
     audit_log: PathBuf,
     listen: Vec<SocketAddr>,
     started_at: String,
+    feed: Arc<control::tail::Feed>,
 }
 
 impl Handler for Agent {
     fn handle(&self, _caller: &Caller, req: Request) -> Result<Reply, String> {
         match req {
+            Request::Tail {
+                filter,
+                last,
+                follow,
+            } => Ok(control::tail::serve(
+                &self.feed,
+                vec![self.audit_log.clone()],
+                filter,
+                last,
+                follow,
+            )),
+            Request::Identities => {
+                let engine = self.shared.engine.load();
+                Ok(Value::Array(proxy::workloads(&self.shared.registry.all(), &engine)).into())
+            }
             Request::Status => {
                 let engine = self.shared.engine.load();
                 let policy = engine.file();
@@ -196,7 +212,9 @@ fn run_inner(args: &RunArgs, control_socket: &Path) -> Result<(), String> {
     let guard = rt.enter();
     let control_listener = control::bind(control_socket).map_err(|e| e.to_string())?;
 
-    let (audit, audit_writer) = AuditWriter::start(&args.audit_log).map_err(|e| e.to_string())?;
+    let feed = control::tail::Feed::new();
+    let (audit, audit_writer) = AuditWriter::start_with_taps(&args.audit_log, vec![feed.clone()])
+        .map_err(|e| e.to_string())?;
     let redirector = Arc::new(
         Redirector::attach(
             &cgroup,
@@ -242,6 +260,7 @@ fn run_inner(args: &RunArgs, control_socket: &Path) -> Result<(), String> {
         audit_log: args.audit_log.clone(),
         listen: addrs.clone(),
         started_at: crate::audit::format_ts(time::OffsetDateTime::now_utc()),
+        feed,
     });
     audit.record(
         AuditEvent::new("agent_start")

@@ -22,6 +22,8 @@ use tokio::{
     net::{UnixListener, UnixStream},
 };
 
+pub mod tail;
+
 /// Longest request line accepted.
 const MAX_REQUEST: usize = 64 * 1024;
 
@@ -51,6 +53,21 @@ pub enum ControlError {
 #[serde(tag = "cmd", rename_all = "snake_case", deny_unknown_fields)]
 pub enum Request {
     Status,
+    /// Recent audit records, then (with `follow`) live ones.
+    Tail {
+        #[serde(default)]
+        filter: tail::Filter,
+        #[serde(default = "ten")]
+        last: usize,
+        #[serde(default)]
+        follow: bool,
+    },
+    /// Workloads with live connections.
+    Identities,
+}
+
+const fn ten() -> usize {
+    10
 }
 
 /// Who sent a request, as the kernel reports it (`SO_PEERCRED`).
@@ -320,6 +337,7 @@ mod tests {
     impl Handler for Echo {
         fn handle(&self, caller: &Caller, req: Request) -> Result<Reply, String> {
             match req {
+                Request::Tail { .. } | Request::Identities => Err("no".into()),
                 Request::Status => {
                     let (tx, items) = tokio::sync::mpsc::channel(4);
                     let uid = caller.uid;

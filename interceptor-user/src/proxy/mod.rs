@@ -32,7 +32,9 @@ mod guard;
 mod registry;
 
 pub use guard::{Guard, Outcome, Refusal, truncate};
-pub use registry::{CancelKey, DecisionCounts, LiveConn, Registered, Registry, SessionFacts};
+pub use registry::{
+    CancelKey, DecisionCounts, LiveConn, Registered, Registry, SessionFacts, workloads,
+};
 
 /// Finds the kernel's record of a redirected connection from the accepted
 /// socket's peer address (linkerd2-proxy's `OrigDstAddr` pattern): the eBPF
@@ -255,6 +257,8 @@ pub struct ConnInfo {
     pub target: TargetSpec,
     pub dst: SocketAddr,
     pub identity: Arc<Identity>,
+    /// Names of the policy's identities this workload matched at connect.
+    pub identities: Arc<[String]>,
     /// The members above as JSON, rendered once for all of this
     /// connection's events.
     members: Arc<str>,
@@ -263,12 +267,25 @@ pub struct ConnInfo {
 impl ConnInfo {
     #[must_use]
     pub fn new(id: u64, target: TargetSpec, dst: SocketAddr, identity: Identity) -> Self {
+        Self::named(id, target, dst, identity, Vec::new())
+    }
+
+    /// With the names of the policy identities the workload matched.
+    #[must_use]
+    pub fn named(
+        id: u64,
+        target: TargetSpec,
+        dst: SocketAddr,
+        identity: Identity,
+        identities: Vec<String>,
+    ) -> Self {
         #[derive(Serialize)]
         struct Members<'a> {
             conn: u64,
             target: &'a str,
             protocol: &'a str,
             dst: String,
+            identities: &'a [String],
             identity: &'a Identity,
         }
         let json = serde_json::to_string(&Members {
@@ -276,6 +293,7 @@ impl ConnInfo {
             target: &target.name,
             protocol: target.protocol.as_str(),
             dst: dst.to_string(),
+            identities: &identities,
             identity: &identity,
         })
         .unwrap_or_default();
@@ -285,6 +303,7 @@ impl ConnInfo {
             target,
             dst,
             identity: Arc::new(identity),
+            identities: Arc::from(identities),
         }
     }
 
@@ -387,7 +406,8 @@ async fn handle(
         );
         return;
     };
-    let info = ConnInfo::new(id, target, dst, identity);
+    let names = engine.bind_identity(&identity).names;
+    let info = ConnInfo::named(id, target, dst, identity, names);
     shared.audit.record(info.event("connect"));
     let registered = shared.registry.insert(info);
 

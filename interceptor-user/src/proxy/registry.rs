@@ -176,6 +176,71 @@ impl Registry {
     }
 }
 
+/// The workloads behind the live connections: connections of one
+/// executable, user and cgroup grouped together (several processes of one
+/// service are one workload), with the policy identities they match now.
+#[must_use]
+pub fn workloads(
+    conns: &[Arc<LiveConn>],
+    engine: &crate::policy::Engine,
+) -> Vec<serde_json::Value> {
+    use std::collections::BTreeMap;
+    type Key = (Option<String>, Option<String>, u32, Option<String>);
+    let mut groups: BTreeMap<Key, Vec<&Arc<LiveConn>>> = BTreeMap::new();
+    for c in conns {
+        let id = &c.info.identity;
+        groups
+            .entry((
+                id.exe.clone(),
+                id.exe_sha256.clone(),
+                id.uid,
+                id.cgroup.clone(),
+            ))
+            .or_default()
+            .push(c);
+    }
+    groups
+        .into_values()
+        .filter_map(|members| {
+            let first = members.first()?;
+            let id = &first.info.identity;
+            let mut pids: Vec<u32> = members.iter().map(|c| c.info.identity.tgid).collect();
+            pids.sort_unstable();
+            pids.dedup();
+            let mut targets: Vec<&str> = members
+                .iter()
+                .map(|c| c.info.target.name.as_str())
+                .collect();
+            targets.sort_unstable();
+            targets.dedup();
+            let mut totals = [0u64; 3];
+            for c in &members {
+                for (t, n) in totals.iter_mut().zip(c.decisions.get()) {
+                    *t += n;
+                }
+            }
+            let since = members.iter().map(|c| c.opened).min()?;
+            Some(serde_json::json!({
+                "identities": engine.bind_identity(id).names,
+                "user": id.user,
+                "uid": id.uid,
+                "comm": id.comm,
+                "exe": id.exe,
+                "exe_sha256": id.exe_sha256,
+                "cgroup": id.cgroup,
+                "unit": id.unit,
+                "container": id.container,
+                "pod_uid": id.pod_uid,
+                "pids": pids,
+                "targets": targets,
+                "connections": members.len(),
+                "statements": {"allow": totals[0], "approve": totals[1], "deny": totals[2]},
+                "since": crate::audit::format_ts(since),
+            }))
+        })
+        .collect()
+}
+
 /// A connection's place in the registry, for as long as it lives.
 pub struct Registered {
     registry: Arc<Registry>,
