@@ -214,3 +214,69 @@ fn identities_lists_live_workloads_with_their_decisions() {
     sleeper.kill().unwrap();
     let _ = sleeper.wait();
 }
+
+fn scrape(port: u16) -> String {
+    use std::io::{Read as _, Write as _};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        .unwrap();
+    let mut text = String::new();
+    s.read_to_string(&mut text).unwrap();
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    text
+}
+
+fn wait_metric(port: u16, want: &str) -> String {
+    let start = Instant::now();
+    loop {
+        let text = scrape(port);
+        if text.contains(want) {
+            return text;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "no {want:?} in\n{text}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn metrics_count_decisions_connections_and_reloads() {
+    let pg = PgServer::start();
+    let cg = TestCgroup::new();
+    let port = interceptor_tests::free_port().to_string();
+    let agent = Agent::start_with(
+        &pg_policy(pg.port, RULES),
+        &cg,
+        false,
+        &["--metrics", &format!("127.0.0.1:{port}")],
+    );
+    let port: u16 = port.parse().unwrap();
+    psql(&cg, &pg, "select 1");
+    psql(&cg, &pg, "drop table if exists nothing_here");
+    let text = wait_metric(
+        port,
+        "interceptor_decisions_total{target=\"pg\",identity=\"shell-tools\",decision=\"deny\"} 1",
+    );
+    assert!(
+        text.contains(
+            "interceptor_decisions_total{target=\"pg\",identity=\"shell-tools\",decision=\"allow\"}"
+        ),
+        "{text}"
+    );
+    for want in [
+        "interceptor_connections_total 2",
+        "interceptor_decision_seconds_count",
+        "interceptor_kernel_map_entries{map=\"TARGETS\"} 2",
+        "interceptor_policy_generation 1",
+        "interceptor_policy_last_reload_success 1",
+    ] {
+        assert!(text.contains(want), "{want}\n{text}");
+    }
+    // A broken policy on reload is rejected, and the metrics say so.
+    std::fs::write(&agent.policy, "version: 1\nrules: [oops\n").unwrap();
+    wait_metric(port, "interceptor_policy_last_reload_success 0");
+    std::fs::write(&agent.policy, pg_policy(pg.port, RULES)).unwrap();
+    wait_metric(port, "interceptor_policy_generation 2");
+}

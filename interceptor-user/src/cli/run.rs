@@ -59,6 +59,9 @@ pub struct RunArgs {
     /// Longest query text kept in an audit event, in bytes.
     #[arg(long, default_value_t = 4096)]
     pub audit_query_max: usize,
+    /// Serve Prometheus metrics on this address (`GET /metrics`), e.g. 127.0.0.1:9464.
+    #[arg(long)]
+    pub metrics: Option<SocketAddr>,
     /// Log filter for the agent's own diagnostics on stderr (tracing syntax).
     #[arg(long, env = "INTERCEPTOR_LOG", default_value = "info")]
     pub log: String,
@@ -118,6 +121,46 @@ impl Handler for Agent {
                 .into())
             }
         }
+    }
+}
+
+/// Figures the metrics read when scraped.
+struct AgentGauges {
+    shared: Arc<Shared>,
+    redirector: Arc<Redirector>,
+}
+
+impl control::metrics::Gauges for AgentGauges {
+    #[allow(clippy::cast_precision_loss)] // counters far below 2^53
+    fn gauges(&self) -> Vec<(&'static str, &'static str, f64)> {
+        let s = &self.shared.stats;
+        let get = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed) as f64;
+        vec![
+            (
+                "connections_live",
+                "Connections being relayed now.",
+                get(&s.live),
+            ),
+            (
+                "connections_total",
+                "Redirected connections accepted since start.",
+                get(&s.total),
+            ),
+            (
+                "connections_rejected_total",
+                "Connections turned away (not redirected by the kernel programs, or no target).",
+                get(&s.rejected),
+            ),
+            (
+                "statements_refused_total",
+                "Statements and commands refused on the wire since start.",
+                get(&s.denied),
+            ),
+        ]
+    }
+
+    fn maps(&self) -> Vec<(&'static str, usize, u32)> {
+        self.redirector.occupancy()
     }
 }
 
@@ -213,8 +256,17 @@ fn run_inner(args: &RunArgs, control_socket: &Path) -> Result<(), String> {
     let control_listener = control::bind(control_socket).map_err(|e| e.to_string())?;
 
     let feed = control::tail::Feed::new();
-    let (audit, audit_writer) = AuditWriter::start_with_taps(&args.audit_log, vec![feed.clone()])
-        .map_err(|e| e.to_string())?;
+    let metrics = control::metrics::Metrics::new();
+    let metrics_listener = match args.metrics {
+        Some(addr) => Some(
+            rt.block_on(control::metrics::bind(addr))
+                .map_err(|e| format!("cannot serve metrics on {addr}: {e}"))?,
+        ),
+        None => None,
+    };
+    let (audit, audit_writer) =
+        AuditWriter::start_with_taps(&args.audit_log, vec![feed.clone(), metrics.clone()])
+            .map_err(|e| e.to_string())?;
     let redirector = Arc::new(
         Redirector::attach(
             &cgroup,
@@ -281,6 +333,13 @@ fn run_inner(args: &RunArgs, control_socket: &Path) -> Result<(), String> {
     );
 
     let server = rt.spawn(control::serve(control_listener, agent));
+    let metrics_server = metrics_listener.map(|l| {
+        let gauges = Arc::new(AgentGauges {
+            shared: Arc::clone(&shared),
+            redirector: Arc::clone(&redirector),
+        });
+        rt.spawn(control::metrics::serve(l, metrics, gauges))
+    });
     let reload_path = args.policy.clone().or_else(|| {
         Path::new(SYSTEM_POLICY)
             .exists()
@@ -298,6 +357,9 @@ fn run_inner(args: &RunArgs, control_socket: &Path) -> Result<(), String> {
     // Detach first: from now on new connections go direct.
     redirector.detach();
     server.abort();
+    if let Some(m) = metrics_server {
+        m.abort();
+    }
     let _ = std::fs::remove_file(control_socket);
     let _ = shutdown_tx.send(true);
     for h in handles {

@@ -22,6 +22,7 @@ use tokio::{
     net::{UnixListener, UnixStream},
 };
 
+pub mod metrics;
 pub mod tail;
 
 /// Longest request line accepted.

@@ -15,7 +15,8 @@ use aya::{
     programs::{CgroupAttachMode, CgroupSockAddr, SockOps},
 };
 use interceptor_common::{
-    AgentConfig, ConnRecord, MAP_CONFIG, MAP_CONN_BY_ADDR, MAP_EXEMPT_TGIDS, MAP_TARGETS,
+    AgentConfig, ConnRecord, MAP_CONFIG, MAP_CONN_BY_ADDR, MAP_CONN_BY_COOKIE, MAP_EXEMPT_TGIDS,
+    MAP_TARGETS,
     PROG_CONNECT4, PROG_CONNECT6, PROG_GETPEERNAME4, PROG_GETPEERNAME6, PROG_SOCK_OPS, SockKey,
     TARGET_KEY_PORT_BITS, TargetKey, TargetValue, v6_words,
 };
@@ -266,6 +267,34 @@ impl Redirector {
     #[must_use]
     pub fn cgroup(&self) -> &Path {
         &self.cgroup
+    }
+
+    /// Entries in the kernel maps worth watching, with their capacity:
+    /// redirected sockets still open (by cookie) and configured targets.
+    /// The by-address map is left out: counting it would hold the lock the
+    /// accept path takes.
+    #[must_use]
+    pub fn occupancy(&self) -> Vec<(&'static str, usize, u32)> {
+        let mut out = Vec::new();
+        if let Ok(guard) = self.ebpf.lock()
+            && let Some(ebpf) = guard.as_ref()
+            && let Some(map) = ebpf.map(MAP_CONN_BY_COOKIE)
+            && let Ok(by_cookie) = HashMap::<_, u64, ConnRecord>::try_from(map)
+        {
+            out.push((
+                MAP_CONN_BY_COOKIE,
+                by_cookie.keys().filter(Result::is_ok).count(),
+                interceptor_common::MAX_CONNS,
+            ));
+        }
+        if let Ok(trie) = self.targets.lock() {
+            out.push((
+                MAP_TARGETS,
+                trie.keys().filter(Result::is_ok).count(),
+                interceptor_common::MAX_TARGETS,
+            ));
+        }
+        out
     }
 }
 
