@@ -76,8 +76,14 @@ pub struct TestCgroup {
 impl TestCgroup {
     #[must_use]
     pub fn new() -> Self {
+        Self::with_prefix("interceptor-test")
+    }
+
+    /// A cgroup whose name starts with `prefix`.
+    #[must_use]
+    pub fn with_prefix(prefix: &str) -> Self {
         require_root();
-        let name = unique("interceptor-test");
+        let name = unique(prefix);
         let path = cgroup2_root().join(&name);
         fs::create_dir(&path).unwrap_or_else(|e| panic!("create cgroup {}: {e}", path.display()));
         Self {

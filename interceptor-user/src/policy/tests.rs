@@ -709,6 +709,46 @@ fn exercise_ai_agent() {
     }
 }
 
+fn exercise_demo() {
+    let e = load("demo.yaml");
+    let job = Identity {
+        cgroup: Some("/interceptor-demo-42-0".into()),
+        ..anyone()
+    };
+    for (target, db) in [("demo-postgres", "postgres"), ("demo-mariadb", "shop")] {
+        let mut c = Conn::new(&e, job.clone(), target, db);
+        for (sql, want, rule) in [
+            (
+                "SELECT count(*) FROM orders",
+                Decision::Allow,
+                "batch-reads",
+            ),
+            (
+                "UPDATE orders SET status = 'shipped' WHERE id = 1",
+                Decision::Allow,
+                "batch-order-writes",
+            ),
+            ("DROP TABLE orders", Decision::Deny, "protect-core-tables"),
+            ("DELETE FROM orders", Decision::Deny, "no-unbounded-writes"),
+            (
+                "CREATE TABLE order_notes (order_id int, note text)",
+                Decision::Approve,
+                "schema-changes-need-approval",
+            ),
+        ] {
+            let v = c.run(sql);
+            assert_eq!(
+                (v.decision, v.rule.as_deref()),
+                (want, Some(rule)),
+                "{target}: {sql}"
+            );
+        }
+    }
+    // Outside the demo's cgroup nothing is allowed.
+    let mut c = Conn::new(&e, anyone(), "demo-postgres", "postgres");
+    assert_eq!(c.decision("SELECT count(*) FROM orders"), Decision::Deny);
+}
+
 #[test]
 fn every_shipped_policy_is_exercised() {
     let exercises: &[(&str, fn())] = &[
@@ -717,6 +757,7 @@ fn every_shipped_policy_is_exercised() {
         ("migrations-approval.yaml", exercise_migrations),
         ("ci-schema.yaml", exercise_ci),
         ("ai-agent.yaml", exercise_ai_agent),
+        ("demo.yaml", exercise_demo),
     ];
     let dir = policy_file("");
     let mut on_disk: Vec<String> = std::fs::read_dir(&dir)
