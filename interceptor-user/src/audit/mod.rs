@@ -718,27 +718,451 @@ mod tests {
         assert_eq!(format_ts(ts), "2023-11-14T22:13:20.123456Z");
     }
 
+    fn settings(f: impl FnOnce(&mut AuditSettings)) -> AuditSettings {
+        let mut s = AuditSettings::default();
+        f(&mut s);
+        s
+    }
+
+    fn start(path: &Path, settings: AuditSettings) -> (AuditLog, AuditWriter) {
+        AuditWriter::start(AuditConfig {
+            path: path.to_owned(),
+            settings,
+            taps: Vec::new(),
+        })
+        .unwrap()
+    }
+
+    /// Writes `n` events numbered from `from` in one agent run.
+    fn run(path: &Path, settings: AuditSettings, from: u64, n: u64) {
+        let (log, writer) = start(path, settings);
+        for i in from..from + n {
+            log.record(AuditEvent::new("connect").with("conn", i));
+        }
+        drop(log);
+        writer.finish();
+    }
+
+    fn lines(path: &Path) -> Vec<String> {
+        std::fs::read_to_string(path)
+            .unwrap()
+            .lines()
+            .map(str::to_owned)
+            .collect()
+    }
+
+    fn value(line: &str) -> Value {
+        serde_json::from_str(line).unwrap()
+    }
+
+    fn check(base: &Path) -> Result<Summary, Failure> {
+        verify(log_files(&[base]).unwrap())
+    }
+
     #[test]
-    fn writes_lines_in_order_and_continues_seq() {
+    fn writes_lines_in_order_and_continues_seq_and_chain() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("a/audit.jsonl");
-        for round in 0..2 {
-            let (log, writer) = AuditWriter::start(&path).unwrap();
-            for i in 0..3 {
-                log.record(AuditEvent::new("connect").with("conn", i + round * 3));
-            }
-            drop(log);
-            writer.finish();
+        run(&path, AuditSettings::default(), 0, 3);
+        let first_run = lines(&path);
+        run(&path, AuditSettings::default(), 3, 3);
+        let all = lines(&path);
+        let seqs: Vec<u64> = all.iter().map(|l| value(l)["seq"].as_u64().unwrap()).collect();
+        assert_eq!(seqs, vec![1, 2, 3, 4, 5, 6]);
+        assert_eq!(value(&all[0])["prev"], chain::GENESIS);
+        // The second run chains to the first run's last record.
+        assert_eq!(value(&all[3])["prev"], value(&first_run[2])["hash"]);
+        // `hash` is the last member, `prev` right before it.
+        assert!(all[0].contains(&format!(",\"prev\":\"{}\",\"hash\":\"", chain::GENESIS)));
+        let sum = check(&path).unwrap();
+        assert_eq!(
+            (sum.records, sum.files, sum.first_seq, sum.last_seq),
+            (6, 1, Some(1), Some(6))
+        );
+        assert_eq!(sum.anchor.as_deref(), Some(chain::GENESIS));
+        assert_eq!(sum.last_hash.as_deref(), value(&all[5])["hash"].as_str());
+    }
+
+    /// A log of 40 records over several rotated files.
+    fn rotated_log(dir: &Path) -> PathBuf {
+        let base = dir.join("audit.jsonl");
+        let s = settings(|s| {
+            s.rotate_bytes = 1000;
+            s.retain = 100;
+        });
+        run(&base, s.clone(), 0, 20);
+        run(&base, s, 20, 20);
+        base
+    }
+
+    fn copy_log(from: &Path, to: &Path) -> PathBuf {
+        std::fs::create_dir_all(to).unwrap();
+        for e in std::fs::read_dir(from.parent().unwrap()).unwrap() {
+            let e = e.unwrap();
+            std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
         }
-        let text = std::fs::read_to_string(&path).unwrap();
-        let seqs: Vec<u64> = text
-            .lines()
-            .map(|l| {
-                serde_json::from_str::<Value>(l).unwrap()["seq"]
-                    .as_u64()
-                    .unwrap()
+        to.join(from.file_name().unwrap())
+    }
+
+    fn edit_lines(path: &Path, f: impl FnOnce(&mut Vec<String>)) {
+        let mut l = lines(path);
+        f(&mut l);
+        let mut text = l.join("\n");
+        text.push('\n');
+        std::fs::write(path, text).unwrap();
+    }
+
+    fn failure(base: &Path) -> Failure {
+        match check(base) {
+            Ok(s) => panic!("tampering not caught: {s}"),
+            Err(f) => f,
+        }
+    }
+
+    #[test]
+    fn rotation_keeps_one_chain() {
+        let dir = tempfile::tempdir().unwrap();
+        let base = rotated_log(dir.path());
+        let files = log_files(&[&base]).unwrap();
+        assert!(files.len() >= 4, "{files:?}");
+        // Oldest first, live file last.
+        assert_eq!(files.last().unwrap(), &base);
+        assert_eq!(files[0], rotated_path(&base, files.len() - 1));
+        for f in &files {
+            assert!(std::fs::metadata(f).unwrap().len() <= 1000, "{}", f.display());
+        }
+        let sum = check(&base).unwrap();
+        assert_eq!((sum.records, sum.first_seq, sum.last_seq), (40, Some(1), Some(40)));
+        // Any order of the same files gives the same chain.
+        let mut shuffled = files.clone();
+        shuffled.reverse();
+        assert_eq!(log_files(&shuffled).unwrap(), files);
+        // The first record of each file chains to the last of the one before.
+        let last_of_first = lines(&files[0]).last().map(|l| value(l)["hash"].clone());
+        assert_eq!(Some(value(&lines(&files[1])[0])["prev"].clone()), last_of_first);
+        // Records read back in chain order, nothing skipped.
+        let seqs: Vec<u64> = records(files)
+            .map(|r| r.unwrap().value["seq"].as_u64().unwrap())
+            .collect();
+        assert_eq!(seqs, (1..=40).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn verify_catches_tampering() {
+        let dir = tempfile::tempdir().unwrap();
+        let base = rotated_log(&dir.path().join("orig"));
+        let files = log_files(&[&base]).unwrap();
+        let (older, newer) = (files[files.len() - 3].clone(), files[files.len() - 2].clone());
+        let name = |p: &Path| p.file_name().unwrap().to_owned();
+        let seq_at = |p: &Path, i: usize| value(&lines(p)[i])["seq"].as_u64();
+        let mut case = 0;
+        let mut copy = || {
+            case += 1;
+            copy_log(&base, &dir.path().join(format!("case{case}")))
+        };
+
+        // Edited (hash left as it was).
+        let b = copy();
+        let f = b.with_file_name(name(&older));
+        edit_lines(&f, |l| l[1] = l[1].replace("\"conn\":", "\"conn\":1"));
+        let e = failure(&b);
+        assert_eq!((e.file.clone(), e.line, e.problem), (f.clone(), 2, Problem::Edited));
+        assert_eq!(e.seq, seq_at(&older, 1));
+
+        // Edited and re-sealed: the next record's link breaks.
+        let b = copy();
+        let f = b.with_file_name(name(&older));
+        edit_lines(&f, |l| {
+            let v = value(&l[1]);
+            let open = l[1].split(",\"prev\":").next().unwrap().replace("\"conn\":", "\"conn\":1");
+            l[1] = chain::seal(open, v["prev"].as_str().unwrap()).0;
+        });
+        let e = failure(&b);
+        assert_eq!((e.file.clone(), e.line), (f.clone(), 3));
+        assert!(matches!(e.problem, Problem::BrokenLink { .. }), "{e}");
+
+        // Deleted.
+        let b = copy();
+        let f = b.with_file_name(name(&older));
+        edit_lines(&f, |l| {
+            l.remove(1);
+        });
+        let e = failure(&b);
+        assert_eq!((e.file.clone(), e.line), (f.clone(), 2));
+        assert!(matches!(e.problem, Problem::SeqGap { expected, found } if found == expected + 1), "{e}");
+
+        // Inserted (a copy of another record).
+        let b = copy();
+        let f = b.with_file_name(name(&older));
+        edit_lines(&f, |l| {
+            let dup = l[0].clone();
+            l.insert(2, dup);
+        });
+        let e = failure(&b);
+        assert_eq!((e.file.clone(), e.line), (f.clone(), 3));
+        assert!(matches!(e.problem, Problem::SeqGap { expected, found } if found < expected), "{e}");
+
+        // Reordered.
+        let b = copy();
+        let f = b.with_file_name(name(&older));
+        edit_lines(&f, |l| l.swap(0, 1));
+        let e = failure(&b);
+        assert_eq!((e.file.clone(), e.line), (f.clone(), 1));
+        assert!(matches!(e.problem, Problem::SeqGap { .. }), "{e}");
+
+        // Reordered across the rotation boundary.
+        let b = copy();
+        let (fo, fn_) = (b.with_file_name(name(&older)), b.with_file_name(name(&newer)));
+        let mut lo = lines(&fo);
+        let mut ln = lines(&fn_);
+        let last = lo.len() - 1;
+        std::mem::swap(&mut lo[last], &mut ln[0]);
+        std::fs::write(&fo, lo.join("\n") + "\n").unwrap();
+        std::fs::write(&fn_, ln.join("\n") + "\n").unwrap();
+        let e = failure(&b);
+        assert_eq!((e.file.clone(), e.line), (fo.clone(), last + 1));
+
+        // Deleted across the boundary: the first record of the newer file.
+        let b = copy();
+        let f = b.with_file_name(name(&newer));
+        edit_lines(&f, |l| {
+            l.remove(0);
+        });
+        let e = failure(&b);
+        assert_eq!((e.file.clone(), e.line), (f.clone(), 1));
+        assert!(matches!(e.problem, Problem::SeqGap { .. }), "{e}");
+
+        // A whole rotated file in the middle removed.
+        let b = copy();
+        std::fs::remove_file(b.with_file_name(name(&older))).unwrap();
+        let e = failure(&b);
+        assert_eq!(e.file, b.with_file_name(name(&newer)));
+
+        // Unparsable line.
+        let b = copy();
+        let f = b.with_file_name(name(&older));
+        edit_lines(&f, |l| l[2] = "{not json".to_owned());
+        let e = failure(&b);
+        assert_eq!((e.file.clone(), e.line), (f.clone(), 3));
+        assert!(matches!(e.problem, Problem::Unparsable(_)), "{e}");
+
+        // Truncated final line of the live file: reported as such.
+        let b = copy();
+        let text = std::fs::read_to_string(&b).unwrap();
+        std::fs::write(&b, &text[..text.len() - 20]).unwrap();
+        let e = failure(&b);
+        assert_eq!(e.problem, Problem::Truncated, "{e}");
+        assert_eq!(e.line, text.lines().count());
+        assert!(e.to_string().contains("truncated"), "{e}");
+
+        // The untouched original still verifies.
+        check(&base).unwrap();
+    }
+
+    #[test]
+    fn retention_deletes_the_oldest_and_verify_anchors_later() {
+        let dir = tempfile::tempdir().unwrap();
+        let base = dir.path().join("audit.jsonl");
+        let s = settings(|s| {
+            s.rotate_bytes = 800;
+            s.retain = 2;
+        });
+        run(&base, s, 0, 40);
+        let files = log_files(&[&base]).unwrap();
+        assert_eq!(
+            files,
+            vec![rotated_path(&base, 2), rotated_path(&base, 1), base.clone()]
+        );
+        let sum = check(&base).unwrap();
+        assert_eq!(sum.last_seq, Some(40));
+        assert!(sum.first_seq.unwrap() > 1);
+        assert_ne!(sum.anchor.as_deref(), Some(chain::GENESIS));
+        assert!(sum.to_string().contains("rotated away"), "{sum}");
+        // retain 0: rotated files are not kept at all.
+        let base0 = dir.path().join("zero.jsonl");
+        run(&base0, settings(|s| {
+            s.rotate_bytes = 800;
+            s.retain = 0;
+        }), 0, 40);
+        assert_eq!(log_files(&[&base0]).unwrap(), vec![base0.clone()]);
+        check(&base0).unwrap();
+    }
+
+    #[test]
+    fn restart_after_crash_mid_write_repairs_and_chains_on() {
+        let dir = tempfile::tempdir().unwrap();
+        let base = dir.path().join("audit.jsonl");
+        run(&base, AuditSettings::default(), 0, 3);
+        let mut text = std::fs::read_to_string(&base).unwrap();
+        text.push_str("{\"ts\":\"2026-01-01T00:00:00.000000Z\",\"seq\":4,\"ev");
+        std::fs::write(&base, &text).unwrap();
+        assert_eq!(failure(&base).problem, Problem::Truncated);
+        run(&base, AuditSettings::default(), 3, 2);
+        let all = lines(&base);
+        assert_eq!(value(&all[3])["event"], "log_repaired");
+        assert_eq!(value(&all[3])["seq"], 4);
+        let sum = check(&base).unwrap();
+        assert_eq!(sum.last_seq, Some(6));
+    }
+
+    #[test]
+    fn restart_right_after_rotation_chains_to_the_rotated_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let base = dir.path().join("audit.jsonl");
+        run(&base, AuditSettings::default(), 0, 3);
+        std::fs::rename(&base, rotated_path(&base, 1)).unwrap();
+        run(&base, AuditSettings::default(), 3, 1);
+        assert_eq!(value(&lines(&base)[0])["seq"], 4);
+        assert_eq!(check(&base).unwrap().records, 4);
+    }
+
+    #[test]
+    fn drop_mode_records_a_gap_with_the_count() {
+        let dir = tempfile::tempdir().unwrap();
+        let base = dir.path().join("audit.jsonl");
+        let (log, writer) = start(
+            &base,
+            settings(|s| {
+                s.overflow = Overflow::Drop;
+                s.queue = 2;
+            }),
+        );
+        let stats = Arc::clone(log.stats());
+        for i in 0..2000 {
+            log.record(AuditEvent::new("connect").with("conn", i));
+        }
+        drop(log);
+        writer.finish();
+        let all: Vec<Value> = lines(&base).iter().map(|l| value(l)).collect();
+        let kept = all.iter().filter(|v| v["event"] == "connect").count() as u64;
+        let gaps: u64 = all
+            .iter()
+            .filter(|v| v["event"] == "gap")
+            .map(|v| v["dropped"].as_u64().unwrap())
+            .sum();
+        assert!(gaps > 0, "nothing dropped with a queue of 2");
+        assert_eq!(kept + gaps, 2000);
+        assert_eq!(stats.dropped(), gaps);
+        assert_eq!(stats.written(), all.len() as u64);
+        assert_eq!(stats.queue_depth(), 0);
+        check(&base).unwrap();
+    }
+
+    #[test]
+    fn block_mode_loses_nothing_with_a_tiny_queue() {
+        let dir = tempfile::tempdir().unwrap();
+        let base = dir.path().join("audit.jsonl");
+        let (log, writer) = start(
+            &base,
+            settings(|s| {
+                s.queue = 2;
+                s.flush = FlushPolicy::Every;
+            }),
+        );
+        let stats = Arc::clone(log.stats());
+        let threads: Vec<_> = (0..8u64)
+            .map(|t| {
+                let log = log.clone();
+                std::thread::spawn(move || {
+                    for i in 0..250 {
+                        log.record(AuditEvent::new("connect").with("conn", t * 1000 + i));
+                    }
+                })
             })
             .collect();
-        assert_eq!(seqs, vec![1, 2, 3, 4, 5, 6]);
+        for t in threads {
+            t.join().unwrap();
+        }
+        drop(log);
+        writer.finish();
+        let mut conns: Vec<u64> = lines(&base)
+            .iter()
+            .map(|l| value(l)["conn"].as_u64().unwrap())
+            .collect();
+        conns.sort_unstable();
+        let want: Vec<u64> = (0..8u64).flat_map(|t| (0..250).map(move |i| t * 1000 + i)).collect();
+        assert_eq!(conns, want);
+        assert_eq!((stats.written(), stats.dropped(), stats.write_errors()), (2000, 0, 0));
+        check(&base).unwrap();
+    }
+
+    #[test]
+    fn taps_see_every_final_line() {
+        struct Collect(std::sync::Mutex<Vec<(String, String)>>);
+        impl Tap for Collect {
+            fn event(&self, ev: &AuditEvent, line: &str) {
+                self.0.lock().unwrap().push((ev.event.to_owned(), line.to_owned()));
+            }
+        }
+        struct Panics;
+        impl Tap for Panics {
+            fn event(&self, _: &AuditEvent, _: &str) {
+                panic!("tap bug");
+            }
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let base = dir.path().join("audit.jsonl");
+        let tap = Arc::new(Collect(std::sync::Mutex::default()));
+        let (log, writer) = AuditWriter::start(AuditConfig {
+            path: base.clone(),
+            settings: AuditSettings::default(),
+            taps: vec![Arc::new(Panics), tap.clone()],
+        })
+        .unwrap();
+        for i in 0..5 {
+            log.record(AuditEvent::new("connect").with("conn", i));
+        }
+        drop(log);
+        writer.finish();
+        let seen = tap.0.lock().unwrap();
+        let lines_seen: Vec<String> = seen.iter().map(|(_, l)| l.clone()).collect();
+        assert_eq!(lines_seen, lines(&base));
+        assert!(seen.iter().all(|(e, _)| e == "connect"));
+    }
+
+    #[test]
+    fn log_files_errors_and_single_rotated_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let base = rotated_log(dir.path());
+        let one = rotated_path(&base, 1);
+        // A rotated file named alone is taken alone, and verifies alone.
+        assert_eq!(log_files(&[&one]).unwrap(), vec![one.clone()]);
+        let sum = verify(vec![one]).unwrap();
+        assert!(sum.first_seq.unwrap() > 1);
+        assert!(log_files(&[dir.path().join("missing.jsonl")]).is_err());
+        // Named twice: counted once.
+        assert_eq!(
+            log_files(&[&base, &base]).unwrap(),
+            log_files(&[&base]).unwrap()
+        );
+    }
+
+    #[test]
+    fn restart_needed_names_writer_settings_only() {
+        let a = AuditSettings::default();
+        let b = settings(|s| {
+            s.queue = 4;
+            s.redact_literals = true;
+        });
+        assert_eq!(a.restart_needed(&b), vec!["queue"]);
+        assert!(a.restart_needed(&a).is_empty());
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn verify_never_panics(
+            content in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..2000),
+            line in "[ -~]{0,300}",
+        ) {
+            let dir = tempfile::tempdir().unwrap();
+            let p = dir.path().join("x.jsonl");
+            std::fs::write(&p, &content).unwrap();
+            let _ = verify(vec![p.clone()]);
+            let _ = chain::check(&line);
+            let mut sealed = chain::seal(format!("{{\"seq\":1,\"x\":{line:?}"), chain::GENESIS).0;
+            sealed.push('\n');
+            std::fs::write(&p, &sealed).unwrap();
+            proptest::prop_assert!(verify(vec![p]).is_ok());
+        }
     }
 }

@@ -396,7 +396,7 @@ mod tests {
         let p = dir.path().join("a.jsonl");
         std::fs::write(&p, "{\"seq\":1}\n{\"seq\":2,\"ev").unwrap();
         let t = tail(&p).unwrap();
-        assert_eq!(t.repaired, Some(11));
+        assert_eq!(t.repaired, Some(12));
         assert_eq!(t.seq, Some(1));
         assert_eq!(std::fs::read_to_string(&p).unwrap(), "{\"seq\":1}\n");
         // Garbage without any newline is cut entirely.
