@@ -84,7 +84,7 @@ impl fmt::Display for Problem {
             Self::NoSeq => f.write_str("record has no seq"),
             Self::SeqGap { expected, found } if found > expected => write!(
                 f,
-                "seq {found} where {expected} was due: record(s) deleted (or moved) before this one"
+                "seq {found} where {expected} was due: record(s) deleted or reordered before this one"
             ),
             Self::SeqGap { expected, found } => write!(
                 f,
