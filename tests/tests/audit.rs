@@ -10,7 +10,9 @@ use std::{
     process::{Command, Output},
 };
 
-use interceptor_tests::{Agent, PgServer, TestCgroup, agent_bin, pg_bin, pg_policy, run_ok, unique};
+use interceptor_tests::{
+    Agent, PgServer, TestCgroup, agent_bin, pg_bin, pg_policy, run_ok, unique,
+};
 use serde_json::Value;
 
 const SESSIONS: usize = 4;
@@ -20,10 +22,18 @@ fn psql_script(cg: &TestCgroup, pg: &PgServer, script: &str) -> Command {
     let path = std::env::temp_dir().join(unique("psql-script"));
     fs::write(&path, script).unwrap();
     let mut c = cg.command(pg_bin("psql").to_str().unwrap());
-    c.args(["-X", "-Atq", "-v", "ON_ERROR_STOP=1", "-h", "127.0.0.1", "-p"])
-        .arg(pg.port.to_string())
-        .args(["-U", "postgres", "-d", "postgres", "-f"])
-        .arg(path);
+    c.args([
+        "-X",
+        "-Atq",
+        "-v",
+        "ON_ERROR_STOP=1",
+        "-h",
+        "127.0.0.1",
+        "-p",
+    ])
+    .arg(pg.port.to_string())
+    .args(["-U", "postgres", "-d", "postgres", "-f"])
+    .arg(path);
     c
 }
 
@@ -172,7 +182,12 @@ fn rotated_chain_verifies_loses_nothing_in_block_mode_and_catches_tampering() {
     assert!(out.status.success(), "{}", stdout(&out));
     let summary = stdout(&out);
     assert!(
-        summary.starts_with(&format!("ok: {} records in {} file(s), seq 1..{}", all.len(), files.len(), all.len())),
+        summary.starts_with(&format!(
+            "ok: {} records in {} file(s), seq 1..{}",
+            all.len(),
+            files.len(),
+            all.len()
+        )),
         "{summary}"
     );
     let mut shuffled = files.clone();

@@ -123,7 +123,13 @@ mod tests {
         );
         let edited = line.replace("\"x\"", "\"y\"");
         assert!(matches!(check(&edited), Sealed::Mismatch { .. }));
-        for bad in ["", "{}", "{\"seq\":1}", &line[..line.len() - 1], "é".repeat(100).as_str()] {
+        for bad in [
+            "",
+            "{}",
+            "{\"seq\":1}",
+            &line[..line.len() - 1],
+            "é".repeat(100).as_str(),
+        ] {
             assert_eq!(check(bad), Sealed::Unsealed, "{bad}");
         }
         assert!(serde_json::from_str::<serde_json::Value>(&line).is_ok());

@@ -340,7 +340,6 @@ pub fn format_ts(ts: OffsetDateTime) -> String {
     format!("{stem}.{micros:06}Z")
 }
 
-
 /// Renders one event as its JSON line (without the newline), chained to
 /// `prev`; returns the line and its hash.
 #[must_use]
@@ -767,7 +766,10 @@ mod tests {
         let first_run = lines(&path);
         run(&path, AuditSettings::default(), 3, 3);
         let all = lines(&path);
-        let seqs: Vec<u64> = all.iter().map(|l| value(l)["seq"].as_u64().unwrap()).collect();
+        let seqs: Vec<u64> = all
+            .iter()
+            .map(|l| value(l)["seq"].as_u64().unwrap())
+            .collect();
         assert_eq!(seqs, vec![1, 2, 3, 4, 5, 6]);
         assert_eq!(value(&all[0])["prev"], chain::GENESIS);
         // The second run chains to the first run's last record.
@@ -829,17 +831,27 @@ mod tests {
         assert_eq!(files.last().unwrap(), &base);
         assert_eq!(files[0], rotated_path(&base, files.len() - 1));
         for f in &files {
-            assert!(std::fs::metadata(f).unwrap().len() <= 1000, "{}", f.display());
+            assert!(
+                std::fs::metadata(f).unwrap().len() <= 1000,
+                "{}",
+                f.display()
+            );
         }
         let sum = check(&base).unwrap();
-        assert_eq!((sum.records, sum.first_seq, sum.last_seq), (40, Some(1), Some(40)));
+        assert_eq!(
+            (sum.records, sum.first_seq, sum.last_seq),
+            (40, Some(1), Some(40))
+        );
         // Any order of the same files gives the same chain.
         let mut shuffled = files.clone();
         shuffled.reverse();
         assert_eq!(log_files(&shuffled).unwrap(), files);
         // The first record of each file chains to the last of the one before.
         let last_of_first = lines(&files[0]).last().map(|l| value(l)["hash"].clone());
-        assert_eq!(Some(value(&lines(&files[1])[0])["prev"].clone()), last_of_first);
+        assert_eq!(
+            Some(value(&lines(&files[1])[0])["prev"].clone()),
+            last_of_first
+        );
         // Records read back in chain order, nothing skipped.
         let seqs: Vec<u64> = records(files)
             .map(|r| r.unwrap().value["seq"].as_u64().unwrap())
@@ -852,7 +864,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let base = rotated_log(&dir.path().join("orig"));
         let files = log_files(&[&base]).unwrap();
-        let (older, newer) = (files[files.len() - 3].clone(), files[files.len() - 2].clone());
+        let (older, newer) = (
+            files[files.len() - 3].clone(),
+            files[files.len() - 2].clone(),
+        );
         let name = |p: &Path| p.file_name().unwrap().to_owned();
         let seq_at = |p: &Path, i: usize| value(&lines(p)[i])["seq"].as_u64();
         let mut case = 0;
@@ -866,7 +881,10 @@ mod tests {
         let f = b.with_file_name(name(&older));
         edit_lines(&f, |l| l[1] = l[1].replace("\"conn\":", "\"conn\":1"));
         let e = failure(&b);
-        assert_eq!((e.file.clone(), e.line, e.problem), (f.clone(), 2, Problem::Edited));
+        assert_eq!(
+            (e.file.clone(), e.line, e.problem),
+            (f.clone(), 2, Problem::Edited)
+        );
         assert_eq!(e.seq, seq_at(&older, 1));
 
         // Edited and re-sealed: the next record's link breaks.
@@ -874,7 +892,11 @@ mod tests {
         let f = b.with_file_name(name(&older));
         edit_lines(&f, |l| {
             let v = value(&l[1]);
-            let open = l[1].split(",\"prev\":").next().unwrap().replace("\"conn\":", "\"conn\":1");
+            let open = l[1]
+                .split(",\"prev\":")
+                .next()
+                .unwrap()
+                .replace("\"conn\":", "\"conn\":1");
             l[1] = chain::seal(open, v["prev"].as_str().unwrap()).0;
         });
         let e = failure(&b);
@@ -889,7 +911,10 @@ mod tests {
         });
         let e = failure(&b);
         assert_eq!((e.file.clone(), e.line), (f.clone(), 2));
-        assert!(matches!(e.problem, Problem::SeqGap { expected, found } if found == expected + 1), "{e}");
+        assert!(
+            matches!(e.problem, Problem::SeqGap { expected, found } if found == expected + 1),
+            "{e}"
+        );
 
         // Inserted (a copy of another record).
         let b = copy();
@@ -900,7 +925,10 @@ mod tests {
         });
         let e = failure(&b);
         assert_eq!((e.file.clone(), e.line), (f.clone(), 3));
-        assert!(matches!(e.problem, Problem::SeqGap { expected, found } if found < expected), "{e}");
+        assert!(
+            matches!(e.problem, Problem::SeqGap { expected, found } if found < expected),
+            "{e}"
+        );
 
         // Reordered.
         let b = copy();
@@ -912,7 +940,10 @@ mod tests {
 
         // Reordered across the rotation boundary.
         let b = copy();
-        let (fo, fn_) = (b.with_file_name(name(&older)), b.with_file_name(name(&newer)));
+        let (fo, fn_) = (
+            b.with_file_name(name(&older)),
+            b.with_file_name(name(&newer)),
+        );
         let mut lo = lines(&fo);
         let mut ln = lines(&fn_);
         let last = lo.len() - 1;
@@ -980,10 +1011,15 @@ mod tests {
         assert!(sum.to_string().contains("rotated away"), "{sum}");
         // retain 0: rotated files are not kept at all.
         let base0 = dir.path().join("zero.jsonl");
-        run(&base0, settings(|s| {
-            s.rotate_bytes = 800;
-            s.retain = 0;
-        }), 0, 40);
+        run(
+            &base0,
+            settings(|s| {
+                s.rotate_bytes = 800;
+                s.retain = 0;
+            }),
+            0,
+            40,
+        );
         assert_eq!(log_files(&[&base0]).unwrap(), vec![base0.clone()]);
         check(&base0).unwrap();
     }
@@ -1080,9 +1116,14 @@ mod tests {
             .map(|l| value(l)["conn"].as_u64().unwrap())
             .collect();
         conns.sort_unstable();
-        let want: Vec<u64> = (0..8u64).flat_map(|t| (0..250).map(move |i| t * 1000 + i)).collect();
+        let want: Vec<u64> = (0..8u64)
+            .flat_map(|t| (0..250).map(move |i| t * 1000 + i))
+            .collect();
         assert_eq!(conns, want);
-        assert_eq!((stats.written(), stats.dropped(), stats.write_errors()), (2000, 0, 0));
+        assert_eq!(
+            (stats.written(), stats.dropped(), stats.write_errors()),
+            (2000, 0, 0)
+        );
         check(&base).unwrap();
     }
 
@@ -1091,7 +1132,10 @@ mod tests {
         struct Collect(std::sync::Mutex<Vec<(String, String)>>);
         impl Tap for Collect {
             fn event(&self, ev: &AuditEvent, line: &str) {
-                self.0.lock().unwrap().push((ev.event.to_owned(), line.to_owned()));
+                self.0
+                    .lock()
+                    .unwrap()
+                    .push((ev.event.to_owned(), line.to_owned()));
             }
         }
         struct Panics;

@@ -240,12 +240,10 @@ fn parse_line(
     };
     let parsed = std::str::from_utf8(bytes)
         .map_err(|_| String::from("not UTF-8"))
-        .and_then(|text| {
-            match serde_json::from_str::<Value>(text) {
-                Ok(v @ Value::Object(_)) => Ok((text.to_owned(), v)),
-                Ok(_) => Err(String::from("not a JSON object")),
-                Err(e) => Err(e.to_string()),
-            }
+        .and_then(|text| match serde_json::from_str::<Value>(text) {
+            Ok(v @ Value::Object(_)) => Ok((text.to_owned(), v)),
+            Ok(_) => Err(String::from("not a JSON object")),
+            Err(e) => Err(e.to_string()),
         });
     match parsed {
         Ok((text, value)) => Ok(Record {
@@ -300,7 +298,11 @@ pub(crate) fn tail(base: &Path) -> std::io::Result<Tail> {
 }
 
 fn repair(base: &Path) -> std::io::Result<Option<u64>> {
-    let mut f = match std::fs::OpenOptions::new().read(true).write(true).open(base) {
+    let mut f = match std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(base)
+    {
         Ok(f) => f,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(e),

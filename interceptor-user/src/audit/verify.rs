@@ -65,9 +65,14 @@ pub enum Problem {
     /// The record has no numeric `seq`.
     NoSeq,
     /// `seq` is not the previous record's plus one.
-    SeqGap { expected: u64, found: u64 },
+    SeqGap {
+        expected: u64,
+        found: u64,
+    },
     /// `prev` is not the previous record's `hash`.
-    BrokenLink { previous_seq: u64 },
+    BrokenLink {
+        previous_seq: u64,
+    },
     Unparsable(String),
     /// The last line of the newest file is incomplete.
     Truncated,

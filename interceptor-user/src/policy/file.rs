@@ -555,16 +555,26 @@ mod tests {
         )
         .unwrap();
         assert_eq!(p.audit.overflow, crate::audit::Overflow::Drop);
-        assert_eq!((p.audit.queue, p.audit.rotate_bytes, p.audit.retain), (4, 1000, 2));
+        assert_eq!(
+            (p.audit.queue, p.audit.rotate_bytes, p.audit.retain),
+            (4, 1000, 2)
+        );
         assert!(p.audit.fsync && p.audit.redact_literals);
-        assert_eq!(parse("version: 1\n").unwrap().audit, AuditSettings::default());
+        assert_eq!(
+            parse("version: 1\n").unwrap().audit,
+            AuditSettings::default()
+        );
         let err = parse("version: 1\naudit:\n  queue: 4\n  rotate: 5\n")
             .unwrap_err()
             .to_string();
         assert!(err.starts_with("test.yaml:4:"), "{err}");
-        let err = parse("version: 1\naudit:\n  queue: 0\n").unwrap_err().to_string();
+        let err = parse("version: 1\naudit:\n  queue: 0\n")
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("audit.queue"), "{err}");
-        let err = parse("version: 1\naudit:\n  overflow: later\n").unwrap_err().to_string();
+        let err = parse("version: 1\naudit:\n  overflow: later\n")
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("later"), "{err}");
     }
 

@@ -476,11 +476,31 @@ proptest! {
 fn redact_replaces_every_literal() {
     use super::redact;
     let cases = [
-        (Dialect::Postgres, "SELECT * FROM t WHERE a = 'alice' AND b = 42", "select * from t where a = '' and b = 0"),
-        (Dialect::Postgres, "ALTER ROLE app PASSWORD 'hunter2'", "alter role app password ''"),
-        (Dialect::Postgres, "SET app.secret = 'k3y'", "set app . secret = ''"),
-        (Dialect::Postgres, "SELECT set_config('x', 'v', false)", "select set_config ( '' , '' , false )"),
-        (Dialect::Mysql, "INSERT INTO t VALUES (1, 'a'), (2, 'b')", "insert into t values ( 0 )"),
+        (
+            Dialect::Postgres,
+            "SELECT * FROM t WHERE a = 'alice' AND b = 42",
+            "select * from t where a = '' and b = 0",
+        ),
+        (
+            Dialect::Postgres,
+            "ALTER ROLE app PASSWORD 'hunter2'",
+            "alter role app password ''",
+        ),
+        (
+            Dialect::Postgres,
+            "SET app.secret = 'k3y'",
+            "set app . secret = ''",
+        ),
+        (
+            Dialect::Postgres,
+            "SELECT set_config('x', 'v', false)",
+            "select set_config ( '' , '' , false )",
+        ),
+        (
+            Dialect::Mysql,
+            "INSERT INTO t VALUES (1, 'a'), (2, 'b')",
+            "insert into t values ( 0 )",
+        ),
     ];
     for (d, raw, want) in cases {
         assert_eq!(redact(raw, d), want, "{raw}");
