@@ -271,6 +271,8 @@ fn metrics_count_decisions_connections_and_reloads() {
         "interceptor_kernel_map_entries{map=\"TARGETS\"} 2",
         "interceptor_policy_generation 1",
         "interceptor_policy_last_reload_success 1",
+        "interceptor_audit_dropped_total 0",
+        "interceptor_audit_queue_capacity 65536",
     ] {
         assert!(text.contains(want), "{want}\n{text}");
     }

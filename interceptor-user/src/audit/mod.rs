@@ -1,22 +1,54 @@
 //! The audit log: JSON Lines, one event per line, written by a dedicated
-//! thread so the data path only pays for a channel send.
+//! thread so the data path only pays for a queue push.
 //!
 //! Fields are added over time but never renamed: `ts` (RFC 3339 UTC with
-//! microseconds), `seq` (strictly increasing), `event`, then the event's own
-//! fields.
+//! microseconds), `seq` (strictly increasing, continued across restarts and
+//! rotations), `event`, then the event's own fields, and last `prev` and
+//! `hash`, the hash chain (see [`chain`] for the canonical bytes).
+//!
+//! Between the data path and the writer sits a bounded queue. When it is
+//! full, [`Overflow::Block`] makes the sender wait (nothing is lost; the
+//! data path slows to the disk's pace) and [`Overflow::Drop`] drops the
+//! event, counts it, and has the writer record a `gap` event with the
+//! number dropped. The writer polls the queue on a short interval: the data
+//! path never wakes it per event.
+
+pub mod chain;
+mod read;
+mod verify;
 
 use std::{
     fs::{File, OpenOptions},
     io::{BufWriter, Write as _},
     path::{Path, PathBuf},
-    sync::Arc,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, AtomicUsize, Ordering},
+        mpsc::{self, Receiver, SyncSender, TryRecvError, TrySendError},
+    },
     thread::JoinHandle,
+    time::Duration,
 };
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use time::{OffsetDateTime, format_description::well_known::Rfc3339};
-use tokio::sync::mpsc;
+
+pub use read::{ReadError, Record, Records, log_files, records, rotated_path};
+pub use verify::{Failure, Problem, Summary, verify};
+
+/// Audit files in chain order, for readers that take whatever they are
+/// given: [`log_files`] (base paths bring their rotated siblings), or, when
+/// that fails (a path missing), the paths that exist sorted by their first
+/// record's `seq`.
+#[must_use]
+pub fn chain_order(paths: &[PathBuf]) -> Vec<PathBuf> {
+    if let Ok(files) = log_files(paths) {
+        return files;
+    }
+    let existing: Vec<&PathBuf> = paths.iter().filter(|p| p.is_file()).collect();
+    log_files(&existing).unwrap_or_else(|_| existing.into_iter().cloned().collect())
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum AuditError {
@@ -27,6 +59,190 @@ pub enum AuditError {
     },
     #[error("cannot start audit writer: {0}")]
     Spawn(std::io::Error),
+}
+
+/// What a full queue does to a sender.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Overflow {
+    /// The sender waits for room: nothing is lost.
+    #[default]
+    Block,
+    /// The event is dropped and counted; a `gap` event records how many.
+    Drop,
+}
+
+/// When written records are flushed to the file.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FlushPolicy {
+    /// After every record.
+    Every,
+    /// Once per drain cycle (every few milliseconds while events arrive).
+    #[default]
+    Batch,
+}
+
+/// The policy file's `audit:` section. The writer settings apply at agent
+/// start; `redact_literals` applies on every reload.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuditSettings {
+    pub overflow: Overflow,
+    /// Events the queue holds between the data path and the writer.
+    pub queue: usize,
+    pub flush: FlushPolicy,
+    /// fsync after each flush.
+    pub fsync: bool,
+    /// Rotate when the live file would exceed this many bytes; 0 = never.
+    pub rotate_bytes: u64,
+    /// Rotated files kept (`audit.jsonl.1` ... `audit.jsonl.N`).
+    pub retain: usize,
+    /// `query` events carry the statement with its literals replaced (the
+    /// fingerprinted text) instead of the raw text.
+    pub redact_literals: bool,
+}
+
+/// Largest `queue`: its slots are allocated up front.
+pub const MAX_QUEUE: usize = 1 << 20;
+
+impl Default for AuditSettings {
+    fn default() -> Self {
+        Self {
+            overflow: Overflow::Block,
+            queue: 65_536,
+            flush: FlushPolicy::Batch,
+            fsync: false,
+            rotate_bytes: 100 << 20,
+            retain: 10,
+            redact_literals: false,
+        }
+    }
+}
+
+impl AuditSettings {
+    /// Checks bounds.
+    ///
+    /// # Errors
+    /// A message naming the bad setting.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.queue == 0 || self.queue > MAX_QUEUE {
+            return Err(format!(
+                "audit.queue must be between 1 and {MAX_QUEUE}, not {}",
+                self.queue
+            ));
+        }
+        Ok(())
+    }
+
+    /// Names of the writer settings (those that need a restart) that differ.
+    #[must_use]
+    pub fn restart_needed(&self, new: &Self) -> Vec<&'static str> {
+        let mut out = Vec::new();
+        if self.overflow != new.overflow {
+            out.push("overflow");
+        }
+        if self.queue != new.queue {
+            out.push("queue");
+        }
+        if self.flush != new.flush {
+            out.push("flush");
+        }
+        if self.fsync != new.fsync {
+            out.push("fsync");
+        }
+        if self.rotate_bytes != new.rotate_bytes {
+            out.push("rotate_bytes");
+        }
+        if self.retain != new.retain {
+            out.push("retain");
+        }
+        out
+    }
+}
+
+/// Sees every record the writer writes, with its final line (`seq`, `prev`
+/// and `hash` included). Called on the writer thread, in log order: keep it
+/// quick (hand the line to a channel) and never block.
+pub trait Tap: Send + Sync {
+    fn event(&self, ev: &AuditEvent, line: &str);
+}
+
+/// What [`AuditWriter::start`] needs.
+#[derive(Clone)]
+pub struct AuditConfig {
+    /// The live file; rotated files are `PATH.1` (newest) ... `PATH.N`.
+    pub path: PathBuf,
+    pub settings: AuditSettings,
+    pub taps: Vec<Arc<dyn Tap>>,
+}
+
+impl AuditConfig {
+    /// Default settings, no taps.
+    #[must_use]
+    pub fn new(path: impl Into<PathBuf>) -> Self {
+        Self {
+            path: path.into(),
+            settings: AuditSettings::default(),
+            taps: Vec::new(),
+        }
+    }
+}
+
+impl std::fmt::Debug for AuditConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AuditConfig")
+            .field("path", &self.path)
+            .field("settings", &self.settings)
+            .field("taps", &self.taps.len())
+            .finish()
+    }
+}
+
+/// Counters for metrics: plain atomics, read without locks.
+#[derive(Debug, Default)]
+pub struct AuditStats {
+    written: AtomicU64,
+    dropped: AtomicU64,
+    write_errors: AtomicU64,
+    /// Pushed minus taken; may briefly count a blocked sender's event.
+    queued: AtomicU64,
+    /// Senders waiting for room (block mode).
+    waiting: AtomicUsize,
+    capacity: AtomicUsize,
+}
+
+impl AuditStats {
+    /// Records written to the file (gaps and agent events included).
+    #[must_use]
+    pub fn written(&self) -> u64 {
+        self.written.load(Ordering::Relaxed)
+    }
+
+    /// Events dropped because the queue was full (drop mode).
+    #[must_use]
+    pub fn dropped(&self) -> u64 {
+        self.dropped.load(Ordering::Relaxed)
+    }
+
+    /// Failed writes, flushes, fsyncs and rotations.
+    #[must_use]
+    pub fn write_errors(&self) -> u64 {
+        self.write_errors.load(Ordering::Relaxed)
+    }
+
+    /// Events waiting in the queue now.
+    #[must_use]
+    pub fn queue_depth(&self) -> u64 {
+        let cap = u64::try_from(self.capacity.load(Ordering::Relaxed)).unwrap_or(u64::MAX);
+        self.queued.load(Ordering::Relaxed).min(cap)
+    }
+
+    /// The queue's capacity.
+    #[must_use]
+    pub fn queue_capacity(&self) -> usize {
+        self.capacity.load(Ordering::Relaxed)
+    }
 }
 
 /// Typed event fields, rendered to JSON by the writer thread (off the data
@@ -42,12 +258,6 @@ impl<T: Serialize + Send + Sync> EventBody for T {
     }
 }
 
-/// Sees every record once it is rendered (live tail, metrics); called on
-/// the writer thread, so it must be quick.
-pub trait Tap: Send + Sync {
-    fn event(&self, ev: &AuditEvent, line: &str);
-}
-
 /// One event on its way to the log.
 pub struct AuditEvent {
     pub ts: OffsetDateTime,
@@ -60,7 +270,6 @@ pub struct AuditEvent {
     /// Ad-hoc fields, for rare events.
     pub fields: Map<String, Value>,
 }
-
 impl std::fmt::Debug for AuditEvent {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("AuditEvent")
@@ -131,10 +340,11 @@ pub fn format_ts(ts: OffsetDateTime) -> String {
     format!("{stem}.{micros:06}Z")
 }
 
-/// Renders one event as its JSON line (without the newline).
+/// Renders one event as its JSON line (without the newline), chained to
+/// `prev`; returns the line and its hash.
 #[must_use]
-pub fn render(seq: u64, ev: &AuditEvent) -> String {
-    let mut line = String::with_capacity(512);
+pub fn render(seq: u64, prev: &str, ev: &AuditEvent) -> (String, String) {
+    let mut line = String::with_capacity(640);
     line.push_str("{\"ts\":\"");
     line.push_str(&format_ts(ev.ts));
     line.push_str("\",\"seq\":");
@@ -156,75 +366,154 @@ pub fn render(seq: u64, ev: &AuditEvent) -> String {
     if !ev.fields.is_empty() {
         splice(members(&Value::Object(ev.fields.clone()).to_string()));
     }
-    line.push('}');
-    line
+    chain::seal(line, prev)
 }
 
-/// Sending side of the audit log; cheap to clone, never blocks.
+/// Sending side of the audit log; cheap to clone.
 #[derive(Clone, Debug)]
 pub struct AuditLog {
-    tx: mpsc::UnboundedSender<AuditEvent>,
+    tx: SyncSender<AuditEvent>,
+    overflow: Overflow,
+    stats: Arc<AuditStats>,
 }
 
 impl AuditLog {
-    /// Queues an event. The writer only stops after every sender is gone, so
-    /// nothing sent is lost.
+    /// Queues an event. With a full queue, blocks until there is room
+    /// ([`Overflow::Block`]) or drops and counts the event
+    /// ([`Overflow::Drop`]). The writer only stops after every sender is
+    /// gone, so nothing queued is lost.
     pub fn record(&self, ev: AuditEvent) {
-        if self.tx.send(ev).is_err() {
-            tracing::error!("audit writer is gone; event dropped");
+        let stats = &self.stats;
+        // Counted before the push so the writer's decrement never comes first.
+        stats.queued.fetch_add(1, Ordering::Relaxed);
+        let ev = match self.tx.try_send(ev) {
+            Ok(()) => return,
+            Err(TrySendError::Full(ev)) => ev,
+            Err(TrySendError::Disconnected(_)) => {
+                stats.queued.fetch_sub(1, Ordering::Relaxed);
+                tracing::error!("audit writer is gone; event dropped");
+                return;
+            }
+        };
+        match self.overflow {
+            Overflow::Drop => {
+                stats.queued.fetch_sub(1, Ordering::Relaxed);
+                stats.dropped.fetch_add(1, Ordering::Relaxed);
+            }
+            Overflow::Block => {
+                // The writer sees `waiting` and drains again at once instead
+                // of sleeping its interval; taking from the queue releases us.
+                stats.waiting.fetch_add(1, Ordering::SeqCst);
+                let sent = self.tx.send(ev);
+                stats.waiting.fetch_sub(1, Ordering::SeqCst);
+                if sent.is_err() {
+                    stats.queued.fetch_sub(1, Ordering::Relaxed);
+                    tracing::error!("audit writer is gone; event dropped");
+                }
+            }
         }
+    }
+
+    /// Counters for metrics.
+    #[must_use]
+    pub fn stats(&self) -> &Arc<AuditStats> {
+        &self.stats
     }
 }
 
 /// Owns the writer thread; dropping every [`AuditLog`] and then calling
-/// [`AuditWriter::finish`] flushes and closes the file.
+/// [`AuditWriter::finish`] writes everything queued, flushes, fsyncs and
+/// closes the file.
 pub struct AuditWriter {
     handle: Option<JoinHandle<()>>,
+    stats: Arc<AuditStats>,
 }
 
 impl AuditWriter {
-    /// Opens (appending) the log file, creating its directory, and starts the writer.
+    /// Opens (appending) the live log file, creating its directory, picks up
+    /// `seq` and the hash chain where the existing log ends (the live file,
+    /// else its newest rotated file), and starts the writer. A partial last
+    /// line left by a crash is cut off first and recorded in a
+    /// `log_repaired` event.
     ///
     /// # Errors
     /// When the file cannot be opened or the thread cannot start.
-    pub fn start(path: &Path) -> Result<(AuditLog, Self), AuditError> {
-        Self::start_with_taps(path, Vec::new())
-    }
-
-    /// As [`AuditWriter::start`], handing every rendered record to `taps`.
-    ///
-    /// # Errors
-    /// As [`AuditWriter::start`].
-    pub fn start_with_taps(
-        path: &Path,
-        taps: Vec<Arc<dyn Tap>>,
-    ) -> Result<(AuditLog, Self), AuditError> {
+    pub fn start(config: AuditConfig) -> Result<(AuditLog, Self), AuditError> {
+        let AuditConfig {
+            path,
+            settings,
+            taps,
+        } = config;
+        let open_err = |source| AuditError::Open {
+            path: path.clone(),
+            source,
+        };
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir).map_err(|source| AuditError::Open {
-                path: path.to_owned(),
-                source,
-            })?;
+            std::fs::create_dir_all(dir).map_err(open_err)?;
         }
-        let file = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(path)
-            .map_err(|source| AuditError::Open {
-                path: path.to_owned(),
-                source,
-            })?;
-        let start_seq = last_seq(path).map_or(1, |s| s + 1);
-        let (tx, rx) = mpsc::unbounded_channel();
+        let tail = read::tail(&path).map_err(open_err)?;
+        let (out, size) = open_live(&path).map_err(open_err)?;
+        let prev = match (&tail.seq, tail.hash) {
+            (_, Some(h)) => h,
+            (None, None) => chain::GENESIS.to_owned(),
+            (Some(_), None) => {
+                tracing::warn!(
+                    "audit log {} ends with a record without a hash; the chain starts afresh",
+                    path.display()
+                );
+                chain::GENESIS.to_owned()
+            }
+        };
+        let capacity = settings.queue.clamp(1, MAX_QUEUE);
+        let stats = Arc::new(AuditStats::default());
+        stats.capacity.store(capacity, Ordering::Relaxed);
+        let (tx, rx) = mpsc::sync_channel(capacity);
+        let overflow = settings.overflow;
+        let mut writer = Writer {
+            path,
+            settings,
+            taps,
+            stats: Arc::clone(&stats),
+            out,
+            size,
+            seq: tail.seq.map_or(1, |s| s.saturating_add(1)),
+            prev,
+            reported_dropped: 0,
+        };
+        let repaired = tail.repaired;
         let handle = std::thread::Builder::new()
             .name("audit-writer".into())
-            .spawn(move || write_loop(file, rx, start_seq, &taps))
+            .spawn(move || {
+                if let Some(bytes) = repaired {
+                    tracing::warn!(
+                        "audit log {}: cut {bytes} bytes of a partial last line",
+                        writer.path.display()
+                    );
+                    let ev = AuditEvent::new("log_repaired")
+                        .with("file", writer.path.display().to_string())
+                        .with("truncated_bytes", bytes);
+                    writer.write_event(&ev);
+                }
+                writer.run(&rx);
+            })
             .map_err(AuditError::Spawn)?;
         Ok((
-            AuditLog { tx },
+            AuditLog {
+                tx,
+                overflow,
+                stats: Arc::clone(&stats),
+            },
             Self {
                 handle: Some(handle),
+                stats,
             },
         ))
+    }
+
+    /// Counters for metrics.
+    #[must_use]
+    pub fn stats(&self) -> Arc<AuditStats> {
+        Arc::clone(&self.stats)
     }
 
     /// Waits until every queued event is on disk.
@@ -235,82 +524,187 @@ impl AuditWriter {
     }
 }
 
-/// Audit files in chain order (by their first record's `seq`).
-#[must_use]
-pub fn chain_order(paths: &[PathBuf]) -> Vec<PathBuf> {
-    let first_seq = |p: &PathBuf| {
-        std::fs::read_to_string(p).ok().and_then(|t| {
-            t.lines()
-                .find_map(|l| serde_json::from_str::<Value>(l).ok()?.get("seq")?.as_u64())
-        })
-    };
-    let mut v: Vec<(Option<u64>, PathBuf)> =
-        paths.iter().map(|p| (first_seq(p), p.clone())).collect();
-    v.sort();
-    v.into_iter().map(|(_, p)| p).collect()
-}
-
-/// `seq` continues across restarts: find the last one in an existing log.
-fn last_seq(path: &Path) -> Option<u64> {
-    let text = std::fs::read(path).ok()?;
-    let tail_start = text.len().saturating_sub(64 * 1024);
-    let tail = &text[tail_start..];
-    tail.split(|b| *b == b'\n')
-        .rev()
-        .filter(|l| !l.is_empty())
-        .find_map(|l| {
-            serde_json::from_slice::<Value>(l)
-                .ok()?
-                .get("seq")?
-                .as_u64()
-        })
+fn open_live(path: &Path) -> std::io::Result<(BufWriter<File>, u64)> {
+    let file = OpenOptions::new().create(true).append(true).open(path)?;
+    let size = file.metadata()?.len();
+    Ok((BufWriter::with_capacity(256 * 1024, file), size))
 }
 
 /// How often the writer wakes to drain the queue. The data path never
 /// wakes the writer (a wake-up per statement costs a context switch, which
 /// on a busy CPU is most of a query's budget); it only pushes.
-const DRAIN_INTERVAL: std::time::Duration = std::time::Duration::from_millis(5);
+const DRAIN_INTERVAL: Duration = Duration::from_millis(5);
 
-fn write_loop(
-    file: File,
-    mut rx: mpsc::UnboundedReceiver<AuditEvent>,
-    mut seq: u64,
-    taps: &[Arc<dyn Tap>],
-) {
-    use mpsc::error::TryRecvError;
-    let mut out = BufWriter::with_capacity(256 * 1024, file);
-    loop {
-        let mut wrote = false;
-        let closed = loop {
-            match rx.try_recv() {
-                Ok(ev) => {
-                    let line = render(seq, &ev);
-                    seq += 1;
-                    for t in taps {
-                        t.event(&ev, &line);
+/// How soon the writer drains again while senders wait for room.
+const BUSY_INTERVAL: Duration = Duration::from_micros(50);
+
+struct Writer {
+    path: PathBuf,
+    settings: AuditSettings,
+    taps: Vec<Arc<dyn Tap>>,
+    stats: Arc<AuditStats>,
+    out: BufWriter<File>,
+    /// Bytes in the live file.
+    size: u64,
+    /// `seq` of the next record.
+    seq: u64,
+    /// `hash` of the last record written.
+    prev: String,
+    /// Drops already recorded in `gap` events.
+    reported_dropped: u64,
+}
+
+impl Writer {
+    fn run(&mut self, rx: &Receiver<AuditEvent>) {
+        loop {
+            let mut wrote = false;
+            let closed = loop {
+                match rx.try_recv() {
+                    Ok(ev) => {
+                        self.stats.queued.fetch_sub(1, Ordering::Relaxed);
+                        self.write_event(&ev);
+                        wrote = true;
                     }
-                    wrote = true;
-                    if let Err(e) = out
-                        .write_all(line.as_bytes())
-                        .and_then(|()| out.write_all(b"\n"))
-                    {
-                        tracing::error!("audit write failed: {e}");
-                    }
+                    Err(TryRecvError::Empty) => break false,
+                    Err(TryRecvError::Disconnected) => break true,
                 }
-                Err(TryRecvError::Empty) => break false,
-                Err(TryRecvError::Disconnected) => break true,
+            };
+            wrote |= self.record_gap();
+            if wrote && self.settings.flush == FlushPolicy::Batch {
+                self.flush();
             }
-        };
-        if wrote && let Err(e) = out.flush() {
-            tracing::error!("audit flush failed: {e}");
+            if closed {
+                break;
+            }
+            if self.stats.waiting.load(Ordering::SeqCst) > 0 {
+                std::thread::sleep(BUSY_INTERVAL);
+            } else {
+                std::thread::sleep(DRAIN_INTERVAL);
+            }
         }
-        if closed {
-            break;
+        self.record_gap();
+        self.flush();
+        if let Err(e) = self.out.get_ref().sync_all() {
+            self.error("fsync", &e);
         }
-        std::thread::sleep(DRAIN_INTERVAL);
     }
-    let _ = out.flush();
-    let _ = out.get_ref().sync_all();
+
+    /// Writes a `gap` event when events were dropped since the last one.
+    fn record_gap(&mut self) -> bool {
+        let dropped = self.stats.dropped.load(Ordering::Relaxed);
+        if dropped <= self.reported_dropped {
+            return false;
+        }
+        let n = dropped - self.reported_dropped;
+        self.reported_dropped = dropped;
+        tracing::warn!("audit queue full: {n} events dropped");
+        self.write_event(&AuditEvent::new("gap").with("dropped", n));
+        true
+    }
+
+    fn write_event(&mut self, ev: &AuditEvent) {
+        let (line, hash) = render(self.seq, &self.prev, ev);
+        let len = line.len() as u64 + 1;
+        if self.settings.rotate_bytes > 0
+            && self.size > 0
+            && self.size.saturating_add(len) > self.settings.rotate_bytes
+        {
+            self.rotate();
+        }
+        match self
+            .out
+            .write_all(line.as_bytes())
+            .and_then(|()| self.out.write_all(b"\n"))
+        {
+            Ok(()) => {
+                self.stats.written.fetch_add(1, Ordering::Relaxed);
+                self.size += len;
+            }
+            Err(e) => self.error("write", &e),
+        }
+        // The chain moves on even after a failed write: the next record then
+        // names the missing one's hash, so the loss shows in `verify`.
+        self.seq += 1;
+        self.prev = hash;
+        if self.settings.flush == FlushPolicy::Every {
+            self.flush();
+        }
+        for tap in &self.taps {
+            // A tap that panics must not take the log down with it.
+            let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                tap.event(ev, &line);
+            }));
+            if r.is_err() {
+                tracing::error!("audit tap panicked");
+            }
+        }
+    }
+
+    fn flush(&mut self) {
+        if let Err(e) = self.out.flush() {
+            self.error("flush", &e);
+            return;
+        }
+        if self.settings.fsync
+            && let Err(e) = self.out.get_ref().sync_data()
+        {
+            self.error("fsync", &e);
+        }
+    }
+
+    fn error(&self, what: &str, e: &std::io::Error) {
+        self.stats.write_errors.fetch_add(1, Ordering::Relaxed);
+        tracing::error!("audit {what} failed ({}): {e}", self.path.display());
+    }
+
+    /// `audit.jsonl` becomes `audit.jsonl.1`, `.1` becomes `.2`, ...; files
+    /// numbered `retain` and beyond are deleted; a new live file is opened.
+    fn rotate(&mut self) {
+        self.flush();
+        if let Err(e) = self.shift_files() {
+            self.error("rotation", &e);
+            // Try again only after another `rotate_bytes`.
+            self.size = 0;
+            return;
+        }
+        match open_live(&self.path) {
+            Ok((out, size)) => {
+                self.out = out;
+                self.size = size;
+            }
+            Err(e) => {
+                // Keep writing to the renamed file rather than lose records.
+                self.error("reopen after rotation", &e);
+                self.size = 0;
+            }
+        }
+        if self.settings.fsync
+            && let Some(dir) = self.path.parent().filter(|d| !d.as_os_str().is_empty())
+            && let Err(e) = File::open(dir).and_then(|d| d.sync_all())
+        {
+            self.error("directory fsync", &e);
+        }
+    }
+
+    fn shift_files(&self) -> std::io::Result<()> {
+        let retain = self.settings.retain;
+        for (n, p) in read::rotated_siblings(&self.path)? {
+            if n >= retain {
+                std::fs::remove_file(p)?;
+            }
+        }
+        for n in (1..retain).rev() {
+            let from = rotated_path(&self.path, n);
+            if from.exists() {
+                std::fs::rename(from, rotated_path(&self.path, n + 1))?;
+            }
+        }
+        if retain > 0 {
+            std::fs::rename(&self.path, rotated_path(&self.path, 1))
+        } else {
+            std::fs::remove_file(&self.path)
+        }
+    }
 }
 
 #[cfg(test)]
@@ -323,27 +717,496 @@ mod tests {
         assert_eq!(format_ts(ts), "2023-11-14T22:13:20.123456Z");
     }
 
+    fn settings(f: impl FnOnce(&mut AuditSettings)) -> AuditSettings {
+        let mut s = AuditSettings::default();
+        f(&mut s);
+        s
+    }
+
+    fn start(path: &Path, settings: AuditSettings) -> (AuditLog, AuditWriter) {
+        AuditWriter::start(AuditConfig {
+            path: path.to_owned(),
+            settings,
+            taps: Vec::new(),
+        })
+        .unwrap()
+    }
+
+    /// Writes `n` events numbered from `from` in one agent run.
+    fn run(path: &Path, settings: AuditSettings, from: u64, n: u64) {
+        let (log, writer) = start(path, settings);
+        for i in from..from + n {
+            log.record(AuditEvent::new("connect").with("conn", i));
+        }
+        drop(log);
+        writer.finish();
+    }
+
+    fn lines(path: &Path) -> Vec<String> {
+        std::fs::read_to_string(path)
+            .unwrap()
+            .lines()
+            .map(str::to_owned)
+            .collect()
+    }
+
+    fn value(line: &str) -> Value {
+        serde_json::from_str(line).unwrap()
+    }
+
+    fn check(base: &Path) -> Result<Summary, Failure> {
+        verify(log_files(&[base]).unwrap())
+    }
+
     #[test]
-    fn writes_lines_in_order_and_continues_seq() {
+    fn writes_lines_in_order_and_continues_seq_and_chain() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("a/audit.jsonl");
-        for round in 0..2 {
-            let (log, writer) = AuditWriter::start(&path).unwrap();
-            for i in 0..3 {
-                log.record(AuditEvent::new("connect").with("conn", i + round * 3));
-            }
-            drop(log);
-            writer.finish();
-        }
-        let text = std::fs::read_to_string(&path).unwrap();
-        let seqs: Vec<u64> = text
-            .lines()
-            .map(|l| {
-                serde_json::from_str::<Value>(l).unwrap()["seq"]
-                    .as_u64()
-                    .unwrap()
-            })
+        run(&path, AuditSettings::default(), 0, 3);
+        let first_run = lines(&path);
+        run(&path, AuditSettings::default(), 3, 3);
+        let all = lines(&path);
+        let seqs: Vec<u64> = all
+            .iter()
+            .map(|l| value(l)["seq"].as_u64().unwrap())
             .collect();
         assert_eq!(seqs, vec![1, 2, 3, 4, 5, 6]);
+        assert_eq!(value(&all[0])["prev"], chain::GENESIS);
+        // The second run chains to the first run's last record.
+        assert_eq!(value(&all[3])["prev"], value(&first_run[2])["hash"]);
+        // `hash` is the last member, `prev` right before it.
+        assert!(all[0].contains(&format!(",\"prev\":\"{}\",\"hash\":\"", chain::GENESIS)));
+        let sum = check(&path).unwrap();
+        assert_eq!(
+            (sum.records, sum.files, sum.first_seq, sum.last_seq),
+            (6, 1, Some(1), Some(6))
+        );
+        assert_eq!(sum.anchor.as_deref(), Some(chain::GENESIS));
+        assert_eq!(sum.last_hash.as_deref(), value(&all[5])["hash"].as_str());
+    }
+
+    /// A log of 40 records over several rotated files.
+    fn rotated_log(dir: &Path) -> PathBuf {
+        let base = dir.join("audit.jsonl");
+        let s = settings(|s| {
+            s.rotate_bytes = 1000;
+            s.retain = 100;
+        });
+        run(&base, s.clone(), 0, 20);
+        run(&base, s, 20, 20);
+        base
+    }
+
+    fn copy_log(from: &Path, to: &Path) -> PathBuf {
+        std::fs::create_dir_all(to).unwrap();
+        for e in std::fs::read_dir(from.parent().unwrap()).unwrap() {
+            let e = e.unwrap();
+            std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
+        }
+        to.join(from.file_name().unwrap())
+    }
+
+    fn edit_lines(path: &Path, f: impl FnOnce(&mut Vec<String>)) {
+        let mut l = lines(path);
+        f(&mut l);
+        let mut text = l.join("\n");
+        text.push('\n');
+        std::fs::write(path, text).unwrap();
+    }
+
+    fn failure(base: &Path) -> Failure {
+        match check(base) {
+            Ok(s) => panic!("tampering not caught: {s}"),
+            Err(f) => f,
+        }
+    }
+
+    #[test]
+    fn rotation_keeps_one_chain() {
+        let dir = tempfile::tempdir().unwrap();
+        let base = rotated_log(dir.path());
+        let files = log_files(&[&base]).unwrap();
+        assert!(files.len() >= 4, "{files:?}");
+        // Oldest first, live file last.
+        assert_eq!(files.last().unwrap(), &base);
+        assert_eq!(files[0], rotated_path(&base, files.len() - 1));
+        for f in &files {
+            assert!(
+                std::fs::metadata(f).unwrap().len() <= 1000,
+                "{}",
+                f.display()
+            );
+        }
+        let sum = check(&base).unwrap();
+        assert_eq!(
+            (sum.records, sum.first_seq, sum.last_seq),
+            (40, Some(1), Some(40))
+        );
+        // Any order of the same files gives the same chain.
+        let mut shuffled = files.clone();
+        shuffled.reverse();
+        assert_eq!(log_files(&shuffled).unwrap(), files);
+        // The first record of each file chains to the last of the one before.
+        let last_of_first = lines(&files[0]).last().map(|l| value(l)["hash"].clone());
+        assert_eq!(
+            Some(value(&lines(&files[1])[0])["prev"].clone()),
+            last_of_first
+        );
+        // Records read back in chain order, nothing skipped.
+        let seqs: Vec<u64> = records(files)
+            .map(|r| r.unwrap().value["seq"].as_u64().unwrap())
+            .collect();
+        assert_eq!(seqs, (1..=40).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn verify_catches_tampering() {
+        let dir = tempfile::tempdir().unwrap();
+        let base = rotated_log(&dir.path().join("orig"));
+        let files = log_files(&[&base]).unwrap();
+        let (older, newer) = (
+            files[files.len() - 3].clone(),
+            files[files.len() - 2].clone(),
+        );
+        let name = |p: &Path| p.file_name().unwrap().to_owned();
+        let seq_at = |p: &Path, i: usize| value(&lines(p)[i])["seq"].as_u64();
+        let mut case = 0;
+        let mut copy = || {
+            case += 1;
+            copy_log(&base, &dir.path().join(format!("case{case}")))
+        };
+
+        // Edited (hash left as it was).
+        let b = copy();
+        let f = b.with_file_name(name(&older));
+        edit_lines(&f, |l| l[1] = l[1].replace("\"conn\":", "\"conn\":1"));
+        let e = failure(&b);
+        assert_eq!(
+            (e.file.clone(), e.line, e.problem),
+            (f.clone(), 2, Problem::Edited)
+        );
+        assert_eq!(e.seq, seq_at(&older, 1));
+
+        // Edited and re-sealed: the next record's link breaks.
+        let b = copy();
+        let f = b.with_file_name(name(&older));
+        edit_lines(&f, |l| {
+            let v = value(&l[1]);
+            let open = l[1]
+                .split(",\"prev\":")
+                .next()
+                .unwrap()
+                .replace("\"conn\":", "\"conn\":1");
+            l[1] = chain::seal(open, v["prev"].as_str().unwrap()).0;
+        });
+        let e = failure(&b);
+        assert_eq!((e.file.clone(), e.line), (f.clone(), 3));
+        assert!(matches!(e.problem, Problem::BrokenLink { .. }), "{e}");
+
+        // Deleted.
+        let b = copy();
+        let f = b.with_file_name(name(&older));
+        edit_lines(&f, |l| {
+            l.remove(1);
+        });
+        let e = failure(&b);
+        assert_eq!((e.file.clone(), e.line), (f.clone(), 2));
+        assert!(
+            matches!(e.problem, Problem::SeqGap { expected, found } if found == expected + 1),
+            "{e}"
+        );
+
+        // Inserted (a copy of another record).
+        let b = copy();
+        let f = b.with_file_name(name(&older));
+        edit_lines(&f, |l| {
+            let dup = l[0].clone();
+            l.insert(2, dup);
+        });
+        let e = failure(&b);
+        assert_eq!((e.file.clone(), e.line), (f.clone(), 3));
+        assert!(
+            matches!(e.problem, Problem::SeqGap { expected, found } if found < expected),
+            "{e}"
+        );
+
+        // Reordered.
+        let b = copy();
+        let f = b.with_file_name(name(&older));
+        edit_lines(&f, |l| l.swap(0, 1));
+        let e = failure(&b);
+        assert_eq!((e.file.clone(), e.line), (f.clone(), 1));
+        assert!(matches!(e.problem, Problem::SeqGap { .. }), "{e}");
+
+        // Reordered across the rotation boundary.
+        let b = copy();
+        let (fo, fn_) = (
+            b.with_file_name(name(&older)),
+            b.with_file_name(name(&newer)),
+        );
+        let mut lo = lines(&fo);
+        let mut ln = lines(&fn_);
+        let last = lo.len() - 1;
+        std::mem::swap(&mut lo[last], &mut ln[0]);
+        std::fs::write(&fo, lo.join("\n") + "\n").unwrap();
+        std::fs::write(&fn_, ln.join("\n") + "\n").unwrap();
+        let e = failure(&b);
+        assert_eq!((e.file.clone(), e.line), (fo.clone(), last + 1));
+
+        // Deleted across the boundary: the first record of the newer file.
+        let b = copy();
+        let f = b.with_file_name(name(&newer));
+        edit_lines(&f, |l| {
+            l.remove(0);
+        });
+        let e = failure(&b);
+        assert_eq!((e.file.clone(), e.line), (f.clone(), 1));
+        assert!(matches!(e.problem, Problem::SeqGap { .. }), "{e}");
+
+        // A whole rotated file in the middle removed.
+        let b = copy();
+        std::fs::remove_file(b.with_file_name(name(&older))).unwrap();
+        let e = failure(&b);
+        assert_eq!(e.file, b.with_file_name(name(&newer)));
+
+        // Unparsable line.
+        let b = copy();
+        let f = b.with_file_name(name(&older));
+        edit_lines(&f, |l| l[2] = "{not json".to_owned());
+        let e = failure(&b);
+        assert_eq!((e.file.clone(), e.line), (f.clone(), 3));
+        assert!(matches!(e.problem, Problem::Unparsable(_)), "{e}");
+
+        // Truncated final line of the live file: reported as such.
+        let b = copy();
+        let text = std::fs::read_to_string(&b).unwrap();
+        std::fs::write(&b, &text[..text.len() - 20]).unwrap();
+        let e = failure(&b);
+        assert_eq!(e.problem, Problem::Truncated, "{e}");
+        assert_eq!(e.line, text.lines().count());
+        assert!(e.to_string().contains("truncated"), "{e}");
+
+        // The untouched original still verifies.
+        check(&base).unwrap();
+    }
+
+    #[test]
+    fn retention_deletes_the_oldest_and_verify_anchors_later() {
+        let dir = tempfile::tempdir().unwrap();
+        let base = dir.path().join("audit.jsonl");
+        let s = settings(|s| {
+            s.rotate_bytes = 800;
+            s.retain = 2;
+        });
+        run(&base, s, 0, 40);
+        let files = log_files(&[&base]).unwrap();
+        assert_eq!(
+            files,
+            vec![rotated_path(&base, 2), rotated_path(&base, 1), base.clone()]
+        );
+        let sum = check(&base).unwrap();
+        assert_eq!(sum.last_seq, Some(40));
+        assert!(sum.first_seq.unwrap() > 1);
+        assert_ne!(sum.anchor.as_deref(), Some(chain::GENESIS));
+        assert!(sum.to_string().contains("rotated away"), "{sum}");
+        // retain 0: rotated files are not kept at all.
+        let base0 = dir.path().join("zero.jsonl");
+        run(
+            &base0,
+            settings(|s| {
+                s.rotate_bytes = 800;
+                s.retain = 0;
+            }),
+            0,
+            40,
+        );
+        assert_eq!(log_files(&[&base0]).unwrap(), vec![base0.clone()]);
+        check(&base0).unwrap();
+    }
+
+    #[test]
+    fn restart_after_crash_mid_write_repairs_and_chains_on() {
+        let dir = tempfile::tempdir().unwrap();
+        let base = dir.path().join("audit.jsonl");
+        run(&base, AuditSettings::default(), 0, 3);
+        let mut text = std::fs::read_to_string(&base).unwrap();
+        text.push_str("{\"ts\":\"2026-01-01T00:00:00.000000Z\",\"seq\":4,\"ev");
+        std::fs::write(&base, &text).unwrap();
+        assert_eq!(failure(&base).problem, Problem::Truncated);
+        run(&base, AuditSettings::default(), 3, 2);
+        let all = lines(&base);
+        assert_eq!(value(&all[3])["event"], "log_repaired");
+        assert_eq!(value(&all[3])["seq"], 4);
+        let sum = check(&base).unwrap();
+        assert_eq!(sum.last_seq, Some(6));
+    }
+
+    #[test]
+    fn restart_right_after_rotation_chains_to_the_rotated_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let base = dir.path().join("audit.jsonl");
+        run(&base, AuditSettings::default(), 0, 3);
+        std::fs::rename(&base, rotated_path(&base, 1)).unwrap();
+        run(&base, AuditSettings::default(), 3, 1);
+        assert_eq!(value(&lines(&base)[0])["seq"], 4);
+        assert_eq!(check(&base).unwrap().records, 4);
+    }
+
+    #[test]
+    fn drop_mode_records_a_gap_with_the_count() {
+        let dir = tempfile::tempdir().unwrap();
+        let base = dir.path().join("audit.jsonl");
+        let (log, writer) = start(
+            &base,
+            settings(|s| {
+                s.overflow = Overflow::Drop;
+                s.queue = 2;
+            }),
+        );
+        let stats = Arc::clone(log.stats());
+        for i in 0..2000 {
+            log.record(AuditEvent::new("connect").with("conn", i));
+        }
+        drop(log);
+        writer.finish();
+        let all: Vec<Value> = lines(&base).iter().map(|l| value(l)).collect();
+        let kept = all.iter().filter(|v| v["event"] == "connect").count() as u64;
+        let gaps: u64 = all
+            .iter()
+            .filter(|v| v["event"] == "gap")
+            .map(|v| v["dropped"].as_u64().unwrap())
+            .sum();
+        assert!(gaps > 0, "nothing dropped with a queue of 2");
+        assert_eq!(kept + gaps, 2000);
+        assert_eq!(stats.dropped(), gaps);
+        assert_eq!(stats.written(), all.len() as u64);
+        assert_eq!(stats.queue_depth(), 0);
+        check(&base).unwrap();
+    }
+
+    #[test]
+    fn block_mode_loses_nothing_with_a_tiny_queue() {
+        let dir = tempfile::tempdir().unwrap();
+        let base = dir.path().join("audit.jsonl");
+        let (log, writer) = start(
+            &base,
+            settings(|s| {
+                s.queue = 2;
+                s.flush = FlushPolicy::Every;
+            }),
+        );
+        let stats = Arc::clone(log.stats());
+        let threads: Vec<_> = (0..8u64)
+            .map(|t| {
+                let log = log.clone();
+                std::thread::spawn(move || {
+                    for i in 0..250 {
+                        log.record(AuditEvent::new("connect").with("conn", t * 1000 + i));
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        drop(log);
+        writer.finish();
+        let mut conns: Vec<u64> = lines(&base)
+            .iter()
+            .map(|l| value(l)["conn"].as_u64().unwrap())
+            .collect();
+        conns.sort_unstable();
+        let want: Vec<u64> = (0..8u64)
+            .flat_map(|t| (0..250).map(move |i| t * 1000 + i))
+            .collect();
+        assert_eq!(conns, want);
+        assert_eq!(
+            (stats.written(), stats.dropped(), stats.write_errors()),
+            (2000, 0, 0)
+        );
+        check(&base).unwrap();
+    }
+
+    #[test]
+    fn taps_see_every_final_line() {
+        struct Collect(std::sync::Mutex<Vec<(String, String)>>);
+        impl Tap for Collect {
+            fn event(&self, ev: &AuditEvent, line: &str) {
+                self.0
+                    .lock()
+                    .unwrap()
+                    .push((ev.event.to_owned(), line.to_owned()));
+            }
+        }
+        struct Panics;
+        impl Tap for Panics {
+            fn event(&self, _: &AuditEvent, _: &str) {
+                panic!("tap bug");
+            }
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let base = dir.path().join("audit.jsonl");
+        let tap = Arc::new(Collect(std::sync::Mutex::default()));
+        let (log, writer) = AuditWriter::start(AuditConfig {
+            path: base.clone(),
+            settings: AuditSettings::default(),
+            taps: vec![Arc::new(Panics), tap.clone()],
+        })
+        .unwrap();
+        for i in 0..5 {
+            log.record(AuditEvent::new("connect").with("conn", i));
+        }
+        drop(log);
+        writer.finish();
+        let seen = tap.0.lock().unwrap();
+        let lines_seen: Vec<String> = seen.iter().map(|(_, l)| l.clone()).collect();
+        assert_eq!(lines_seen, lines(&base));
+        assert!(seen.iter().all(|(e, _)| e == "connect"));
+    }
+
+    #[test]
+    fn log_files_errors_and_single_rotated_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let base = rotated_log(dir.path());
+        let one = rotated_path(&base, 1);
+        // A rotated file named alone is taken alone, and verifies alone.
+        assert_eq!(log_files(&[&one]).unwrap(), vec![one.clone()]);
+        let sum = verify(vec![one]).unwrap();
+        assert!(sum.first_seq.unwrap() > 1);
+        assert!(log_files(&[dir.path().join("missing.jsonl")]).is_err());
+        // Named twice: counted once.
+        assert_eq!(
+            log_files(&[&base, &base]).unwrap(),
+            log_files(&[&base]).unwrap()
+        );
+    }
+
+    #[test]
+    fn restart_needed_names_writer_settings_only() {
+        let a = AuditSettings::default();
+        let b = settings(|s| {
+            s.queue = 4;
+            s.redact_literals = true;
+        });
+        assert_eq!(a.restart_needed(&b), vec!["queue"]);
+        assert!(a.restart_needed(&a).is_empty());
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn verify_never_panics(
+            content in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..2000),
+            line in "[ -~]{0,300}",
+        ) {
+            let dir = tempfile::tempdir().unwrap();
+            let p = dir.path().join("x.jsonl");
+            std::fs::write(&p, &content).unwrap();
+            let _ = verify(vec![p.clone()]);
+            let _ = chain::check(&line);
+            let mut sealed = chain::seal(format!("{{\"seq\":1,\"x\":{line:?}"), chain::GENESIS).0;
+            sealed.push('\n');
+            std::fs::write(&p, &sealed).unwrap();
+            proptest::prop_assert!(verify(vec![p]).is_ok());
+        }
     }
 }

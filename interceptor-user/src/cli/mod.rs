@@ -1,5 +1,6 @@
 //! The `interceptor` command line.
 
+mod audit;
 mod identities;
 mod policy;
 mod run;
@@ -46,6 +47,9 @@ pub enum Command {
     Tail(tail::TailArgs),
     /// The workloads with live connections: identity, connections, statements by decision.
     Identities(identities::IdentitiesArgs),
+    /// Work with audit logs offline: verify their hash chain.
+    #[command(subcommand)]
+    Audit(audit::AuditCommand),
 }
 
 /// Runs the command line; returns the process exit code.
@@ -58,5 +62,6 @@ pub fn main() -> i32 {
         Command::Policy(cmd) => policy::policy(cmd),
         Command::Tail(args) => tail::tail(&args, &cli.control_socket),
         Command::Identities(args) => identities::identities(&args, &cli.control_socket),
+        Command::Audit(cmd) => audit::audit(cmd),
     }
 }

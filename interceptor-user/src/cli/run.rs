@@ -15,7 +15,7 @@ use serde_json::{Value, json};
 use tokio::sync::watch;
 
 use crate::{
-    audit::{AuditEvent, AuditWriter},
+    audit::{AuditConfig, AuditEvent, AuditSettings, AuditWriter},
     control::{self, Caller, Handler, Reply, Request},
     ebpf::{ListenerConfig, Redirector},
     identity::{IdentityResolver, cgroup2_mount},
@@ -37,7 +37,8 @@ pub struct RunArgs {
     /// loopback family is also served on the same port when available.
     #[arg(long, default_value = "127.0.0.1:15432")]
     pub listen: SocketAddr,
-    /// Audit log (JSON Lines, appended).
+    /// Audit log (JSON Lines, appended, hash-chained); rotated files are
+    /// FILE.1 (newest) ... FILE.N, as the policy's `audit:` section says.
     #[arg(long, default_value = "/var/log/interceptor/audit.jsonl")]
     pub audit_log: PathBuf,
     /// Worker threads, each with its own runtime and listener [default: number of CPUs].
@@ -86,7 +87,8 @@ impl Handler for Agent {
                 follow,
             } => Ok(control::tail::serve(
                 &self.feed,
-                vec![self.audit_log.clone()],
+                // Recent records may sit in rotated files.
+                crate::audit::chain_order(std::slice::from_ref(&self.audit_log)),
                 filter,
                 last,
                 follow,
@@ -99,6 +101,7 @@ impl Handler for Agent {
                 let engine = self.shared.engine.load();
                 let policy = engine.file();
                 let stats = &self.shared.stats;
+                let audit = self.shared.audit.stats();
                 Ok(json!({
                     "pid": std::process::id(),
                     "started_at": self.started_at,
@@ -116,6 +119,13 @@ impl Handler for Agent {
                         "live": stats.live.load(Ordering::Relaxed),
                         "total": stats.total.load(Ordering::Relaxed),
                         "rejected": stats.rejected.load(Ordering::Relaxed),
+                    },
+                    "audit": {
+                        "written": audit.written(),
+                        "dropped": audit.dropped(),
+                        "write_errors": audit.write_errors(),
+                        "queue_depth": audit.queue_depth(),
+                        "queue_capacity": audit.queue_capacity(),
                     },
                 })
                 .into())
@@ -135,6 +145,7 @@ impl control::metrics::Gauges for AgentGauges {
     fn gauges(&self) -> Vec<(&'static str, &'static str, f64)> {
         let s = &self.shared.stats;
         let get = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed) as f64;
+        let a = self.shared.audit.stats();
         vec![
             (
                 "connections_live",
@@ -155,6 +166,31 @@ impl control::metrics::Gauges for AgentGauges {
                 "statements_refused_total",
                 "Statements and commands refused on the wire since start.",
                 get(&s.denied),
+            ),
+            (
+                "audit_queue_depth",
+                "Audit records waiting for the writer.",
+                a.queue_depth() as f64,
+            ),
+            (
+                "audit_queue_capacity",
+                "Audit records the queue holds before `audit.overflow` applies.",
+                a.queue_capacity() as f64,
+            ),
+            (
+                "audit_written_total",
+                "Audit records written.",
+                a.written() as f64,
+            ),
+            (
+                "audit_dropped_total",
+                "Audit records dropped on a full queue (overflow: drop).",
+                a.dropped() as f64,
+            ),
+            (
+                "audit_write_errors_total",
+                "Audit writes or flushes that failed.",
+                a.write_errors() as f64,
             ),
         ]
     }
@@ -264,9 +300,13 @@ fn run_inner(args: &RunArgs, control_socket: &Path) -> Result<(), String> {
         ),
         None => None,
     };
-    let (audit, audit_writer) =
-        AuditWriter::start_with_taps(&args.audit_log, vec![feed.clone(), metrics.clone()])
-            .map_err(|e| e.to_string())?;
+    let audit_settings = policy.audit.clone();
+    let (audit, audit_writer) = AuditWriter::start(AuditConfig {
+        path: args.audit_log.clone(),
+        settings: audit_settings.clone(),
+        taps: vec![feed.clone(), metrics.clone()],
+    })
+    .map_err(|e| e.to_string())?;
     let redirector = Arc::new(
         Redirector::attach(
             &cgroup,
@@ -349,6 +389,7 @@ fn run_inner(args: &RunArgs, control_socket: &Path) -> Result<(), String> {
         reload_path,
         Arc::clone(&shared),
         Arc::clone(&redirector),
+        audit_settings,
     ));
     let signal = rt.block_on(wait_for_signal());
     reloader.abort();
@@ -379,8 +420,15 @@ fn run_inner(args: &RunArgs, control_socket: &Path) -> Result<(), String> {
 /// Reloads the policy on SIGHUP and when the file changes. A valid policy
 /// takes effect for the next statement (and its targets for the next
 /// connect); an invalid one is rejected and the previous stays in force.
-/// Both are audited.
-async fn reload_loop(path: Option<PathBuf>, shared: Arc<Shared>, redirector: Arc<Redirector>) {
+/// Both are audited. The audit writer's settings only take effect at the
+/// next start (`redact_literals` at once): a change is warned about and
+/// noted in the `policy` event as `audit_restart_required`.
+async fn reload_loop(
+    path: Option<PathBuf>,
+    shared: Arc<Shared>,
+    redirector: Arc<Redirector>,
+    audit_in_force: AuditSettings,
+) {
     use tokio::signal::unix::{SignalKind, signal};
     let Some(path) = path else {
         // The embedded default never changes.
@@ -418,10 +466,18 @@ async fn reload_loop(path: Option<PathBuf>, shared: Arc<Shared>, redirector: Arc
             .with("trigger", trigger);
         match result {
             Ok(engine) => {
-                let ev = ev
+                let mut ev = ev
                     .with("status", "loaded")
                     .with("targets", engine.file().targets.len())
                     .with("rules", engine.file().rules.len());
+                let pending = audit_in_force.restart_needed(&engine.file().audit);
+                if !pending.is_empty() {
+                    tracing::warn!(
+                        "audit settings {} changed: they take effect when the agent restarts",
+                        pending.join(", ")
+                    );
+                    ev = ev.with("audit_restart_required", pending);
+                }
                 shared.engine.store(Arc::new(engine));
                 tracing::info!("policy reloaded from {} ({trigger})", path.display());
                 shared.audit.record(ev);

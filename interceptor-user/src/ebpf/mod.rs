@@ -16,9 +16,8 @@ use aya::{
 };
 use interceptor_common::{
     AgentConfig, ConnRecord, MAP_CONFIG, MAP_CONN_BY_ADDR, MAP_CONN_BY_COOKIE, MAP_EXEMPT_TGIDS,
-    MAP_TARGETS,
-    PROG_CONNECT4, PROG_CONNECT6, PROG_GETPEERNAME4, PROG_GETPEERNAME6, PROG_SOCK_OPS, SockKey,
-    TARGET_KEY_PORT_BITS, TargetKey, TargetValue, v6_words,
+    MAP_TARGETS, PROG_CONNECT4, PROG_CONNECT6, PROG_GETPEERNAME4, PROG_GETPEERNAME6, PROG_SOCK_OPS,
+    SockKey, TARGET_KEY_PORT_BITS, TargetKey, TargetValue, v6_words,
 };
 
 use crate::{policy::TargetSpec, proxy::OrigDstLookup};

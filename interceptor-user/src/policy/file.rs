@@ -11,7 +11,10 @@ use std::{
 
 use serde::{Deserialize, Deserializer, Serialize};
 
-use crate::sql::{Dialect, Fingerprint, Flag, Kind, Limits};
+use crate::{
+    audit::AuditSettings,
+    sql::{Dialect, Fingerprint, Flag, Kind, Limits},
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum PolicyError {
@@ -379,6 +382,9 @@ pub struct PolicyFile {
     /// Bounds on SQL analysis (statement size, nesting, tokens).
     #[serde(default)]
     pub limits: Limits,
+    /// The audit log's queue, flushing, rotation and redaction.
+    #[serde(default)]
+    pub audit: AuditSettings,
 }
 
 impl PolicyFile {
@@ -420,6 +426,7 @@ impl PolicyFile {
         if self.version != 1 {
             return Err(format!("unsupported version {} (expected 1)", self.version));
         }
+        self.audit.validate()?;
         let mut names = HashSet::new();
         for t in &self.targets {
             if !names.insert(t.name.as_str()) {
@@ -539,6 +546,36 @@ mod tests {
         // serde_yaml_ng places a value's custom error at its entry.
         assert!(err.starts_with("test.yaml:3:"), "{err}");
         assert!(err.contains("nope"), "{err}");
+    }
+
+    #[test]
+    fn audit_section() {
+        let p = parse(
+            "version: 1\naudit:\n  overflow: drop\n  queue: 4\n  flush: every\n  fsync: true\n  rotate_bytes: 1000\n  retain: 2\n  redact_literals: true\n",
+        )
+        .unwrap();
+        assert_eq!(p.audit.overflow, crate::audit::Overflow::Drop);
+        assert_eq!(
+            (p.audit.queue, p.audit.rotate_bytes, p.audit.retain),
+            (4, 1000, 2)
+        );
+        assert!(p.audit.fsync && p.audit.redact_literals);
+        assert_eq!(
+            parse("version: 1\n").unwrap().audit,
+            AuditSettings::default()
+        );
+        let err = parse("version: 1\naudit:\n  queue: 4\n  rotate: 5\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.starts_with("test.yaml:4:"), "{err}");
+        let err = parse("version: 1\naudit:\n  queue: 0\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("audit.queue"), "{err}");
+        let err = parse("version: 1\naudit:\n  overflow: later\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("later"), "{err}");
     }
 
     #[test]

@@ -171,7 +171,7 @@ impl Guard {
 
     /// One `query` event per statement of the message.
     fn audit(&self, id: &str, sql: &str, v: &Verdict) {
-        let max = self.shared.audit_query_max;
+        let redact = self.redacting();
         let fallback;
         let statements: &[_] = if v.statements.is_empty() {
             fallback = [crate::policy::StatementVerdict {
@@ -201,7 +201,7 @@ impl Guard {
                     st.reason.clone()
                 },
                 enforced: v.enforced,
-                query: truncate(&st.text, max).to_owned(),
+                query: self.query_text(&st.text, redact),
                 fingerprint: st.fingerprint.clone(),
                 kind: st.kind,
                 tables: st.tables.clone(),
@@ -304,7 +304,12 @@ impl Guard {
                 ),
             )
         };
-        let what = format!("LOCAL INFILE {file}: {statement}");
+        // The file name is the server's request, kept; the statement is
+        // redacted like any query.
+        let what = format!(
+            "LOCAL INFILE {file}: {}",
+            self.query_text(statement, self.redacting())
+        );
         self.audit_other(
             "local_infile",
             &id,
@@ -325,6 +330,25 @@ impl Guard {
             ),
             id,
         })
+    }
+
+    /// Whether the policy in force wants literals out of the log.
+    fn redacting(&self) -> bool {
+        self.shared.engine.load().file().audit.redact_literals
+    }
+
+    /// A statement's text as the audit log keeps it: at most
+    /// `audit_query_max` bytes, with literals replaced when redacting. Only
+    /// a prefix of that length is redacted, so a 20 MiB `INSERT` costs no
+    /// more than a short one; a literal cut off by it still counts as one.
+    fn query_text(&self, text: &str, redact: bool) -> String {
+        let max = self.shared.audit_query_max;
+        if redact {
+            let dialect = self.info.target.protocol.dialect();
+            truncate(&crate::sql::redact(truncate(text, max), dialect), max).to_owned()
+        } else {
+            truncate(text, max).to_owned()
+        }
     }
 
     fn take_decision_id(&mut self) -> String {

@@ -645,7 +645,7 @@ mod tests {
                 )
                 .unwrap();
                 let dir = tempfile::tempdir().unwrap();
-                let (audit, writer) = crate::audit::AuditWriter::start(&dir.path().join("a.jsonl")).unwrap();
+                let (audit, writer) = crate::audit::AuditWriter::start(crate::audit::AuditConfig::new(dir.path().join("a.jsonl"))).unwrap();
                 let table = Arc::new(Table(std::sync::Mutex::default()));
                 let shared = Arc::new(Shared::new(
                     Engine::new(policy).unwrap(),

@@ -667,6 +667,40 @@ pub fn normalize(
     out: &mut String,
     scratch: &mut Scratch,
 ) -> NormInfo {
+    normalize_with(text, mode, in_exec_comment, out, scratch, false)
+}
+
+/// A statement's canonical text (as [`normalize`] writes it) with every
+/// literal replaced, also in the statements whose literals `normalize`
+/// keeps (`SET`, `CREATE`, `ALTER ... PASSWORD '...'`): for audit logs that
+/// must not carry data. The lexing mode only matters for backslashes; when
+/// the text has one and the two readings disagree, nothing of it is
+/// returned but a placeholder, since one reading could leave part of a
+/// string literal as words.
+#[must_use]
+pub fn redact(text: &str, dialect: Dialect) -> String {
+    let mode = LexMode::default_for(dialect);
+    let mut scratch = Scratch::default();
+    let mut out = String::new();
+    normalize_with(text, mode, false, &mut out, &mut scratch, true);
+    if text.contains('\\') {
+        let mut alt = String::new();
+        normalize_with(text, mode.flipped(), false, &mut alt, &mut scratch, true);
+        if alt != out {
+            return String::from("/* redacted: ambiguous quoting */");
+        }
+    }
+    out
+}
+
+fn normalize_with(
+    text: &str,
+    mode: LexMode,
+    in_exec_comment: bool,
+    out: &mut String,
+    scratch: &mut Scratch,
+    redact_all: bool,
+) -> NormInfo {
     out.clear();
     scratch.groups.clear();
     let mut info = NormInfo::default();
@@ -692,11 +726,12 @@ pub fn normalize(
                 a
             };
             let n = raw.len().min(8);
-            keep = raw.len() <= 8 && keeps_literals(&lower[..n], dialect);
+            keep = !redact_all && raw.len() <= 8 && keeps_literals(&lower[..n], dialect);
             info.literals_kept = keep;
         }
         // set_config's arguments say what it changes: keep them.
         if !keep
+            && !redact_all
             && t.kind == TokKind::Word
             && raw.len() == 10
             && raw.eq_ignore_ascii_case(b"set_config")

@@ -26,7 +26,7 @@ use serde::{Deserialize, Serialize};
 
 pub use analyze::{Analysis, Effect, PreparedBody, SearchPathChange, analyze};
 pub use fingerprint::Fingerprint;
-pub use lexer::{LexMode, NormInfo, Scratch, StatementSpan, normalize, split, split_into};
+pub use lexer::{LexMode, NormInfo, Scratch, StatementSpan, normalize, redact, split, split_into};
 pub use lexical::function_flags;
 pub use names::{Resolution, StatementFacts};
 

@@ -471,3 +471,49 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn redact_replaces_every_literal() {
+    use super::redact;
+    let cases = [
+        (
+            Dialect::Postgres,
+            "SELECT * FROM t WHERE a = 'alice' AND b = 42",
+            "select * from t where a = '' and b = 0",
+        ),
+        (
+            Dialect::Postgres,
+            "ALTER ROLE app PASSWORD 'hunter2'",
+            "alter role app password ''",
+        ),
+        (
+            Dialect::Postgres,
+            "SET app.secret = 'k3y'",
+            "set app . secret = ''",
+        ),
+        (
+            Dialect::Postgres,
+            "SELECT set_config('x', 'v', false)",
+            "select set_config ( '' , '' , false )",
+        ),
+        (
+            Dialect::Mysql,
+            "INSERT INTO t VALUES (1, 'a'), (2, 'b')",
+            "insert into t values ( 0 )",
+        ),
+    ];
+    for (d, raw, want) in cases {
+        assert_eq!(redact(raw, d), want, "{raw}");
+    }
+    // A literal cut off by truncation is still a literal.
+    for (d, raw) in [
+        (Dialect::Postgres, "SELECT 'secret tail"),
+        (Dialect::Postgres, "SELECT $$secret tail"),
+        (Dialect::Mysql, "SELECT \"secret tail"),
+        (Dialect::Postgres, "SELECT E'it\\'s secret'"),
+        (Dialect::Mysql, "SELECT 'it\\' OR secret' FROM t"),
+    ] {
+        let r = redact(raw, d);
+        assert!(!r.contains("secret"), "{raw} -> {r}");
+    }
+}

@@ -1030,7 +1030,7 @@ mod tests {
                     .unwrap();
                     let dir = tempfile::tempdir().unwrap();
                     let (audit, writer) =
-                        crate::audit::AuditWriter::start(&dir.path().join("a.jsonl")).unwrap();
+                        crate::audit::AuditWriter::start(crate::audit::AuditConfig::new(dir.path().join("a.jsonl"))).unwrap();
                     let engine = Engine::new(policy).unwrap();
                     let target = engine.file().targets[0].clone();
                     let shared = Arc::new(Shared::new(
