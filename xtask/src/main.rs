@@ -40,6 +40,10 @@ enum Cmd {
         #[arg(default_value = "all")]
         which: String,
     },
+    /// A newcomer's first five minutes: throwaway PostgreSQL and MariaDB, the
+    /// agent on a cgroup of its own with policies/demo.yaml, a scripted
+    /// workload under the live tail, then the audit log verified. Needs root.
+    Demo,
     /// fmt check, clippy, unit tests and end-to-end tests.
     Test {
         /// Only run tests whose name contains this.
@@ -77,6 +81,21 @@ fn main() -> Result<()> {
         }
         Cmd::Test { filter, no_lint } => test(filter.as_deref(), no_lint),
         Cmd::Bench { which } => bench(&which),
+        Cmd::Demo => {
+            build()?;
+            run(Command::new("cargo")
+                .args([
+                    "run",
+                    "--release",
+                    "--locked",
+                    "-q",
+                    "-p",
+                    "interceptor-tests",
+                    "--bin",
+                    "demo",
+                ])
+                .env("INTERCEPTOR_BIN", root.join("target/release/interceptor")))
+        }
     }
 }
 

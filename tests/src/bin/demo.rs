@@ -101,8 +101,11 @@ fn approve_flow(agent: &Agent, mut held: Command) {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
+    let mut child = child;
     let Some(id) = pending_id(agent) else {
         eprintln!("   (no pending approval appeared)");
+        let _ = child.kill();
+        let _ = child.wait();
         return;
     };
     let list = cli(agent, &["approvals", "list"]);
