@@ -282,3 +282,22 @@ fn metrics_count_decisions_connections_and_reloads() {
     std::fs::write(&agent.policy, pg_policy(pg.port, RULES)).unwrap();
     wait_metric(port, "interceptor_policy_generation 2");
 }
+
+#[test]
+fn the_demo_runs_as_described() {
+    let out = run_any(Command::new(env!("CARGO_BIN_EXE_demo")).env("INTERCEPTOR_BIN", agent_bin()));
+    let text =
+        String::from_utf8_lossy(&out.stderr).into_owned() + &String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    for want in [
+        "ALLOW",
+        "DENY",
+        "APPROVE",
+        "ERROR 1142",
+        "42501",
+        "ok: ",
+        "cleaning up",
+    ] {
+        assert!(text.contains(want), "{want}: {text}");
+    }
+}

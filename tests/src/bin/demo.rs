@@ -59,6 +59,30 @@ fn psql_args(pg: &PgServer, sql: &str) -> Vec<String> {
     a
 }
 
+/// Shows a step's output; returns whether it ended as `want` says.
+fn expect(out: &std::process::Output, want: Want) -> bool {
+    show(out);
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let ok = match want {
+        Want::Runs => out.status.success(),
+        Want::Refused => !out.status.success() && text.contains("interceptor: denied"),
+    };
+    if !ok {
+        eprintln!("   \x1b[31munexpected: this step should have {want:?}\x1b[0m");
+    }
+    ok
+}
+
+#[derive(Clone, Copy, Debug)]
+enum Want {
+    Runs,
+    Refused,
+}
+
 fn show(out: &std::process::Output) {
     let text = format!(
         "{}{}",
@@ -94,8 +118,8 @@ fn pending_id(agent: &Agent) -> Option<String> {
 }
 
 /// Runs a held statement in the background, approves it as this (root)
-/// user, and shows how it ended.
-fn approve_flow(agent: &Agent, mut held: Command) {
+/// user, and shows how it ended; returns whether it ran.
+fn approve_flow(agent: &Agent, mut held: Command) -> bool {
     let child: Child = held
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -103,10 +127,10 @@ fn approve_flow(agent: &Agent, mut held: Command) {
         .unwrap();
     let mut child = child;
     let Some(id) = pending_id(agent) else {
-        eprintln!("   (no pending approval appeared)");
+        eprintln!("   \x1b[31m(no pending approval appeared)\x1b[0m");
         let _ = child.kill();
         let _ = child.wait();
-        return;
+        return false;
     };
     let list = cli(agent, &["approvals", "list"]);
     eprint!("{}", String::from_utf8_lossy(&list.stdout));
@@ -122,7 +146,7 @@ fn approve_flow(agent: &Agent, mut held: Command) {
             "reviewed in the demo",
         ],
     ));
-    show(&child.wait_with_output().unwrap());
+    expect(&child.wait_with_output().unwrap(), Want::Runs)
 }
 
 fn main() {
@@ -199,30 +223,38 @@ fn demo() -> i32 {
         .unwrap();
     sleep(Duration::from_millis(300));
 
-    let steps: [(&str, &str); 4] = [
-        ("allowed read", "SELECT count(*) FROM orders"),
+    let mut all_ok = true;
+    let steps = [
+        ("allowed read", "SELECT count(*) FROM orders", Want::Runs),
         (
             "allowed single-row write",
             "UPDATE orders SET status = 'shipped' WHERE id = 1",
+            Want::Runs,
         ),
-        ("a DROP of a core table: refused", "DROP TABLE orders"),
-        ("an unbounded DELETE: refused", "DELETE FROM orders"),
+        (
+            "a DROP of a core table: refused",
+            "DROP TABLE orders",
+            Want::Refused,
+        ),
+        (
+            "an unbounded DELETE: refused",
+            "DELETE FROM orders",
+            Want::Refused,
+        ),
     ];
-    for (what, sql) in steps {
+    for (what, sql, want) in steps {
         if stopped() {
             break;
         }
         say(&format!("PostgreSQL, {what}: {sql}"));
-        show(&run_any(&mut job(
-            &cg,
-            pg_bin("psql").to_str().unwrap(),
-            &psql_args(&pg, sql),
-        )));
+        let psql = pg_bin("psql");
+        let out = run_any(&mut job(&cg, psql.to_str().unwrap(), &psql_args(&pg, sql)));
+        all_ok &= expect(&out, want);
         sleep(Duration::from_millis(400));
     }
     if !stopped() {
         say("PostgreSQL, a schema change: held until a human approves it");
-        approve_flow(
+        all_ok &= approve_flow(
             &agent,
             job(
                 &cg,
@@ -232,9 +264,13 @@ fn demo() -> i32 {
         );
     }
     let my_args = my.client_args(APP_USER, APP_PASSWORD, "shop");
-    for (what, sql) in [
-        ("allowed read", "SELECT count(*) FROM orders"),
-        ("a DROP of a core table: refused", "DROP TABLE orders"),
+    for (what, sql, want) in [
+        ("allowed read", "SELECT count(*) FROM orders", Want::Runs),
+        (
+            "a DROP of a core table: refused",
+            "DROP TABLE orders",
+            Want::Refused,
+        ),
     ] {
         if stopped() {
             break;
@@ -247,7 +283,7 @@ fn demo() -> i32 {
             "-e".to_owned(),
             sql.to_owned(),
         ]);
-        show(&run_any(&mut job(&cg, "mariadb", &args)));
+        all_ok &= expect(&run_any(&mut job(&cg, "mariadb", &args)), want);
         sleep(Duration::from_millis(400));
     }
     sleep(Duration::from_millis(500));
@@ -280,9 +316,10 @@ fn demo() -> i32 {
     say("cleaning up: agent stopped, servers stopped, cgroup removed");
     if stopped() {
         130
-    } else if verify.status.success() {
+    } else if verify.status.success() && all_ok {
         0
     } else {
+        eprintln!("\x1b[31mthe demo did not go as described above\x1b[0m");
         1
     }
 }
