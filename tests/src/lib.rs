@@ -283,6 +283,25 @@ impl PgServer {
         .collect()
     }
 
+    /// `psql` run inside `cg` (so redirected through the agent), connected
+    /// to this server; add `-c SQL`, `-f FILE` and output flags.
+    #[must_use]
+    pub fn psql_in(&self, cg: &TestCgroup) -> Command {
+        let mut c = cg.command(pg_bin("psql").to_str().unwrap());
+        c.args([
+            "-X",
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &self.port.to_string(),
+            "-U",
+            "postgres",
+            "-d",
+            "postgres",
+        ]);
+        c
+    }
+
     /// Runs SQL directly (not redirected: the test process is in no test cgroup).
     pub fn sql(&self, sql: &str) -> String {
         run_ok(

@@ -9,26 +9,13 @@ use std::{
     time::{Duration, Instant},
 };
 
-use interceptor_tests::{Agent, PgServer, TestCgroup, agent_bin, pg_bin, pg_policy, run_any};
+use interceptor_tests::{Agent, PgServer, TestCgroup, agent_bin, pg_policy, run_any};
 use serde_json::Value;
 
 const RULES: &str = "mode: enforce\ndefault: allow\non_parse_error: allow\nidentities:\n  shell-tools:\n    comm: psql\nrules:\n  - name: no-drops\n    kinds: [ddl]\n    decision: deny\n";
 
 fn psql(cg: &TestCgroup, pg: &PgServer, sql: &str) -> std::process::Output {
-    run_any(cg.command(pg_bin("psql").to_str().unwrap()).args([
-        "-X",
-        "-Atq",
-        "-h",
-        "127.0.0.1",
-        "-p",
-        &pg.port.to_string(),
-        "-U",
-        "postgres",
-        "-d",
-        "postgres",
-        "-c",
-        sql,
-    ]))
+    run_any(pg.psql_in(cg).args(["-Atq", "-c", sql]))
 }
 
 /// Lines of a child's stdout, read on a thread so the test can time out.
@@ -159,19 +146,10 @@ fn identities_lists_live_workloads_with_their_decisions() {
     let cg = TestCgroup::new();
     let agent = Agent::start(&pg_policy(pg.port, RULES), &cg, false);
     // One psql that denies once, then holds its connection open.
-    let mut sleeper = cg
-        .command(pg_bin("psql").to_str().unwrap())
+    let mut sleeper = pg
+        .psql_in(&cg)
         .args([
-            "-X",
             "-Atq",
-            "-h",
-            "127.0.0.1",
-            "-p",
-            &pg.port.to_string(),
-            "-U",
-            "postgres",
-            "-d",
-            "postgres",
             "-c",
             "drop table if exists x",
             "-c",

@@ -17,22 +17,6 @@ fn setup() -> (PgServer, TestCgroup, Agent) {
     (pg, cg, agent)
 }
 
-fn psql_in(cg: &TestCgroup, pg: &PgServer) -> Command {
-    let mut c = cg.command(pg_bin("psql").to_str().unwrap());
-    c.args([
-        "-X",
-        "-h",
-        "127.0.0.1",
-        "-p",
-        &pg.port.to_string(),
-        "-U",
-        "postgres",
-        "-d",
-        "postgres",
-    ]);
-    c
-}
-
 #[test]
 fn psql_denials_keep_the_session_usable_in_and_out_of_transactions() {
     let (pg, cg, agent) = setup();
@@ -46,11 +30,7 @@ fn psql_denials_keep_the_session_usable_in_and_out_of_transactions() {
         select 'b2';\n\
         rollback;\n\
         select 'c1';\n";
-    let out = run_any(
-        psql_in(&cg, &pg)
-            .args(["-Atq", "-f"])
-            .arg(write_tmp(script)),
-    );
+    let out = run_any(pg.psql_in(&cg).args(["-Atq", "-f"]).arg(write_tmp(script)));
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
     let lines: Vec<&str> = stdout.lines().collect();
@@ -261,7 +241,7 @@ print("midframe", True)
     assert!(n >= 4, "{n} protocol_error events");
     // The agent is unaffected: status is fine and psql still works.
     assert!(agent.status().status.success());
-    let ok = run_ok(psql_in(&cg, &pg).args(["-Atc", "select 'still here'"]));
+    let ok = run_ok(pg.psql_in(&cg).args(["-Atc", "select 'still here'"]));
     assert_eq!(ok.trim(), "still here");
 }
 
@@ -272,7 +252,7 @@ fn shadow_mode_forwards_everything_and_records_what_would_be_denied() {
     let cg = TestCgroup::new();
     let rules = RULES.replace("mode: enforce", "mode: shadow");
     let agent = Agent::start(&pg_policy(pg.port, &rules), &cg, false);
-    let out = run_ok(psql_in(&cg, &pg).args(["-Atc", "select v from secrets"]));
+    let out = run_ok(pg.psql_in(&cg).args(["-Atc", "select v from secrets"]));
     assert_eq!(out.trim(), "s3cr3t");
     let ev = agent.wait_event("the shadow denial", |e| {
         e["event"] == "query" && e["decision"] == "deny"
@@ -289,7 +269,7 @@ fn function_call_messages_are_decided() {
     let file = std::env::temp_dir().join(interceptor_tests::unique("lo"));
     std::fs::write(&file, b"large object payload").unwrap();
     let out = run_ok(
-        psql_in(&cg, &pg)
+        pg.psql_in(&cg)
             .args(["-Atc"])
             .arg(format!("\\lo_import {}", file.display())),
     );
