@@ -19,6 +19,10 @@ pub const MAP_CONN_BY_COOKIE: &str = "CONN_BY_COOKIE";
 pub const MAP_CONN_BY_ADDR: &str = "CONN_BY_ADDR";
 /// Hash: tgid (`u32`) -> `u32` (1); processes whose connections are never redirected.
 pub const MAP_EXEMPT_TGIDS: &str = "EXEMPT_TGIDS";
+/// Hash: [`BlockKey`] -> `u32` (1); the kill switch. A connect to a target
+/// from a blocked tgid, uid or cgroup (the current one or an ancestor) is
+/// refused with EPERM instead of being redirected.
+pub const MAP_BLOCKED: &str = "BLOCKED";
 
 /// Program names, as the agent looks them up in the object file.
 pub const PROG_CONNECT4: &str = "interceptor_connect4";
@@ -31,6 +35,23 @@ pub const PROG_SOCK_OPS: &str = "interceptor_sock_ops";
 pub const MAX_TARGETS: u32 = 1024;
 pub const MAX_CONNS: u32 = 65_536;
 pub const MAX_EXEMPT: u32 = 64;
+pub const MAX_BLOCKED: u32 = 16_384;
+
+/// [`BlockKey::kind`]: `value` is a tgid.
+pub const BLOCK_TGID: u32 = 1;
+/// [`BlockKey::kind`]: `value` is a uid.
+pub const BLOCK_UID: u32 = 2;
+/// [`BlockKey::kind`]: `value` is a cgroup v2 id (the directory's inode);
+/// only tasks directly in that cgroup.
+pub const BLOCK_CGROUP: u32 = 3;
+/// [`BlockKey::kind`]: `value` is a cgroup v2 id; tasks in that cgroup or
+/// any cgroup below it (up to `BLOCK_CGROUP_LEVELS` levels from the root).
+pub const BLOCK_CGROUP_TREE: u32 = 4;
+/// [`BlockKey::kind`]: `value` is the task's comm, see [`comm_words`].
+pub const BLOCK_COMM: u32 = 5;
+/// Cgroup levels below the root whose ancestor ids connect checks against
+/// the blocked cgroups (deeper ones are caught by the agent's rescans).
+pub const BLOCK_CGROUP_LEVELS: u32 = 12;
 
 /// Bits of a [`TargetKey`] before the address: port (16) and padding (16).
 pub const TARGET_KEY_PORT_BITS: u32 = 32;
@@ -82,6 +103,40 @@ pub struct AgentConfig {
     pub mark: u32,
     /// 1 once the agent filled the maps; nothing is redirected before.
     pub enabled: u32,
+}
+
+/// Key of the blocked map: one fact about the connecting task.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct BlockKey {
+    /// `BLOCK_TGID`, `BLOCK_UID`, `BLOCK_CGROUP`, `BLOCK_CGROUP_TREE` or `BLOCK_COMM`.
+    pub kind: u32,
+    pub _pad: u32,
+    /// The number in `value[0]` (`value[1]` is 0), or the comm's 16 bytes.
+    pub value: [u64; 2],
+}
+
+impl BlockKey {
+    #[inline(always)]
+    #[must_use]
+    pub fn number(kind: u32, n: u64) -> Self {
+        Self {
+            kind,
+            _pad: 0,
+            value: [n, 0],
+        }
+    }
+}
+
+/// A task comm (NUL-padded, as `bpf_get_current_comm` fills it) as the two
+/// words of a `BLOCK_COMM` key.
+#[inline(always)]
+#[must_use]
+pub fn comm_words(c: [u8; 16]) -> [u64; 2] {
+    [
+        u64::from_ne_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]),
+        u64::from_ne_bytes([c[8], c[9], c[10], c[11], c[12], c[13], c[14], c[15]]),
+    ]
 }
 
 /// Client's local address and port, which the agent sees as the peer of the
@@ -195,6 +250,7 @@ const _: () = assert!(core::mem::size_of::<TargetKey>() == 20);
 const _: () = assert!(core::mem::size_of::<TargetValue>() == 8);
 const _: () = assert!(core::mem::size_of::<AgentConfig>() == 40);
 const _: () = assert!(core::mem::size_of::<SockKey>() == 20);
+const _: () = assert!(core::mem::size_of::<BlockKey>() == 24);
 const _: () = assert!(core::mem::size_of::<ConnRecord>() == 88);
 
 #[cfg(feature = "user")]
@@ -211,6 +267,8 @@ mod pod {
     unsafe impl aya::Pod for super::SockKey {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::ConnRecord {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::BlockKey {}
 }
 
 #[cfg(test)]

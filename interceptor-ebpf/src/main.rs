@@ -2,8 +2,11 @@
 //! judgement about SQL lives in user space.
 //!
 //! - `cgroup/connect4`, `cgroup/connect6` (kernel >= 4.17; the netns cookie
-//!   needs >= 5.7): a TCP connect to a configured target is recorded with who
-//!   made it and rewritten to the agent's listener.
+//!   needs >= 5.7, the ancestor cgroup ids >= 5.7 too): a TCP connect to a
+//!   configured target is recorded with who made it and rewritten to the
+//!   agent's listener, unless its tgid, uid or cgroup (or an ancestor
+//!   cgroup) is blocked: then the program returns 0 and connect fails with
+//!   EPERM. Only connects to targets are ever refused.
 //! - `sockops` (kernel >= 4.13, state callbacks >= 4.16): once the client's
 //!   local port is chosen (TCP_CONNECT_CB), the record is re-keyed by the
 //!   client's local address, which is what the agent sees as its peer; on
@@ -23,21 +26,28 @@ use aya_ebpf::{
     },
     helpers::{
         bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_uid_gid,
-        generated::{bpf_get_current_cgroup_id, bpf_get_netns_cookie, bpf_get_socket_cookie},
+        generated::{
+            bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_get_netns_cookie,
+            bpf_get_socket_cookie,
+        },
     },
     macros::{cgroup_sock_addr, map, sock_ops},
     maps::{Array, HashMap, LpmTrie, LruHashMap, lpm_trie::Key},
     programs::{SockAddrContext, SockOpsContext},
 };
 use interceptor_common::{
-    AgentConfig, ConnRecord, FAMILY_V4, FAMILY_V6, MAX_CONNS, MAX_EXEMPT, MAX_TARGETS, SockKey,
-    TARGET_KEY_PORT_BITS, TargetKey, TargetValue, is_v4_mapped, v4_mapped, v6_bytes, v6_words,
+    AgentConfig, BLOCK_CGROUP, BLOCK_CGROUP_LEVELS, BLOCK_CGROUP_TREE, BLOCK_COMM, BLOCK_TGID,
+    BLOCK_UID, BlockKey, ConnRecord, FAMILY_V4, FAMILY_V6, MAX_BLOCKED, MAX_CONNS, MAX_EXEMPT,
+    MAX_TARGETS, SockKey, TARGET_KEY_PORT_BITS, TargetKey, TargetValue, comm_words, is_v4_mapped,
+    v4_mapped, v6_bytes, v6_words,
 };
 
 const AF_INET: u32 = 2;
 const AF_INET6: u32 = 10;
 /// Return value of a cgroup sock_addr program that lets the call proceed.
 const PROCEED: i32 = 1;
+/// Return value that makes the call fail with EPERM.
+const REFUSE: i32 = 0;
 
 // Map names are the statics' names; they must equal the MAP_* constants in
 // interceptor-common, which the agent uses.
@@ -51,17 +61,23 @@ static CONN_BY_COOKIE: LruHashMap<u64, ConnRecord> = LruHashMap::with_max_entrie
 static CONN_BY_ADDR: LruHashMap<SockKey, ConnRecord> = LruHashMap::with_max_entries(MAX_CONNS, 0);
 #[map]
 static EXEMPT_TGIDS: HashMap<u32, u32> = HashMap::with_max_entries(MAX_EXEMPT, 0);
+#[map]
+static BLOCKED: HashMap<BlockKey, u32> = HashMap::with_max_entries(MAX_BLOCKED, 0);
 
 #[cgroup_sock_addr(connect4)]
 pub fn interceptor_connect4(ctx: SockAddrContext) -> i32 {
-    let _ = try_connect4(&ctx);
-    PROCEED
+    match try_connect4(&ctx) {
+        Err(Skip::Blocked) => REFUSE,
+        _ => PROCEED,
+    }
 }
 
 #[cgroup_sock_addr(connect6)]
 pub fn interceptor_connect6(ctx: SockAddrContext) -> i32 {
-    let _ = try_connect6(&ctx);
-    PROCEED
+    match try_connect6(&ctx) {
+        Err(Skip::Blocked) => REFUSE,
+        _ => PROCEED,
+    }
 }
 
 #[cgroup_sock_addr(getpeername4)]
@@ -88,6 +104,8 @@ enum Skip {
     NotTarget,
     Exempt,
     MapFull,
+    /// The kill switch: the connect is refused.
+    Blocked,
 }
 
 fn config() -> Result<&'static AgentConfig, Skip> {
@@ -121,6 +139,48 @@ fn check_exempt(ctx: &SockAddrContext, cfg: &AgentConfig) -> Result<(), Skip> {
     // SAFETY: the value is a plain u32 copied out immediately.
     if unsafe { EXEMPT_TGIDS.get(&tgid) }.is_some() {
         return Err(Skip::Exempt);
+    }
+    Ok(())
+}
+
+fn blocked(key: &BlockKey) -> bool {
+    // SAFETY: only the presence of the entry is used.
+    unsafe { BLOCKED.get(key) }.is_some()
+}
+
+/// The kill switch: the task's tgid, uid, comm or cgroup is blocked, or one
+/// of its ancestor cgroups (levels 1..=BLOCK_CGROUP_LEVELS) is blocked with
+/// its subtree.
+fn check_blocked() -> Result<(), Skip> {
+    let tgid = bpf_get_current_pid_tgid() >> 32;
+    let uid = bpf_get_current_uid_gid() & 0xffff_ffff;
+    // SAFETY: helper without arguments, allowed for cgroup sock_addr programs.
+    let cgroup_id = unsafe { bpf_get_current_cgroup_id() };
+    let comm = bpf_get_current_comm().unwrap_or([0; 16]);
+    if blocked(&BlockKey::number(BLOCK_TGID, tgid))
+        || blocked(&BlockKey::number(BLOCK_UID, uid))
+        || blocked(&BlockKey::number(BLOCK_CGROUP, cgroup_id))
+        || blocked(&BlockKey::number(BLOCK_CGROUP_TREE, cgroup_id))
+        || blocked(&BlockKey {
+            kind: BLOCK_COMM,
+            _pad: 0,
+            value: comm_words(comm),
+        })
+    {
+        return Err(Skip::Blocked);
+    }
+    let mut level = 1;
+    while level <= BLOCK_CGROUP_LEVELS {
+        // SAFETY: helper taking a plain level, allowed for cgroup sock_addr
+        // programs (kernel >= 5.7); 0 past the task's own depth.
+        let id = unsafe { bpf_get_current_ancestor_cgroup_id(level as i32) };
+        if id == 0 || id == cgroup_id {
+            break;
+        }
+        if blocked(&BlockKey::number(BLOCK_CGROUP_TREE, id)) {
+            return Err(Skip::Blocked);
+        }
+        level += 1;
     }
     Ok(())
 }
@@ -176,6 +236,7 @@ fn try_connect4(ctx: &SockAddrContext) -> Result<(), Skip> {
     let addr = v4_mapped(ip4);
     let target = target_for(port_be, addr)?;
     check_exempt(ctx, cfg)?;
+    check_blocked()?;
     record(ctx, addr, port_be, FAMILY_V4, target)?;
     // SAFETY: user_ip4 and user_port are writable in connect4.
     unsafe {
@@ -219,6 +280,7 @@ fn try_connect6(ctx: &SockAddrContext) -> Result<(), Skip> {
     }
     let target = target_for(port_be, addr)?;
     check_exempt(ctx, cfg)?;
+    check_blocked()?;
     record(ctx, addr, port_be, FAMILY_V6, target)?;
     // SAFETY: user_ip6 (word by word) and user_port are writable in connect6.
     unsafe {

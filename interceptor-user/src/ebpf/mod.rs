@@ -15,9 +15,10 @@ use aya::{
     programs::{CgroupAttachMode, CgroupSockAddr, SockOps},
 };
 use interceptor_common::{
-    AgentConfig, ConnRecord, MAP_CONFIG, MAP_CONN_BY_ADDR, MAP_CONN_BY_COOKIE, MAP_EXEMPT_TGIDS,
-    MAP_TARGETS, PROG_CONNECT4, PROG_CONNECT6, PROG_GETPEERNAME4, PROG_GETPEERNAME6, PROG_SOCK_OPS,
-    SockKey, TARGET_KEY_PORT_BITS, TargetKey, TargetValue, v6_words,
+    AgentConfig, BlockKey, ConnRecord, MAP_BLOCKED, MAP_CONFIG, MAP_CONN_BY_ADDR,
+    MAP_CONN_BY_COOKIE, MAP_EXEMPT_TGIDS, MAP_TARGETS, PROG_CONNECT4, PROG_CONNECT6,
+    PROG_GETPEERNAME4, PROG_GETPEERNAME6, PROG_SOCK_OPS, SockKey, TARGET_KEY_PORT_BITS, TargetKey,
+    TargetValue, v6_words,
 };
 
 use crate::{policy::TargetSpec, proxy::OrigDstLookup};
@@ -77,6 +78,7 @@ pub struct Redirector {
     ebpf: Mutex<Option<Ebpf>>,
     by_addr: Mutex<HashMap<MapData, SockKey, ConnRecord>>,
     targets: Mutex<LpmTrie<MapData, TargetKey, TargetValue>>,
+    blocked: Mutex<HashMap<MapData, BlockKey, u32>>,
     cgroup: PathBuf,
 }
 
@@ -211,10 +213,15 @@ impl Redirector {
             .take_map(MAP_TARGETS)
             .ok_or(EbpfError::Missing(MAP_TARGETS))?;
         let trie = LpmTrie::try_from(targets_map).map_err(map_err(MAP_TARGETS))?;
+        let blocked_map = ebpf
+            .take_map(MAP_BLOCKED)
+            .ok_or(EbpfError::Missing(MAP_BLOCKED))?;
+        let blocked = HashMap::try_from(blocked_map).map_err(map_err(MAP_BLOCKED))?;
         let me = Self {
             ebpf: Mutex::new(Some(ebpf)),
             by_addr: Mutex::new(by_addr),
             targets: Mutex::new(trie),
+            blocked: Mutex::new(blocked),
             cgroup: cgroup.to_owned(),
         };
         me.set_targets(targets)?;
@@ -250,6 +257,30 @@ impl Redirector {
                 protocol: t.protocol.wire_id(),
             };
             trie.insert(key, value, 0).map_err(map_err(MAP_TARGETS))?;
+        }
+        Ok(())
+    }
+
+    /// Makes the kernel refuse connects to targets from exactly these
+    /// blocked tgids, uids, comms and cgroups (the kill switch). Entries
+    /// already present stay untouched, so a connect racing the update is
+    /// never let through by a remove-then-insert.
+    ///
+    /// # Errors
+    /// When the kernel refuses a map update (e.g. the map is full).
+    pub fn set_blocked(&self, keys: &std::collections::HashSet<BlockKey>) -> Result<(), EbpfError> {
+        let mut map = self
+            .blocked
+            .lock()
+            .map_err(|_| EbpfError::Missing("blocked lock"))?;
+        let present: Vec<BlockKey> = map.keys().filter_map(Result::ok).collect();
+        for k in keys {
+            if !present.contains(k) {
+                map.insert(k, 1, 0).map_err(map_err(MAP_BLOCKED))?;
+            }
+        }
+        for k in present.iter().filter(|k| !keys.contains(k)) {
+            map.remove(k).map_err(map_err(MAP_BLOCKED))?;
         }
         Ok(())
     }
@@ -291,6 +322,13 @@ impl Redirector {
                 MAP_TARGETS,
                 trie.keys().filter(Result::is_ok).count(),
                 interceptor_common::MAX_TARGETS,
+            ));
+        }
+        if let Ok(blocked) = self.blocked.lock() {
+            out.push((
+                MAP_BLOCKED,
+                blocked.keys().filter(Result::is_ok).count(),
+                interceptor_common::MAX_BLOCKED,
             ));
         }
         out
