@@ -3,6 +3,7 @@
 //! `main.rs` is its command line.
 
 pub mod audit;
+pub mod block;
 pub mod cli;
 pub mod control;
 pub mod ebpf;

@@ -1,6 +1,7 @@
 //! The `interceptor` command line.
 
 mod audit;
+mod block;
 mod identities;
 mod policy;
 mod run;
@@ -50,6 +51,12 @@ pub enum Command {
     /// Work with audit logs offline: verify their hash chain.
     #[command(subcommand)]
     Audit(audit::AuditCommand),
+    /// Kill switch: refuse a workload's new connections in the kernel, cancel its statements and close its connections.
+    Block(block::BlockArgs),
+    /// Lift a block.
+    Unblock(block::UnblockArgs),
+    /// List the active blocks.
+    Blocks(block::BlocksArgs),
 }
 
 /// Runs the command line; returns the process exit code.
@@ -63,5 +70,8 @@ pub fn main() -> i32 {
         Command::Tail(args) => tail::tail(&args, &cli.control_socket),
         Command::Identities(args) => identities::identities(&args, &cli.control_socket),
         Command::Audit(cmd) => audit::audit(cmd),
+        Command::Block(args) => block::block(&args, &cli.control_socket),
+        Command::Unblock(args) => block::unblock(&args, &cli.control_socket),
+        Command::Blocks(args) => block::blocks(&args, &cli.control_socket),
     }
 }

@@ -16,6 +16,7 @@ use tokio::sync::watch;
 
 use crate::{
     audit::{AuditConfig, AuditEvent, AuditSettings, AuditWriter},
+    block::{KillSwitch, Scope},
     control::{self, Caller, Handler, Reply, Request},
     ebpf::{ListenerConfig, Redirector},
     identity::{IdentityResolver, cgroup2_mount},
@@ -63,6 +64,10 @@ pub struct RunArgs {
     /// Serve Prometheus metrics on this address (`GET /metrics`), e.g. 127.0.0.1:9464.
     #[arg(long)]
     pub metrics: Option<SocketAddr>,
+    /// Directory of the agent's persistent state (`blocks.json`: the kill
+    /// switch's active blocks, re-applied at start).
+    #[arg(long, default_value = "/var/lib/interceptor")]
+    pub state_dir: PathBuf,
     /// Log filter for the agent's own diagnostics on stderr (tracing syntax).
     #[arg(long, env = "INTERCEPTOR_LOG", default_value = "info")]
     pub log: String,
@@ -70,6 +75,7 @@ pub struct RunArgs {
 
 struct Agent {
     shared: Arc<Shared>,
+    kill_switch: Arc<KillSwitch>,
     cgroup: PathBuf,
     policy_source: String,
     audit_log: PathBuf,
@@ -79,7 +85,7 @@ struct Agent {
 }
 
 impl Handler for Agent {
-    fn handle(&self, _caller: &Caller, req: Request) -> Result<Reply, String> {
+    fn handle(&self, caller: &Caller, req: Request) -> Result<Reply, String> {
         match req {
             Request::Tail {
                 filter,
@@ -97,6 +103,14 @@ impl Handler for Agent {
                 let engine = self.shared.engine.load();
                 Ok(Value::Array(proxy::workloads(&self.shared.registry.all(), &engine)).into())
             }
+            Request::Block { selector, reason } => self
+                .kill_switch
+                .block(caller, &selector, reason)
+                .map(Reply::from),
+            Request::Unblock { selector } => {
+                self.kill_switch.unblock(caller, &selector).map(Reply::from)
+            }
+            Request::Blocks => Ok(self.kill_switch.list().into()),
             Request::Status => {
                 let engine = self.shared.engine.load();
                 let policy = engine.file();
@@ -333,13 +347,29 @@ fn run_inner(args: &RunArgs, control_socket: &Path) -> Result<(), String> {
         engine,
         audit.clone(),
         redirector.clone(),
-        IdentityResolver::new(cgroup_root, args.max_exe_hash_bytes),
+        IdentityResolver::new(cgroup_root.clone(), args.max_exe_hash_bytes),
         args.mark,
         Limits {
             max_frame: args.max_frame_bytes,
             audit_query_max: args.audit_query_max,
         },
     ));
+    // Stored blocks are in force before the first connection is accepted.
+    let kill_switch = Arc::new(
+        KillSwitch::start(
+            Arc::clone(&shared),
+            redirector.clone(),
+            &args.state_dir,
+            Scope {
+                root: cgroup_root.clone(),
+                attached: cgroup.clone(),
+            },
+        )
+        .map_err(|e| {
+            let _ = std::fs::remove_file(control_socket);
+            e
+        })?,
+    );
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let drain = Duration::from_secs_f64(args.drain_timeout.max(0.0));
     let handles =
@@ -347,6 +377,7 @@ fn run_inner(args: &RunArgs, control_socket: &Path) -> Result<(), String> {
 
     let agent = Arc::new(Agent {
         shared: Arc::clone(&shared),
+        kill_switch: Arc::clone(&kill_switch),
         cgroup: cgroup.clone(),
         policy_source: policy_source.clone(),
         audit_log: args.audit_log.clone(),
@@ -391,8 +422,10 @@ fn run_inner(args: &RunArgs, control_socket: &Path) -> Result<(), String> {
         Arc::clone(&redirector),
         audit_settings,
     ));
+    let rescanner = rt.spawn(Arc::clone(&kill_switch).rescan_loop());
     let signal = rt.block_on(wait_for_signal());
     reloader.abort();
+    rescanner.abort();
     tracing::info!("{signal}: detaching and shutting down");
 
     // Detach first: from now on new connections go direct.

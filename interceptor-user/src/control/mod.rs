@@ -65,6 +65,17 @@ pub enum Request {
     },
     /// Workloads with live connections.
     Identities,
+    /// Kill switch: refuse and close a workload's connections.
+    Block {
+        selector: String,
+        #[serde(default)]
+        reason: Option<String>,
+    },
+    Unblock {
+        selector: String,
+    },
+    /// The active blocks.
+    Blocks,
 }
 
 const fn ten() -> usize {
@@ -339,6 +350,9 @@ mod tests {
         fn handle(&self, caller: &Caller, req: Request) -> Result<Reply, String> {
             match req {
                 Request::Tail { .. } | Request::Identities => Err("no".into()),
+                Request::Block { .. } | Request::Unblock { .. } | Request::Blocks => {
+                    Err("not served by this test handler".into())
+                }
                 Request::Status => {
                     let (tx, items) = tokio::sync::mpsc::channel(4);
                     let uid = caller.uid;

@@ -123,6 +123,13 @@ impl IdentityResolver {
         }
     }
 
+    /// sha256 of the executable process `tgid` runs (cached by file
+    /// version, bounded like [`IdentityResolver::resolve`]). Blocking.
+    #[must_use]
+    pub fn exe_sha256_of(&self, tgid: u32) -> Option<String> {
+        self.exe_hash(&self.proc_root.join(tgid.to_string()).join("exe"))
+    }
+
     /// Hash of the file `/proc/PID/exe` opens: the very binary the process
     /// runs, even if its path was replaced since.
     fn exe_hash(&self, exe_link: &Path) -> Option<String> {

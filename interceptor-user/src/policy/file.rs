@@ -258,6 +258,44 @@ pub struct TargetSpec {
     /// Schema unqualified PostgreSQL names resolve to (default `public`).
     #[serde(default)]
     pub default_schema: Option<String>,
+    /// Credentials the agent uses only to cancel a blocked connection's
+    /// statement on a MySQL/MariaDB server (`KILL QUERY` over a side
+    /// connection). PostgreSQL needs none: its CancelRequest carries the
+    /// session's own key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub admin: Option<AdminSpec>,
+}
+
+/// A database account for the agent's own side connections.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminSpec {
+    pub user: String,
+    /// Environment variable of the agent holding the password.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub password_env: Option<String>,
+    /// File holding the password (trailing newline ignored).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub password_file: Option<PathBuf>,
+}
+
+impl AdminSpec {
+    /// The password, read now (so a rotated secret is picked up).
+    ///
+    /// # Errors
+    /// When the variable is unset or the file unreadable.
+    pub fn password(&self) -> Result<String, String> {
+        if let Some(var) = &self.password_env {
+            return std::env::var(var)
+                .map_err(|_| format!("environment variable {var} is not set"));
+        }
+        if let Some(path) = &self.password_file {
+            return std::fs::read_to_string(path)
+                .map(|s| s.trim_end_matches(['\n', '\r']).to_owned())
+                .map_err(|e| format!("cannot read {}: {e}", path.display()));
+        }
+        Ok(String::new())
+    }
 }
 
 /// A named set of conditions on a workload's identity; every field given
@@ -431,6 +469,20 @@ impl PolicyFile {
         for t in &self.targets {
             if !names.insert(t.name.as_str()) {
                 return Err(format!("target {:?} is defined twice", t.name));
+            }
+            if let Some(a) = &t.admin {
+                if a.password_env.is_some() && a.password_file.is_some() {
+                    return Err(format!(
+                        "target {:?}: admin has both password_env and password_file",
+                        t.name
+                    ));
+                }
+                if t.protocol != Protocol::Mysql {
+                    return Err(format!(
+                        "target {:?}: admin credentials are only used for mysql targets",
+                        t.name
+                    ));
+                }
             }
         }
         for (i, a) in self.targets.iter().enumerate() {

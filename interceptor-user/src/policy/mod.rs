@@ -10,8 +10,8 @@ pub use engine::{
 };
 
 pub use file::{
-    ApprovalSpec, Decision, IdentityMode, IdentitySelectorSpec, Mode, NotifySpec, PolicyError,
-    PolicyFile, Protocol, RuleSpec, TargetAddress, TargetSpec, WherePresence,
+    AdminSpec, ApprovalSpec, Decision, IdentityMode, IdentitySelectorSpec, Mode, NotifySpec,
+    PolicyError, PolicyFile, Protocol, RuleSpec, TargetAddress, TargetSpec, WherePresence,
 };
 
 /// The policy shipped inside the binary, used when no file is given and

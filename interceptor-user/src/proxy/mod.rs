@@ -92,6 +92,8 @@ pub struct Shared {
     pub stats: Stats,
     /// The live connections.
     pub registry: Arc<Registry>,
+    /// Active kill-switch blocks, checked once per connection.
+    pub blocks: crate::block::BlockList,
     pub mark: u32,
     pub connect_timeout: Duration,
     pub max_frame: usize,
@@ -121,6 +123,7 @@ impl Shared {
             identities,
             stats: Stats::default(),
             registry: Arc::default(),
+            blocks: crate::block::BlockList::default(),
             mark,
             connect_timeout: Duration::from_secs(10),
             max_frame: limits.max_frame,
@@ -406,10 +409,36 @@ async fn handle(
         );
         return;
     };
+    if let Some(block) = shared.blocks.matching(&identity, &engine) {
+        // The kill switch, behind the kernel's: a process that started
+        // since the last rescan, or a selector the kernel keys only
+        // approximate.
+        shared.stats.rejected.fetch_add(1, Ordering::Relaxed);
+        shared.audit.record(
+            AuditEvent::new("reject")
+                .with("conn", id)
+                .with("dst", dst.to_string())
+                .with("target", &target.name)
+                .with("identity", &identity)
+                .with("block", &block.entry.selector)
+                .with("reason", format!("blocked ({})", block.entry.selector)),
+        );
+        return;
+    }
     let names = engine.bind_identity(&identity).names;
     let info = ConnInfo::named(id, target, dst, identity, names);
     shared.audit.record(info.event("connect"));
     let registered = shared.registry.insert(info);
+    // A block published between the check above and the insert swept the
+    // registry without this connection: look once more.
+    if let Some(block) = shared
+        .blocks
+        .matching(&registered.live.info.identity, &engine)
+    {
+        registered
+            .live
+            .kill(&format!("blocked ({})", block.entry.selector));
+    }
 
     let counts = Counted::default();
     let upstream = Upstream {
