@@ -386,8 +386,12 @@ impl Agent {
             .arg("--control-socket")
             .arg(&control_socket)
             .args(["--drain-timeout", "1", "--workers", "2"])
-            .args(extra)
-            .stdout(Stdio::null())
+            .args(extra);
+        // Never the host's /var/lib/interceptor: a test's blocks stay its own.
+        if !extra.contains(&"--state-dir") {
+            cmd.arg("--state-dir").arg(dir.path().join("state"));
+        }
+        cmd.stdout(Stdio::null())
             .stderr(fs::File::create(dir.path().join("agent.log")).unwrap());
         let child = cmd.spawn().unwrap();
         let mut agent = Self {

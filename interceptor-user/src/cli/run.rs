@@ -444,6 +444,7 @@ fn run_inner(args: &RunArgs, control_socket: &Path) -> Result<(), String> {
     // hold some, and they only go with the runtime.
     drop(guard);
     rt.shutdown_timeout(Duration::from_secs(1));
+    drop(kill_switch);
     drop(shared);
     drop(audit);
     audit_writer.finish();
