@@ -225,7 +225,7 @@ pub enum Selector {
     /// An identity of the policy, looked up at each use (so a policy reload
     /// changes what it covers).
     Named(String),
-    Fields(CompiledFields),
+    Fields(Box<CompiledFields>),
 }
 
 impl Selector {
@@ -257,7 +257,7 @@ impl Selector {
                     }
                     set(&mut f, k, v)?;
                 }
-                CompiledFields::new(f).map(Self::Fields)
+                CompiledFields::new(f).map(|c| Self::Fields(Box::new(c)))
             }
         }
     }
@@ -296,7 +296,7 @@ impl Selector {
                     .ok_or_else(|| format!("the policy has no identity named {n:?}"))?;
                 CompiledFields::new(Fields::from_spec(spec)).map_err(|e| e.to_string())
             }
-            Self::Fields(f) => Ok(f.clone()),
+            Self::Fields(f) => Ok((**f).clone()),
         }
     }
 }

@@ -108,7 +108,7 @@ fn plans_pick_the_cheapest_exact_kernel_keys() {
     let resolver = IdentityResolver::new(None, 1 << 20);
     let procs = ProcScan::new(&resolver);
     let f = |s: &str| match Selector::parse(s).unwrap() {
-        Selector::Fields(f) => f,
+        Selector::Fields(f) => *f,
         Selector::Named(_) => unreachable!(),
     };
     let p = plan(&f("uid=1000"), &scope(), &procs).unwrap();
@@ -157,7 +157,7 @@ fn scan_and_walk_cover_the_attached_cgroup_only() {
     let procs = ProcScan::new(&resolver);
     // The test's own cgroup by glob: exactly its id.
     let f = match Selector::parse(&format!("cgroup={rel}")).unwrap() {
-        Selector::Fields(f) => f,
+        Selector::Fields(f) => *f,
         Selector::Named(_) => unreachable!(),
     };
     let p = plan(&f, &scope, &procs).unwrap();
@@ -169,7 +169,7 @@ fn scan_and_walk_cover_the_attached_cgroup_only() {
     );
     // A process scan never includes the agent itself.
     let f = match Selector::parse(&format!("pid={} uid=0", std::process::id())).unwrap() {
-        Selector::Fields(f) => f,
+        Selector::Fields(f) => *f,
         Selector::Named(_) => unreachable!(),
     };
     assert!(plan(&f, &scope, &procs).unwrap().keys.is_empty());

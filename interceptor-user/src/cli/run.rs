@@ -365,9 +365,8 @@ fn run_inner(args: &RunArgs, control_socket: &Path) -> Result<(), String> {
                 attached: cgroup.clone(),
             },
         )
-        .map_err(|e| {
+        .inspect_err(|_| {
             let _ = std::fs::remove_file(control_socket);
-            e
         })?,
     );
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
