@@ -24,7 +24,9 @@ impl BlockMap for Table {
 const POLICY: &str = "version: 1\ntargets:\n  - {name: pg, protocol: postgres, address: '127.0.0.1:5432'}\nidentities:\n  app: {uid: 4242}\n  me: {comm: blocktest}\n";
 
 fn shared(dir: &Path) -> (Arc<Shared>, crate::audit::AuditWriter) {
-    let (audit, writer) = crate::audit::AuditWriter::start(&dir.join("a.jsonl")).unwrap();
+    let (audit, writer) =
+        crate::audit::AuditWriter::start(crate::audit::AuditConfig::new(dir.join("a.jsonl")))
+            .unwrap();
     let engine = Engine::new(PolicyFile::parse(POLICY, Path::new("t")).unwrap()).unwrap();
     let shared = Arc::new(Shared::new(
         engine,
