@@ -75,3 +75,49 @@ pub fn main() -> i32 {
         Command::Blocks(args) => block::blocks(&args, &cli.control_socket),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser as _;
+
+    use super::Cli;
+
+    fn deploy(name: &str) -> String {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../deploy")
+            .join(name);
+        std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+    }
+
+    /// The shipped systemd unit and DaemonSet use flags this binary has.
+    #[test]
+    fn deploy_files_use_real_flags() {
+        let unit = deploy("interceptor.service");
+        let exec = unit
+            .lines()
+            .find_map(|l| l.strip_prefix("ExecStart="))
+            .unwrap_or_else(|| panic!("no ExecStart"));
+        let args: Vec<&str> = exec.split_whitespace().collect();
+        if let Err(e) = Cli::try_parse_from(&args) {
+            panic!("interceptor.service: {e}");
+        }
+        let ds = deploy("daemonset.yaml");
+        let mut args = vec!["interceptor".to_owned()];
+        let mut inside = false;
+        for line in ds.lines() {
+            let t = line.trim();
+            if t == "args:" {
+                inside = true;
+            } else if inside {
+                match t.strip_prefix("- ") {
+                    Some(a) => args.push(a.to_owned()),
+                    None => break,
+                }
+            }
+        }
+        assert!(args.len() > 3, "{args:?}");
+        if let Err(e) = Cli::try_parse_from(&args) {
+            panic!("daemonset.yaml: {e}");
+        }
+    }
+}
