@@ -2,6 +2,7 @@
 //! non-human workload through a policy decision. This library is the agent;
 //! `main.rs` is its command line.
 
+pub mod approval;
 pub mod audit;
 pub mod block;
 pub mod cli;

@@ -128,7 +128,8 @@ SELECT 'back', name FROM items WHERE id = 3;
         errors[0]
     );
     assert!(errors[1].contains("decision"), "{}", errors[1]);
-    // No approval channel yet: approve is refused, and says so.
+    // A rule that holds for approval but names no approvers: refused at
+    // once, and says so.
     assert!(
         errors[2].contains("deletes-need-approval") && errors[2].contains("approval"),
         "{}",

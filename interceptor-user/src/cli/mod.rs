@@ -1,5 +1,6 @@
 //! The `interceptor` command line.
 
+mod approvals;
 mod audit;
 mod block;
 mod identities;
@@ -57,6 +58,12 @@ pub enum Command {
     Unblock(block::UnblockArgs),
     /// List the active blocks.
     Blocks(block::BlocksArgs),
+    /// List, approve and deny statements held for approval.
+    #[command(subcommand)]
+    Approvals(approvals::ApprovalsCommand),
+    /// List and revoke standing grants made by approvals.
+    #[command(subcommand)]
+    Grants(approvals::GrantsCommand),
 }
 
 /// Runs the command line; returns the process exit code.
@@ -73,6 +80,8 @@ pub fn main() -> i32 {
         Command::Block(args) => block::block(&args, &cli.control_socket),
         Command::Unblock(args) => block::unblock(&args, &cli.control_socket),
         Command::Blocks(args) => block::blocks(&args, &cli.control_socket),
+        Command::Approvals(cmd) => approvals::approvals(cmd, &cli.control_socket),
+        Command::Grants(cmd) => approvals::grants(cmd, &cli.control_socket),
     }
 }
 

@@ -65,7 +65,8 @@ pub struct RunArgs {
     #[arg(long)]
     pub metrics: Option<SocketAddr>,
     /// Directory of the agent's persistent state (`blocks.json`: the kill
-    /// switch's active blocks, re-applied at start).
+    /// switch's active blocks, re-applied at start; `grants.json`: standing
+    /// approval grants).
     #[arg(long, default_value = "/var/lib/interceptor")]
     pub state_dir: PathBuf,
     /// Log filter for the agent's own diagnostics on stderr (tracing syntax).
@@ -87,6 +88,13 @@ struct Agent {
 impl Handler for Agent {
     fn handle(&self, caller: &Caller, req: Request) -> Result<Reply, String> {
         match req {
+            req @ (Request::ApprovalsList
+            | Request::Approve { .. }
+            | Request::Deny { .. }
+            | Request::GrantsList
+            | Request::GrantRevoke { .. }) => {
+                crate::approval::handle(&self.shared.approvals, caller, req).map(Reply::from)
+            }
             Request::Tail {
                 filter,
                 last,
@@ -343,17 +351,20 @@ fn run_inner(args: &RunArgs, control_socket: &Path) -> Result<(), String> {
         .map(|t| json!({"name": t.name, "protocol": t.protocol.as_str(), "address": t.address.to_string()}))
         .collect();
     let engine = Engine::new(policy).map_err(|e| e.to_string())?;
-    let shared = Arc::new(Shared::new(
-        engine,
-        audit.clone(),
-        redirector.clone(),
-        IdentityResolver::new(cgroup_root.clone(), args.max_exe_hash_bytes),
-        args.mark,
-        Limits {
-            max_frame: args.max_frame_bytes,
-            audit_query_max: args.audit_query_max,
-        },
-    ));
+    let shared = Arc::new(
+        Shared::new(
+            engine,
+            audit.clone(),
+            redirector.clone(),
+            IdentityResolver::new(cgroup_root.clone(), args.max_exe_hash_bytes),
+            args.mark,
+            Limits {
+                max_frame: args.max_frame_bytes,
+                audit_query_max: args.audit_query_max,
+            },
+        )
+        .with_grants_file(args.state_dir.join("grants.json")),
+    );
     // Stored blocks are in force before the first connection is accepted.
     let kill_switch = Arc::new(
         KillSwitch::start(
@@ -410,6 +421,7 @@ fn run_inner(args: &RunArgs, control_socket: &Path) -> Result<(), String> {
         });
         rt.spawn(control::metrics::serve(l, metrics, gauges))
     });
+    let deadlines = rt.spawn(Arc::clone(&shared.approvals).run_deadlines());
     let reload_path = args.policy.clone().or_else(|| {
         Path::new(SYSTEM_POLICY)
             .exists()
@@ -425,6 +437,7 @@ fn run_inner(args: &RunArgs, control_socket: &Path) -> Result<(), String> {
     let signal = rt.block_on(wait_for_signal());
     reloader.abort();
     rescanner.abort();
+    deadlines.abort();
     tracing::info!("{signal}: detaching and shutting down");
 
     // Detach first: from now on new connections go direct.

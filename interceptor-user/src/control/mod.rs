@@ -76,6 +76,31 @@ pub enum Request {
     },
     /// The active blocks.
     Blocks,
+    /// Pending approvals.
+    ApprovalsList,
+    /// Approve a pending statement (optionally with a standing grant).
+    Approve {
+        id: String,
+        #[serde(default)]
+        reason: Option<String>,
+        #[serde(default)]
+        grant: Option<crate::approval::GrantScope>,
+        /// Grant length in seconds.
+        #[serde(default)]
+        for_secs: Option<u64>,
+    },
+    /// Deny a pending statement.
+    Deny {
+        id: String,
+        #[serde(default)]
+        reason: Option<String>,
+    },
+    /// Standing grants.
+    GrantsList,
+    /// Revoke a grant.
+    GrantRevoke {
+        id: String,
+    },
 }
 
 const fn ten() -> usize {
@@ -366,6 +391,7 @@ mod tests {
                         items,
                     })
                 }
+                _ => Err("not in this test".into()),
             }
         }
     }

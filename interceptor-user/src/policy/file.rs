@@ -7,6 +7,7 @@ use std::{
     net::{IpAddr, Ipv6Addr, SocketAddr},
     path::{Path, PathBuf},
     str::FromStr,
+    time::Duration,
 };
 
 use serde::{Deserialize, Deserializer, Serialize};
@@ -336,9 +337,12 @@ pub struct NotifySpec {
     /// `json` (default) or `slack`.
     #[serde(default)]
     pub format: Option<String>,
+    /// Extra request headers (such as an authorization token).
+    #[serde(default)]
+    pub headers: Option<BTreeMap<String, String>>,
 }
 
-#[derive(Clone, Debug, Deserialize, Serialize)]
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct ApprovalSpec {
     /// Unix groups whose members may approve.
@@ -359,6 +363,153 @@ pub struct ApprovalSpec {
     pub escalation_timeout: Option<String>,
     #[serde(default)]
     pub notify: Option<Vec<NotifySpec>>,
+}
+
+/// What happens when nobody answered an approval in time.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OnTimeout {
+    Deny,
+    Escalate,
+}
+
+impl ApprovalSpec {
+    /// Default wait for an answer.
+    pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(300);
+
+    /// Distinct approvers needed (at least 1).
+    #[must_use]
+    pub fn required(&self) -> u32 {
+        self.required.unwrap_or(1).max(1)
+    }
+
+    /// How long a statement waits for its approvers.
+    #[must_use]
+    pub fn timeout(&self) -> Duration {
+        self.timeout
+            .as_deref()
+            .and_then(|t| parse_duration(t).ok())
+            .unwrap_or(Self::DEFAULT_TIMEOUT)
+    }
+
+    /// Escalate when `on_timeout: escalate`, or when `escalate_to` is set
+    /// without `on_timeout`.
+    #[must_use]
+    pub fn on_timeout(&self) -> OnTimeout {
+        match self.on_timeout.as_deref() {
+            Some("escalate") => OnTimeout::Escalate,
+            None if self.escalate_to.as_ref().is_some_and(|g| !g.is_empty()) => OnTimeout::Escalate,
+            _ => OnTimeout::Deny,
+        }
+    }
+
+    /// How long an escalated statement waits (default: `timeout` again).
+    #[must_use]
+    pub fn escalation_timeout(&self) -> Duration {
+        self.escalation_timeout
+            .as_deref()
+            .and_then(|t| parse_duration(t).ok())
+            .unwrap_or_else(|| self.timeout())
+    }
+
+    fn validate(&self) -> Result<(), String> {
+        if self.approvers.is_empty() {
+            return Err("approvers must name at least one unix group".into());
+        }
+        if self.required == Some(0) {
+            return Err("required must be at least 1".into());
+        }
+        for (name, d) in [
+            ("timeout", &self.timeout),
+            ("escalation_timeout", &self.escalation_timeout),
+        ] {
+            if let Some(d) = d {
+                let v = parse_duration(d).map_err(|e| format!("{name}: {e}"))?;
+                if v.is_zero() {
+                    return Err(format!("{name} must be longer than zero"));
+                }
+            }
+        }
+        match self.on_timeout.as_deref() {
+            None | Some("deny") | Some("escalate") => {}
+            Some(other) => {
+                return Err(format!(
+                    "on_timeout must be deny or escalate, not {other:?}"
+                ));
+            }
+        }
+        let escalate_to = self.escalate_to.as_deref().unwrap_or_default();
+        if self.on_timeout.as_deref() == Some("escalate") && escalate_to.is_empty() {
+            return Err("on_timeout: escalate needs escalate_to groups".into());
+        }
+        if self.on_timeout.as_deref() == Some("deny") && !escalate_to.is_empty() {
+            return Err("escalate_to is given but on_timeout is deny".into());
+        }
+        if self.escalation_timeout.is_some() && escalate_to.is_empty() {
+            return Err("escalation_timeout needs escalate_to".into());
+        }
+        for n in self.notify.iter().flatten() {
+            crate::approval::notify::HttpUrl::parse(&n.url)
+                .map_err(|e| format!("notify url {:?}: {e}", n.url))?;
+            match n.format.as_deref() {
+                None | Some("json" | "slack") => {}
+                Some(other) => {
+                    return Err(format!(
+                        "notify format must be json or slack, not {other:?}"
+                    ));
+                }
+            }
+            for (k, v) in n.headers.iter().flatten() {
+                let token = |c: char| c.is_ascii_alphanumeric() || "!#$%&'*+-.^_`|~".contains(c);
+                if k.is_empty() || !k.chars().all(token) {
+                    return Err(format!("notify header name {k:?} is not a valid token"));
+                }
+                if v.chars().any(|c| c.is_control() && c != '\t') {
+                    return Err(format!("notify header {k:?} has a control character"));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Parses a duration such as `500ms`, `30s`, `5m`, `1h`, `1h30m`, `2d`
+/// (a bare number is seconds).
+///
+/// # Errors
+/// When the text is not such a duration.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let t = text.trim();
+    if t.is_empty() {
+        return Err("empty duration".into());
+    }
+    if let Ok(secs) = t.parse::<u64>() {
+        return Ok(Duration::from_secs(secs));
+    }
+    let bad = || format!("{text:?} is no duration (use e.g. 30s, 5m, 1h, 1h30m)");
+    let mut total = Duration::ZERO;
+    let mut rest = t;
+    while !rest.is_empty() {
+        let digits = rest.find(|c: char| !c.is_ascii_digit()).ok_or_else(bad)?;
+        if digits == 0 {
+            return Err(bad());
+        }
+        let n: u64 = rest[..digits].parse().map_err(|_| bad())?;
+        rest = &rest[digits..];
+        let unit_len = rest
+            .find(|c: char| c.is_ascii_digit())
+            .unwrap_or(rest.len());
+        let unit = match &rest[..unit_len] {
+            "ms" => Duration::from_millis(n),
+            "s" => Duration::from_secs(n),
+            "m" => Duration::from_secs(n.saturating_mul(60)),
+            "h" => Duration::from_secs(n.saturating_mul(3600)),
+            "d" => Duration::from_secs(n.saturating_mul(86400)),
+            _ => return Err(bad()),
+        };
+        total = total.saturating_add(unit);
+        rest = &rest[unit_len..];
+    }
+    Ok(total)
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize)]
@@ -515,6 +666,10 @@ impl PolicyFile {
                     "rule {:?} has approval settings but its decision is {}",
                     r.name, r.decision
                 ));
+            }
+            if let Some(a) = &r.approval {
+                a.validate()
+                    .map_err(|e| format!("rule {:?}: approval: {e}", r.name))?;
             }
         }
         Ok(())

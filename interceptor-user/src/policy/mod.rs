@@ -11,7 +11,8 @@ pub use engine::{
 
 pub use file::{
     AdminSpec, ApprovalSpec, Decision, IdentityMode, IdentitySelectorSpec, Mode, NotifySpec,
-    PolicyError, PolicyFile, Protocol, RuleSpec, TargetAddress, TargetSpec, WherePresence,
+    OnTimeout, PolicyError, PolicyFile, Protocol, RuleSpec, TargetAddress, TargetSpec,
+    WherePresence, parse_duration,
 };
 
 /// The policy shipped inside the binary, used when no file is given and

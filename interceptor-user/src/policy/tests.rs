@@ -480,6 +480,34 @@ fn bad_policies_are_rejected_with_location() {
             "approval",
         ),
         ("version: 1\nlimits: {max_depht: 3}\n", "max_depht"),
+        (
+            "version: 1\nrules:\n  - {name: r, decision: approve, approval: {approvers: [x], timeout: 5 minutes}}\n",
+            "no duration",
+        ),
+        (
+            "version: 1\nrules:\n  - {name: r, decision: approve, approval: {approvers: []}}\n",
+            "approvers",
+        ),
+        (
+            "version: 1\nrules:\n  - {name: r, decision: approve, approval: {approvers: [x], required: 0}}\n",
+            "required",
+        ),
+        (
+            "version: 1\nrules:\n  - {name: r, decision: approve, approval: {approvers: [x], on_timeout: escalate}}\n",
+            "escalate_to",
+        ),
+        (
+            "version: 1\nrules:\n  - {name: r, decision: approve, approval: {approvers: [x], notify: [{url: \"https://h/\"}]}}\n",
+            "only http://",
+        ),
+        (
+            "version: 1\nrules:\n  - {name: r, decision: approve, approval: {approvers: [x], notify: [{url: \"http://h/\", format: xml}]}}\n",
+            "json or slack",
+        ),
+        (
+            "version: 1\nrules:\n  - {name: r, decision: approve, approval: {approvers: [x], notify: [{url: \"http://h/\", headers: {\"A B\": c}}]}}\n",
+            "header name",
+        ),
     ];
     for (yaml, needle) in bad {
         let err = PolicyFile::parse(yaml, Path::new("p.yaml"))
@@ -489,6 +517,28 @@ fn bad_policies_are_rejected_with_location() {
         assert!(err.starts_with("p.yaml:"), "{err}");
         assert!(err.contains(needle), "{err}");
     }
+}
+
+#[test]
+fn approval_settings() {
+    use crate::policy::{OnTimeout, parse_duration};
+    use std::time::Duration;
+    assert_eq!(parse_duration("30s"), Ok(Duration::from_secs(30)));
+    assert_eq!(parse_duration("5m"), Ok(Duration::from_secs(300)));
+    assert_eq!(parse_duration("1h30m"), Ok(Duration::from_secs(5400)));
+    assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+    assert_eq!(parse_duration("2d"), Ok(Duration::from_secs(172_800)));
+    assert_eq!(parse_duration("45"), Ok(Duration::from_secs(45)));
+    for bad in ["", "m", "5x", "1h 2m", "-3s", "s5"] {
+        assert!(parse_duration(bad).is_err(), "{bad}");
+    }
+    let yaml = "version: 1\nrules:\n  - name: r\n    decision: approve\n    approval:\n      approvers: [dba]\n      required: 2\n      timeout: 2s\n      escalate_to: [oncall]\n      notify: [{url: \"http://127.0.0.1:9/x\", format: slack, headers: {Authorization: \"Bearer t\"}}]\n";
+    let f = PolicyFile::parse(yaml, Path::new("p.yaml")).unwrap();
+    let a = f.rules[0].approval.as_ref().unwrap();
+    assert_eq!(a.required(), 2);
+    assert_eq!(a.timeout(), Duration::from_secs(2));
+    assert_eq!(a.on_timeout(), OnTimeout::Escalate);
+    assert_eq!(a.escalation_timeout(), Duration::from_secs(2));
 }
 
 #[test]

@@ -8,17 +8,76 @@ use serde::Serialize;
 
 use super::{ConnInfo, LiveConn, Shared};
 use crate::{
+    approval::{NewApproval, Resolution, Ticket},
     policy::{Decision, DecisionRequest, Engine, IdentityBinding, SessionState, Verdict},
     sql::Kind,
 };
 
 /// What the protocol does with a message.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Debug, PartialEq, Eq)]
 pub enum Outcome {
     /// Send it on, unchanged.
     Forward,
     /// Refuse it with this message; nothing of it reaches the server.
     Refuse(Refusal),
+    /// Hold it (and everything the client sends after it) until people
+    /// decide: [`Hold::wait`] then says `Forward` or `Refuse`.
+    Hold(Hold),
+}
+
+/// A statement waiting for approval. Dropping it (the session ended)
+/// withdraws the approval.
+pub struct Hold {
+    ticket: Ticket,
+    shared: Arc<Shared>,
+    decision_id: String,
+    who: String,
+    /// The text for the client while it waits (PostgreSQL NoticeResponse).
+    pub notice: String,
+}
+
+impl std::fmt::Debug for Hold {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Hold")
+            .field("approval", &self.ticket.id)
+            .field("decision_id", &self.decision_id)
+            .finish_non_exhaustive()
+    }
+}
+
+impl PartialEq for Hold {
+    fn eq(&self, other: &Self) -> bool {
+        self.ticket.id == other.ticket.id
+    }
+}
+
+impl Eq for Hold {}
+
+impl Hold {
+    /// The pending approval's id.
+    #[must_use]
+    pub fn approval_id(&self) -> &str {
+        &self.ticket.id
+    }
+
+    /// Waits for the decision: `None` once approved (forward it), the
+    /// refusal (exactly like a denial's) when denied or timed out.
+    /// Cancel-safe.
+    pub async fn wait(&mut self) -> Option<Refusal> {
+        match self.ticket.wait().await {
+            Resolution::Approved => None,
+            Resolution::Denied { reason } => {
+                self.shared.stats.denied.fetch_add(1, Ordering::Relaxed);
+                Some(Refusal {
+                    message: format!(
+                        "interceptor: denied {}: {reason} (decision {})",
+                        self.who, self.decision_id
+                    ),
+                    id: self.decision_id.clone(),
+                })
+            }
+        }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -154,19 +213,74 @@ impl Guard {
         if !v.blocks() {
             return Outcome::Forward;
         }
-        self.shared.stats.denied.fetch_add(1, Ordering::Relaxed);
         let who = v.rule.as_deref().map_or_else(
             || "no rule allowed this statement".to_owned(),
             |r| format!("by rule \"{r}\""),
         );
-        let message = match v.decision {
-            Decision::Approve => format!(
-                "interceptor: statement needs approval ({who}: {}), and this agent has no approval channel yet, so it is refused (decision {id})",
-                v.reason
-            ),
-            _ => format!("interceptor: denied {who}: {} (decision {id})", v.reason),
-        };
+        if v.decision == Decision::Approve {
+            return self.hold(sql, v, id, who);
+        }
+        self.shared.stats.denied.fetch_add(1, Ordering::Relaxed);
+        let message = format!("interceptor: denied {who}: {} (decision {id})", v.reason);
         Outcome::Refuse(Refusal { id, message })
+    }
+
+    /// An `approve` verdict: let it through under a standing grant, or
+    /// hold it as a pending approval.
+    fn hold(&self, sql: &str, v: &Verdict, id: String, who: String) -> Outcome {
+        let store = &self.shared.approvals;
+        let now = time::OffsetDateTime::now_utc();
+        let fingerprint = message_fingerprint(v);
+        if store
+            .use_grant(&self.info, &id, v.rule.as_deref(), &fingerprint, now)
+            .is_some()
+        {
+            return Outcome::Forward;
+        }
+        let spec = v.approval.clone().unwrap_or_default();
+        if spec.approvers.is_empty() {
+            // `default: approve`, `on_parse_error: approve` or a rule
+            // without `approval:`: nobody could ever answer, so do not
+            // keep the client waiting for the timeout.
+            self.shared.stats.denied.fetch_add(1, Ordering::Relaxed);
+            return Outcome::Refuse(Refusal {
+                message: format!(
+                    "interceptor: denied {who}: {}; the statement needs approval, but no approvers are configured for it (decision {id})",
+                    v.reason
+                ),
+                id,
+            });
+        }
+        let ticket = store.request(
+            &NewApproval {
+                info: &self.info,
+                decision_id: &id,
+                db_user: &self.db_user,
+                database: &self.database,
+                query: sql,
+                fingerprint: &fingerprint,
+                rule: v.rule.as_deref(),
+                spec,
+            },
+            now,
+        );
+        let notice = format!(
+            "interceptor: statement held for approval {} ({who}: {}); it runs once approved (interceptor approvals approve {}), and is denied if not approved within {} (decision {id})",
+            ticket.id,
+            v.reason,
+            ticket.id,
+            v.approval.as_deref().map_or_else(
+                || "5m".to_owned(),
+                |a| a.timeout.clone().unwrap_or_else(|| "5m".to_owned())
+            ),
+        );
+        Outcome::Hold(Hold {
+            ticket,
+            shared: Arc::clone(&self.shared),
+            decision_id: id,
+            who,
+            notice,
+        })
     }
 
     /// One `query` event per statement of the message.
@@ -214,6 +328,18 @@ impl Guard {
                 .audit
                 .record(self.info.event("query").with_body(body));
         }
+    }
+}
+
+/// The shape of a whole message: its statements' fingerprints, in order.
+fn message_fingerprint(v: &Verdict) -> String {
+    match v.statements.as_slice() {
+        [one] => one.fingerprint.clone(),
+        many => many
+            .iter()
+            .map(|s| s.fingerprint.as_str())
+            .collect::<Vec<_>>()
+            .join(";"),
     }
 }
 

@@ -23,6 +23,7 @@ use tokio::{
 };
 
 use crate::{
+    approval::ApprovalStore,
     audit::{AuditEvent, AuditLog},
     identity::{Identity, IdentityResolver, KernelFacts},
     policy::{Engine, Protocol, TargetSpec},
@@ -31,7 +32,7 @@ use crate::{
 mod guard;
 mod registry;
 
-pub use guard::{Guard, Outcome, Refusal, truncate};
+pub use guard::{Guard, Hold, Outcome, Refusal, truncate};
 pub use registry::{
     CancelKey, DecisionCounts, LiveConn, Registered, Registry, SessionFacts, workloads,
 };
@@ -100,6 +101,8 @@ pub struct Shared {
     pub audit_query_max: usize,
     /// Prefix of decision ids, unique per agent start.
     pub boot_id: String,
+    /// Pending approvals and standing grants.
+    pub approvals: Arc<ApprovalStore>,
     next_conn: AtomicU64,
 }
 
@@ -116,6 +119,13 @@ impl Shared {
         let boot = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs());
+        let boot_id = format!("{:08x}", boot & 0xffff_ffff);
+        let approvals = Arc::new(ApprovalStore::new(
+            audit.clone(),
+            None,
+            &boot_id,
+            limits.audit_query_max,
+        ));
         Self {
             engine: ArcSwap::from_pointee(engine),
             audit,
@@ -128,9 +138,23 @@ impl Shared {
             connect_timeout: Duration::from_secs(10),
             max_frame: limits.max_frame,
             audit_query_max: limits.audit_query_max,
-            boot_id: format!("{:08x}", boot & 0xffff_ffff),
+            boot_id,
+            approvals,
             next_conn: AtomicU64::new(1),
         }
+    }
+
+    /// The same, with grants kept in `grants_file` (loaded now, saved on
+    /// every change).
+    #[must_use]
+    pub fn with_grants_file(mut self, grants_file: std::path::PathBuf) -> Self {
+        self.approvals = Arc::new(ApprovalStore::new(
+            self.audit.clone(),
+            Some(grants_file),
+            &self.boot_id,
+            self.audit_query_max,
+        ));
+        self
     }
 }
 

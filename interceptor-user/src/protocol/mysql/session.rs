@@ -13,7 +13,7 @@ use super::{
     },
     reply::{Expect, Reply, Step},
 };
-use crate::proxy::{Counted, Guard, Outcome, Refusal, SessionError, Upstream};
+use crate::proxy::{Counted, Guard, Hold, Outcome, Refusal, SessionError, Upstream};
 
 /// How long the server may take to greet, and the client to answer.
 const GREETING_TIMEOUT: Duration = Duration::from_secs(10);
@@ -21,6 +21,9 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(60);
 /// Largest greeting, handshake response or authentication packet.
 const MAX_HANDSHAKE: usize = 64 * 1024;
 const READ_CHUNK: usize = 64 * 1024;
+/// Client input buffered while a statement awaits approval; beyond this the
+/// agent stops reading until the decision.
+const MAX_HELD_INPUT: usize = 1024 * 1024;
 
 /// ER_TABLEACCESS_DENIED_ERROR: how every denial looks to clients.
 const ER_DENIED: u16 = 1142;
@@ -355,15 +358,47 @@ impl Session<'_> {
         sql: &str,
         expect: Expect,
     ) -> Result<Option<Finished>, SessionError> {
-        match self.guard.check(sql) {
-            Outcome::Forward => {
+        let refusal = match self.guard.check(sql) {
+            Outcome::Forward => None,
+            Outcome::Refuse(r) => Some(r),
+            Outcome::Hold(mut hold) => self.held(&mut hold).await?,
+        };
+        match refusal {
+            None => {
                 self.forward(msg).await?;
                 let seq = msg.last_seq.wrapping_add(1);
                 Ok(Some(self.reply(expect, seq, Some(sql)).await?))
             }
-            Outcome::Refuse(r) => {
+            Some(r) => {
                 self.refuse(msg, &r).await?;
                 Ok(None)
+            }
+        }
+    }
+
+    /// Waits while a statement awaits approval. MySQL has no channel to
+    /// tell the client, which simply waits. Client input is buffered, not
+    /// acted on; the client hanging up ends the session (and withdraws the
+    /// approval when `hold` drops).
+    async fn held(&mut self, hold: &mut Hold) -> Result<Option<Refusal>, SessionError> {
+        loop {
+            let room = self.cbuf.len() < self.max.min(MAX_HELD_INPUT);
+            if room && self.cbuf.capacity() - self.cbuf.len() < 1024 {
+                self.cbuf.reserve(8192);
+            }
+            tokio::select! {
+                r = hold.wait() => return Ok(r),
+                n = self.client.read_buf(&mut self.cbuf), if room => {
+                    if n? == 0 {
+                        return Err(SessionError::Io(std::io::Error::new(
+                            std::io::ErrorKind::ConnectionAborted,
+                            format!(
+                                "the client left while statement {} waited for approval",
+                                hold.approval_id()
+                            ),
+                        )));
+                    }
+                }
             }
         }
     }
@@ -688,7 +723,7 @@ impl Session<'_> {
                             if refused.is_none() {
                                 let message = match outcome {
                                     Outcome::Refuse(r) => r.message,
-                                    Outcome::Forward => String::new(),
+                                    Outcome::Forward | Outcome::Hold(_) => String::new(),
                                 };
                                 refused = Some(err_packet(
                                     req_seq,

@@ -9,7 +9,7 @@ use tokio::{
 use super::codec::{
     self, CodecError, StartupPacket, decode_header, decode_startup, error_fields, error_response,
 };
-use crate::proxy::{Counted, Guard, Outcome, SessionError, Upstream};
+use crate::proxy::{Counted, Guard, Hold, Outcome, Refusal, SessionError, Upstream};
 
 /// How long a client may take to send its startup packet.
 const STARTUP_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
@@ -17,6 +17,9 @@ const STARTUP_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
 /// BackendKeyData, ReadyForQuery); everything else streams through.
 const MAX_INSPECTED_SERVER_FRAME: usize = 1024 * 1024;
 const READ_CHUNK: usize = 64 * 1024;
+/// Client input buffered beyond a held message while it awaits approval;
+/// beyond this the agent stops reading until the decision.
+const MAX_HELD_INPUT: usize = 1024 * 1024;
 
 /// A refused message's stand-in on its way to the server, waiting for the
 /// server's error so it can be rewritten into the denial.
@@ -38,6 +41,8 @@ struct Pending {
     authenticated: bool,
     /// The server's BackendKeyData, once seen (cancels on a kill).
     backend_key: Option<(u32, Bytes)>,
+    /// NoticeResponses for the client about held statements.
+    notices: Vec<Bytes>,
 }
 
 /// Serves one client: startup, authentication relayed untouched, then
@@ -264,8 +269,32 @@ where
                 buf.reserve(h.total - (buf.len() - pos));
                 break;
             }
-            let body = &buf[pos + 5..pos + h.total];
-            if let Outcome::Refuse(refusal) = decide(guard, h.tag, body)? {
+            let refusal = match decide(guard, h.tag, &buf[pos + 5..pos + h.total])? {
+                Outcome::Forward => None,
+                Outcome::Refuse(r) => Some(r),
+                Outcome::Hold(mut hold) => {
+                    // What came before goes on; this message and whatever
+                    // the client sends after it wait for the decision.
+                    w.write_all(&buf[out..pos]).await?;
+                    out = pos;
+                    let notice = error_response(
+                        b'N',
+                        "NOTICE",
+                        "00000",
+                        &hold.notice,
+                        Some(
+                            "The statement waits for approval; it has not been sent to the server.",
+                        ),
+                        None,
+                    );
+                    pending.borrow_mut().notices.push(notice);
+                    // Let server_to_client (same task) see the notice now.
+                    tokio::task::yield_now().await;
+                    held(r, &mut buf, &mut hold, pos + h.total + MAX_HELD_INPUT).await?
+                }
+            };
+            if let Some(refusal) = refusal {
+                let body = &buf[pos + 5..pos + h.total];
                 w.write_all(&buf[out..pos]).await?;
                 let token = format!("interceptor-denied-{}", refusal.id);
                 let stand_in = stand_in(h.tag, body, &poison_sql(&token));
@@ -303,6 +332,40 @@ where
             }
             w.shutdown().await?;
             return Ok(());
+        }
+    }
+}
+
+/// Waits while a message awaits approval. Client input is buffered (up to
+/// a limit), not acted on; the client hanging up ends the session, which
+/// withdraws the approval when `hold` drops.
+async fn held<R>(
+    r: &mut R,
+    buf: &mut BytesMut,
+    hold: &mut Hold,
+    limit: usize,
+) -> Result<Option<Refusal>, SessionError>
+where
+    R: AsyncRead + Unpin,
+{
+    loop {
+        let room = buf.len() < limit;
+        if room && buf.capacity() - buf.len() < 4096 {
+            buf.reserve(READ_CHUNK);
+        }
+        tokio::select! {
+            refusal = hold.wait() => return Ok(refusal),
+            n = r.read_buf(buf), if room => {
+                if n? == 0 {
+                    return Err(SessionError::Io(std::io::Error::new(
+                        std::io::ErrorKind::ConnectionAborted,
+                        format!(
+                            "the client left while statement {} waited for approval",
+                            hold.approval_id()
+                        ),
+                    )));
+                }
+            }
         }
     }
 }
@@ -403,7 +466,36 @@ where
             pos += h.total;
         }
         w.write_all(&buf[out..pos]).await?;
-        if refill(r, &mut buf, pos, &counts.from_server).await? == 0 {
+        // Notices of held statements go out between whole messages.
+        if scan.skip == 0 && !pending.borrow().notices.is_empty() {
+            let notices = std::mem::take(&mut pending.borrow_mut().notices);
+            for n in notices {
+                w.write_all(&n).await?;
+            }
+            w.flush().await?;
+        }
+        counts
+            .from_server
+            .set(counts.from_server.get() + pos as u64);
+        buf.advance(pos);
+        if buf.capacity() - buf.len() < 4096 {
+            buf.reserve(READ_CHUNK);
+        }
+        // The read also ends when a notice is waiting (client_to_server,
+        // polled in the same task, yields right after queueing one).
+        let read = {
+            let mut read = std::pin::pin!(r.read_buf(&mut buf));
+            std::future::poll_fn(|cx| {
+                if scan.skip == 0 && !pending.borrow().notices.is_empty() {
+                    return std::task::Poll::Ready(None);
+                }
+                read.as_mut().poll(cx).map(Some)
+            })
+            .await
+        };
+        if let Some(n) = read
+            && n? == 0
+        {
             w.shutdown().await?;
             return Ok(());
         }
