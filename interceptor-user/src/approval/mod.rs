@@ -55,6 +55,11 @@ pub struct NewApproval<'a> {
     pub db_user: &'a str,
     pub database: &'a str,
     pub query: &'a str,
+    /// The statement as the audit log may keep it (truncated; literals
+    /// replaced when the policy redacts them): for audit events, grants
+    /// and, when `redacted`, webhooks.
+    pub logged_query: &'a str,
+    pub redacted: bool,
     pub fingerprint: &'a str,
     pub rule: Option<&'a str>,
     pub spec: Arc<ApprovalSpec>,
@@ -77,6 +82,8 @@ struct Pending {
     db_user: String,
     database: String,
     query: String,
+    logged_query: String,
+    redacted: bool,
     fingerprint: String,
     rule: Option<String>,
     spec: Arc<ApprovalSpec>,
@@ -118,13 +125,22 @@ impl Pending {
         })
     }
 
-    fn event(&self, name: &'static str, query_max: usize) -> AuditEvent {
+    /// What webhooks get: the statement redacted when the audit log's is.
+    fn notify_view(&self) -> Value {
+        let mut v = self.view();
+        if self.redacted {
+            v["query"] = Value::String(self.logged_query.clone());
+        }
+        v
+    }
+
+    fn event(&self, name: &'static str) -> AuditEvent {
         self.info
             .event(name)
             .with("approval_id", &self.id)
             .with("decision_id", &self.decision_id)
             .with("rule", &self.rule)
-            .with("query", truncate(&self.query, query_max))
+            .with("query", &self.logged_query)
             .with("fingerprint", &self.fingerprint)
             .with("db_user", &self.db_user)
             .with("database", &self.database)
@@ -151,7 +167,6 @@ pub struct ApprovalStore {
     grants_path: Option<PathBuf>,
     boot_id: String,
     next: AtomicU64,
-    query_max: usize,
 }
 
 /// A held statement's claim on its approval; dropping it withdraws it.
@@ -191,12 +206,7 @@ impl Drop for Ticket {
 impl ApprovalStore {
     /// A store; with `grants_path`, grants are loaded from and saved to it.
     #[must_use]
-    pub fn new(
-        audit: AuditLog,
-        grants_path: Option<PathBuf>,
-        boot_id: &str,
-        query_max: usize,
-    ) -> Self {
+    pub fn new(audit: AuditLog, grants_path: Option<PathBuf>, boot_id: &str) -> Self {
         let now = unix_ms(OffsetDateTime::now_utc());
         let grants = match &grants_path {
             Some(p) => grants::load(p, now).unwrap_or_else(|e| {
@@ -217,7 +227,6 @@ impl ApprovalStore {
             grants_path,
             boot_id: boot_id.to_owned(),
             next: AtomicU64::new(1),
-            query_max,
         }
     }
 
@@ -237,7 +246,7 @@ impl ApprovalStore {
         };
         let message = Message {
             event,
-            approval: p.view(),
+            approval: p.notify_view(),
             actor: actor.map(|a| json!(a)),
             reason: reason.map(str::to_owned),
         };
@@ -292,6 +301,8 @@ impl ApprovalStore {
             db_user: a.db_user.to_owned(),
             database: a.database.to_owned(),
             query: truncate(a.query, MAX_SHOWN_QUERY).to_owned(),
+            logged_query: a.logged_query.to_owned(),
+            redacted: a.redacted,
             fingerprint: a.fingerprint.to_owned(),
             rule: a.rule.map(str::to_owned),
             requested_at: now,
@@ -302,7 +313,7 @@ impl ApprovalStore {
             tx: Some(tx),
         };
         self.audit.record(
-            p.event("approval_requested", self.query_max)
+            p.event("approval_requested")
                 .with("approvers", p.approver_groups())
                 .with("required", p.spec.required())
                 .with("requested_at", format_ts(p.requested_at))
@@ -324,11 +335,10 @@ impl ApprovalStore {
             return;
         };
         p.tx = None;
-        self.audit
-            .record(p.event("approval_withdrawn", self.query_max).with(
-                "reason",
-                "the client connection ended while the statement waited",
-            ));
+        self.audit.record(p.event("approval_withdrawn").with(
+            "reason",
+            "the client connection ended while the statement waited",
+        ));
         self.notify(&p, "approval_withdrawn", None, None);
     }
 
@@ -387,7 +397,7 @@ impl ApprovalStore {
         };
         if let Err(e) = Self::may_decide(p, actor, groups, true) {
             self.audit.record(
-                p.event("approval_refused", self.query_max)
+                p.event("approval_refused")
                     .with("actor", actor)
                     .with("error", &e),
             );
@@ -410,7 +420,7 @@ impl ApprovalStore {
         let need = p.spec.required() as usize;
         if have < need {
             self.audit.record(
-                p.event("approval_recorded", self.query_max)
+                p.event("approval_recorded")
                     .with("actor", actor)
                     .with("reason", reason)
                     .with("approvals", have)
@@ -429,7 +439,7 @@ impl ApprovalStore {
         drop(inner);
         p.resolve(Resolution::Approved);
         self.audit.record(
-            p.event("approval_granted", self.query_max)
+            p.event("approval_granted")
                 .with("actor", actor)
                 .with(
                     "approved_by",
@@ -469,7 +479,7 @@ impl ApprovalStore {
             rule: p.rule.clone(),
             fingerprint: (scope == GrantScope::Fingerprint).then(|| p.fingerprint.clone()),
             approval_id: p.id.clone(),
-            query: truncate(&p.query, self.query_max).to_owned(),
+            query: p.logged_query.clone(),
             granted_by: p.votes.iter().map(|v| v.actor.clone()).collect(),
             reason: p.votes.iter().rev().find_map(|v| v.reason.clone()),
             created_at: format_ts(now),
@@ -506,7 +516,7 @@ impl ApprovalStore {
         };
         if let Err(e) = Self::may_decide(p, actor, groups, false) {
             self.audit.record(
-                p.event("approval_refused", self.query_max)
+                p.event("approval_refused")
                     .with("actor", actor)
                     .with("error", &e),
             );
@@ -524,7 +534,7 @@ impl ApprovalStore {
             reason: text.clone(),
         });
         self.audit.record(
-            p.event("approval_denied", self.query_max)
+            p.event("approval_denied")
                 .with("actor", actor)
                 .with("reason", reason),
         );
@@ -550,7 +560,7 @@ impl ApprovalStore {
                 p.escalated = true;
                 p.expires_at = now + p.spec.escalation_timeout();
                 self.audit.record(
-                    p.event("approval_escalated", self.query_max)
+                    p.event("approval_escalated")
                         .with("approvers", p.approver_groups())
                         .with("expires_at", format_ts(p.expires_at)),
                 );
@@ -565,10 +575,8 @@ impl ApprovalStore {
             p.resolve(Resolution::Denied {
                 reason: text.clone(),
             });
-            self.audit.record(
-                p.event("approval_expired", self.query_max)
-                    .with("reason", &text),
-            );
+            self.audit
+                .record(p.event("approval_expired").with("reason", &text));
             self.notify(&p, "approval_expired", None, Some(&text));
         }
         let now_ms = unix_ms(now);

@@ -26,7 +26,7 @@ impl Fixture {
         let dir = tempfile::tempdir().unwrap();
         let log = dir.path().join("audit.jsonl");
         let (audit, writer) = AuditWriter::start(AuditConfig::new(&log)).unwrap();
-        let store = Arc::new(ApprovalStore::new(audit, grants, "b00t", 4096));
+        let store = Arc::new(ApprovalStore::new(audit, grants, "b00t"));
         Self {
             _dir: dir,
             log,
@@ -91,6 +91,8 @@ fn hold(f: &Fixture, spec: &Arc<ApprovalSpec>, fp: &str, now: OffsetDateTime) ->
             db_user: "app",
             database: "shop",
             query: "CREATE TABLE t (a int)",
+            logged_query: "CREATE TABLE t (a int)",
+            redacted: false,
             fingerprint: fp,
             rule: Some("ddl"),
             spec: Arc::clone(spec),
@@ -407,7 +409,7 @@ fn grants_match_expire_and_persist() {
     assert_eq!(file["version"], 1);
     assert_eq!(file["grants"][0]["fingerprint"], "fp1");
     let (audit, _w) = AuditWriter::start(AuditConfig::new(dir.path().join("a2.jsonl"))).unwrap();
-    let reloaded = ApprovalStore::new(audit, Some(path.clone()), "b2", 4096);
+    let reloaded = ApprovalStore::new(audit, Some(path.clone()), "b2");
     assert_eq!(reloaded.grants(later).len(), 1);
     let gid = reloaded.grants(later)[0].id.clone();
     reloaded.revoke(&actor(1, "alice"), &gid).unwrap();
@@ -447,6 +449,38 @@ fn a_corrupt_state_file_means_no_grants() {
     let path = dir.path().join("grants.json");
     std::fs::write(&path, "{not json").unwrap();
     let (audit, _w) = AuditWriter::start(AuditConfig::new(dir.path().join("a.jsonl"))).unwrap();
-    let store = ApprovalStore::new(audit, Some(path), "b", 4096);
+    let store = ApprovalStore::new(audit, Some(path), "b");
     assert!(store.grants(OffsetDateTime::now_utc()).is_empty());
+}
+
+#[test]
+fn redacted_text_in_events_and_webhooks() {
+    let f = Fixture::new(None);
+    let now = OffsetDateTime::now_utc();
+    let t = f.store.request(
+        &NewApproval {
+            info: &f.info,
+            decision_id: "d-9",
+            db_user: "app",
+            database: "shop",
+            query: "INSERT INTO t VALUES ('s3cr3t')",
+            logged_query: "INSERT INTO t VALUES ('')",
+            redacted: true,
+            fingerprint: "fp",
+            rule: Some("ddl"),
+            spec: spec("{approvers: [dba]}"),
+        },
+        now,
+    );
+    // Approvers see the statement; webhooks and the log do not see literals.
+    assert_eq!(
+        f.store.list()[0]["query"],
+        "INSERT INTO t VALUES ('s3cr3t')"
+    );
+    let hooked = f.store.lock().pending[&t.id].notify_view();
+    assert_eq!(hooked["query"], "INSERT INTO t VALUES ('')");
+    drop(t);
+    let events = f.events();
+    assert!(events.iter().all(|e| !e.to_string().contains("s3cr3t")));
+    assert_eq!(events[0]["query"], "INSERT INTO t VALUES ('')");
 }

@@ -238,6 +238,7 @@ impl Guard {
             return Outcome::Forward;
         }
         let spec = v.approval.clone().unwrap_or_default();
+        let redacted = self.redacting();
         if spec.approvers.is_empty() {
             // `default: approve`, `on_parse_error: approve` or a rule
             // without `approval:`: nobody could ever answer, so do not
@@ -258,6 +259,8 @@ impl Guard {
                 db_user: &self.db_user,
                 database: &self.database,
                 query: sql,
+                logged_query: &self.query_text(sql, redacted),
+                redacted,
                 fingerprint: &fingerprint,
                 rule: v.rule.as_deref(),
                 spec,

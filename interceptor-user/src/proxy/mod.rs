@@ -120,12 +120,7 @@ impl Shared {
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs());
         let boot_id = format!("{:08x}", boot & 0xffff_ffff);
-        let approvals = Arc::new(ApprovalStore::new(
-            audit.clone(),
-            None,
-            &boot_id,
-            limits.audit_query_max,
-        ));
+        let approvals = Arc::new(ApprovalStore::new(audit.clone(), None, &boot_id));
         Self {
             engine: ArcSwap::from_pointee(engine),
             audit,
@@ -152,7 +147,6 @@ impl Shared {
             self.audit.clone(),
             Some(grants_file),
             &self.boot_id,
-            self.audit_query_max,
         ));
         self
     }
