@@ -55,7 +55,13 @@ fn job(cg: &TestCgroup, program: &str, args: &[String]) -> Command {
 fn psql_args(pg: &PgServer, sql: &str) -> Vec<String> {
     let mut a = pg.psql_args();
     a.retain(|x| x != "-v" && x != "ON_ERROR_STOP=1");
-    a.extend(["-Atc".to_owned(), sql.to_owned()]);
+    // Verbose errors show the SQLSTATE of a denial (42501).
+    a.extend([
+        "-v".to_owned(),
+        "VERBOSITY=verbose".to_owned(),
+        "-Atc".to_owned(),
+        sql.to_owned(),
+    ]);
     a
 }
 
