@@ -15,7 +15,8 @@ use std::{
     io::{Read as _, Write as _},
     net::{TcpStream, ToSocketAddrs as _},
     sync::{
-        OnceLock,
+        Arc, OnceLock,
+        atomic::{AtomicBool, Ordering},
         mpsc::{SyncSender, TrySendError},
     },
     time::Duration,
@@ -101,6 +102,15 @@ struct Job {
 pub struct Notifier {
     audit: AuditLog,
     tx: OnceLock<Option<SyncSender<Job>>>,
+    /// Set when the agent stops: queued notifications are dropped and
+    /// retries end, so a dead endpoint cannot hold up the shutdown.
+    closing: Arc<AtomicBool>,
+}
+
+impl Drop for Notifier {
+    fn drop(&mut self) {
+        self.closing.store(true, Ordering::Release);
+    }
 }
 
 impl Notifier {
@@ -109,6 +119,7 @@ impl Notifier {
         Self {
             audit,
             tx: OnceLock::new(),
+            closing: Arc::new(AtomicBool::new(false)),
         }
     }
 
@@ -146,11 +157,16 @@ impl Notifier {
             .get_or_init(|| {
                 let (tx, rx) = std::sync::mpsc::sync_channel::<Job>(QUEUE);
                 let audit = self.audit.clone();
+                let closing = Arc::clone(&self.closing);
                 std::thread::Builder::new()
                     .name("notify".into())
                     .spawn(move || {
                         for job in rx {
-                            deliver(&audit, &job);
+                            if closing.load(Ordering::Acquire) {
+                                tracing::warn!(url = %job.url, "agent stopping: notification dropped");
+                                continue;
+                            }
+                            deliver(&audit, &job, &closing);
                         }
                     })
                     .map_err(|e| tracing::error!("notification thread: {e}"))
@@ -178,10 +194,19 @@ fn failed(audit: &AuditLog, job: &Job, error: &str, attempts: usize) {
 }
 
 /// Sends one job, retrying with backoff; audits the final failure.
-fn deliver(audit: &AuditLog, job: &Job) {
+fn deliver(audit: &AuditLog, job: &Job, closing: &AtomicBool) {
     let mut last = String::new();
     for attempt in 0..=BACKOFF.len() {
         if attempt > 0 {
+            if closing.load(Ordering::Acquire) {
+                failed(
+                    audit,
+                    job,
+                    &format!("{last} (agent stopping, no more retries)"),
+                    attempt,
+                );
+                return;
+            }
             std::thread::sleep(BACKOFF[attempt - 1]);
         }
         match post(job) {
