@@ -588,6 +588,49 @@ fn grants_survive_a_restart() {
     agent.wait_event("grant_used", |e| e["event"] == "grant_used");
 }
 
+#[test]
+fn postgres_extended_protocol_with_a_pipelined_query() {
+    let (pg, cg, agent, _hook, _state) = pg_setup();
+    let run = |sql: &str| {
+        cg.command(env!("CARGO_BIN_EXE_pg-held"))
+            .args(["127.0.0.1", &pg.port.to_string(), sql])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let child = run("CREATE TABLE t_main_ext (a int)");
+    let a = wait_pending(&agent, "t_main_ext");
+    let ok = cli_as(
+        &agent,
+        APPROVER1,
+        &["approvals", "approve", a["id"].as_str().unwrap()],
+    );
+    assert!(ok.status.success(), "{}", show(&ok));
+    let out = finish(child);
+    assert!(out.status.success(), "{}", show(&out));
+    assert_eq!(text(&out.stdout), "ddl ok\nafter 42\n", "{}", show(&out));
+    assert!(table_exists(&pg, "t_main_ext"));
+
+    let child = run("CREATE TABLE t_main_ext2 (a int)");
+    let a = wait_pending(&agent, "t_main_ext2");
+    let no = cli_as(
+        &agent,
+        APPROVER1,
+        &["approvals", "deny", a["id"].as_str().unwrap()],
+    );
+    assert!(no.status.success(), "{}", show(&no));
+    let out = finish(child);
+    assert!(out.status.success(), "{}", show(&out));
+    assert_eq!(
+        text(&out.stdout),
+        "ddl error 42501\nafter 42\n",
+        "{}",
+        show(&out)
+    );
+    assert!(!table_exists(&pg, "t_main_ext2"));
+}
+
 fn mariadb_in_bg(cg: &TestCgroup, db: &MariaDb, sql: &str) -> Child {
     cg.command("mariadb")
         .args(db.client_args(APP_USER, APP_PASSWORD, "shop"))
