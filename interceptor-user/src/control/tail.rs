@@ -97,10 +97,9 @@ pub fn resolve_since(text: &str, now: OffsetDateTime) -> Result<String, String> 
     Ok(crate::audit::format_ts(now - d))
 }
 
-/// `30s`, `10m`, `2h`, `1d`, `250ms`, `1h 30m` (humantime's syntax).
-#[must_use]
-pub fn parse_duration(text: &str) -> Option<Duration> {
-    let d = humantime::parse_duration(text.trim()).ok()?;
+/// `--since` durations: the policy's duration syntax.
+fn parse_duration(text: &str) -> Option<Duration> {
+    let d = crate::policy::parse_duration(text).ok()?;
     Duration::try_from(d).ok()
 }
 
@@ -362,8 +361,7 @@ mod tests {
             ..Filter::default()
         };
         assert!(!f.matches(&query("allow", "r", "psql")));
-        assert_eq!(parse_duration("1h 30m"), Some(Duration::minutes(90)));
-        assert_eq!(parse_duration("250ms"), Some(Duration::milliseconds(250)));
+        assert_eq!(parse_duration("1h30m"), Some(Duration::minutes(90)));
         assert_eq!(parse_duration("m"), None);
     }
 

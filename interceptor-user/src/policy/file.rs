@@ -472,44 +472,18 @@ impl ApprovalSpec {
     }
 }
 
-/// Parses a duration such as `500ms`, `30s`, `5m`, `1h`, `1h30m`, `2d`
-/// (a bare number is seconds).
+/// Parses a duration such as `500ms`, `30s`, `5m`, `1h`, `1h30m`, `1h 30m`,
+/// `2d` (humantime's syntax; a bare number is seconds).
 ///
 /// # Errors
 /// When the text is not such a duration.
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let t = text.trim();
-    if t.is_empty() {
-        return Err("empty duration".into());
-    }
     if let Ok(secs) = t.parse::<u64>() {
         return Ok(Duration::from_secs(secs));
     }
-    let bad = || format!("{text:?} is no duration (use e.g. 30s, 5m, 1h, 1h30m)");
-    let mut total = Duration::ZERO;
-    let mut rest = t;
-    while !rest.is_empty() {
-        let digits = rest.find(|c: char| !c.is_ascii_digit()).ok_or_else(bad)?;
-        if digits == 0 {
-            return Err(bad());
-        }
-        let n: u64 = rest[..digits].parse().map_err(|_| bad())?;
-        rest = &rest[digits..];
-        let unit_len = rest
-            .find(|c: char| c.is_ascii_digit())
-            .unwrap_or(rest.len());
-        let unit = match &rest[..unit_len] {
-            "ms" => Duration::from_millis(n),
-            "s" => Duration::from_secs(n),
-            "m" => Duration::from_secs(n.saturating_mul(60)),
-            "h" => Duration::from_secs(n.saturating_mul(3600)),
-            "d" => Duration::from_secs(n.saturating_mul(86400)),
-            _ => return Err(bad()),
-        };
-        total = total.saturating_add(unit);
-        rest = &rest[unit_len..];
-    }
-    Ok(total)
+    humantime::parse_duration(t)
+        .map_err(|e| format!("{text:?} is no duration (use e.g. 30s, 5m, 1h, 1h30m): {e}"))
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize)]

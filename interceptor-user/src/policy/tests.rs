@@ -529,7 +529,8 @@ fn approval_settings() {
     assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
     assert_eq!(parse_duration("2d"), Ok(Duration::from_secs(172_800)));
     assert_eq!(parse_duration("45"), Ok(Duration::from_secs(45)));
-    for bad in ["", "m", "5x", "1h 2m", "-3s", "s5"] {
+    assert_eq!(parse_duration("1h 2m"), Ok(Duration::from_secs(3720)));
+    for bad in ["", "m", "5x", "-3s", "s5"] {
         assert!(parse_duration(bad).is_err(), "{bad}");
     }
     let yaml = "version: 1\nrules:\n  - name: r\n    decision: approve\n    approval:\n      approvers: [dba]\n      required: 2\n      timeout: 2s\n      escalate_to: [oncall]\n      notify: [{url: \"http://127.0.0.1:9/x\", format: slack, headers: {Authorization: \"Bearer t\"}}]\n";
