@@ -94,6 +94,14 @@ fn cli_as(agent: &Agent, user: &str, args: &[&str]) -> Output {
     )
 }
 
+/// `interceptor approvals approve|deny ID EXTRA...` as `user`; must succeed.
+fn answer(agent: &Agent, user: &str, verb: &str, id: &str, extra: &[&str]) {
+    let mut args = vec!["approvals", verb, id];
+    args.extend_from_slice(extra);
+    let out = cli_as(agent, user, &args);
+    assert!(out.status.success(), "{}", show(&out));
+}
+
 fn pending(agent: &Agent) -> Vec<Value> {
     let out = agent.cli(&["approvals", "list", "--json"]);
     assert!(out.status.success(), "{}", show(&out));
@@ -330,12 +338,13 @@ fn postgres_approve_deny_timeout_and_who_may_decide() {
     assert!(!outsider.status.success(), "{}", show(&outsider));
     assert!(!table_exists(&pg, "t_main_ok"));
     hook.wait_for("approval_requested", "t_main_ok");
-    let ok = cli_as(
+    answer(
         &agent,
         APPROVER1,
-        &["approvals", "approve", id, "--reason", "looks fine"],
+        "approve",
+        id,
+        &["--reason", "looks fine"],
     );
-    assert!(ok.status.success(), "{}", show(&ok));
     let out = finish(child);
     assert!(out.status.success(), "{}", show(&out));
     assert!(
@@ -353,18 +362,13 @@ fn postgres_approve_deny_timeout_and_who_may_decide() {
     // Denied: 42501 with the approver's reason; never run.
     let child = psql_as_workload(&cg, &pg, "CREATE TABLE t_main_no (a int)");
     let a = wait_pending(&agent, "t_main_no");
-    let no = cli_as(
+    answer(
         &agent,
         APPROVER2,
-        &[
-            "approvals",
-            "deny",
-            a["id"].as_str().unwrap(),
-            "--reason",
-            "not today",
-        ],
+        "deny",
+        a["id"].as_str().unwrap(),
+        &["--reason", "not today"],
     );
-    assert!(no.status.success(), "{}", show(&no));
     let out = finish(child);
     assert!(!out.status.success(), "{}", show(&out));
     let err = text(&out.stderr);
@@ -424,12 +428,7 @@ fn postgres_sqlstate_of_a_denied_approval() {
         .spawn()
         .unwrap();
     let a = wait_pending(&agent, "t_main_x");
-    let no = cli_as(
-        &agent,
-        APPROVER1,
-        &["approvals", "deny", a["id"].as_str().unwrap()],
-    );
-    assert!(no.status.success(), "{}", show(&no));
+    answer(&agent, APPROVER1, "deny", a["id"].as_str().unwrap(), &[]);
     let out = finish(child);
     assert!(
         text(&out.stderr).contains("ERROR:  42501"),
@@ -453,8 +452,7 @@ fn postgres_two_approvers_and_fingerprint_grants() {
     let child = psql_as_workload(&cg, &pg, "CREATE TABLE t_two (a int)");
     let a = wait_pending(&agent, "t_two");
     let id = a["id"].as_str().unwrap().to_owned();
-    let one = cli_as(&agent, APPROVER1, &["approvals", "approve", &id]);
-    assert!(one.status.success(), "{}", show(&one));
+    answer(&agent, APPROVER1, "approve", &id, &[]);
     let again = cli_as(&agent, APPROVER1, &["approvals", "approve", &id]);
     assert!(!again.status.success(), "{}", show(&again));
     sleep(Duration::from_millis(300));
@@ -466,8 +464,7 @@ fn postgres_two_approvers_and_fingerprint_grants() {
             .len(),
         1
     );
-    let two = cli_as(&agent, APPROVER2, &["approvals", "approve", &id]);
-    assert!(two.status.success(), "{}", show(&two));
+    answer(&agent, APPROVER2, "approve", &id, &[]);
     let out = finish(child);
     assert!(out.status.success(), "{}", show(&out));
     assert!(table_exists(&pg, "t_two"));
@@ -477,20 +474,13 @@ fn postgres_two_approvers_and_fingerprint_grants() {
     let sql = "CREATE TABLE IF NOT EXISTS t_fp (a int)";
     let child = psql_as_workload(&cg, &pg, sql);
     let a = wait_pending(&agent, "t_fp");
-    let ok = cli_as(
+    answer(
         &agent,
         APPROVER1,
-        &[
-            "approvals",
-            "approve",
-            a["id"].as_str().unwrap(),
-            "--grant",
-            "fingerprint",
-            "--for",
-            "3s",
-        ],
+        "approve",
+        a["id"].as_str().unwrap(),
+        &["--grant", "fingerprint", "--for", "3s"],
     );
-    assert!(ok.status.success(), "{}", show(&ok));
     assert!(finish(child).status.success());
     let grants = agent.cli(&["grants", "list", "--json"]);
     let grants: Value = serde_json::from_slice(&grants.stdout).unwrap();
@@ -512,29 +502,19 @@ fn postgres_two_approvers_and_fingerprint_grants() {
     sleep(Duration::from_millis(500));
     let child = psql_as_workload(&cg, &pg, sql);
     let a = wait_pending(&agent, "t_fp");
-    let no = cli_as(
-        &agent,
-        APPROVER1,
-        &["approvals", "deny", a["id"].as_str().unwrap()],
-    );
-    assert!(no.status.success(), "{}", show(&no));
+    answer(&agent, APPROVER1, "deny", a["id"].as_str().unwrap(), &[]);
     assert!(!finish(child).status.success());
 
     // Revoking: an identity grant, revoked, holds again.
     let child = psql_as_workload(&cg, &pg, sql);
     let a = wait_pending(&agent, "t_fp");
-    let ok = cli_as(
+    answer(
         &agent,
         APPROVER1,
-        &[
-            "approvals",
-            "approve",
-            a["id"].as_str().unwrap(),
-            "--grant",
-            "identity",
-        ],
+        "approve",
+        a["id"].as_str().unwrap(),
+        &["--grant", "identity"],
     );
-    assert!(ok.status.success(), "{}", show(&ok));
     assert!(finish(child).status.success());
     let grants = agent.cli(&["grants", "list", "--json"]);
     let grants: Value = serde_json::from_slice(&grants.stdout).unwrap();
@@ -543,12 +523,7 @@ fn postgres_two_approvers_and_fingerprint_grants() {
     assert!(r.status.success(), "{}", show(&r));
     let child = psql_as_workload(&cg, &pg, sql);
     let a = wait_pending(&agent, "t_fp");
-    let no = cli_as(
-        &agent,
-        APPROVER1,
-        &["approvals", "deny", a["id"].as_str().unwrap()],
-    );
-    assert!(no.status.success(), "{}", show(&no));
+    answer(&agent, APPROVER1, "deny", a["id"].as_str().unwrap(), &[]);
     assert!(!finish(child).status.success());
 }
 
@@ -601,12 +576,7 @@ fn postgres_extended_protocol_with_a_pipelined_query() {
     };
     let child = run("CREATE TABLE t_main_ext (a int)");
     let a = wait_pending(&agent, "t_main_ext");
-    let ok = cli_as(
-        &agent,
-        APPROVER1,
-        &["approvals", "approve", a["id"].as_str().unwrap()],
-    );
-    assert!(ok.status.success(), "{}", show(&ok));
+    answer(&agent, APPROVER1, "approve", a["id"].as_str().unwrap(), &[]);
     let out = finish(child);
     assert!(out.status.success(), "{}", show(&out));
     assert_eq!(text(&out.stdout), "ddl ok\nafter 42\n", "{}", show(&out));
@@ -614,12 +584,7 @@ fn postgres_extended_protocol_with_a_pipelined_query() {
 
     let child = run("CREATE TABLE t_main_ext2 (a int)");
     let a = wait_pending(&agent, "t_main_ext2");
-    let no = cli_as(
-        &agent,
-        APPROVER1,
-        &["approvals", "deny", a["id"].as_str().unwrap()],
-    );
-    assert!(no.status.success(), "{}", show(&no));
+    answer(&agent, APPROVER1, "deny", a["id"].as_str().unwrap(), &[]);
     let out = finish(child);
     assert!(out.status.success(), "{}", show(&out));
     assert_eq!(
@@ -686,12 +651,7 @@ fn mysql_approve_deny_and_timeout() {
     let child = mariadb_in_bg(&cg, &db, "CREATE TABLE m_main_ok (a int)");
     let a = wait_pending(&agent, "m_main_ok");
     assert_eq!(a["target"], "maria");
-    let ok = cli_as(
-        &agent,
-        APPROVER1,
-        &["approvals", "approve", a["id"].as_str().unwrap()],
-    );
-    assert!(ok.status.success(), "{}", show(&ok));
+    answer(&agent, APPROVER1, "approve", a["id"].as_str().unwrap(), &[]);
     let out = finish(child);
     assert!(out.status.success(), "{}", show(&out));
     assert!(exists("m_main_ok"));
@@ -715,18 +675,13 @@ fn mysql_approve_deny_and_timeout() {
 
     let child = mariadb_in_bg(&cg, &db, "CREATE TABLE m_main_no (a int)");
     let a = wait_pending(&agent, "m_main_no");
-    let no = cli_as(
+    answer(
         &agent,
         APPROVER2,
-        &[
-            "approvals",
-            "deny",
-            a["id"].as_str().unwrap(),
-            "--reason",
-            "nope",
-        ],
+        "deny",
+        a["id"].as_str().unwrap(),
+        &["--reason", "nope"],
     );
-    assert!(no.status.success(), "{}", show(&no));
     let out = finish(child);
     assert!(!out.status.success(), "{}", show(&out));
     let err = text(&out.stderr);

@@ -79,6 +79,17 @@ fn actor(uid: u32, name: &str) -> Actor {
     }
 }
 
+/// Approves once, without reason or grant.
+fn approve_once(
+    store: &ApprovalStore,
+    actor: &Actor,
+    groups: &[String],
+    id: &str,
+    now: OffsetDateTime,
+) -> Result<Value, String> {
+    store.approve(actor, groups, id, None, GrantScope::Once, None, now)
+}
+
 fn dba() -> Vec<String> {
     vec!["dba".to_owned()]
 }
@@ -183,74 +194,18 @@ fn who_may_approve() {
     let s = spec("{approvers: [dba], required: 2}");
     let mut t = hold(&f, &s, "fp", now);
     // Not in the group.
-    let e = f
-        .store
-        .approve(
-            &actor(3, "eve"),
-            &["users".into()],
-            &t.id,
-            None,
-            GrantScope::Once,
-            None,
-            now,
-        )
-        .unwrap_err();
+    let e = approve_once(&f.store, &actor(3, "eve"), &["users".into()], &t.id, now).unwrap_err();
     assert!(e.contains("none of the approver groups"), "{e}");
     // The workload's own uid, even in the group.
-    let e = f
-        .store
-        .approve(
-            &actor(WORKLOAD_UID, "svc"),
-            &dba(),
-            &t.id,
-            None,
-            GrantScope::Once,
-            None,
-            now,
-        )
-        .unwrap_err();
+    let e = approve_once(&f.store, &actor(WORKLOAD_UID, "svc"), &dba(), &t.id, now).unwrap_err();
     assert!(e.contains("never approve its own"), "{e}");
     // Two distinct approvers are needed; the same one twice is not two.
-    let r = f
-        .store
-        .approve(
-            &actor(1, "alice"),
-            &dba(),
-            &t.id,
-            None,
-            GrantScope::Once,
-            None,
-            now,
-        )
-        .unwrap();
+    let r = approve_once(&f.store, &actor(1, "alice"), &dba(), &t.id, now).unwrap();
     assert_eq!(r["state"], "pending");
     assert!(resolved(&mut t).is_none());
-    assert!(
-        f.store
-            .approve(
-                &actor(1, "alice"),
-                &dba(),
-                &t.id,
-                None,
-                GrantScope::Once,
-                None,
-                now
-            )
-            .is_err()
-    );
+    assert!(approve_once(&f.store, &actor(1, "alice"), &dba(), &t.id, now).is_err());
     assert!(resolved(&mut t).is_none());
-    let r = f
-        .store
-        .approve(
-            &actor(2, "bob"),
-            &dba(),
-            &t.id,
-            None,
-            GrantScope::Once,
-            None,
-            now,
-        )
-        .unwrap();
+    let r = approve_once(&f.store, &actor(2, "bob"), &dba(), &t.id, now).unwrap();
     assert_eq!(r["state"], "approved");
     assert_eq!(resolved(&mut t), Some(Resolution::Approved));
     drop(t);
@@ -283,19 +238,7 @@ fn timeout_and_escalation() {
         spec("{approvers: [dba], timeout: 2s, escalate_to: [oncall], escalation_timeout: 10s}");
     let mut e = hold(&f, &esc, "fp", now);
     // Before escalation, oncall may not decide.
-    assert!(
-        f.store
-            .approve(
-                &actor(9, "olga"),
-                &["oncall".into()],
-                &e.id,
-                None,
-                GrantScope::Once,
-                None,
-                now
-            )
-            .is_err()
-    );
+    assert!(approve_once(&f.store, &actor(9, "olga"), &["oncall".into()], &e.id, now).is_err());
     f.store.tick(now + Duration::from_secs(3));
     assert!(resolved(&mut e).is_none());
     assert_eq!(f.store.list()[0]["escalated"], true);
@@ -305,17 +248,7 @@ fn timeout_and_escalation() {
     // Escalated, oncall may approve.
     let mut e2 = hold(&f, &esc, "fp", now);
     f.store.tick(now + Duration::from_secs(3));
-    f.store
-        .approve(
-            &actor(9, "olga"),
-            &["oncall".into()],
-            &e2.id,
-            None,
-            GrantScope::Once,
-            None,
-            now,
-        )
-        .unwrap();
+    approve_once(&f.store, &actor(9, "olga"), &["oncall".into()], &e2.id, now).unwrap();
     assert_eq!(resolved(&mut e2), Some(Resolution::Approved));
     drop((t, e, e2));
     let events = f.events();
@@ -333,19 +266,7 @@ fn dropping_the_ticket_withdraws() {
     let id = t.id.clone();
     drop(t);
     assert!(f.store.list().is_empty());
-    assert!(
-        f.store
-            .approve(
-                &actor(1, "alice"),
-                &dba(),
-                &id,
-                None,
-                GrantScope::Once,
-                None,
-                now
-            )
-            .is_err()
-    );
+    assert!(approve_once(&f.store, &actor(1, "alice"), &dba(), &id, now).is_err());
     let events = f.events();
     assert!(events.iter().any(|e| e["event"] == "approval_withdrawn"));
 }
