@@ -481,7 +481,7 @@ fn bad_policies_are_rejected_with_location() {
         ),
         ("version: 1\nlimits: {max_depht: 3}\n", "max_depht"),
         (
-            "version: 1\nrules:\n  - {name: r, decision: approve, approval: {approvers: [x], timeout: 5 minutes}}\n",
+            "version: 1\nrules:\n  - {name: r, decision: approve, approval: {approvers: [x], timeout: 5 parsecs}}\n",
             "no duration",
         ),
         (
