@@ -385,7 +385,12 @@ impl Agent {
             .arg(&audit_log)
             .arg("--control-socket")
             .arg(&control_socket)
-            .args(["--drain-timeout", "1", "--workers", "2"])
+            .args(["--drain-timeout", "1"])
+            .args(if extra.contains(&"--workers") {
+                &[][..]
+            } else {
+                &["--workers", "2"][..]
+            })
             .args(extra);
         // Never the host's /var/lib/interceptor: a test's blocks stay its own.
         if !extra.contains(&"--state-dir") {

@@ -202,7 +202,13 @@ fn main() {
     pg.sql("CREATE TABLE secrets (v text)");
     let bouncer = PgBouncer::start(pg.port);
     let cg = TestCgroup::new();
-    let agent = Agent::start(&pg_policy(pg.port, POLICY_RULES), &cg, false);
+    let workers = std::env::var("BENCH_AGENT_WORKERS").unwrap_or_else(|_| "2".to_owned());
+    let agent = Agent::start_with(
+        &pg_policy(pg.port, POLICY_RULES),
+        &cg,
+        false,
+        &["--workers", &workers],
+    );
     let log_dir = std::env::temp_dir().join(interceptor_tests::unique("bench-pgbench"));
     let pids = [pg.pid(), bouncer.child.id(), agent.pid().unwrap()];
 
