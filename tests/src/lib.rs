@@ -262,9 +262,8 @@ impl PgServer {
         self.child.id()
     }
 
-    /// `psql` arguments reaching this server over TCP, unchanged by the agent.
-    #[must_use]
-    pub fn psql_args(&self) -> Vec<String> {
+    /// `psql` connection arguments for this server over TCP.
+    fn conn_args(&self) -> Vec<String> {
         [
             "-X",
             "-h",
@@ -275,12 +274,19 @@ impl PgServer {
             "postgres",
             "-d",
             "postgres",
-            "-v",
-            "ON_ERROR_STOP=1",
         ]
         .iter()
         .map(ToString::to_string)
         .collect()
+    }
+
+    /// `psql` arguments reaching this server over TCP, unchanged by the
+    /// agent, stopping at the first error.
+    #[must_use]
+    pub fn psql_args(&self) -> Vec<String> {
+        let mut a = self.conn_args();
+        a.extend(["-v".to_owned(), "ON_ERROR_STOP=1".to_owned()]);
+        a
     }
 
     /// `psql` run inside `cg` (so redirected through the agent), connected
@@ -288,17 +294,7 @@ impl PgServer {
     #[must_use]
     pub fn psql_in(&self, cg: &TestCgroup) -> Command {
         let mut c = cg.command(pg_bin("psql").to_str().unwrap());
-        c.args([
-            "-X",
-            "-h",
-            "127.0.0.1",
-            "-p",
-            &self.port.to_string(),
-            "-U",
-            "postgres",
-            "-d",
-            "postgres",
-        ]);
+        c.args(self.conn_args());
         c
     }
 
@@ -319,6 +315,26 @@ impl Drop for PgServer {
         let _ = self.child.wait();
         let _ = fs::remove_dir_all(&self.dir);
     }
+}
+
+/// A tokio-postgres client for the driver binaries run inside a test
+/// cgroup: `HOST PORT` from the command line (returned with the remaining
+/// arguments), user and database `postgres`, the connection driven on a
+/// task of its own.
+pub async fn pg_client_from_args() -> (tokio_postgres::Client, Vec<String>) {
+    let mut args = std::env::args().skip(1);
+    let host = args.next().expect("usage: HOST PORT ...");
+    let port = args.next().expect("usage: HOST PORT ...");
+    let conninfo = format!("host={host} port={port} user=postgres dbname=postgres");
+    let (client, conn) = tokio_postgres::connect(&conninfo, tokio_postgres::NoTls)
+        .await
+        .expect("connect");
+    tokio::spawn(async move {
+        if let Err(e) = conn.await {
+            eprintln!("connection error: {e}");
+        }
+    });
+    (client, args.collect())
 }
 
 /// Path of the agent binary under test.

@@ -102,6 +102,23 @@ fn answer(agent: &Agent, user: &str, verb: &str, id: &str, extra: &[&str]) {
     assert!(out.status.success(), "{}", show(&out));
 }
 
+/// Denies the pending approval of the statement containing `needle`, as
+/// an approver, with `reason`; the held client must then fail: returns its
+/// stderr.
+fn deny_and_fail(agent: &Agent, child: Child, needle: &str, reason: &str) -> String {
+    let a = wait_pending(agent, needle);
+    answer(
+        agent,
+        APPROVER2,
+        "deny",
+        a["id"].as_str().unwrap(),
+        &["--reason", reason],
+    );
+    let out = finish(child);
+    assert!(!out.status.success(), "{}", show(&out));
+    text(&out.stderr)
+}
+
 fn pending(agent: &Agent) -> Vec<Value> {
     let out = agent.cli(&["approvals", "list", "--json"]);
     assert!(out.status.success(), "{}", show(&out));
@@ -361,17 +378,7 @@ fn postgres_approve_deny_timeout_and_who_may_decide() {
 
     // Denied: 42501 with the approver's reason; never run.
     let child = psql_as_workload(&cg, &pg, "CREATE TABLE t_main_no (a int)");
-    let a = wait_pending(&agent, "t_main_no");
-    answer(
-        &agent,
-        APPROVER2,
-        "deny",
-        a["id"].as_str().unwrap(),
-        &["--reason", "not today"],
-    );
-    let out = finish(child);
-    assert!(!out.status.success(), "{}", show(&out));
-    let err = text(&out.stderr);
+    let err = deny_and_fail(&agent, child, "t_main_no", "not today");
     assert!(
         err.contains("not today") && err.contains("main-ddl"),
         "{err}"
@@ -674,17 +681,7 @@ fn mysql_approve_deny_and_timeout() {
     }
 
     let child = mariadb_in_bg(&cg, &db, "CREATE TABLE m_main_no (a int)");
-    let a = wait_pending(&agent, "m_main_no");
-    answer(
-        &agent,
-        APPROVER2,
-        "deny",
-        a["id"].as_str().unwrap(),
-        &["--reason", "nope"],
-    );
-    let out = finish(child);
-    assert!(!out.status.success(), "{}", show(&out));
-    let err = text(&out.stderr);
+    let err = deny_and_fail(&agent, child, "m_main_no", "nope");
     assert!(err.contains("1142") && err.contains("nope"), "{err}");
     assert!(!exists("m_main_no"));
 

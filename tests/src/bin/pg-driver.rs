@@ -13,18 +13,7 @@ use tokio_postgres::{NoTls, SimpleQueryMessage, error::SqlState};
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() {
-    let mut args = std::env::args().skip(1);
-    let host = args.next().expect("host");
-    let port = args.next().expect("port");
-    let conninfo = format!("host={host} port={port} user=postgres dbname=postgres");
-    let (client, conn) = tokio_postgres::connect(&conninfo, NoTls)
-        .await
-        .expect("connect");
-    tokio::spawn(async move {
-        if let Err(e) = conn.await {
-            eprintln!("connection error: {e}");
-        }
-    });
+    let (client, _) = interceptor_tests::pg_client_from_args().await;
 
     client
         .batch_execute("DROP TABLE IF EXISTS items; CREATE TABLE items (id int primary key, name text, data bytea)")

@@ -6,23 +6,10 @@
 //! Usage: pg-held HOST PORT SQL
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use tokio_postgres::NoTls;
-
 #[tokio::main(flavor = "current_thread")]
 async fn main() {
-    let mut args = std::env::args().skip(1);
-    let host = args.next().expect("host");
-    let port = args.next().expect("port");
-    let sql = args.next().expect("sql");
-    let conninfo = format!("host={host} port={port} user=postgres dbname=postgres");
-    let (client, conn) = tokio_postgres::connect(&conninfo, NoTls)
-        .await
-        .expect("connect");
-    tokio::spawn(async move {
-        if let Err(e) = conn.await {
-            eprintln!("connection error: {e}");
-        }
-    });
+    let (client, rest) = interceptor_tests::pg_client_from_args().await;
+    let sql = rest.first().expect("usage: pg-held HOST PORT SQL").clone();
     // Both are sent before either answer arrives: the second waits behind
     // the held one, and runs after it either way.
     let (held, after) = tokio::join!(
