@@ -114,6 +114,34 @@ pub fn report(name: &str, table: &str) {
     }
 }
 
+/// Adds one run's figures to its row.
+///
+/// # Panics
+/// When no row matches (a bug in the benchmark's table).
+pub fn record(rows: &mut [Row], mode: &str, clients: u32, path: &str, figures: (f64, f64, f64)) {
+    let row = rows
+        .iter_mut()
+        .find(|r| r.mode == mode && r.clients == clients && r.path == path)
+        .unwrap();
+    let (tps, avg, p) = figures;
+    row.tps.push(tps);
+    row.avg_ms.push(avg);
+    row.p_ms.push(p);
+}
+
+/// Ends a benchmark: unpins, prints and saves the table, and says how many
+/// statements the agent decided and audited.
+pub fn finish(name: &str, rows: &[Row], pids: &[u32], agent: &crate::Agent) {
+    pin(pids, "0-1");
+    report(name, &table(rows, "direct", "p99"));
+    let statements = agent
+        .events()
+        .iter()
+        .filter(|e| e["event"] == "query")
+        .count();
+    eprintln!("agent decided and audited {statements} statements");
+}
+
 /// Benchmark length from the environment: (seconds per run, rounds).
 #[must_use]
 pub fn settings() -> (u64, usize) {

@@ -420,32 +420,28 @@ fn compile_rule(
     let matcher = |v: &Option<Vec<String>>| -> Result<Option<NameMatcher>, PolicyError> {
         v.as_deref().map(NameMatcher::new).transpose().map_err(ctx)
     };
-    let identity_idx = r
-        .identities
-        .as_ref()
-        .map(|ids| {
-            ids.iter()
-                .map(|n| {
-                    identities.iter().position(|s| &s.name == n).ok_or_else(|| {
-                        invalid(format!("rule {:?} names unknown identity {n:?}", r.name))
+    // Names the rule refers to, resolved to positions once.
+    let resolve = |names: &Option<Vec<String>>,
+                   what: &str,
+                   find: &dyn Fn(&str) -> Option<usize>|
+     -> Result<Option<Vec<usize>>, PolicyError> {
+        names
+            .as_ref()
+            .map(|ns| {
+                ns.iter()
+                    .map(|n| {
+                        find(n).ok_or_else(|| {
+                            invalid(format!("rule {:?} names unknown {what} {n:?}", r.name))
+                        })
                     })
-                })
-                .collect::<Result<Vec<_>, _>>()
-        })
-        .transpose()?;
-    let target_idx = r
-        .targets
-        .as_ref()
-        .map(|ts| {
-            ts.iter()
-                .map(|n| {
-                    targets.get(n).map(|t| t.index).ok_or_else(|| {
-                        invalid(format!("rule {:?} names unknown target {n:?}", r.name))
-                    })
-                })
-                .collect::<Result<Vec<_>, _>>()
-        })
-        .transpose()?;
+                    .collect()
+            })
+            .transpose()
+    };
+    let identity_idx = resolve(&r.identities, "identity", &|n| {
+        identities.iter().position(|s| s.name == n)
+    })?;
+    let target_idx = resolve(&r.targets, "target", &|n| targets.get(n).map(|t| t.index))?;
     let fingerprints = r
         .fingerprints
         .as_ref()

@@ -112,23 +112,10 @@ fn main() {
                     eprintln!(
                         "round {round} {mode} t={threads} {p}: tps {tps:.0} avg {avg:.3} ms p99 {p99:.3} ms"
                     );
-                    let row = rows
-                        .iter_mut()
-                        .find(|r| r.mode == mode && r.clients == threads && r.path == p)
-                        .unwrap();
-                    row.tps.push(tps);
-                    row.avg_ms.push(avg);
-                    row.p_ms.push(p99);
+                    bench::record(&mut rows, mode, threads, p, (tps, avg, p99));
                 }
             }
         }
     }
-    bench::pin(&pids, "0-1");
-    bench::report("mysql", &bench::table(&rows, "direct", "p99"));
-    let statements = agent
-        .events()
-        .iter()
-        .filter(|e| e["event"] == "query")
-        .count();
-    eprintln!("agent decided and audited {statements} statements");
+    bench::finish("mysql", &rows, &pids, &agent);
 }

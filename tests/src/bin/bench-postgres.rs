@@ -239,24 +239,11 @@ fn main() {
                         "round {round} {mode} c={clients} {}: tps {tps:.0} avg {avg:.3} ms p99 {p99:.3} ms",
                         p.name()
                     );
-                    let row = rows
-                        .iter_mut()
-                        .find(|r| r.mode == mode && r.clients == clients && r.path == p.name())
-                        .unwrap();
-                    row.tps.push(tps);
-                    row.avg_ms.push(avg);
-                    row.p_ms.push(p99);
+                    bench::record(&mut rows, mode, clients, p.name(), (tps, avg, p99));
                 }
             }
         }
     }
-    bench::pin(&pids, "0-1");
-    bench::report("postgres", &bench::table(&rows, "direct", "p99"));
-    let statements = agent
-        .events()
-        .iter()
-        .filter(|e| e["event"] == "query")
-        .count();
-    eprintln!("agent decided and audited {statements} statements");
+    bench::finish("postgres", &rows, &pids, &agent);
     let _ = fs::remove_dir_all(&log_dir);
 }
