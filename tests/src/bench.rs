@@ -46,7 +46,7 @@ pub struct Row {
     pub mode: String,
     pub clients: u32,
     pub pinned: bool,
-    pub path: &'static str,
+    pub path: String,
     pub tps: Vec<f64>,
     pub avg_ms: Vec<f64>,
     pub p_ms: Vec<f64>,
@@ -54,12 +54,12 @@ pub struct Row {
 
 impl Row {
     #[must_use]
-    pub fn new(mode: &str, clients: u32, pinned: bool, path: &'static str) -> Self {
+    pub fn new(mode: &str, clients: u32, pinned: bool, path: &str) -> Self {
         Self {
             mode: mode.to_owned(),
             clients,
             pinned,
-            path,
+            path: path.to_owned(),
             tps: Vec::new(),
             avg_ms: Vec::new(),
             p_ms: Vec::new(),
@@ -130,16 +130,77 @@ pub fn record(rows: &mut [Row], mode: &str, clients: u32, path: &str, figures: (
 }
 
 /// Ends a benchmark: unpins, prints and saves the table, and says how many
-/// statements the agent decided and audited.
-pub fn finish(name: &str, rows: &[Row], pids: &[u32], agent: &crate::Agent) {
+/// statements the agents decided and audited.
+pub fn finish(name: &str, rows: &[Row], pids: &[u32], agents: &[BenchAgent]) {
     pin(pids, "0-1");
     report(name, &table(rows, "direct", "p99"));
-    let statements = agent
-        .events()
+    for a in agents {
+        let statements = a
+            .agent
+            .events()
+            .iter()
+            .filter(|e| e["event"] == "query")
+            .count();
+        eprintln!("{}: decided and audited {statements} statements", a.name);
+    }
+}
+
+/// One agent under test, on its own cgroup: the same policy, a different
+/// worker count.
+pub struct BenchAgent {
+    /// The path's name in the table.
+    pub name: String,
+    pub cgroup: crate::TestCgroup,
+    pub agent: crate::Agent,
+}
+
+/// Starts one agent per worker count in `BENCH_AGENT_WORKERS` (a comma
+/// list, default `1,2`), each attached to its own cgroup, so the run
+/// compares worker counts side by side.
+///
+/// # Panics
+/// When an agent does not start.
+#[must_use]
+pub fn agents(policy: &str) -> Vec<BenchAgent> {
+    let counts = std::env::var("BENCH_AGENT_WORKERS").unwrap_or_else(|_| "1,2".to_owned());
+    let counts: Vec<&str> = counts
+        .split(',')
+        .map(str::trim)
+        .filter(|c| !c.is_empty())
+        .collect();
+    counts
         .iter()
-        .filter(|e| e["event"] == "query")
-        .count();
-    eprintln!("agent decided and audited {statements} statements");
+        .map(|&n| {
+            let cgroup = crate::TestCgroup::new();
+            let agent = crate::Agent::start_with(policy, &cgroup, false, &["--workers", n]);
+            let name = match (counts.len(), n) {
+                (1, _) => "interceptor".to_owned(),
+                (_, "1") => "interceptor, 1 worker".to_owned(),
+                _ => format!("interceptor, {n} workers"),
+            };
+            BenchAgent {
+                name,
+                cgroup,
+                agent,
+            }
+        })
+        .collect()
+}
+
+/// Whether a configuration is to be measured: `BENCH_ONLY` (for example
+/// `simple:8,prepared`) names modes, optionally with a client count; unset
+/// measures every configuration.
+#[must_use]
+pub fn selected(mode: &str, clients: u32) -> bool {
+    let Ok(only) = std::env::var("BENCH_ONLY") else {
+        return true;
+    };
+    only.split(',')
+        .map(str::trim)
+        .any(|item| match item.split_once(':') {
+            Some((m, c)) => m == mode && c.parse() == Ok(clients),
+            None => item == mode,
+        })
 }
 
 /// Benchmark length from the environment: (seconds per run, rounds).

@@ -248,14 +248,29 @@ impl AuditStats {
 /// Typed event fields, rendered to JSON by the writer thread (off the data
 /// path).
 pub trait EventBody: Send + Sync {
-    /// The body as a JSON object.
-    fn to_json(&self) -> String;
+    /// Appends the body as a JSON object.
+    fn write_json(&self, out: &mut Vec<u8>);
 }
 
 impl<T: Serialize + Send + Sync> EventBody for T {
-    fn to_json(&self) -> String {
-        serde_json::to_string(self).unwrap_or_else(|_| String::from("{}"))
+    fn write_json(&self, out: &mut Vec<u8>) {
+        let start = out.len();
+        if serde_json::to_writer(&mut *out, self).is_err() {
+            out.truncate(start);
+            out.extend_from_slice(b"{}");
+        }
     }
+}
+
+/// What metrics count of a decided statement, carried typed so that the
+/// metrics tap does not parse the rendered line.
+#[derive(Clone, Debug)]
+pub struct DecisionFacts {
+    pub target: Arc<str>,
+    /// The policy identity names, comma-separated.
+    pub identities: Arc<str>,
+    pub decision: &'static str,
+    pub eval_us: u64,
 }
 
 /// One event on its way to the log.
@@ -269,6 +284,8 @@ pub struct AuditEvent {
     pub body: Option<Box<dyn EventBody>>,
     /// Ad-hoc fields, for rare events.
     pub fields: Map<String, Value>,
+    /// For `query` events: what metrics count (also in the rendered line).
+    pub decision: Option<DecisionFacts>,
 }
 impl std::fmt::Debug for AuditEvent {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -287,6 +304,7 @@ impl AuditEvent {
             conn: None,
             body: None,
             fields: Map::new(),
+            decision: None,
         }
     }
 
@@ -314,6 +332,13 @@ impl AuditEvent {
         self.body = Some(Box::new(body));
         self
     }
+
+    /// Adds what metrics count of a decided statement.
+    #[must_use]
+    pub fn with_decision(mut self, facts: DecisionFacts) -> Self {
+        self.decision = Some(facts);
+        self
+    }
 }
 
 /// The members of a JSON object (`{"a":1}` -> `"a":1`), for splicing.
@@ -329,43 +354,105 @@ pub fn members(object_json: &str) -> &str {
 /// RFC 3339 UTC with exactly microseconds, e.g. `2026-11-27T21:00:00.123456Z`.
 #[must_use]
 pub fn format_ts(ts: OffsetDateTime) -> String {
+    let mut out = Vec::with_capacity(27);
+    write_ts(&mut out, ts);
+    String::from_utf8(out).unwrap_or_default()
+}
+
+/// Appends [`format_ts`]'s text; digits written by hand, as this runs once
+/// per record.
+fn write_ts(out: &mut Vec<u8>, ts: OffsetDateTime) {
+    fn digits(out: &mut Vec<u8>, v: u32, width: u32) {
+        for i in (0..width).rev() {
+            // `% 10` keeps the value a single digit, so the cast is exact.
+            #[allow(clippy::cast_possible_truncation)]
+            out.push(b'0' + (v / 10u32.pow(i) % 10) as u8);
+        }
+    }
     let ts = ts.to_offset(time::UtcOffset::UTC);
-    let micros = ts.microsecond();
-    let whole = ts.replace_nanosecond(0).unwrap_or(ts);
-    let base = whole
-        .format(&Rfc3339)
-        .unwrap_or_else(|_| String::from("1970-01-01T00:00:00Z"));
-    // `base` ends in `Z` with no fraction since nanoseconds are zero.
-    let stem = base.strip_suffix('Z').unwrap_or(&base);
-    format!("{stem}.{micros:06}Z")
+    match u32::try_from(ts.year()) {
+        Ok(y) if y <= 9999 => digits(out, y, 4),
+        // RFC 3339 has four-digit years; fall back to the library.
+        _ => {
+            let text = ts
+                .replace_nanosecond(0)
+                .ok()
+                .and_then(|t| t.format(&Rfc3339).ok())
+                .unwrap_or_else(|| String::from("1970-01-01T00:00:00Z"));
+            out.extend_from_slice(text.trim_end_matches('Z').as_bytes());
+            out.push(b'.');
+            digits(out, ts.microsecond(), 6);
+            out.push(b'Z');
+            return;
+        }
+    }
+    let two = |out: &mut Vec<u8>, sep: u8, v: u8| {
+        out.push(sep);
+        digits(out, u32::from(v), 2);
+    };
+    two(out, b'-', u8::from(ts.month()));
+    two(out, b'-', ts.day());
+    two(out, b'T', ts.hour());
+    two(out, b':', ts.minute());
+    two(out, b':', ts.second());
+    out.push(b'.');
+    digits(out, ts.microsecond(), 6);
+    out.push(b'Z');
+}
+
+/// Appends `json`, an object, as further members of the object being built
+/// in `line` (its braces dropped, a comma before); `{}` adds nothing.
+fn splice_object(line: &mut Vec<u8>, write: impl FnOnce(&mut Vec<u8>)) {
+    let start = line.len();
+    write(line);
+    let written = &line[start..];
+    if written.len() <= 2 || written[0] != b'{' || written[written.len() - 1] != b'}' {
+        line.truncate(start);
+        return;
+    }
+    line[start] = b',';
+    line.pop();
 }
 
 /// Renders one event as its JSON line (without the newline), chained to
 /// `prev`; returns the line and its hash.
 #[must_use]
 pub fn render(seq: u64, prev: &str, ev: &AuditEvent) -> (String, String) {
-    let mut line = String::with_capacity(640);
-    line.push_str("{\"ts\":\"");
-    line.push_str(&format_ts(ev.ts));
-    line.push_str("\",\"seq\":");
-    line.push_str(&seq.to_string());
-    line.push_str(",\"event\":");
-    line.push_str(&Value::String(ev.event.to_owned()).to_string());
-    let mut splice = |m: &str| {
-        if !m.is_empty() {
-            line.push(',');
-            line.push_str(m);
-        }
-    };
-    if let Some(c) = &ev.conn {
-        splice(c);
+    let mut line = Vec::with_capacity(1024);
+    line.extend_from_slice(b"{\"ts\":\"");
+    write_ts(&mut line, ev.ts);
+    line.extend_from_slice(b"\",\"seq\":");
+    line.extend_from_slice(seq.to_string().as_bytes());
+    line.extend_from_slice(b",\"event\":");
+    if ev
+        .event
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b == b'_')
+    {
+        line.push(b'"');
+        line.extend_from_slice(ev.event.as_bytes());
+        line.push(b'"');
+    } else {
+        let _ = serde_json::to_writer(&mut line, ev.event);
+    }
+    if let Some(c) = &ev.conn
+        && !c.is_empty()
+    {
+        line.push(b',');
+        line.extend_from_slice(c.as_bytes());
     }
     if let Some(b) = &ev.body {
-        splice(members(&b.to_json()));
+        splice_object(&mut line, |out| b.write_json(out));
     }
     if !ev.fields.is_empty() {
-        splice(members(&Value::Object(ev.fields.clone()).to_string()));
+        splice_object(&mut line, |out| {
+            let _ = serde_json::to_writer(out, &ev.fields);
+        });
     }
+    // Every piece above is UTF-8 (JSON from serde_json, `&str`s); the lossy
+    // path is never taken but keeps a bug from losing the record.
+    let line = String::from_utf8(line)
+        .unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned());
     chain::seal(line, prev)
 }
 
@@ -530,10 +617,16 @@ fn open_live(path: &Path) -> std::io::Result<(BufWriter<File>, u64)> {
     Ok((BufWriter::with_capacity(256 * 1024, file), size))
 }
 
-/// How often the writer wakes to drain the queue. The data path never
-/// wakes the writer (a wake-up per statement costs a context switch, which
-/// on a busy CPU is most of a query's budget); it only pushes.
+/// How often the writer wakes to drain the queue while nothing comes. The
+/// data path never wakes the writer (a wake-up per statement costs a
+/// context switch, which on a busy CPU is most of a query's budget); it
+/// only pushes.
 const DRAIN_INTERVAL: Duration = Duration::from_millis(5);
+
+/// How soon the writer drains again after a drain that found records:
+/// shorter bursts of writing, so a query that shares the CPU with the
+/// writer waits less behind one.
+const ACTIVE_INTERVAL: Duration = Duration::from_millis(1);
 
 /// How soon the writer drains again while senders wait for room.
 const BUSY_INTERVAL: Duration = Duration::from_micros(50);
@@ -578,6 +671,8 @@ impl Writer {
             }
             if self.stats.waiting.load(Ordering::SeqCst) > 0 {
                 std::thread::sleep(BUSY_INTERVAL);
+            } else if wrote {
+                std::thread::sleep(ACTIVE_INTERVAL);
             } else {
                 std::thread::sleep(DRAIN_INTERVAL);
             }
@@ -715,6 +810,49 @@ mod tests {
     fn timestamps_have_microseconds() {
         let ts = OffsetDateTime::from_unix_timestamp_nanos(1_700_000_000_123_456_789).unwrap();
         assert_eq!(format_ts(ts), "2023-11-14T22:13:20.123456Z");
+        let early = OffsetDateTime::from_unix_timestamp(0).unwrap();
+        assert_eq!(format_ts(early), "1970-01-01T00:00:00.000000Z");
+        let offset = ts.to_offset(time::UtcOffset::from_hms(5, 30, 0).unwrap());
+        assert_eq!(format_ts(offset), "2023-11-14T22:13:20.123456Z");
+    }
+
+    #[test]
+    fn render_splices_conn_body_and_fields() {
+        #[derive(Serialize)]
+        struct Body {
+            a: u8,
+            s: &'static str,
+        }
+        #[derive(Serialize)]
+        struct Empty {}
+        let ev = AuditEvent::new("query")
+            .with_conn(Arc::from(r#""conn":7"#))
+            .with_body(Body { a: 1, s: "x\"y" })
+            .with("z", true);
+        let (line, hash) = render(3, chain::GENESIS, &ev);
+        let v: Value = serde_json::from_str(&line).unwrap();
+        assert_eq!(v["seq"], 3);
+        assert_eq!(v["event"], "query");
+        assert_eq!(v["conn"], 7);
+        assert_eq!(v["a"], 1);
+        assert_eq!(v["s"], "x\"y");
+        assert_eq!(v["z"], true);
+        assert_eq!(v["hash"], hash.as_str());
+        assert_eq!(
+            chain::check(&line),
+            chain::Sealed::Intact {
+                prev: chain::GENESIS,
+                hash: &hash
+            }
+        );
+        // An empty body and no fields add nothing, not a stray comma.
+        let (line, _) = render(
+            1,
+            chain::GENESIS,
+            &AuditEvent::new("gap").with_body(Empty {}),
+        );
+        let v: Value = serde_json::from_str(&line).unwrap();
+        assert_eq!(v.as_object().unwrap().len(), 5, "{line}");
     }
 
     fn settings(f: impl FnOnce(&mut AuditSettings)) -> AuditSettings {

@@ -23,7 +23,10 @@ use tokio::{
     net::{TcpListener, TcpStream},
 };
 
-use crate::audit::{AuditEvent, Tap};
+use crate::{
+    audit::{AuditEvent, Tap},
+    policy::Decision,
+};
 
 /// Upper bounds of the decision-time histogram, in microseconds.
 const BUCKETS_US: [u64; 11] = [5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000];
@@ -31,7 +34,7 @@ const BUCKETS_US: [u64; 11] = [5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 1
 #[derive(Default)]
 struct Counters {
     /// (target, identity, decision) -> statements.
-    decisions: BTreeMap<(String, String, String), u64>,
+    decisions: BTreeMap<(Arc<str>, Arc<str>, &'static str), u64>,
     /// Per bucket (cumulative at render), plus the +Inf count and the sum.
     eval_buckets: [u64; BUCKETS_US.len()],
     eval_count: u64,
@@ -41,7 +44,7 @@ struct Counters {
     reloads_ok: u64,
     reloads_rejected: u64,
     last_reload_ok: bool,
-    events: BTreeMap<String, u64>,
+    events: BTreeMap<&'static str, u64>,
 }
 
 /// What the writer tells the metrics; reads only the few fields it needs.
@@ -194,12 +197,21 @@ fn escape(v: &str) -> String {
 
 impl Tap for Metrics {
     fn event(&self, ev: &AuditEvent, line: &str) {
+        if let Some(d) = &ev.decision {
+            // The data path's events: counted from their typed facts.
+            let mut c = self.lock();
+            c.count_event(ev.event);
+            let key = (Arc::clone(&d.target), Arc::clone(&d.identities), d.decision);
+            *c.decisions.entry(key).or_default() += 1;
+            c.observe_eval(d.eval_us);
+            return;
+        }
         let wanted = matches!(ev.event, "query" | "policy");
         let fields = wanted
             .then(|| serde_json::from_str::<QueryFields<'_>>(line).ok())
             .flatten();
         let mut c = self.lock();
-        *c.events.entry(ev.event.to_owned()).or_default() += 1;
+        c.count_event(ev.event);
         let Some(f) = fields else { return };
         if ev.event == "policy" {
             match f.status {
@@ -217,18 +229,37 @@ impl Tap for Metrics {
             return;
         }
         let key = (
-            f.target.unwrap_or_default().to_owned(),
-            f.identities.join(","),
-            f.decision.unwrap_or_default().to_owned(),
+            Arc::from(f.target.unwrap_or_default()),
+            Arc::from(f.identities.join(",")),
+            decision_name(f.decision.unwrap_or_default()),
         );
         *c.decisions.entry(key).or_default() += 1;
         if let Some(us) = f.eval_us {
-            if let Some(i) = BUCKETS_US.iter().position(|b| us <= *b) {
-                c.eval_buckets[i] += 1;
-            }
-            c.eval_count += 1;
-            c.eval_sum_us += us;
+            c.observe_eval(us);
         }
+    }
+}
+
+/// The label value of a decision read from a line.
+fn decision_name(d: &str) -> &'static str {
+    [Decision::Allow, Decision::Approve, Decision::Deny]
+        .into_iter()
+        .map(Decision::as_str)
+        .find(|n| *n == d)
+        .unwrap_or("other")
+}
+
+impl Counters {
+    fn count_event(&mut self, event: &'static str) {
+        *self.events.entry(event).or_default() += 1;
+    }
+
+    fn observe_eval(&mut self, us: u64) {
+        if let Some(i) = BUCKETS_US.iter().position(|b| us <= *b) {
+            self.eval_buckets[i] += 1;
+        }
+        self.eval_count += 1;
+        self.eval_sum_us += us;
     }
 }
 

@@ -64,13 +64,21 @@ pub enum Decision {
     Deny,
 }
 
-impl fmt::Display for Decision {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
+impl Decision {
+    /// The name used in policies, audit records and metrics.
+    #[must_use]
+    pub fn as_str(self) -> &'static str {
+        match self {
             Self::Allow => "allow",
             Self::Approve => "approve",
             Self::Deny => "deny",
-        })
+        }
+    }
+}
+
+impl fmt::Display for Decision {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
     }
 }
 

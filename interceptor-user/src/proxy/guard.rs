@@ -327,9 +327,11 @@ impl Guard {
                 database: self.database.clone(),
                 eval_us: v.eval_us,
             };
-            self.shared
-                .audit
-                .record(self.info.event("query").with_body(body));
+            self.shared.audit.record(
+                self.info
+                    .query_event(st.decision, v.eval_us)
+                    .with_body(body),
+            );
         }
     }
 }

@@ -283,6 +283,8 @@ pub struct ConnInfo {
     /// The members above as JSON, rendered once for all of this
     /// connection's events.
     members: Arc<str>,
+    /// Metric labels: the target's name and the identity names joined.
+    labels: (Arc<str>, Arc<str>),
 }
 
 impl ConnInfo {
@@ -321,6 +323,10 @@ impl ConnInfo {
         Self {
             id,
             members: Arc::from(crate::audit::members(&json)),
+            labels: (
+                Arc::from(target.name.as_str()),
+                Arc::from(identities.join(",")),
+            ),
             target,
             dst,
             identity: Arc::new(identity),
@@ -332,6 +338,18 @@ impl ConnInfo {
     #[must_use]
     pub fn event(&self, event: &'static str) -> AuditEvent {
         AuditEvent::new(event).with_conn(Arc::clone(&self.members))
+    }
+
+    /// A `query` event of this connection, with what metrics count.
+    #[must_use]
+    pub fn query_event(&self, decision: crate::policy::Decision, eval_us: u64) -> AuditEvent {
+        self.event("query")
+            .with_decision(crate::audit::DecisionFacts {
+                target: Arc::clone(&self.labels.0),
+                identities: Arc::clone(&self.labels.1),
+                decision: decision.as_str(),
+                eval_us,
+            })
     }
 }
 

@@ -4,14 +4,16 @@
 //! at 1 thread with every process pinned to CPU 0; throughput at 8 threads
 //! unpinned. Prints a Markdown table (also target/bench/mysql.md).
 //!
-//! Environment: BENCH_SECONDS (per run, default 5), BENCH_ROUNDS (default 2).
+//! Environment: BENCH_SECONDS (per run, default 5), BENCH_ROUNDS (default 2),
+//! BENCH_ONLY (configurations, e.g. `text:8`), BENCH_AGENT_WORKERS (worker
+//! counts to compare, one agent each, default `1,2`).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::process::Command;
 
 use interceptor_tests::{
     TestCgroup, bench,
-    mysql::{APP_PASSWORD, APP_USER, MariaDb, mysql_policy, start_agent_with},
+    mysql::{APP_PASSWORD, APP_USER, MariaDb, mysql_policy},
     run_ok,
 };
 
@@ -71,21 +73,25 @@ fn main() {
     let (secs, rounds) = bench::settings();
     let db = MariaDb::start();
     sysbench(&db, None, false, &["prepare".into()]);
-    let cg = TestCgroup::new();
-    let agent = start_agent_with(&mysql_policy(db.port, POLICY_RULES), &cg, &[]);
+    let agents = bench::agents(&mysql_policy(db.port, POLICY_RULES));
     let db_pid: u32 = std::fs::read_to_string(db.dir.join("mysqld.pid"))
         .unwrap()
         .trim()
         .parse()
         .unwrap();
-    let pids = [db_pid, agent.pid().unwrap()];
+    let mut pids = vec![db_pid];
+    pids.extend(agents.iter().map(|a| a.agent.pid().unwrap()));
     let modes = [("prepared", "auto"), ("text", "disable")];
     let configs = [(1u32, true), (8u32, false)];
-    let paths = ["direct", "interceptor"];
+    let mut paths: Vec<(&str, Option<&TestCgroup>)> = vec![("direct", None)];
+    paths.extend(agents.iter().map(|a| (a.name.as_str(), Some(&a.cgroup))));
     let mut rows = Vec::new();
     for (mode, _) in modes {
         for (threads, pinned) in configs {
-            for p in paths {
+            if !bench::selected(mode, threads) {
+                continue;
+            }
+            for &(p, _) in &paths {
                 rows.push(bench::Row::new(mode, threads, pinned, p));
             }
         }
@@ -93,9 +99,11 @@ fn main() {
     for round in 0..rounds {
         for (mode, ps) in modes {
             for (threads, pinned) in configs {
+                if !bench::selected(mode, threads) {
+                    continue;
+                }
                 bench::pin(&pids, if pinned { "0" } else { "0-1" });
-                for p in paths {
-                    let cgroup = (p == "interceptor").then_some(&cg);
+                for &(p, cgroup) in &paths {
                     let args = [
                         format!("--db-ps-mode={ps}"),
                         format!("--threads={threads}"),
@@ -117,5 +125,5 @@ fn main() {
             }
         }
     }
-    bench::finish("mysql", &rows, &pids, &agent);
+    bench::finish("mysql", &rows, &pids, &agents);
 }

@@ -4,7 +4,9 @@
 //! at 1 client with every process pinned to CPU 0; throughput at 8 clients
 //! unpinned. Prints a Markdown table (also written to target/bench/postgres.md).
 //!
-//! Environment: BENCH_SECONDS (per run, default 5), BENCH_ROUNDS (default 2).
+//! Environment: BENCH_SECONDS (per run, default 5), BENCH_ROUNDS (default 2),
+//! BENCH_ONLY (configurations, e.g. `simple:8,prepared`), BENCH_AGENT_WORKERS
+//! (worker counts to compare, one agent each, default `1,2`).
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::cast_precision_loss)]
 
 use std::{
@@ -15,7 +17,7 @@ use std::{
     time::Duration,
 };
 
-use interceptor_tests::{Agent, PgServer, TestCgroup, bench, free_port, pg_bin, pg_policy, run_ok};
+use interceptor_tests::{PgServer, TestCgroup, bench, free_port, pg_bin, pg_policy, run_ok};
 
 const POLICY_RULES: &str = "mode: enforce\ndefault: allow\non_parse_error: allow\nrules:\n  - name: no-secrets\n    any_tables: [public.secrets]\n    decision: deny\n  - name: dangerous\n    flags: [file_access, program_exec, role_change, remote_access, admin]\n    decision: deny\n";
 
@@ -23,17 +25,8 @@ const POLICY_RULES: &str = "mode: enforce\ndefault: allow\non_parse_error: allow
 enum Path_ {
     Direct,
     PgBouncer,
-    Agent,
-}
-
-impl Path_ {
-    fn name(self) -> &'static str {
-        match self {
-            Self::Direct => "direct",
-            Self::PgBouncer => "pgbouncer",
-            Self::Agent => "interceptor",
-        }
-    }
+    /// The agent at this index of [`bench::agents`].
+    Agent(usize),
 }
 
 struct PgBouncer {
@@ -201,49 +194,55 @@ fn main() {
     ]));
     pg.sql("CREATE TABLE secrets (v text)");
     let bouncer = PgBouncer::start(pg.port);
-    let cg = TestCgroup::new();
-    let workers = std::env::var("BENCH_AGENT_WORKERS").unwrap_or_else(|_| "2".to_owned());
-    let agent = Agent::start_with(
-        &pg_policy(pg.port, POLICY_RULES),
-        &cg,
-        false,
-        &["--workers", &workers],
-    );
+    let agents = bench::agents(&pg_policy(pg.port, POLICY_RULES));
     let log_dir = std::env::temp_dir().join(interceptor_tests::unique("bench-pgbench"));
-    let pids = [pg.pid(), bouncer.child.id(), agent.pid().unwrap()];
+    let mut pids = vec![pg.pid(), bouncer.child.id()];
+    pids.extend(agents.iter().map(|a| a.agent.pid().unwrap()));
 
-    let paths = [Path_::Direct, Path_::PgBouncer, Path_::Agent];
+    let mut paths = vec![Path_::Direct, Path_::PgBouncer];
+    paths.extend((0..agents.len()).map(Path_::Agent));
+    let name = |p: Path_| match p {
+        Path_::Direct => "direct",
+        Path_::PgBouncer => "pgbouncer",
+        Path_::Agent(i) => agents[i].name.as_str(),
+    };
     let configs = [(1u32, true), (8u32, false)];
     let modes = ["simple", "extended", "prepared"];
     let mut rows = Vec::new();
     for &mode in &modes {
         for &(clients, pinned) in &configs {
-            for p in paths {
-                rows.push(bench::Row::new(mode, clients, pinned, p.name()));
+            if !bench::selected(mode, clients) {
+                continue;
+            }
+            for &p in &paths {
+                rows.push(bench::Row::new(mode, clients, pinned, name(p)));
             }
         }
     }
     for round in 0..rounds {
         for &mode in &modes {
             for &(clients, pinned) in &configs {
+                if !bench::selected(mode, clients) {
+                    continue;
+                }
                 bench::pin(&pids, if pinned { "0" } else { "0-1" });
-                for p in paths {
+                for &p in &paths {
                     let (cgroup, port) = match p {
                         Path_::Direct => (None, pg.port),
                         Path_::PgBouncer => (None, bouncer.port),
-                        Path_::Agent => (Some(&cg), pg.port),
+                        Path_::Agent(i) => (Some(&agents[i].cgroup), pg.port),
                     };
                     let (tps, avg, p99) =
                         run_pgbench(cgroup, port, mode, clients, secs, pinned, &log_dir);
                     eprintln!(
                         "round {round} {mode} c={clients} {}: tps {tps:.0} avg {avg:.3} ms p99 {p99:.3} ms",
-                        p.name()
+                        name(p)
                     );
-                    bench::record(&mut rows, mode, clients, p.name(), (tps, avg, p99));
+                    bench::record(&mut rows, mode, clients, name(p), (tps, avg, p99));
                 }
             }
         }
     }
-    bench::finish("postgres", &rows, &pids, &agent);
+    bench::finish("postgres", &rows, &pids, &agents);
     let _ = fs::remove_dir_all(&log_dir);
 }
