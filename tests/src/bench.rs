@@ -50,6 +50,8 @@ pub struct Row {
     pub tps: Vec<f64>,
     pub avg_ms: Vec<f64>,
     pub p_ms: Vec<f64>,
+    /// The proxy's own CPU time per transaction, user and system, in µs.
+    pub cpu_us: Vec<(f64, f64)>,
 }
 
 impl Row {
@@ -63,6 +65,7 @@ impl Row {
             tps: Vec::new(),
             avg_ms: Vec::new(),
             p_ms: Vec::new(),
+            cpu_us: Vec::new(),
         }
     }
 
@@ -78,16 +81,16 @@ pub fn table(rows: &[Row], baseline: &str, pct: &str) -> String {
     let mut t = String::new();
     let _ = writeln!(
         t,
-        "| mode | clients | CPUs | path | tps | avg latency | {pct} latency | tps vs {baseline} | added avg latency vs {baseline} |"
+        "| mode | clients | CPUs | path | tps | avg latency | {pct} latency | tps vs {baseline} | added avg latency vs {baseline} | proxy CPU per query (user) |"
     );
-    let _ = writeln!(t, "|---|---|---|---|---:|---:|---:|---:|---:|");
+    let _ = writeln!(t, "|---|---|---|---|---:|---:|---:|---:|---:|---:|");
     for r in rows {
         let Some(base) = rows.iter().find(|b| b.path == baseline && b.same_config(r)) else {
             continue;
         };
         let _ = writeln!(
             t,
-            "| {} | {} | {} | {} | {:.0} | {:.1} µs | {:.1} µs | {:.2} | {:+.1} µs |",
+            "| {} | {} | {} | {} | {:.0} | {:.1} µs | {:.1} µs | {:.2} | {:+.1} µs | {} |",
             r.mode,
             r.clients,
             if r.pinned { "1 (pinned)" } else { "2" },
@@ -97,6 +100,7 @@ pub fn table(rows: &[Row], baseline: &str, pct: &str) -> String {
             median(&r.p_ms) * 1000.0,
             median(&r.tps) / median(&base.tps),
             (median(&r.avg_ms) - median(&base.avg_ms)) * 1000.0,
+            cpu_cell(&r.cpu_us),
         );
     }
     t
@@ -111,6 +115,60 @@ pub fn report(name: &str, table: &str) {
     if let Some(out) = out {
         let _ = fs::create_dir_all(&out);
         let _ = fs::write(out.join(format!("{name}.md")), table);
+    }
+}
+
+/// `total µs (user µs)`, medians; `—` when not measured.
+fn cpu_cell(v: &[(f64, f64)]) -> String {
+    if v.is_empty() {
+        return "—".to_owned();
+    }
+    let total: Vec<f64> = v.iter().map(|(u, s)| u + s).collect();
+    let user: Vec<f64> = v.iter().map(|(u, _)| *u).collect();
+    format!("{:.1} µs ({:.1})", median(&total), median(&user))
+}
+
+/// CPU time process `pid` has used so far, all threads: (user, system)
+/// in µs, from `/proc/PID/stat`.
+#[must_use]
+pub fn cpu_us(pid: u32) -> (f64, f64) {
+    let ticks = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
+        .ok()
+        .flatten()
+        .unwrap_or(100) as f64;
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name, which ends at the last ')': utime and
+    // stime are fields 14 and 15 of the whole line.
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let f: Vec<f64> = rest
+        .split_whitespace()
+        .skip(11)
+        .take(2)
+        .map(|v| v.parse().unwrap_or(0.0))
+        .collect();
+    match f.as_slice() {
+        [u, s] => (u * 1e6 / ticks, s * 1e6 / ticks),
+        _ => (0.0, 0.0),
+    }
+}
+
+/// Adds the proxy's CPU use over one run of `queries` queries to its row.
+pub fn record_cpu(
+    rows: &mut [Row],
+    (mode, clients, path): (&str, u32, &str),
+    before: (f64, f64),
+    after: (f64, f64),
+    queries: f64,
+) {
+    if let Some(row) = rows
+        .iter_mut()
+        .find(|r| r.mode == mode && r.clients == clients && r.path == path)
+        && queries > 0.0
+    {
+        row.cpu_us.push((
+            (after.0 - before.0) / queries,
+            (after.1 - before.1) / queries,
+        ));
     }
 }
 

@@ -7,7 +7,7 @@
 //! Environment: BENCH_SECONDS (per run, default 5), BENCH_ROUNDS (default 2),
 //! BENCH_ONLY (configurations, e.g. `text:8`), BENCH_AGENT_WORKERS (worker
 //! counts to compare, one agent each, default `1,2`).
-#![allow(clippy::unwrap_used, clippy::expect_used)]
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::cast_precision_loss)]
 
 use std::process::Command;
 
@@ -85,6 +85,12 @@ fn main() {
     let configs = [(1u32, true), (8u32, false)];
     let mut paths: Vec<(&str, Option<&TestCgroup>)> = vec![("direct", None)];
     paths.extend(agents.iter().map(|a| (a.name.as_str(), Some(&a.cgroup))));
+    let proxy_pid = |name: &str| {
+        agents
+            .iter()
+            .find(|a| a.name == name)
+            .and_then(|a| a.agent.pid())
+    };
     let mut rows = Vec::new();
     for (mode, _) in modes {
         for (threads, pinned) in configs {
@@ -111,8 +117,15 @@ fn main() {
                         "--percentile=99".into(),
                         "run".into(),
                     ];
+                    let proxy = proxy_pid(p);
+                    let before = proxy.map(bench::cpu_us);
                     let out = sysbench(&db, cgroup, pinned, &args);
                     let (tps, avg, p99) = parse(&out);
+                    if let (Some(pid), Some(before)) = (proxy, before) {
+                        let queries = tps * secs as f64;
+                        let config = (mode, threads, p);
+                        bench::record_cpu(&mut rows, config, before, bench::cpu_us(pid), queries);
+                    }
                     assert!(
                         out.contains("ignored errors:                      0"),
                         "{p} {mode}: errors:\n{out}"

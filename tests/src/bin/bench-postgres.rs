@@ -232,8 +232,19 @@ fn main() {
                         Path_::PgBouncer => (None, bouncer.port),
                         Path_::Agent(i) => (Some(&agents[i].cgroup), pg.port),
                     };
+                    let proxy = match p {
+                        Path_::Direct => None,
+                        Path_::PgBouncer => Some(bouncer.child.id()),
+                        Path_::Agent(i) => agents[i].agent.pid(),
+                    };
+                    let before = proxy.map(bench::cpu_us);
                     let (tps, avg, p99) =
                         run_pgbench(cgroup, port, mode, clients, secs, pinned, &log_dir);
+                    if let (Some(pid), Some(before)) = (proxy, before) {
+                        let config = (mode, clients, name(p));
+                        let queries = tps * secs as f64;
+                        bench::record_cpu(&mut rows, config, before, bench::cpu_us(pid), queries);
+                    }
                     eprintln!(
                         "round {round} {mode} c={clients} {}: tps {tps:.0} avg {avg:.3} ms p99 {p99:.3} ms",
                         name(p)
