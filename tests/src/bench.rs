@@ -29,14 +29,15 @@ pub fn pin(pids: &[u32], cpus: &str) {
     }
 }
 
+/// The median; with an even count, the mean of the middle two.
 #[must_use]
 pub fn median(v: &[f64]) -> f64 {
     let mut v = v.to_vec();
     v.sort_by(f64::total_cmp);
-    if v.is_empty() {
-        f64::NAN
-    } else {
-        v[v.len() / 2]
+    match v.len() {
+        0 => f64::NAN,
+        n if n % 2 == 0 => f64::midpoint(v[n / 2 - 1], v[n / 2]),
+        n => v[n / 2],
     }
 }
 
