@@ -153,31 +153,21 @@ pub fn cpu_us(pid: u32) -> (f64, f64) {
     }
 }
 
-/// Adds the proxy's CPU use over one run of `queries` queries to its row.
-pub fn record_cpu(
-    rows: &mut [Row],
-    (mode, clients, path): (&str, u32, &str),
-    before: (f64, f64),
-    after: (f64, f64),
-    queries: f64,
-) {
-    if let Some(row) = rows
-        .iter_mut()
-        .find(|r| r.mode == mode && r.clients == clients && r.path == path)
-        && queries > 0.0
-    {
-        row.cpu_us.push((
-            (after.0 - before.0) / queries,
-            (after.1 - before.1) / queries,
-        ));
-    }
-}
-
-/// Adds one run's figures to its row.
+/// Runs one measurement with `run` (which returns tps, average and
+/// percentile latency in ms, over `secs` seconds) and adds it to its row,
+/// with the CPU time `proxy` (a pid) used per query meanwhile.
 ///
 /// # Panics
 /// When no row matches (a bug in the benchmark's table).
-pub fn record(rows: &mut [Row], mode: &str, clients: u32, path: &str, figures: (f64, f64, f64)) {
+pub fn measure(
+    rows: &mut [Row],
+    (mode, clients, path): (&str, u32, &str),
+    proxy: Option<u32>,
+    secs: u64,
+    run: impl FnOnce() -> (f64, f64, f64),
+) -> (f64, f64, f64) {
+    let before = proxy.map(cpu_us);
+    let figures = run();
     let row = rows
         .iter_mut()
         .find(|r| r.mode == mode && r.clients == clients && r.path == path)
@@ -186,6 +176,17 @@ pub fn record(rows: &mut [Row], mode: &str, clients: u32, path: &str, figures: (
     row.tps.push(tps);
     row.avg_ms.push(avg);
     row.p_ms.push(p);
+    let queries = tps * secs as f64;
+    if let (Some(pid), Some(before)) = (proxy, before)
+        && queries > 0.0
+    {
+        let after = cpu_us(pid);
+        row.cpu_us.push((
+            (after.0 - before.0) / queries,
+            (after.1 - before.1) / queries,
+        ));
+    }
+    figures
 }
 
 /// Ends a benchmark: unpins, prints and saves the table, and says how many

@@ -269,7 +269,7 @@ pub struct DecisionFacts {
     pub target: Arc<str>,
     /// The policy identity names, comma-separated.
     pub identities: Arc<str>,
-    pub decision: &'static str,
+    pub decision: crate::policy::Decision,
     pub eval_us: u64,
 }
 
@@ -400,8 +400,9 @@ fn write_ts(out: &mut Vec<u8>, ts: OffsetDateTime) {
     out.push(b'Z');
 }
 
-/// Appends `json`, an object, as further members of the object being built
-/// in `line` (its braces dropped, a comma before); `{}` adds nothing.
+/// Appends the JSON object that `write` produces as further members of the
+/// object being built in `line` (its braces dropped, a comma before); `{}`
+/// adds nothing.
 fn splice_object(line: &mut Vec<u8>, write: impl FnOnce(&mut Vec<u8>)) {
     let start = line.len();
     write(line);
@@ -422,7 +423,7 @@ pub fn render(seq: u64, prev: &str, ev: &AuditEvent) -> (String, String) {
     line.extend_from_slice(b"{\"ts\":\"");
     write_ts(&mut line, ev.ts);
     line.extend_from_slice(b"\",\"seq\":");
-    line.extend_from_slice(seq.to_string().as_bytes());
+    let _ = write!(line, "{seq}");
     line.extend_from_slice(b",\"event\":");
     if ev
         .event

@@ -34,7 +34,7 @@ const BUCKETS_US: [u64; 11] = [5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 1
 #[derive(Default)]
 struct Counters {
     /// (target, identity, decision) -> statements.
-    decisions: BTreeMap<(Arc<str>, Arc<str>, &'static str), u64>,
+    decisions: BTreeMap<(Arc<str>, Arc<str>, Decision), u64>,
     /// Per bucket (cumulative at render), plus the +Inf count and the sum.
     eval_buckets: [u64; BUCKETS_US.len()],
     eval_count: u64,
@@ -47,17 +47,10 @@ struct Counters {
     events: BTreeMap<&'static str, u64>,
 }
 
-/// What the writer tells the metrics; reads only the few fields it needs.
+/// What a `policy` record tells the metrics (query records carry their
+/// facts typed, see [`crate::audit::DecisionFacts`]).
 #[derive(Deserialize)]
-struct QueryFields<'a> {
-    #[serde(borrow, default)]
-    target: Option<&'a str>,
-    #[serde(borrow, default)]
-    decision: Option<&'a str>,
-    #[serde(default)]
-    eval_us: Option<u64>,
-    #[serde(borrow, default)]
-    identities: Vec<&'a str>,
+struct PolicyFields<'a> {
     #[serde(borrow, default)]
     status: Option<&'a str>,
 }
@@ -104,7 +97,7 @@ impl Metrics {
                 "interceptor_decisions_total{{target=\"{}\",identity=\"{}\",decision=\"{}\"}} {n}",
                 escape(target),
                 escape(identity),
-                escape(decision)
+                decision.as_str()
             );
         }
         out.push_str("# HELP interceptor_decision_seconds Time to decide one statement.\n# TYPE interceptor_decision_seconds histogram\n");
@@ -197,63 +190,32 @@ fn escape(v: &str) -> String {
 
 impl Tap for Metrics {
     fn event(&self, ev: &AuditEvent, line: &str) {
+        let policy = (ev.event == "policy")
+            .then(|| serde_json::from_str::<PolicyFields<'_>>(line).ok())
+            .flatten();
+        let mut c = self.lock();
+        *c.events.entry(ev.event).or_default() += 1;
         if let Some(d) = &ev.decision {
-            // The data path's events: counted from their typed facts.
-            let mut c = self.lock();
-            c.count_event(ev.event);
             let key = (Arc::clone(&d.target), Arc::clone(&d.identities), d.decision);
             *c.decisions.entry(key).or_default() += 1;
             c.observe_eval(d.eval_us);
-            return;
         }
-        let wanted = matches!(ev.event, "query" | "policy");
-        let fields = wanted
-            .then(|| serde_json::from_str::<QueryFields<'_>>(line).ok())
-            .flatten();
-        let mut c = self.lock();
-        c.count_event(ev.event);
-        let Some(f) = fields else { return };
-        if ev.event == "policy" {
-            match f.status {
-                Some("loaded") => {
-                    c.generation += 1;
-                    c.reloads_ok += 1;
-                    c.last_reload_ok = true;
-                }
-                Some("rejected") => {
-                    c.reloads_rejected += 1;
-                    c.last_reload_ok = false;
-                }
-                _ => {}
+        match policy.and_then(|p| p.status) {
+            Some("loaded") => {
+                c.generation += 1;
+                c.reloads_ok += 1;
+                c.last_reload_ok = true;
             }
-            return;
-        }
-        let key = (
-            Arc::from(f.target.unwrap_or_default()),
-            Arc::from(f.identities.join(",")),
-            decision_name(f.decision.unwrap_or_default()),
-        );
-        *c.decisions.entry(key).or_default() += 1;
-        if let Some(us) = f.eval_us {
-            c.observe_eval(us);
+            Some("rejected") => {
+                c.reloads_rejected += 1;
+                c.last_reload_ok = false;
+            }
+            _ => {}
         }
     }
-}
-
-/// The label value of a decision read from a line.
-fn decision_name(d: &str) -> &'static str {
-    [Decision::Allow, Decision::Approve, Decision::Deny]
-        .into_iter()
-        .map(Decision::as_str)
-        .find(|n| *n == d)
-        .unwrap_or("other")
 }
 
 impl Counters {
-    fn count_event(&mut self, event: &'static str) {
-        *self.events.entry(event).or_default() += 1;
-    }
-
     fn observe_eval(&mut self, us: u64) {
         if let Some(i) = BUCKETS_US.iter().position(|b| us <= *b) {
             self.eval_buckets[i] += 1;
@@ -351,13 +313,17 @@ mod tests {
     #[test]
     fn counts_decisions_and_times_from_records() {
         let m = Metrics::new();
-        let q = AuditEvent::new("query");
-        m.event(&q, r#"{"event":"query","target":"pg","decision":"deny","identities":["batch"],"eval_us":7,"query":"x"}"#);
-        m.event(&q, r#"{"event":"query","target":"pg","decision":"deny","identities":["batch"],"eval_us":70}"#);
-        m.event(
-            &q,
-            r#"{"event":"query","target":"pg","decision":"allow","identities":[],"eval_us":20000}"#,
-        );
+        let query = |identities: &str, decision, eval_us| {
+            AuditEvent::new("query").with_decision(crate::audit::DecisionFacts {
+                target: Arc::from("pg"),
+                identities: Arc::from(identities),
+                decision,
+                eval_us,
+            })
+        };
+        m.event(&query("batch", Decision::Deny, 7), "{}");
+        m.event(&query("batch", Decision::Deny, 70), "{}");
+        m.event(&query("", Decision::Allow, 20000), "{}");
         m.event(
             &AuditEvent::new("policy"),
             r#"{"event":"policy","status":"rejected"}"#,

@@ -347,7 +347,7 @@ impl ConnInfo {
             .with_decision(crate::audit::DecisionFacts {
                 target: Arc::clone(&self.labels.0),
                 identities: Arc::clone(&self.labels.1),
-                decision: decision.as_str(),
+                decision,
                 eval_us,
             })
     }

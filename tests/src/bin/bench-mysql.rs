@@ -83,14 +83,8 @@ fn main() {
     pids.extend(agents.iter().map(|a| a.agent.pid().unwrap()));
     let modes = [("prepared", "auto"), ("text", "disable")];
     let configs = [(1u32, true), (8u32, false)];
-    let mut paths: Vec<(&str, Option<&TestCgroup>)> = vec![("direct", None)];
-    paths.extend(agents.iter().map(|a| (a.name.as_str(), Some(&a.cgroup))));
-    let proxy_pid = |name: &str| {
-        agents
-            .iter()
-            .find(|a| a.name == name)
-            .and_then(|a| a.agent.pid())
-    };
+    let mut paths: Vec<(&str, Option<&bench::BenchAgent>)> = vec![("direct", None)];
+    paths.extend(agents.iter().map(|a| (a.name.as_str(), Some(a))));
     let mut rows = Vec::new();
     for (mode, _) in modes {
         for (threads, pinned) in configs {
@@ -109,7 +103,7 @@ fn main() {
                     continue;
                 }
                 bench::pin(&pids, if pinned { "0" } else { "0-1" });
-                for &(p, cgroup) in &paths {
+                for &(p, agent) in &paths {
                     let args = [
                         format!("--db-ps-mode={ps}"),
                         format!("--threads={threads}"),
@@ -117,23 +111,20 @@ fn main() {
                         "--percentile=99".into(),
                         "run".into(),
                     ];
-                    let proxy = proxy_pid(p);
-                    let before = proxy.map(bench::cpu_us);
-                    let out = sysbench(&db, cgroup, pinned, &args);
-                    let (tps, avg, p99) = parse(&out);
-                    if let (Some(pid), Some(before)) = (proxy, before) {
-                        let queries = tps * secs as f64;
-                        let config = (mode, threads, p);
-                        bench::record_cpu(&mut rows, config, before, bench::cpu_us(pid), queries);
-                    }
-                    assert!(
-                        out.contains("ignored errors:                      0"),
-                        "{p} {mode}: errors:\n{out}"
-                    );
+                    let cgroup = agent.map(|a| &a.cgroup);
+                    let proxy = agent.and_then(|a| a.agent.pid());
+                    let config = (mode, threads, p);
+                    let (tps, avg, p99) = bench::measure(&mut rows, config, proxy, secs, || {
+                        let out = sysbench(&db, cgroup, pinned, &args);
+                        assert!(
+                            out.contains("ignored errors:                      0"),
+                            "{p} {mode}: errors:\n{out}"
+                        );
+                        parse(&out)
+                    });
                     eprintln!(
                         "round {round} {mode} t={threads} {p}: tps {tps:.0} avg {avg:.3} ms p99 {p99:.3} ms"
                     );
-                    bench::record(&mut rows, mode, threads, p, (tps, avg, p99));
                 }
             }
         }

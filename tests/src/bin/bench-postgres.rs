@@ -227,29 +227,21 @@ fn main() {
                 }
                 bench::pin(&pids, if pinned { "0" } else { "0-1" });
                 for &p in &paths {
-                    let (cgroup, port) = match p {
-                        Path_::Direct => (None, pg.port),
-                        Path_::PgBouncer => (None, bouncer.port),
-                        Path_::Agent(i) => (Some(&agents[i].cgroup), pg.port),
+                    let (cgroup, port, proxy) = match p {
+                        Path_::Direct => (None, pg.port, None),
+                        Path_::PgBouncer => (None, bouncer.port, Some(bouncer.child.id())),
+                        Path_::Agent(i) => {
+                            (Some(&agents[i].cgroup), pg.port, agents[i].agent.pid())
+                        }
                     };
-                    let proxy = match p {
-                        Path_::Direct => None,
-                        Path_::PgBouncer => Some(bouncer.child.id()),
-                        Path_::Agent(i) => agents[i].agent.pid(),
-                    };
-                    let before = proxy.map(bench::cpu_us);
-                    let (tps, avg, p99) =
-                        run_pgbench(cgroup, port, mode, clients, secs, pinned, &log_dir);
-                    if let (Some(pid), Some(before)) = (proxy, before) {
-                        let config = (mode, clients, name(p));
-                        let queries = tps * secs as f64;
-                        bench::record_cpu(&mut rows, config, before, bench::cpu_us(pid), queries);
-                    }
+                    let config = (mode, clients, name(p));
+                    let (tps, avg, p99) = bench::measure(&mut rows, config, proxy, secs, || {
+                        run_pgbench(cgroup, port, mode, clients, secs, pinned, &log_dir)
+                    });
                     eprintln!(
                         "round {round} {mode} c={clients} {}: tps {tps:.0} avg {avg:.3} ms p99 {p99:.3} ms",
                         name(p)
                     );
-                    bench::record(&mut rows, mode, clients, name(p), (tps, avg, p99));
                 }
             }
         }
