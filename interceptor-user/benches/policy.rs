@@ -1,13 +1,17 @@
 //! Policy and SQL benchmarks (criterion): fingerprint, full analysis,
-//! warm-cache decision, and a 20 MiB bulk INSERT.
+//! warm-cache decision, a 20 MiB bulk INSERT, and one statement through a
+//! connection's guard (decision, decision id, audit record queued for the
+//! writer thread): the per-statement work of the data path.
 //!
 //! `cargo bench -p interceptor-user --bench policy` (or `cargo xtask bench`).
-use std::{hint::black_box, path::Path, time::Duration};
+use std::{hint::black_box, net::SocketAddr, path::Path, sync::Arc, time::Duration};
 
 use criterion::{Criterion, criterion_group, criterion_main};
 use interceptor::{
-    identity::Identity,
+    audit::{AuditConfig, AuditWriter},
+    identity::{Identity, IdentityResolver},
     policy::{DecisionRequest, Engine, PolicyFile, SessionState},
+    proxy::{ConnInfo, Guard, OrigDstLookup, Outcome, Shared},
     sql::{self, Dialect, Fingerprint, LexMode, Limits, Resolution, Scratch},
 };
 
@@ -161,6 +165,71 @@ fn decision(c: &mut Criterion) {
     });
 }
 
+struct NoLookup;
+
+impl OrigDstLookup for NoLookup {
+    fn take(&self, _: SocketAddr) -> Option<interceptor_common::ConnRecord> {
+        None
+    }
+}
+
+/// One pgbench point select through a connection's guard, as the data path
+/// does it: decided, given its decision id, its `query` record (with a
+/// systemd service's identity) queued for the audit writer, which writes
+/// the hash-chained log to a file on its own thread meanwhile.
+fn statement(c: &mut Criterion) {
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let (audit, writer) = AuditWriter::start(AuditConfig::new(dir.path().join("audit.jsonl")))
+        .unwrap_or_else(|e| panic!("{e}"));
+    let file = PolicyFile::parse(POLICY, Path::new("bench")).unwrap_or_else(|e| panic!("{e}"));
+    let target = file.targets[0].clone();
+    let engine = Engine::new(file).unwrap_or_else(|e| panic!("{e}"));
+    let shared = Arc::new(Shared::new(
+        engine,
+        audit,
+        Arc::new(NoLookup),
+        IdentityResolver::new(None, 1 << 20),
+        0,
+        interceptor::proxy::Limits::default(),
+    ));
+    let identity = Identity {
+        pid: 4242,
+        tgid: 4242,
+        uid: 1000,
+        gid: 1000,
+        user: Some("bench".into()),
+        comm: "pgbench".into(),
+        exe: Some("/usr/lib/postgresql/15/bin/pgbench".into()),
+        exe_sha256: Some("9f2c".repeat(16)),
+        cmdline: Some("pgbench -S -T 60 -c 8 -M simple postgres".into()),
+        cgroup: Some("/system.slice/reports.service".into()),
+        unit: Some("reports.service".into()),
+        cgroup_id: 8812,
+        netns_cookie: 4096,
+        ..Identity::default()
+    };
+    let dst = "127.0.0.1:5432".parse().unwrap_or_else(|e| panic!("{e}"));
+    let info = ConnInfo::named(1, target, dst, identity, vec!["bench".into()]);
+    let mut guard = Guard::new(Arc::clone(&shared), info);
+    guard.set_session("bench", "bench");
+    let mut aid = 0u32;
+    let mut sql = String::new();
+    c.bench_function("statement/pgbench_point_select", |b| {
+        b.iter(|| {
+            aid = aid.wrapping_add(7919) % 100_000;
+            sql.clear();
+            sql.push_str("SELECT abalance FROM pgbench_accounts WHERE aid = ");
+            sql.push_str(&aid.to_string());
+            sql.push(';');
+            let outcome = guard.check(black_box(&sql));
+            assert!(matches!(outcome, Outcome::Forward));
+        });
+    });
+    drop(guard);
+    drop(shared);
+    writer.finish();
+}
+
 fn target_matching(c: &mut Criterion) {
     let policy = PolicyFile::parse(
         "version: 1\ntargets:\n  - {name: a, protocol: postgres, address: 10.0.0.0/8:5432}\n  - {name: b, protocol: postgres, address: 10.1.2.3:5432}\n",
@@ -179,6 +248,7 @@ criterion_group!(
     analysis,
     decision,
     target_matching,
+    statement,
     bulk
 );
 criterion_main!(benches);

@@ -14,6 +14,7 @@
 //! path never wakes it per event.
 
 pub mod chain;
+pub mod json;
 mod read;
 mod verify;
 

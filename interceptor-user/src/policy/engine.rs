@@ -117,7 +117,7 @@ impl NameMatcher {
 
 #[derive(Debug)]
 struct CompiledRule {
-    name: String,
+    name: Arc<str>,
     decision: Decision,
     message: Option<String>,
     approval: Option<Arc<ApprovalSpec>>,
@@ -211,11 +211,13 @@ pub struct StatementVerdict {
     /// The statement's text (a slice of the message, trimmed).
     pub text: String,
     pub kind: Kind,
-    pub tables: Vec<String>,
-    pub fingerprint: String,
+    /// Shared with the facts cache: cloning a verdict's pieces for the
+    /// audit record costs no allocation.
+    pub tables: Arc<[String]>,
+    pub fingerprint: Arc<str>,
     pub decision: Decision,
-    pub rule: Option<String>,
-    pub reason: String,
+    pub rule: Option<Arc<str>>,
+    pub reason: Arc<str>,
     /// True when sqlparser could not parse it (lexical classification).
     pub unparsed: bool,
 }
@@ -241,9 +243,9 @@ pub struct Verdict {
     pub enforced: bool,
     pub mode: EffectiveMode,
     /// The deciding rule, `None` when the default applied.
-    pub rule: Option<String>,
+    pub rule: Option<Arc<str>>,
     /// Human-readable reason, for the client's error and the audit log.
-    pub reason: String,
+    pub reason: Arc<str>,
     pub statements: Vec<StatementVerdict>,
     /// Evaluation time in microseconds.
     pub eval_us: u64,
@@ -348,8 +350,10 @@ struct FactsKey {
 #[derive(Debug)]
 struct FactsEntry {
     facts: Arc<StatementFacts>,
+    /// `facts.tables`, shared by every verdict of this shape.
+    tables: Arc<[String]>,
     fingerprint: Fingerprint,
-    fingerprint_text: String,
+    fingerprint_text: Arc<str>,
     effect: Effect,
 }
 
@@ -455,7 +459,7 @@ fn compile_rule(
         })
         .transpose()?;
     Ok(CompiledRule {
-        name: r.name.clone(),
+        name: r.name.as_str().into(),
         decision: r.decision,
         message: r.message.clone(),
         approval: r.approval.clone().map(Arc::new),
@@ -841,11 +845,11 @@ impl Engine {
             out.push(StatementVerdict {
                 text: text.to_owned(),
                 kind: entry.facts.kind,
-                tables: entry.facts.tables.clone(),
-                fingerprint: entry.fingerprint_text.clone(),
+                tables: Arc::clone(&entry.tables),
+                fingerprint: Arc::clone(&entry.fingerprint_text),
                 decision: eval.decision,
-                rule: eval.rule.map(|i| self.rules[i].name.clone()),
-                reason: eval.reason.to_string(),
+                rule: eval.rule.map(|i| Arc::clone(&self.rules[i].name)),
+                reason: eval.reason,
                 unparsed: entry.facts.unparsed,
             });
             details.push(StatementDetails {
@@ -1048,9 +1052,9 @@ impl Engine {
             Some(i) => {
                 let s = &statements[i];
                 let reason = if statements.len() > 1 {
-                    format!("statement {} of {}: {}", i + 1, statements.len(), s.reason)
+                    format!("statement {} of {}: {}", i + 1, statements.len(), s.reason).into()
                 } else {
-                    s.reason.clone()
+                    Arc::clone(&s.reason)
                 };
                 let approval = match (&s.rule, s.decision) {
                     (Some(name), Decision::Approve) => self
@@ -1064,7 +1068,7 @@ impl Engine {
                 };
                 (s.decision, s.rule.clone(), reason, approval)
             }
-            None => (Decision::Allow, None, "empty query".to_owned(), None),
+            None => (Decision::Allow, None, "empty query".into(), None),
         };
         Verdict {
             decision,
@@ -1101,16 +1105,16 @@ impl Engine {
         let st = StatementVerdict {
             text: req.sql.trim().to_owned(),
             kind: Kind::Other,
-            tables: Vec::new(),
-            fingerprint: String::new(),
+            tables: Arc::from([]),
+            fingerprint: Arc::from(""),
             decision: Decision::Deny,
             rule: None,
-            reason: reason.clone(),
+            reason: reason.as_str().into(),
             unparsed: true,
         };
         let d = StatementDetails { facts, limit: None };
         let mut v = self.verdict(vec![st], vec![d], mode, started);
-        v.reason = reason;
+        v.reason = reason.into();
         v
     }
 
@@ -1151,11 +1155,11 @@ impl Engine {
         let st = StatementVerdict {
             text: format!("FunctionCall {function}"),
             kind: Kind::Call,
-            tables: Vec::new(),
-            fingerprint: fp.to_string(),
+            tables: Arc::from([]),
+            fingerprint: fp.to_string().into(),
             decision: eval.decision,
             rule: eval.rule.map(|i| self.rules[i].name.clone()),
-            reason: eval.reason.to_string(),
+            reason: eval.reason,
             unparsed: false,
         };
         let d = StatementDetails { facts, limit: None };
@@ -1222,7 +1226,8 @@ fn synthetic(tag: &str, dialect: Dialect, why: &str) -> Arc<FactsEntry> {
             parse_error: Some(why.to_owned()),
             procedural: false,
         }),
-        fingerprint_text: fingerprint.to_string(),
+        fingerprint_text: fingerprint.to_string().into(),
+        tables: Arc::from([]),
         fingerprint,
         effect: Effect::None,
     })
@@ -1237,9 +1242,11 @@ fn analyse_entry(
     dialect: Dialect,
 ) -> FactsEntry {
     let a: Analysis = sql::analyze(canonical, info, dialect, limits);
+    let facts = a.resolve(resolution);
     FactsEntry {
-        facts: Arc::new(a.resolve(resolution)),
-        fingerprint_text: fp.to_string(),
+        tables: facts.tables.clone().into(),
+        facts: Arc::new(facts),
+        fingerprint_text: fp.to_string().into(),
         fingerprint: fp,
         effect: a.effect,
     }

@@ -202,12 +202,12 @@ fn reasons_are_clear() {
     let mut c = Conn::new(&e, anyone(), "pg", "app");
     let v = c.run("DELETE FROM orders");
     assert_eq!(
-        v.reason,
+        &*v.reason,
         "rule \"no-unbounded-writes\" denies delete on public.orders: UPDATE and DELETE need a WHERE clause"
     );
     let v = c.run("select * from orders");
     assert_eq!(
-        v.reason,
+        &*v.reason,
         "no rule allowed this statement; the policy's default is deny"
     );
     assert_eq!(v.rule, None);
@@ -315,7 +315,7 @@ fn search_path_and_use_are_followed() {
     c.run("commit");
     let v = c.run("select * from orders");
     assert_eq!(v.decision, Decision::Deny);
-    assert_eq!(v.statements[0].tables, ["public.orders", "secret.orders"]);
+    assert_eq!(*v.statements[0].tables, ["public.orders", "secret.orders"]);
     // set_config with an unreadable value (let through in shadow mode):
     // unqualified names match nothing.
     let shadow = engine(&RULES.replace("mode: enforce", "mode: shadow"));

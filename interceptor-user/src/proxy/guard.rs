@@ -4,8 +4,6 @@
 
 use std::sync::{Arc, atomic::Ordering};
 
-use serde::Serialize;
-
 use super::{ConnInfo, LiveConn, Shared};
 use crate::{
     approval::{NewApproval, Resolution, Ticket},
@@ -97,6 +95,8 @@ pub struct Guard {
     session: SessionState,
     pub db_user: String,
     pub database: String,
+    /// `db_user` and `database` shared with the audit records.
+    session_labels: (Arc<str>, Arc<str>),
     next_decision: u64,
 }
 
@@ -120,6 +120,7 @@ impl Guard {
             session: SessionState::default(),
             db_user: String::new(),
             database: String::new(),
+            session_labels: (Arc::from(""), Arc::from("")),
             next_decision: 1,
         }
     }
@@ -128,6 +129,7 @@ impl Guard {
     pub fn set_session(&mut self, db_user: &str, database: &str) {
         db_user.clone_into(&mut self.db_user);
         database.clone_into(&mut self.database);
+        self.session_labels = (Arc::from(db_user), Arc::from(database));
         self.session.database = Some(database.to_owned());
         self.live.update(|s| {
             db_user.clone_into(&mut s.db_user);
@@ -168,7 +170,7 @@ impl Guard {
     /// Decides one query message (which may hold several statements).
     pub fn check(&mut self, sql: &str) -> Outcome {
         let verdict = self.decide_with(sql, |engine, req, session| engine.decide(req, session));
-        self.conclude(sql, &verdict)
+        self.conclude(sql, verdict)
     }
 
     /// Decides a call of a function given by name or OID (PostgreSQL FunctionCall).
@@ -177,7 +179,7 @@ impl Guard {
         let verdict = self.decide_with(&text, |engine, req, session| {
             engine.decide_function_call(req, function, session)
         });
-        self.conclude(&text, &verdict)
+        self.conclude(&text, verdict)
     }
 
     /// Runs one engine call with this connection's request for `sql`.
@@ -202,7 +204,8 @@ impl Guard {
         call(&engine, &req, &mut self.session)
     }
 
-    fn conclude(&mut self, sql: &str, v: &Verdict) -> Outcome {
+    fn conclude(&mut self, sql: &str, mut v: Verdict) -> Outcome {
+        let v = &mut v;
         let id = format!(
             "{}-{}-{}",
             self.shared.boot_id, self.info.id, self.next_decision
@@ -286,45 +289,45 @@ impl Guard {
         })
     }
 
-    /// One `query` event per statement of the message.
-    fn audit(&self, id: &str, sql: &str, v: &Verdict) {
+    /// One `query` event per statement of the message. The verdict's
+    /// texts move into the records; the rest is shared (`Arc`), so a
+    /// record costs the data path no copies.
+    fn audit(&self, id: &str, sql: &str, v: &mut Verdict) {
         let redact = self.redacting();
-        let fallback;
-        let statements: &[_] = if v.statements.is_empty() {
-            fallback = [crate::policy::StatementVerdict {
+        if v.statements.is_empty() {
+            v.statements.push(crate::policy::StatementVerdict {
                 text: sql.to_owned(),
                 kind: Kind::Other,
-                tables: Vec::new(),
-                fingerprint: String::new(),
+                tables: Arc::from([]),
+                fingerprint: Arc::from(""),
                 decision: v.decision,
                 rule: v.rule.clone(),
-                reason: v.reason.clone(),
+                reason: Arc::clone(&v.reason),
                 unparsed: true,
-            }];
-            &fallback
-        } else {
-            &v.statements
-        };
-        for (i, st) in statements.iter().enumerate() {
+            });
+        }
+        let id: Arc<str> = Arc::from(id);
+        for (i, st) in v.statements.iter_mut().enumerate() {
+            let text = std::mem::take(&mut st.text);
             let body = QueryEvent {
-                decision_id: id.to_owned(),
+                decision_id: Arc::clone(&id),
                 statement: i,
                 decision: st.decision,
                 message_decision: v.decision,
                 rule: st.rule.clone().or_else(|| v.rule.clone()),
                 reason: if st.reason.is_empty() {
-                    v.reason.clone()
+                    Arc::clone(&v.reason)
                 } else {
-                    st.reason.clone()
+                    Arc::clone(&st.reason)
                 },
                 enforced: v.enforced,
-                query: self.query_text(&st.text, redact),
-                fingerprint: st.fingerprint.clone(),
+                query: self.logged_text(text, redact),
+                fingerprint: Arc::clone(&st.fingerprint),
                 kind: st.kind,
-                tables: st.tables.clone(),
+                tables: Arc::clone(&st.tables),
                 unparsed: st.unparsed,
-                db_user: self.db_user.clone(),
-                database: self.database.clone(),
+                db_user: Arc::clone(&self.session_labels.0),
+                database: Arc::clone(&self.session_labels.1),
                 eval_us: v.eval_us,
             };
             self.shared.audit.record(
@@ -334,38 +337,81 @@ impl Guard {
             );
         }
     }
+
+    /// [`Self::query_text`] of an owned text, kept as it is when it needs
+    /// neither cutting nor redacting.
+    fn logged_text(&self, text: String, redact: bool) -> String {
+        if !redact && text.len() <= self.shared.audit_query_max {
+            return text;
+        }
+        self.query_text(&text, redact)
+    }
 }
 
 /// The shape of a whole message: its statements' fingerprints, in order.
 fn message_fingerprint(v: &Verdict) -> String {
     match v.statements.as_slice() {
-        [one] => one.fingerprint.clone(),
+        [one] => one.fingerprint.to_string(),
         many => many
             .iter()
-            .map(|s| s.fingerprint.as_str())
+            .map(|s| &*s.fingerprint)
             .collect::<Vec<_>>()
             .join(";"),
     }
 }
 
-/// Fields of a `query` event.
-#[derive(Serialize)]
+/// Fields of a `query` event, rendered by the audit writer.
 struct QueryEvent {
-    decision_id: String,
+    decision_id: Arc<str>,
     statement: usize,
     decision: Decision,
     message_decision: Decision,
-    rule: Option<String>,
-    reason: String,
+    rule: Option<Arc<str>>,
+    reason: Arc<str>,
     enforced: bool,
     query: String,
-    fingerprint: String,
+    fingerprint: Arc<str>,
     kind: Kind,
-    tables: Vec<String>,
+    tables: Arc<[String]>,
     unparsed: bool,
-    db_user: String,
-    database: String,
+    db_user: Arc<str>,
+    database: Arc<str>,
     eval_us: u64,
+}
+
+impl crate::audit::EventBody for QueryEvent {
+    /// Written member by member (no serde map machinery): this runs once
+    /// per statement on the writer thread.
+    fn write_json(&self, out: &mut Vec<u8>) {
+        use crate::audit::json::{bool_member, str_member, u64_member};
+        out.push(b'{');
+        str_member(out, "decision_id", &self.decision_id);
+        u64_member(out, "statement", self.statement as u64);
+        str_member(out, "decision", self.decision.as_str());
+        str_member(out, "message_decision", self.message_decision.as_str());
+        match &self.rule {
+            Some(r) => str_member(out, "rule", r),
+            None => out.extend_from_slice(b",\"rule\":null"),
+        }
+        str_member(out, "reason", &self.reason);
+        bool_member(out, "enforced", self.enforced);
+        str_member(out, "query", &self.query);
+        str_member(out, "fingerprint", &self.fingerprint);
+        str_member(out, "kind", self.kind.as_str());
+        out.extend_from_slice(b",\"tables\":[");
+        for (i, t) in self.tables.iter().enumerate() {
+            if i > 0 {
+                out.push(b',');
+            }
+            crate::audit::json::string(out, t);
+        }
+        out.push(b']');
+        bool_member(out, "unparsed", self.unparsed);
+        str_member(out, "db_user", &self.db_user);
+        str_member(out, "database", &self.database);
+        u64_member(out, "eval_us", self.eval_us);
+        out.push(b'}');
+    }
 }
 
 /// At most `max` bytes of `s`, cut on a character boundary.
@@ -389,6 +435,7 @@ impl Guard {
     /// accepted it, or put back after it refused).
     pub fn set_database(&mut self, database: &str) {
         database.clone_into(&mut self.database);
+        self.session_labels.1 = Arc::from(database);
         self.session.database = Some(database.to_owned());
         self.live.update(|s| database.clone_into(&mut s.database));
     }
@@ -425,7 +472,7 @@ impl Guard {
         });
         let id = self.take_decision_id();
         let (decision, rule, reason) = if asks_for_local_file(statement) {
-            (v.decision, v.rule.clone(), v.reason.clone())
+            (v.decision, v.rule.clone(), v.reason.to_string())
         } else {
             (
                 Decision::Deny,
