@@ -593,7 +593,73 @@ fn asks_for_local_file(sql: &str) -> bool {
 
 #[cfg(test)]
 mod tests {
-    use super::truncate;
+    use std::sync::Arc;
+
+    use super::{QueryEvent, truncate};
+    use crate::{audit::EventBody as _, policy::Decision, sql::Kind};
+
+    #[test]
+    fn query_record_body_is_the_json_object_it_claims() {
+        let mut ev = QueryEvent {
+            decision_id: Arc::from("b1-7-3"),
+            statement: 1,
+            decision: Decision::Deny,
+            message_decision: Decision::Approve,
+            rule: None,
+            reason: Arc::from("no rule allowed \"this\"\nstatement"),
+            enforced: true,
+            query: "SELECT '\u{1}é\\' FROM t".to_owned(),
+            fingerprint: Arc::from("0011aabb"),
+            kind: Kind::Select,
+            tables: Arc::from(["public.a".to_owned(), "public.\"b\"".to_owned()]),
+            unparsed: false,
+            db_user: Arc::from("app"),
+            database: Arc::from("shop"),
+            eval_us: 12,
+        };
+        let mut out = Vec::new();
+        ev.write_json(&mut out);
+        let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
+        let mut keys: Vec<&str> = v.as_object().unwrap().keys().map(String::as_str).collect();
+        keys.sort_unstable();
+        let mut expected = vec![
+            "decision_id",
+            "statement",
+            "decision",
+            "message_decision",
+            "rule",
+            "reason",
+            "enforced",
+            "query",
+            "fingerprint",
+            "kind",
+            "tables",
+            "unparsed",
+            "db_user",
+            "database",
+            "eval_us",
+        ];
+        expected.sort_unstable();
+        assert_eq!(keys, expected);
+        assert_eq!(v["decision"], "deny");
+        assert_eq!(v["message_decision"], "approve");
+        assert!(v["rule"].is_null());
+        assert_eq!(v["reason"], "no rule allowed \"this\"\nstatement");
+        assert_eq!(v["query"], "SELECT '\u{1}é\\' FROM t");
+        assert_eq!(v["tables"], serde_json::json!(["public.a", "public.\"b\""]));
+        assert_eq!(v["kind"], "select");
+        assert_eq!(v["statement"], 1);
+        assert_eq!(v["eval_us"], 12);
+        assert_eq!(v["enforced"], true);
+        assert_eq!(v["unparsed"], false);
+        ev.rule = Some(Arc::from("no-drops"));
+        ev.tables = Arc::from([]);
+        out.clear();
+        ev.write_json(&mut out);
+        let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
+        assert_eq!(v["rule"], "no-drops");
+        assert_eq!(v["tables"], serde_json::json!([]));
+    }
 
     #[test]
     fn local_file_statements() {
