@@ -36,6 +36,19 @@ pub fn str_member(out: &mut Vec<u8>, name: &str, value: &str) {
     string(out, value);
 }
 
+/// Appends a string member whose value is `prefix` followed by `n`.
+pub fn numbered_member(out: &mut Vec<u8>, name: &str, prefix: &str, n: u64) {
+    key(out, name);
+    let start = out.len();
+    string(out, prefix);
+    // Reopen the string before its closing quote for the number.
+    if out.last() == Some(&b'"') && out.len() > start + 1 {
+        out.pop();
+        out.extend_from_slice(itoa::Buffer::new().format(n).as_bytes());
+        out.push(b'"');
+    }
+}
+
 /// Appends a number member.
 pub fn u64_member(out: &mut Vec<u8>, name: &str, value: u64) {
     key(out, name);
@@ -67,11 +80,13 @@ mod tests {
             out.push(b'{');
             str_member(&mut out, "s", s);
             u64_member(&mut out, "n", 42);
+            numbered_member(&mut out, "id", s, 7);
             bool_member(&mut out, "b", true);
             out.push(b'}');
             let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
             assert_eq!(v["s"], s);
             assert_eq!(v["n"], 42);
+            assert_eq!(v["id"], format!("{s}7"));
             assert_eq!(v["b"], true);
         }
     }

@@ -97,6 +97,8 @@ pub struct Guard {
     pub database: String,
     /// `db_user` and `database` shared with the audit records.
     session_labels: (Arc<str>, Arc<str>),
+    /// `BOOT-CONN-`: decision ids are this and a counter.
+    id_prefix: Arc<str>,
     next_decision: u64,
 }
 
@@ -112,6 +114,7 @@ impl Guard {
     pub fn with_live(shared: Arc<Shared>, live: Arc<LiveConn>) -> Self {
         let info = live.info.clone();
         let binding = shared.engine.load().bind_identity(&info.identity);
+        let id_prefix = Arc::from(format!("{}-{}-", shared.boot_id, info.id));
         Self {
             shared,
             info,
@@ -121,6 +124,7 @@ impl Guard {
             db_user: String::new(),
             database: String::new(),
             session_labels: (Arc::from(""), Arc::from("")),
+            id_prefix,
             next_decision: 1,
         }
     }
@@ -206,16 +210,14 @@ impl Guard {
 
     fn conclude(&mut self, sql: &str, mut v: Verdict) -> Outcome {
         let v = &mut v;
-        let id = format!(
-            "{}-{}-{}",
-            self.shared.boot_id, self.info.id, self.next_decision
-        );
+        let n = self.next_decision;
         self.next_decision += 1;
-        self.audit(&id, sql, v);
+        self.audit(n, sql, v);
         self.live.decisions.add(v.decision);
         if !v.blocks() {
             return Outcome::Forward;
         }
+        let id = format!("{}{n}", self.id_prefix);
         let who = v.rule.as_deref().map_or_else(
             || "no rule allowed this statement".to_owned(),
             |r| format!("by rule \"{r}\""),
@@ -292,7 +294,7 @@ impl Guard {
     /// One `query` event per statement of the message. The verdict's
     /// texts move into the records; the rest is shared (`Arc`), so a
     /// record costs the data path no copies.
-    fn audit(&self, id: &str, sql: &str, v: &mut Verdict) {
+    fn audit(&self, decision: u64, sql: &str, v: &mut Verdict) {
         let redact = self.redacting();
         if v.statements.is_empty() {
             v.statements.push(crate::policy::StatementVerdict {
@@ -306,11 +308,10 @@ impl Guard {
                 unparsed: true,
             });
         }
-        let id: Arc<str> = Arc::from(id);
         for (i, st) in v.statements.iter_mut().enumerate() {
             let text = std::mem::take(&mut st.text);
             let body = QueryEvent {
-                decision_id: Arc::clone(&id),
+                decision_id: (Arc::clone(&self.id_prefix), decision),
                 statement: i,
                 decision: st.decision,
                 message_decision: v.decision,
@@ -362,7 +363,8 @@ fn message_fingerprint(v: &Verdict) -> String {
 
 /// Fields of a `query` event, rendered by the audit writer.
 struct QueryEvent {
-    decision_id: Arc<str>,
+    /// The decision id's prefix and number, joined when rendered.
+    decision_id: (Arc<str>, u64),
     statement: usize,
     decision: Decision,
     message_decision: Decision,
@@ -385,7 +387,12 @@ impl crate::audit::EventBody for QueryEvent {
     fn write_json(&self, out: &mut Vec<u8>) {
         use crate::audit::json::{bool_member, str_member, u64_member};
         out.push(b'{');
-        str_member(out, "decision_id", &self.decision_id);
+        crate::audit::json::numbered_member(
+            out,
+            "decision_id",
+            &self.decision_id.0,
+            self.decision_id.1,
+        );
         u64_member(out, "statement", self.statement as u64);
         str_member(out, "decision", self.decision.as_str());
         str_member(out, "message_decision", self.message_decision.as_str());
@@ -530,10 +537,7 @@ impl Guard {
     }
 
     fn take_decision_id(&mut self) -> String {
-        let id = format!(
-            "{}-{}-{}",
-            self.shared.boot_id, self.info.id, self.next_decision
-        );
+        let id = format!("{}{}", self.id_prefix, self.next_decision);
         self.next_decision += 1;
         id
     }
@@ -601,7 +605,7 @@ mod tests {
     #[test]
     fn query_record_body_is_the_json_object_it_claims() {
         let mut ev = QueryEvent {
-            decision_id: Arc::from("b1-7-3"),
+            decision_id: (Arc::from("b1-7-"), 3),
             statement: 1,
             decision: Decision::Deny,
             message_decision: Decision::Approve,
@@ -641,6 +645,7 @@ mod tests {
         ];
         expected.sort_unstable();
         assert_eq!(keys, expected);
+        assert_eq!(v["decision_id"], "b1-7-3");
         assert_eq!(v["decision"], "deny");
         assert_eq!(v["message_decision"], "approve");
         assert!(v["rule"].is_null());
