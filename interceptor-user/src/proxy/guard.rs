@@ -664,6 +664,13 @@ mod tests {
         let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
         assert_eq!(v["rule"], "no-drops");
         assert_eq!(v["tables"], serde_json::json!([]));
+        // The names written by hand are the ones serde gives the types.
+        for k in Kind::ALL {
+            assert_eq!(serde_json::to_value(k).unwrap(), k.as_str());
+        }
+        for d in [Decision::Allow, Decision::Deny, Decision::Approve] {
+            assert_eq!(serde_json::to_value(d).unwrap(), d.as_str());
+        }
     }
 
     #[test]
