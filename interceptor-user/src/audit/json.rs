@@ -2,7 +2,7 @@
 //! writer renders once per statement: no serde map machinery, and strings
 //! that need no escaping (nearly all) copied in one piece.
 
-/// Appends `s` as a JSON string.
+/// Appends `s` as a JSON string (always ending in its closing quote).
 pub fn string(out: &mut Vec<u8>, s: &str) {
     // A fold without early exit, so the compiler checks many bytes per
     // instruction.
@@ -39,14 +39,33 @@ pub fn str_member(out: &mut Vec<u8>, name: &str, value: &str) {
 /// Appends a string member whose value is `prefix` followed by `n`.
 pub fn numbered_member(out: &mut Vec<u8>, name: &str, prefix: &str, n: u64) {
     key(out, name);
-    let start = out.len();
     string(out, prefix);
     // Reopen the string before its closing quote for the number.
-    if out.last() == Some(&b'"') && out.len() > start + 1 {
-        out.pop();
-        out.extend_from_slice(itoa::Buffer::new().format(n).as_bytes());
-        out.push(b'"');
+    out.pop();
+    out.extend_from_slice(itoa::Buffer::new().format(n).as_bytes());
+    out.push(b'"');
+}
+
+/// Appends a string member, `null` when there is none.
+pub fn opt_str_member(out: &mut Vec<u8>, name: &str, value: Option<&str>) {
+    key(out, name);
+    match value {
+        Some(v) => string(out, v),
+        None => out.extend_from_slice(b"null"),
     }
+}
+
+/// Appends an array-of-strings member.
+pub fn str_array_member(out: &mut Vec<u8>, name: &str, values: &[String]) {
+    key(out, name);
+    out.push(b'[');
+    for (i, v) in values.iter().enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        string(out, v);
+    }
+    out.push(b']');
 }
 
 /// Appends a number member.

@@ -93,10 +93,9 @@ pub struct Guard {
     live: Arc<LiveConn>,
     binding: IdentityBinding,
     session: SessionState,
-    pub db_user: String,
-    pub database: String,
-    /// `db_user` and `database` shared with the audit records.
-    session_labels: (Arc<str>, Arc<str>),
+    /// Shared with the audit records.
+    pub db_user: Arc<str>,
+    pub database: Arc<str>,
     /// `BOOT-CONN-`: decision ids are this and a counter.
     id_prefix: Arc<str>,
     next_decision: u64,
@@ -121,9 +120,8 @@ impl Guard {
             live,
             binding,
             session: SessionState::default(),
-            db_user: String::new(),
-            database: String::new(),
-            session_labels: (Arc::from(""), Arc::from("")),
+            db_user: Arc::from(""),
+            database: Arc::from(""),
             id_prefix,
             next_decision: 1,
         }
@@ -131,9 +129,8 @@ impl Guard {
 
     /// Session facts learnt from the protocol's startup.
     pub fn set_session(&mut self, db_user: &str, database: &str) {
-        db_user.clone_into(&mut self.db_user);
-        database.clone_into(&mut self.database);
-        self.session_labels = (Arc::from(db_user), Arc::from(database));
+        self.db_user = Arc::from(db_user);
+        self.database = Arc::from(database);
         self.session.database = Some(database.to_owned());
         self.live.update(|s| {
             db_user.clone_into(&mut s.db_user);
@@ -327,8 +324,8 @@ impl Guard {
                 kind: st.kind,
                 tables: Arc::clone(&st.tables),
                 unparsed: st.unparsed,
-                db_user: Arc::clone(&self.session_labels.0),
-                database: Arc::clone(&self.session_labels.1),
+                db_user: Arc::clone(&self.db_user),
+                database: Arc::clone(&self.database),
                 eval_us: v.eval_us,
             };
             self.shared.audit.record(
@@ -385,34 +382,21 @@ impl crate::audit::EventBody for QueryEvent {
     /// Written member by member (no serde map machinery): this runs once
     /// per statement on the writer thread.
     fn write_json(&self, out: &mut Vec<u8>) {
-        use crate::audit::json::{bool_member, str_member, u64_member};
+        use crate::audit::json::{
+            bool_member, numbered_member, opt_str_member, str_array_member, str_member, u64_member,
+        };
         out.push(b'{');
-        crate::audit::json::numbered_member(
-            out,
-            "decision_id",
-            &self.decision_id.0,
-            self.decision_id.1,
-        );
+        numbered_member(out, "decision_id", &self.decision_id.0, self.decision_id.1);
         u64_member(out, "statement", self.statement as u64);
         str_member(out, "decision", self.decision.as_str());
         str_member(out, "message_decision", self.message_decision.as_str());
-        match &self.rule {
-            Some(r) => str_member(out, "rule", r),
-            None => out.extend_from_slice(b",\"rule\":null"),
-        }
+        opt_str_member(out, "rule", self.rule.as_deref());
         str_member(out, "reason", &self.reason);
         bool_member(out, "enforced", self.enforced);
         str_member(out, "query", &self.query);
         str_member(out, "fingerprint", &self.fingerprint);
         str_member(out, "kind", self.kind.as_str());
-        out.extend_from_slice(b",\"tables\":[");
-        for (i, t) in self.tables.iter().enumerate() {
-            if i > 0 {
-                out.push(b',');
-            }
-            crate::audit::json::string(out, t);
-        }
-        out.push(b']');
+        str_array_member(out, "tables", &self.tables);
         bool_member(out, "unparsed", self.unparsed);
         str_member(out, "db_user", &self.db_user);
         str_member(out, "database", &self.database);
@@ -441,8 +425,7 @@ impl Guard {
     /// The current database changed (COM_INIT_DB or `USE`, once the server
     /// accepted it, or put back after it refused).
     pub fn set_database(&mut self, database: &str) {
-        database.clone_into(&mut self.database);
-        self.session_labels.1 = Arc::from(database);
+        self.database = Arc::from(database);
         self.session.database = Some(database.to_owned());
         self.live.update(|s| database.clone_into(&mut s.database));
     }
