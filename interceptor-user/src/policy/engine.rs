@@ -6,22 +6,24 @@
 //! `Engine::decide`, `Engine::decide_function_call`, `SessionState`,
 //! `Verdict`, `StatementVerdict`.
 //!
-//! Hot path: a message is split and each statement normalised and hashed
-//! (one linear pass plus SHA-256); the fingerprint keys a per-thread cache
-//! of statement facts (a full parse happens once per shape, session context
-//! and thread) and a per-thread cache of decisions keyed by (policy,
-//! identity binding, target, db user, database, name resolution, shape).
+//! Hot path: a message is split and each statement normalised (one linear
+//! pass); a keyed hash of the canonical text finds the shape in a per-thread
+//! cache of statement facts, where the entry's own canonical text must match
+//! (a full parse and the SHA-256 fingerprint happen once per shape, session
+//! context and thread), and a per-thread cache of decisions keyed by
+//! (policy, identity binding, target, db user, database, name resolution,
+//! shape).
 //! The agent runs one single-threaded runtime per worker thread, so the
 //! caches are `thread_local!`: no lock is shared on the per-query path.
 
 use std::{
     borrow::Cow,
     cell::RefCell,
-    collections::{HashMap, HashSet},
-    hash::{BuildHasherDefault, Hash, Hasher},
+    collections::{HashMap, HashSet, hash_map::RandomState},
+    hash::{BuildHasher as _, BuildHasherDefault, Hash, Hasher},
     path::Path,
     sync::{
-        Arc,
+        Arc, LazyLock,
         atomic::{AtomicU64, Ordering},
     },
     time::Instant,
@@ -341,14 +343,28 @@ impl<K: Hash + Eq + Clone, V: Clone> TwoGen<K, V> {
 
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]
 struct FactsKey {
-    shape: u128,
+    /// [`shape_hash`] of the canonical text.
+    shape: u64,
     ctx: u64,
     limits: u64,
+}
+
+/// Key of [`shape_hash`]: random per process, so a workload can neither aim
+/// its statements at one bucket nor make two shapes share a key on purpose.
+/// A collision would only cost a miss: a hit also compares the entry's
+/// canonical text.
+static SHAPE_HASH: LazyLock<RandomState> = LazyLock::new(RandomState::new);
+
+fn shape_hash(canonical: &str, dialect: Dialect) -> u64 {
+    SHAPE_HASH.hash_one((dialect, canonical))
 }
 
 /// Facts of a shape in a resolution context.
 #[derive(Debug)]
 struct FactsEntry {
+    /// The canonical text and dialect this entry was analysed from.
+    canonical: Box<str>,
+    dialect: Dialect,
     facts: Arc<StatementFacts>,
     /// `facts.tables`, shared by every verdict of this shape.
     tables: Arc<[String]>,
@@ -394,6 +410,20 @@ thread_local! {
         scratch: Scratch::default(),
         canonical: String::new(),
         spans: Vec::new(),
+    });
+}
+
+/// Test hook: gives every cached shape of this thread another shape's
+/// facts, as colliding keys would.
+#[cfg(test)]
+pub(super) fn scramble_facts_cache() {
+    CACHE.with(|c| {
+        let mut c = c.borrow_mut();
+        let mut values: Vec<Arc<FactsEntry>> = c.facts.hot.values().cloned().collect();
+        values.rotate_left(1);
+        for (v, new) in c.facts.hot.values_mut().zip(values) {
+            *v = new;
+        }
     });
 }
 
@@ -891,19 +921,18 @@ impl Engine {
             &mut canonical,
             &mut cache.scratch,
         );
-        let fp = Fingerprint::of(&canonical, dialect);
         let key = FactsKey {
-            shape: fp.key,
+            shape: shape_hash(&canonical, dialect),
             ctx: cx.ctx_key,
             limits: self.limits_key,
         };
         let entry = match cache.facts.get(&key) {
-            Some(e) => e,
-            None => {
+            Some(e) if e.dialect == dialect && *e.canonical == *canonical => e,
+            _ => {
                 let e = Arc::new(analyse_entry(
                     &canonical,
                     &info,
-                    fp,
+                    Fingerprint::of(&canonical, dialect),
                     &cx.resolution,
                     &self.limits,
                     dialect,
@@ -1214,6 +1243,8 @@ fn rule_reason(r: &CompiledRule, f: &StatementFacts) -> String {
 fn synthetic(tag: &str, dialect: Dialect, why: &str) -> Arc<FactsEntry> {
     let fingerprint = Fingerprint::of(tag, dialect);
     Arc::new(FactsEntry {
+        canonical: tag.into(),
+        dialect,
         facts: Arc::new(StatementFacts {
             kind: Kind::Other,
             tables: Vec::new(),
@@ -1244,6 +1275,8 @@ fn analyse_entry(
     let a: Analysis = sql::analyze(canonical, info, dialect, limits);
     let facts = a.resolve(resolution);
     FactsEntry {
+        canonical: canonical.into(),
+        dialect,
         tables: facts.tables.clone().into(),
         facts: Arc::new(facts),
         fingerprint_text: fp.to_string().into(),

@@ -569,6 +569,21 @@ fn cached_and_uncached_agree() {
     }
 }
 
+#[test]
+fn a_cached_shape_must_match_its_text() {
+    // A hit whose entry was analysed from another text (two shapes sharing a
+    // cache key) is treated as a miss, never decided with the other's facts.
+    let e = engine(RULES);
+    let mut c = Conn::new(&e, reporting(), "pg", "app");
+    let statements = ["select * from orders", "delete from orders"];
+    let first: Vec<Decision> = statements.iter().map(|s| c.decision(s)).collect();
+    assert_eq!(first, [Decision::Allow, Decision::Deny]);
+    super::engine::scramble_facts_cache();
+    let mut c = Conn::new(&e, reporting(), "pg", "app");
+    let again: Vec<Decision> = statements.iter().map(|s| c.decision(s)).collect();
+    assert_eq!(again, first);
+}
+
 // ---------------------------------------------------------------------------
 // Every file in policies/ is loaded and exercised as its comment promises.
 
