@@ -2,11 +2,13 @@
 //!
 //! The hash is SHA-256 (hardware-accelerated where the CPU has SHA
 //! extensions), not a fast non-cryptographic hash, because fingerprints key
-//! decisions: the cache serves a cached `allow` to any statement with the
-//! same key, and policies pin allowed shapes by fingerprint. A workload
-//! able to craft a text colliding with an allowed shape would bypass the
-//! policy; with SHA-256 that needs a 2^64 second preimage for a pinned
-//! fingerprint and a 2^64 birthday search for the 128-bit cache key.
+//! decisions: the decision cache serves a cached `allow` to any statement
+//! with the same key, and policies pin allowed shapes by fingerprint. A
+//! workload able to craft a text colliding with an allowed shape would
+//! bypass the policy; with SHA-256 that needs a 2^64 second preimage for a
+//! pinned fingerprint and a 2^64 birthday search for the 128-bit cache key.
+//! It is computed once per shape: the facts cache in front of it is found by
+//! a keyed hash and compares the canonical text itself.
 
 use std::fmt;
 

@@ -6,7 +6,8 @@
 //!    dialect's quotes and comments;
 //! 2. [`normalize`]: one linear pass per statement writes its canonical text
 //!    (literals replaced, case and spacing folded, literal lists collapsed);
-//!    [`Fingerprint::of`] hashes it. This is the hot path and keys the caches;
+//!    the policy engine finds the shape's cached facts by it, and
+//!    [`Fingerprint::of`] hashes it once per new shape. This is the hot path;
 //! 3. [`analyze`]: only for a shape not seen before, sqlparser parses the
 //!    canonical text (small even for a 20 MiB `INSERT`) and a visitor collects
 //!    the facts; a lexical pass adds the flags and classifies what sqlparser
