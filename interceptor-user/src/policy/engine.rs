@@ -366,8 +366,6 @@ struct FactsEntry {
     canonical: Box<str>,
     dialect: Dialect,
     facts: Arc<StatementFacts>,
-    /// `facts.tables`, shared by every verdict of this shape.
-    tables: Arc<[String]>,
     fingerprint: Fingerprint,
     fingerprint_text: Arc<str>,
     effect: Effect,
@@ -875,7 +873,7 @@ impl Engine {
             out.push(StatementVerdict {
                 text: text.to_owned(),
                 kind: entry.facts.kind,
-                tables: Arc::clone(&entry.tables),
+                tables: Arc::clone(&entry.facts.tables),
                 fingerprint: Arc::clone(&entry.fingerprint_text),
                 decision: eval.decision,
                 rule: eval.rule.map(|i| Arc::clone(&self.rules[i].name)),
@@ -1121,7 +1119,7 @@ impl Engine {
         let reason = format!("target {:?} is not in the policy", req.target);
         let facts = Arc::new(StatementFacts {
             kind: Kind::Other,
-            tables: Vec::new(),
+            tables: Arc::from([]),
             tables_written: Vec::new(),
             functions: Vec::new(),
             flags: FlagSet::default(),
@@ -1170,7 +1168,7 @@ impl Engine {
         let fp = Fingerprint::of(&format!("function-call {name}"), target.dialect);
         let facts = Arc::new(StatementFacts {
             kind: Kind::Call,
-            tables: Vec::new(),
+            tables: Arc::from([]),
             tables_written: Vec::new(),
             functions: vec![name.clone()],
             flags: sql::function_flags(&name),
@@ -1247,7 +1245,7 @@ fn synthetic(tag: &str, dialect: Dialect, why: &str) -> Arc<FactsEntry> {
         dialect,
         facts: Arc::new(StatementFacts {
             kind: Kind::Other,
-            tables: Vec::new(),
+            tables: Arc::from([]),
             tables_written: Vec::new(),
             functions: Vec::new(),
             flags: FlagSet::default(),
@@ -1258,7 +1256,6 @@ fn synthetic(tag: &str, dialect: Dialect, why: &str) -> Arc<FactsEntry> {
             procedural: false,
         }),
         fingerprint_text: fingerprint.to_string().into(),
-        tables: Arc::from([]),
         fingerprint,
         effect: Effect::None,
     })
@@ -1277,7 +1274,6 @@ fn analyse_entry(
     FactsEntry {
         canonical: canonical.into(),
         dialect,
-        tables: facts.tables.clone().into(),
         facts: Arc::new(facts),
         fingerprint_text: fp.to_string().into(),
         fingerprint: fp,

@@ -2,6 +2,8 @@
 //! table names against the session's schemas (PostgreSQL) or current
 //! database (MySQL).
 
+use std::sync::Arc;
+
 use serde::Serialize;
 
 use super::{Dialect, FlagSet, Kind, analyze::Analysis};
@@ -111,8 +113,9 @@ impl Resolution {
 #[derive(Clone, Debug, Serialize)]
 pub struct StatementFacts {
     pub kind: Kind,
-    /// Every table read or written, resolved, sorted.
-    pub tables: Vec<String>,
+    /// Every table read or written, resolved, sorted; shared with the
+    /// verdicts and audit records of this shape.
+    pub tables: Arc<[String]>,
     /// The tables written (a subset of `tables`).
     pub tables_written: Vec<String>,
     pub functions: Vec<String>,
@@ -151,7 +154,7 @@ impl Analysis {
         written.dedup();
         StatementFacts {
             kind: self.kind,
-            tables,
+            tables: tables.into(),
             tables_written: written,
             functions: self.functions.clone(),
             flags: self.flags,

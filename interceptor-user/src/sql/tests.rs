@@ -187,7 +187,7 @@ fn table_of_tricky_statements() {
         let got = facts(case.sql, case.dialect);
         let got_short: Vec<(Kind, Vec<String>, Vec<Flag>)> = got
             .iter()
-            .map(|(f, _, _)| (f.kind, f.tables.clone(), f.flags.iter().collect()))
+            .map(|(f, _, _)| (f.kind, f.tables.to_vec(), f.flags.iter().collect()))
             .collect();
         let want: Vec<(Kind, Vec<String>, Vec<Flag>)> = case
             .want
@@ -294,7 +294,7 @@ fn unparsable_is_lexical_and_marked() {
     let (f, _, _) = facts("delete from orders where id = 'unterminated", PG).remove(0);
     assert!(f.unparsed);
     assert_eq!(f.kind, Kind::Delete);
-    assert_eq!(f.tables, ["public.orders"]);
+    assert_eq!(*f.tables, ["public.orders"]);
     let (f, _, _) = facts("with x as (delete from t) frobnicate", PG).remove(0);
     assert!(f.unparsed);
     assert_eq!(f.kind, Kind::Delete);
@@ -331,7 +331,7 @@ fn bulk_insert_is_cheap() {
     let took = started.elapsed();
     assert_eq!(got.len(), 1);
     assert_eq!(got[0].0.kind, Kind::Insert);
-    assert_eq!(got[0].0.tables, ["public.blobs"]);
+    assert_eq!(*got[0].0.tables, ["public.blobs"]);
     assert!(!got[0].0.unparsed);
     // Generous even for a debug build: the point is no quadratic blow-up.
     assert!(took < std::time::Duration::from_secs(10), "{took:?}");
