@@ -13,10 +13,18 @@ pub const MAP_CONFIG: &str = "CONFIG";
 /// LRU hash: socket cookie (`u64`) -> [`ConnRecord`], written at connect time,
 /// read by getpeername, removed when the socket closes.
 pub const MAP_CONN_BY_COOKIE: &str = "CONN_BY_COOKIE";
-/// LRU hash: [`SockKey`] (client's local address) -> [`ConnRecord`], written by
-/// sock_ops once the local port is known; the agent looks up its accepted
-/// socket's peer here and deletes the entry.
+/// LRU hash: [`SockKey`] (client's network namespace and local address) ->
+/// [`ConnRecord`], written by sock_ops once the local port is known; the
+/// agent looks up its accepted socket's namespace and peer here and deletes
+/// the entry.
 pub const MAP_CONN_BY_ADDR: &str = "CONN_BY_ADDR";
+/// Hash: netns cookie (`u64`) -> [`NetnsState`]; the network namespaces
+/// where the agent listens (`NETNS_READY`), is being asked to
+/// (`NETNS_PENDING`, inserted by connect4/6), or could not (`NETNS_FAILED`).
+pub const MAP_NETNS: &str = "NETNS";
+/// Ring buffer of [`NetnsEvent`]: a connect from a namespace the agent does
+/// not serve yet.
+pub const MAP_NETNS_EVENTS: &str = "NETNS_EVENTS";
 /// Hash: tgid (`u32`) -> `u32` (1); processes whose connections are never redirected.
 pub const MAP_EXEMPT_TGIDS: &str = "EXEMPT_TGIDS";
 /// Hash: [`BlockKey`] -> `u32` (1); the kill switch. A connect to a target
@@ -30,12 +38,40 @@ pub const PROG_CONNECT6: &str = "interceptor_connect6";
 pub const PROG_GETPEERNAME4: &str = "interceptor_getpeername4";
 pub const PROG_GETPEERNAME6: &str = "interceptor_getpeername6";
 pub const PROG_SOCK_OPS: &str = "interceptor_sock_ops";
+pub const PROG_EGRESS: &str = "interceptor_egress";
 
 /// Bounds of the maps (LRU maps evict the oldest entry beyond this).
-pub const MAX_TARGETS: u32 = 1024;
+/// Targets: one entry per CIDR or address and one per address a DNS name
+/// resolves to, so 1,000 names of several addresses each fit.
+pub const MAX_TARGETS: u32 = 8192;
 pub const MAX_CONNS: u32 = 65_536;
 pub const MAX_EXEMPT: u32 = 64;
 pub const MAX_BLOCKED: u32 = 16_384;
+pub const MAX_NETNS: u32 = 8192;
+/// Bytes of the netns event ring buffer (a power of two, page multiple).
+pub const NETNS_EVENTS_BYTES: u32 = 64 * 1024;
+
+/// [`NetnsState::state`]: a connect from this namespace was redirected
+/// before the agent listened there; its SYN is held (dropped on egress and
+/// retransmitted soon, see [`NETNS_SYN_RTO_JIFFIES`]) until the agent is
+/// ready or [`NETNS_PENDING_NS`] passes.
+pub const NETNS_PENDING: u32 = 1;
+/// The agent listens in this namespace.
+pub const NETNS_READY: u32 = 2;
+/// The agent could not listen in this namespace; connects to targets from
+/// it are refused (EPERM) until the agent retries.
+pub const NETNS_FAILED: u32 = 3;
+/// [`NetnsState::families`] bits: the agent's IPv4 / IPv6 loopback listener
+/// exists in the namespace.
+pub const NETNS_HAS_V4: u32 = 1;
+pub const NETNS_HAS_V6: u32 = 2;
+/// How long a pending namespace holds connects before the kernel gives up
+/// on the agent (the SYN then goes out and finds no listener: refused).
+pub const NETNS_PENDING_NS: u64 = 2_000_000_000;
+/// Initial SYN retransmission timeout, in jiffies, of a connect held for a
+/// pending namespace (instead of 1 s): the agent is usually ready in a
+/// millisecond or two.
+pub const NETNS_SYN_RTO_JIFFIES: u32 = 1;
 
 /// [`BlockKey::kind`]: `value` is a tgid.
 pub const BLOCK_TGID: u32 = 1;
@@ -99,11 +135,30 @@ pub struct AgentConfig {
     pub has_v4: u32,
     /// 1 when an IPv6 listener exists; native IPv6 destinations are only redirected then.
     pub has_v6: u32,
-    /// SO_MARK the agent puts on its own upstream sockets; never redirected.
+    /// SO_MARK the agent puts on its own upstream sockets, for operators'
+    /// firewall rules; the kernel programs do not trust it (any process
+    /// with CAP_NET_ADMIN can set a mark): the agent is exempt by tgid.
     pub mark: u32,
     /// 1 once the agent filled the maps; nothing is redirected before.
     pub enabled: u32,
+    /// 1 in fail-open mode: while `heartbeat_ns` is older than
+    /// [`HEARTBEAT_STALE_NS`] (no agent serves), connects go direct. 0 in
+    /// fail-closed mode: they are redirected all the same and refused by
+    /// the absent listener.
+    pub fail_open: u32,
+    pub _pad2: u32,
+    /// `bpf_ktime_get_ns` clock (CLOCK_MONOTONIC) of the agent's last
+    /// heartbeat.
+    pub heartbeat_ns: u64,
+    /// Inode of the cgroup the programs are attached to, so an agent that
+    /// adopts a pin dir can tell it serves the same cgroup.
+    pub cgroup_ino: u64,
 }
+
+/// A fail-open agent whose heartbeat is older than this is taken for dead.
+pub const HEARTBEAT_STALE_NS: u64 = 1_000_000_000;
+/// How often the agent beats.
+pub const HEARTBEAT_EVERY_MS: u64 = 200;
 
 /// Key of the blocked map: one fact about the connecting task.
 #[repr(C)]
@@ -139,15 +194,44 @@ pub fn comm_words(c: [u8; 16]) -> [u64; 2] {
     ]
 }
 
-/// Client's local address and port, which the agent sees as the peer of the
-/// accepted socket.
+/// Client's network namespace, local address and port: the agent sees the
+/// address and port as the peer of the socket it accepted on its listener
+/// in that namespace. Addresses repeat across namespaces (every namespace's
+/// clients are `127.0.0.1` to the agent), so the cookie is part of the key.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct SockKey {
+    pub netns_cookie: u64,
     pub addr: [u8; 16],
     /// Host byte order.
     pub port: u16,
     pub _pad: u16,
+    pub _pad2: u32,
+}
+
+/// Value of the netns map.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct NetnsState {
+    /// `NETNS_PENDING`, `NETNS_READY` or `NETNS_FAILED`.
+    pub state: u32,
+    /// `NETNS_HAS_V4` | `NETNS_HAS_V6`, when ready.
+    pub families: u32,
+    /// `bpf_ktime_get_ns` when it turned pending (or failed).
+    pub since_ns: u64,
+    /// The task whose connect made it pending: where the agent finds the
+    /// namespace (`/proc/TGID/task/PID/ns/net`).
+    pub tgid: u32,
+    pub pid: u32,
+}
+
+/// A connect from a namespace the agent does not serve yet.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct NetnsEvent {
+    pub netns_cookie: u64,
+    pub tgid: u32,
+    pub pid: u32,
 }
 
 /// What the kernel attests about one redirected connection.
@@ -248,8 +332,10 @@ pub fn is_v4_mapped(addr: &[u8; 16]) -> bool {
 
 const _: () = assert!(core::mem::size_of::<TargetKey>() == 20);
 const _: () = assert!(core::mem::size_of::<TargetValue>() == 8);
-const _: () = assert!(core::mem::size_of::<AgentConfig>() == 40);
-const _: () = assert!(core::mem::size_of::<SockKey>() == 20);
+const _: () = assert!(core::mem::size_of::<AgentConfig>() == 64);
+const _: () = assert!(core::mem::size_of::<SockKey>() == 32);
+const _: () = assert!(core::mem::size_of::<NetnsState>() == 24);
+const _: () = assert!(core::mem::size_of::<NetnsEvent>() == 16);
 const _: () = assert!(core::mem::size_of::<BlockKey>() == 24);
 const _: () = assert!(core::mem::size_of::<ConnRecord>() == 88);
 
@@ -269,6 +355,10 @@ mod pod {
     unsafe impl aya::Pod for super::ConnRecord {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::BlockKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::NetnsState {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::NetnsEvent {}
 }
 
 #[cfg(test)]

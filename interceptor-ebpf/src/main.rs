@@ -13,6 +13,14 @@
 //!   close the cookie entry goes (the agent deletes the other on accept).
 //! - `cgroup/getpeername4`, `cgroup/getpeername6` (kernel >= 5.8): the client
 //!   sees the original peer, so the redirect is invisible.
+//! - Network namespaces (containers, pods): the agent listens on loopback
+//!   inside every namespace it serves. connect4/6 rewrite to that loopback
+//!   only where the namespace is ready; from a namespace it has never seen,
+//!   the connect is still redirected, the namespace is marked pending and
+//!   announced on a ring buffer (kernel >= 5.8), and `cgroup_skb/egress`
+//!   (kernel >= 5.1 for `skb->sk`) holds that socket's SYN while the agent
+//!   opens its listener there; `sock_ops`' TIMEOUT_INIT shortens the SYN's
+//!   first retransmission so the held connect completes a few ms later.
 #![no_std]
 #![no_main]
 
@@ -22,23 +30,25 @@ use aya_ebpf::{
     EbpfContext,
     bindings::{
         BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG, BPF_SOCK_OPS_TCP_CONNECT_CB,
-        BPF_TCP_CLOSE,
+        BPF_SOCK_OPS_TIMEOUT_INIT, BPF_TCP_CLOSE, BPF_TCP_SYN_SENT,
     },
     helpers::{
-        bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_uid_gid,
+        bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_uid_gid, bpf_ktime_get_ns,
         generated::{
             bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_get_netns_cookie,
             bpf_get_socket_cookie,
         },
     },
-    macros::{cgroup_sock_addr, map, sock_ops},
-    maps::{Array, HashMap, LpmTrie, LruHashMap, lpm_trie::Key},
-    programs::{SockAddrContext, SockOpsContext},
+    macros::{cgroup_skb, cgroup_sock_addr, map, sock_ops},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, RingBuf, lpm_trie::Key},
+    programs::{SkBuffContext, SockAddrContext, SockOpsContext},
 };
 use interceptor_common::{
     AgentConfig, BLOCK_CGROUP, BLOCK_CGROUP_LEVELS, BLOCK_CGROUP_TREE, BLOCK_COMM, BLOCK_TGID,
-    BLOCK_UID, BlockKey, ConnRecord, FAMILY_V4, FAMILY_V6, MAX_BLOCKED, MAX_CONNS, MAX_EXEMPT,
-    MAX_TARGETS, SockKey, TARGET_KEY_PORT_BITS, TargetKey, TargetValue, comm_words, is_v4_mapped,
+    BLOCK_UID, BlockKey, ConnRecord, FAMILY_V4, FAMILY_V6, HEARTBEAT_STALE_NS, MAX_BLOCKED,
+    MAX_CONNS, MAX_EXEMPT, MAX_NETNS, MAX_TARGETS, NETNS_EVENTS_BYTES, NETNS_FAILED, NETNS_HAS_V4,
+    NETNS_HAS_V6, NETNS_PENDING, NETNS_PENDING_NS, NETNS_READY, NETNS_SYN_RTO_JIFFIES, NetnsEvent,
+    NetnsState, SockKey, TARGET_KEY_PORT_BITS, TargetKey, TargetValue, comm_words, is_v4_mapped,
     v4_mapped, v6_bytes, v6_words,
 };
 
@@ -63,11 +73,19 @@ static CONN_BY_ADDR: LruHashMap<SockKey, ConnRecord> = LruHashMap::with_max_entr
 static EXEMPT_TGIDS: HashMap<u32, u32> = HashMap::with_max_entries(MAX_EXEMPT, 0);
 #[map]
 static BLOCKED: HashMap<BlockKey, u32> = HashMap::with_max_entries(MAX_BLOCKED, 0);
+#[map]
+static NETNS: HashMap<u64, NetnsState> = HashMap::with_max_entries(MAX_NETNS, 0);
+#[map]
+static NETNS_EVENTS: RingBuf = RingBuf::with_byte_size(NETNS_EVENTS_BYTES, 0);
+
+/// `BPF_NOEXIST`: insert only if absent.
+const NOEXIST: u64 = 1;
+const EEXIST: i32 = 17;
 
 #[cgroup_sock_addr(connect4)]
 pub fn interceptor_connect4(ctx: SockAddrContext) -> i32 {
     match try_connect4(&ctx) {
-        Err(Skip::Blocked) => REFUSE,
+        Err(Skip::Blocked | Skip::Unserved) => REFUSE,
         _ => PROCEED,
     }
 }
@@ -75,9 +93,19 @@ pub fn interceptor_connect4(ctx: SockAddrContext) -> i32 {
 #[cgroup_sock_addr(connect6)]
 pub fn interceptor_connect6(ctx: SockAddrContext) -> i32 {
     match try_connect6(&ctx) {
-        Err(Skip::Blocked) => REFUSE,
+        Err(Skip::Blocked | Skip::Unserved) => REFUSE,
         _ => PROCEED,
     }
+}
+
+/// Return value of a cgroup_skb program that lets the packet go.
+const PASS: i32 = 1;
+/// Return value that drops it.
+const DROP: i32 = 0;
+
+#[cgroup_skb(egress)]
+pub fn interceptor_egress(ctx: SkBuffContext) -> i32 {
+    if held(&ctx) { DROP } else { PASS }
 }
 
 #[cgroup_sock_addr(getpeername4)]
@@ -106,11 +134,22 @@ enum Skip {
     MapFull,
     /// The kill switch: the connect is refused.
     Blocked,
+    /// The agent cannot serve the task's network namespace (it failed to
+    /// listen there, or not in this address family): refused, never direct.
+    Unserved,
 }
 
 fn config() -> Result<&'static AgentConfig, Skip> {
     match CONFIG.get(0) {
-        Some(cfg) if cfg.enabled != 0 => Ok(cfg),
+        Some(cfg) if cfg.enabled != 0 => {
+            // SAFETY: helper without arguments.
+            let now = unsafe { bpf_ktime_get_ns() };
+            if cfg.fail_open != 0 && now.wrapping_sub(cfg.heartbeat_ns) > HEARTBEAT_STALE_NS {
+                // Fail open and no agent beats: go direct.
+                return Err(Skip::NotEnabled);
+            }
+            Ok(cfg)
+        }
         _ => Err(Skip::NotEnabled),
     }
 }
@@ -127,14 +166,12 @@ fn target_for(port_be: u16, addr: [u8; 16]) -> Result<TargetValue, Skip> {
     TARGETS.get(&key).copied().ok_or(Skip::NotTarget)
 }
 
-/// The agent's own sockets (marked, or from an exempt process) go direct.
-fn check_exempt(ctx: &SockAddrContext, cfg: &AgentConfig) -> Result<(), Skip> {
-    // SAFETY: the verifier guarantees `sock_addr` points at the context and
-    // that `sk` is a valid, non-null socket for cgroup sock_addr programs.
-    let mark = unsafe { (*(*ctx.sock_addr).__bindgen_anon_1.sk).mark };
-    if cfg.mark != 0 && mark == cfg.mark {
-        return Err(Skip::Exempt);
-    }
+/// The agent's own sockets go direct. The agent is recognised by what a
+/// workload cannot set: the calling process's tgid (in the root PID
+/// namespace, from the kernel), which the agent registers at start. A socket
+/// mark is never trusted for this: any process with CAP_NET_ADMIN can set
+/// one.
+fn check_exempt() -> Result<(), Skip> {
     let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
     // SAFETY: the value is a plain u32 copied out immediately.
     if unsafe { EXEMPT_TGIDS.get(&tgid) }.is_some() {
@@ -224,6 +261,96 @@ fn record(
         .map_err(|_| Skip::MapFull)
 }
 
+/// Whether the agent serves the task's network namespace for `family`
+/// (`NETNS_HAS_V4` or `NETNS_HAS_V6`). A namespace never seen (or pending
+/// for too long: the agent missed the event) is marked pending and
+/// announced; the connect goes ahead and its SYN is held on egress until
+/// the agent listens there.
+fn netns_gate(ctx: &SockAddrContext, family: u32) -> Result<(), Skip> {
+    // SAFETY: helpers allowed for cgroup sock_addr programs, on our own context.
+    let (cookie, now) = unsafe { (bpf_get_netns_cookie(ctx.as_ptr()), bpf_ktime_get_ns()) };
+    // SAFETY: the value is copied out at once.
+    let known = unsafe { NETNS.get(&cookie) }.copied();
+    let refresh = match known {
+        Some(s) if s.state == NETNS_READY => {
+            return if s.families & family != 0 {
+                Ok(())
+            } else {
+                Err(Skip::Unserved)
+            };
+        }
+        Some(s) if s.state == NETNS_FAILED => return Err(Skip::Unserved),
+        Some(s) if now.wrapping_sub(s.since_ns) < NETNS_PENDING_NS => return Ok(()),
+        Some(_) => true,
+        None => false,
+    };
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let state = NetnsState {
+        state: NETNS_PENDING,
+        families: 0,
+        since_ns: now,
+        tgid: (pid_tgid >> 32) as u32,
+        pid: pid_tgid as u32,
+    };
+    let flags = if refresh { 0 } else { NOEXIST };
+    if let Err(e) = NETNS.insert(&cookie, &state, flags) {
+        // Another CPU announced it first: pending all the same. Anything
+        // else (a full map) leaves no way to serve it: refuse.
+        if e != -EEXIST {
+            return Err(Skip::Unserved);
+        }
+        return Ok(());
+    }
+    // A lost event (full ring) is found by the agent's sweep of the map.
+    let _ = NETNS_EVENTS.output::<NetnsEvent>(
+        &NetnsEvent {
+            netns_cookie: cookie,
+            tgid: state.tgid,
+            pid: state.pid,
+        },
+        0,
+    );
+    Ok(())
+}
+
+/// The namespace a redirected socket connected from is still pending: its
+/// handshake waits.
+fn pending(rec: &ConnRecord) -> bool {
+    // SAFETY: the value is copied out at once.
+    match unsafe { NETNS.get(&rec.netns_cookie) }.copied() {
+        // SAFETY: helper without arguments.
+        Some(s) => {
+            s.state == NETNS_PENDING
+                && unsafe { bpf_ktime_get_ns() }.wrapping_sub(s.since_ns) < NETNS_PENDING_NS
+        }
+        None => false,
+    }
+}
+
+/// A SYN of a redirected socket whose namespace is pending: dropped, so
+/// TCP retransmits it once the agent listens (instead of a reset now).
+fn held(ctx: &SkBuffContext) -> bool {
+    let skb = ctx.skb.skb;
+    // SAFETY: the verifier guarantees `skb` points at the context; `sk` is
+    // checked for null before its `state` is read.
+    let sk = unsafe { read_volatile(&raw const (*skb).__bindgen_anon_2.sk) };
+    if sk.is_null() {
+        return false;
+    }
+    // SAFETY: non-null socket pointer from the context, field read at its
+    // constant offset.
+    if unsafe { read_volatile(&raw const (*sk).state) } != BPF_TCP_SYN_SENT {
+        return false;
+    }
+    // SAFETY: helper allowed for cgroup_skb programs, on our own context.
+    let cookie = unsafe { bpf_get_socket_cookie(skb.cast()) };
+    // SAFETY: the record is copied out at once.
+    match unsafe { CONN_BY_COOKIE.get(&cookie) }.copied() {
+        Some(rec) => pending(&rec),
+        None => false,
+    }
+}
+
 fn try_connect4(ctx: &SockAddrContext) -> Result<(), Skip> {
     let cfg = config()?;
     // SAFETY: the verifier guarantees `sock_addr` points at the context.
@@ -235,8 +362,9 @@ fn try_connect4(ctx: &SockAddrContext) -> Result<(), Skip> {
     }
     let addr = v4_mapped(ip4);
     let target = target_for(port_be, addr)?;
-    check_exempt(ctx, cfg)?;
+    check_exempt()?;
     check_blocked()?;
+    netns_gate(ctx, NETNS_HAS_V4)?;
     record(ctx, addr, port_be, FAMILY_V4, target)?;
     // SAFETY: user_ip4 and user_port are writable in connect4.
     unsafe {
@@ -279,8 +407,9 @@ fn try_connect6(ctx: &SockAddrContext) -> Result<(), Skip> {
         return Ok(());
     }
     let target = target_for(port_be, addr)?;
-    check_exempt(ctx, cfg)?;
+    check_exempt()?;
     check_blocked()?;
+    netns_gate(ctx, if mapped { NETNS_HAS_V4 } else { NETNS_HAS_V6 })?;
     record(ctx, addr, port_be, FAMILY_V6, target)?;
     // SAFETY: user_ip6 (word by word) and user_port are writable in connect6.
     unsafe {
@@ -359,15 +488,20 @@ fn local_key(ctx: &SockOpsContext, rec: &ConnRecord) -> SockKey {
         v6_bytes(ip6)
     };
     SockKey {
+        netns_cookie: rec.netns_cookie,
         addr,
         port: port as u16,
         _pad: 0,
+        _pad2: 0,
     }
 }
 
 fn try_sock_ops(ctx: &SockOpsContext) -> Result<(), Skip> {
     let op = ctx.op();
-    if op != BPF_SOCK_OPS_TCP_CONNECT_CB && op != BPF_SOCK_OPS_STATE_CB {
+    if op != BPF_SOCK_OPS_TCP_CONNECT_CB
+        && op != BPF_SOCK_OPS_STATE_CB
+        && op != BPF_SOCK_OPS_TIMEOUT_INIT
+    {
         return Ok(());
     }
     let family = ctx.family();
@@ -380,7 +514,16 @@ fn try_sock_ops(ctx: &SockOpsContext) -> Result<(), Skip> {
     let Some(rec) = (unsafe { CONN_BY_COOKIE.get(&cookie) }).copied() else {
         return Ok(());
     };
-    if op == BPF_SOCK_OPS_TCP_CONNECT_CB {
+    if op == BPF_SOCK_OPS_TIMEOUT_INIT {
+        // A connect held for a pending namespace retries its SYN soon
+        // rather than after the default second. Any other socket keeps the
+        // default (-1).
+        ctx.set_reply(if pending(&rec) {
+            NETNS_SYN_RTO_JIFFIES
+        } else {
+            u32::MAX
+        });
+    } else if op == BPF_SOCK_OPS_TCP_CONNECT_CB {
         let key = local_key(ctx, &rec);
         CONN_BY_ADDR
             .insert(&key, &rec, 0)

@@ -168,7 +168,7 @@ fn decision(c: &mut Criterion) {
 struct NoLookup;
 
 impl OrigDstLookup for NoLookup {
-    fn take(&self, _: SocketAddr) -> Option<interceptor_common::ConnRecord> {
+    fn take(&self, _: u64, _: SocketAddr) -> Option<interceptor_common::ConnRecord> {
         None
     }
 }

@@ -220,7 +220,9 @@ pub struct BenchAgent {
 
 /// Starts one agent per worker count in `BENCH_AGENT_WORKERS` (a comma
 /// list, default `1,2`), each attached to its own cgroup, so the run
-/// compares worker counts side by side.
+/// compares worker counts side by side; and one per further
+/// `audit.executions` mode in `BENCH_EXECUTIONS` (default `summary,each`:
+/// summary on every worker count, each on the first).
 ///
 /// # Panics
 /// When an agent does not start.
@@ -232,16 +234,36 @@ pub fn agents(policy: &str) -> Vec<BenchAgent> {
         .map(str::trim)
         .filter(|c| !c.is_empty())
         .collect();
-    counts
-        .iter()
-        .map(|&n| {
+    // `audit.executions` modes: the default (summary) on every worker
+    // count, the others on the first.
+    let modes = std::env::var("BENCH_EXECUTIONS").unwrap_or_else(|_| "summary,each".to_owned());
+    let modes: Vec<&str> = modes
+        .split(',')
+        .map(str::trim)
+        .filter(|m| !m.is_empty())
+        .collect();
+    let mut combos = Vec::new();
+    for (i, &mode) in modes.iter().enumerate() {
+        for (j, &n) in counts.iter().enumerate() {
+            if i == 0 || j == 0 {
+                combos.push((mode, n));
+            }
+        }
+    }
+    combos
+        .into_iter()
+        .map(|(mode, n)| {
             let cgroup = crate::TestCgroup::new();
-            let agent = crate::Agent::start_with(policy, &cgroup, false, &["--workers", n]);
-            let name = match (counts.len(), n) {
+            let policy = format!("{policy}audit:\n  executions: {mode}\n");
+            let agent = crate::Agent::start_with(&policy, &cgroup, false, &["--workers", n]);
+            let mut name = match (counts.len(), n) {
                 (1, _) => "interceptor".to_owned(),
                 (_, "1") => "interceptor, 1 worker".to_owned(),
                 _ => format!("interceptor, {n} workers"),
             };
+            if modes.len() > 1 {
+                name.push_str(&format!(", executions: {mode}"));
+            }
             BenchAgent {
                 name,
                 cgroup,

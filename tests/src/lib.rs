@@ -188,6 +188,8 @@ pub fn pg_bin(tool: &str) -> PathBuf {
 /// A PostgreSQL server of the test's own, on a loopback port, trust auth.
 pub struct PgServer {
     pub port: u16,
+    /// The address clients reach it at over TCP.
+    pub host: String,
     dir: PathBuf,
     child: Child,
 }
@@ -195,6 +197,47 @@ pub struct PgServer {
 impl PgServer {
     #[must_use]
     pub fn start() -> Self {
+        Self::start_in(None, "127.0.0.1,::1")
+    }
+
+    /// A server in the network namespace `netns` (`ip netns` name; `None`:
+    /// the host's), listening on `listen` (PostgreSQL's `listen_addresses`;
+    /// the first is what clients use).
+    #[must_use]
+    pub fn start_in(netns: Option<&str>, listen: &str) -> Self {
+        Self::start_full(netns, listen, &[], None)
+    }
+
+    /// On the host's loopback, with extra `-c name=value` settings and, if
+    /// given, this `pg_hba.conf` instead of initdb's (trust for
+    /// everything); files the settings name must be readable by user
+    /// postgres.
+    #[must_use]
+    pub fn start_with(settings: &[String], hba: Option<&str>) -> Self {
+        Self::start_full(None, "127.0.0.1,::1", settings, hba)
+    }
+
+    /// [`PgServer::start_in`] and [`PgServer::start_with`] together.
+    #[must_use]
+    pub fn start_full(
+        netns: Option<&str>,
+        listen: &str,
+        settings: &[String],
+        hba: Option<&str>,
+    ) -> Self {
+        Self::start_port(netns, listen, settings, hba, free_port())
+    }
+
+    /// [`PgServer::start_full`] on a given port (two servers on different
+    /// loopback addresses may share one).
+    #[must_use]
+    pub fn start_port(
+        netns: Option<&str>,
+        listen: &str,
+        settings: &[String],
+        hba: Option<&str>,
+        port: u16,
+    ) -> Self {
         require_root();
         let (uid, gid) = user_ids("postgres");
         let dir = std::env::temp_dir().join(unique("interceptor-pg"));
@@ -218,37 +261,70 @@ impl PgServer {
                 .gid(gid)
                 .current_dir(&dir),
         );
-        let port = free_port();
+        if let Some(hba) = hba {
+            fs::write(data.join("pg_hba.conf"), hba).unwrap();
+        }
+        if netns.is_some() || listen.contains("169.254.") {
+            // Clients in the test's namespaces come from link-local addresses.
+            let hba = data.join("pg_hba.conf");
+            let mut text = fs::read_to_string(&hba).unwrap();
+            text.push_str("\nhost all all 169.254.0.0/16 trust\n");
+            fs::write(&hba, text).unwrap();
+        }
         let log = fs::File::create(dir.join("server.log")).unwrap();
         nix::unistd::chown(&dir.join("server.log"), Some(uid.into()), Some(gid.into())).unwrap();
-        let child = Command::new(pg_bin("postgres"))
+        let mut cmd = match netns {
+            // `ip netns exec` needs root; the server drops to postgres after.
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns, "setpriv"])
+                    .arg(format!("--reuid={uid}"))
+                    .arg(format!("--regid={gid}"))
+                    .args(["--clear-groups", "--"])
+                    .arg(pg_bin("postgres"));
+                c
+            }
+            None => {
+                let mut c = Command::new(pg_bin("postgres"));
+                c.uid(uid).gid(gid);
+                c
+            }
+        };
+        let child = cmd
             .arg("-D")
             .arg(&data)
             .args([
                 "-p",
                 &port.to_string(),
                 "-c",
-                "listen_addresses=127.0.0.1,::1",
+                &format!("listen_addresses={listen}"),
                 "-c",
                 "fsync=off",
             ])
             .args(["-c", "max_connections=200", "-c", "shared_buffers=64MB"])
+            .args(settings.iter().flat_map(|s| ["-c", s.as_str()]))
             .arg("-k")
             .arg(&dir)
-            .uid(uid)
-            .gid(gid)
             .current_dir(&dir)
             .stdout(log.try_clone().unwrap())
             .stderr(log)
             .spawn()
             .unwrap();
-        let server = Self { port, dir, child };
+        let host = listen.split(',').next().unwrap_or("127.0.0.1").to_owned();
+        let server = Self {
+            port,
+            host,
+            dir,
+            child,
+        };
         wait_until(
             "postgres to accept connections",
             Duration::from_secs(30),
             || {
                 Command::new(pg_bin("pg_isready"))
-                    .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-q"])
+                    .arg("-h")
+                    .arg(&server.dir)
+                    .args(["-p", &port.to_string(), "-q"])
                     .status()
                     .is_ok_and(|s| s.success())
             },
@@ -267,7 +343,7 @@ impl PgServer {
         [
             "-X",
             "-h",
-            "127.0.0.1",
+            &self.host,
             "-p",
             &self.port.to_string(),
             "-U",
@@ -298,12 +374,23 @@ impl PgServer {
         c
     }
 
-    /// Runs SQL directly (not redirected: the test process is in no test cgroup).
+    /// Runs SQL directly (not redirected: the test process is in no test
+    /// cgroup), over the server's unix socket, so from any namespace.
     pub fn sql(&self, sql: &str) -> String {
         run_ok(
             Command::new(pg_bin("psql"))
-                .args(self.psql_args())
-                .args(["-Atc", sql]),
+                .arg("-h")
+                .arg(&self.dir)
+                .args([
+                    "-X",
+                    "-p",
+                    &self.port.to_string(),
+                    "-U",
+                    "postgres",
+                    "-d",
+                    "postgres",
+                ])
+                .args(["-v", "ON_ERROR_STOP=1", "-Atc", sql]),
         )
     }
 }
@@ -361,6 +448,9 @@ pub struct Agent {
     pub control_socket: PathBuf,
     pub audit_log: PathBuf,
     pub policy: PathBuf,
+    /// The agent's pin dir under /sys/fs/bpf, its own unless the test
+    /// passed `--pin-dir`; detached when the agent is dropped.
+    pub pin_dir: PathBuf,
 }
 
 impl Agent {
@@ -375,30 +465,98 @@ impl Agent {
     /// [`Agent::start`] with extra `interceptor run` arguments.
     #[must_use]
     pub fn start_with(policy: &str, cgroup: &TestCgroup, inside: bool, extra: &[&str]) -> Self {
+        Self::launch(policy, cgroup, inside, extra, &[], &[])
+    }
+
+    /// [`Agent::start_with`] (not inside the cgroup) run through `wrapper`
+    /// (a program and its arguments that then exec the agent, e.g.
+    /// `setpriv`), with `env` added to its environment.
+    #[must_use]
+    pub fn start_wrapped(
+        policy: &str,
+        cgroup: &TestCgroup,
+        extra: &[&str],
+        wrapper: &[&str],
+        env: &[(&str, &std::ffi::OsStr)],
+    ) -> Self {
+        Self::launch(policy, cgroup, false, extra, wrapper, env)
+    }
+
+    /// [`Agent::start_with`] (not inside the cgroup), the agent seeing
+    /// `hosts` as its `/etc/hosts`: it runs in a private mount namespace
+    /// (`unshare --mount`, private propagation) with that file bind-mounted
+    /// over `/etc/hosts`, so the machine's own file and resolver stay
+    /// untouched. Rewrite `hosts` in place (not by rename) to change what
+    /// the agent resolves.
+    #[must_use]
+    pub fn start_hosts(policy: &str, cgroup: &TestCgroup, extra: &[&str], hosts: &Path) -> Self {
+        let hosts = hosts.to_str().unwrap();
+        Self::start_wrapped(
+            policy,
+            cgroup,
+            extra,
+            &[
+                "unshare",
+                "--mount",
+                "--propagation",
+                "private",
+                "sh",
+                "-c",
+                "mount --bind \"$0\" /etc/hosts && exec \"$@\"",
+                hosts,
+            ],
+            &[],
+        )
+    }
+
+    fn launch(
+        policy: &str,
+        cgroup: &TestCgroup,
+        inside: bool,
+        extra: &[&str],
+        wrapper: &[&str],
+        env: &[(&str, &std::ffi::OsStr)],
+    ) -> Self {
         require_root();
         let dir = tempfile::tempdir().unwrap();
         let policy_path = dir.path().join("policy.yaml");
         fs::write(&policy_path, policy).unwrap();
         let control_socket = dir.path().join("control.sock");
-        let audit_log = dir.path().join("audit.jsonl");
-        let listen_port = free_port();
+        let given = |flag: &str| {
+            extra
+                .iter()
+                .position(|a| *a == flag)
+                .and_then(|i| extra.get(i + 1))
+                .map(|v| (*v).to_owned())
+        };
+        let audit_log =
+            given("--audit-log").map_or_else(|| dir.path().join("audit.jsonl"), PathBuf::from);
+        let listen_port = given("--listen")
+            .and_then(|l| l.rsplit_once(':').and_then(|(_, p)| p.parse().ok()))
+            .unwrap_or_else(free_port);
         let mut cmd = if inside {
             let mut c = cgroup.command(agent_bin().to_str().unwrap());
             c.arg("run");
+            c
+        } else if let Some((program, args)) = wrapper.split_first() {
+            let mut c = Command::new(program);
+            c.args(args).arg(agent_bin()).arg("run");
             c
         } else {
             let mut c = Command::new(agent_bin());
             c.arg("run");
             c
         };
-        cmd.arg("--cgroup")
-            .arg(&cgroup.path)
-            .arg("--listen")
-            .arg(format!("127.0.0.1:{listen_port}"))
-            .arg("--policy")
+        cmd.envs(env.iter().copied());
+        cmd.arg("--cgroup").arg(&cgroup.path);
+        if given("--listen").is_none() {
+            cmd.arg("--listen").arg(format!("127.0.0.1:{listen_port}"));
+        }
+        if given("--audit-log").is_none() {
+            cmd.arg("--audit-log").arg(&audit_log);
+        }
+        cmd.arg("--policy")
             .arg(&policy_path)
-            .arg("--audit-log")
-            .arg(&audit_log)
             .arg("--control-socket")
             .arg(&control_socket)
             .args(["--drain-timeout", "1"])
@@ -412,6 +570,15 @@ impl Agent {
         if !extra.contains(&"--state-dir") {
             cmd.arg("--state-dir").arg(dir.path().join("state"));
         }
+        // Never the host's /sys/fs/bpf/interceptor either.
+        let pin_dir = match extra.iter().position(|a| *a == "--pin-dir") {
+            Some(i) => PathBuf::from(extra[i + 1]),
+            None => {
+                let p = PathBuf::from("/sys/fs/bpf").join(unique("interceptor-test"));
+                cmd.arg("--pin-dir").arg(&p);
+                p
+            }
+        };
         cmd.stdout(Stdio::null())
             .stderr(fs::File::create(dir.path().join("agent.log")).unwrap());
         let child = cmd.spawn().unwrap();
@@ -422,6 +589,7 @@ impl Agent {
             control_socket,
             audit_log,
             policy: policy_path,
+            pin_dir,
         };
         let start = Instant::now();
         loop {
@@ -523,11 +691,33 @@ impl Agent {
     }
 }
 
+impl Agent {
+    /// SIGKILL: the agent dies without cleaning up anything.
+    pub fn kill9(&mut self) {
+        let mut child = self.child.take().expect("agent already stopped");
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+
+    /// `interceptor detach --pin-dir` for this agent's pin dir.
+    #[must_use]
+    pub fn detach(&self) -> Output {
+        run_any(
+            Command::new(agent_bin())
+                .arg("detach")
+                .arg("--pin-dir")
+                .arg(&self.pin_dir),
+        )
+    }
+}
+
 impl Drop for Agent {
     fn drop(&mut self) {
         if self.child.is_some() {
             let _ = self.stop();
         }
+        // Fail closed leaves the programs pinned: a test leaves nothing.
+        let _ = self.detach();
     }
 }
 
@@ -549,3 +739,5 @@ pub fn sha256_file(path: &Path) -> String {
 }
 
 pub mod mysql;
+pub mod netns;
+pub mod pki;

@@ -25,6 +25,8 @@ pub const NOPW_USER: &str = "nopw";
 /// A MariaDB server on 127.0.0.1, its data in a throwaway directory.
 pub struct MariaDb {
     pub port: u16,
+    /// The address clients reach it at over TCP.
+    pub host: String,
     pub dir: PathBuf,
     pub socket: PathBuf,
     child: Child,
@@ -40,6 +42,25 @@ fn mysql_ids() -> (u32, u32) {
 impl MariaDb {
     #[must_use]
     pub fn start() -> Self {
+        Self::start_in(None, "127.0.0.1")
+    }
+
+    /// A server in the network namespace `netns` (`ip netns` name; `None`:
+    /// the host's) bound to `bind`. Root's SQL goes over the unix socket,
+    /// which works from any namespace.
+    #[must_use]
+    pub fn start_in(netns: Option<&str>, bind: &str) -> Self {
+        Self::start_full(netns, bind, &[])
+    }
+
+    /// On the host's loopback, with extra `mariadbd` options (files they
+    /// name must be readable by user mysql).
+    #[must_use]
+    pub fn start_with(options: &[String]) -> Self {
+        Self::start_full(None, "127.0.0.1", options)
+    }
+
+    fn start_full(netns: Option<&str>, bind: &str, options: &[String]) -> Self {
         require_root();
         let (uid, gid) = mysql_ids();
         let dir = std::env::temp_dir().join(unique("interceptor-mariadb"));
@@ -63,7 +84,15 @@ impl MariaDb {
         );
         let port = free_port();
         let socket = dir.join("mysqld.sock");
-        let child = Command::new("mariadbd")
+        let mut cmd = match netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns, "mariadbd"]);
+                c
+            }
+            None => Command::new("mariadbd"),
+        };
+        let child = cmd
             .arg("--no-defaults")
             .arg(format!("--datadir={}", data.display()))
             .arg(format!("--socket={}", socket.display()))
@@ -72,7 +101,7 @@ impl MariaDb {
             .arg(format!("--port={port}"))
             .arg(&tmpdir)
             .args([
-                "--bind-address=127.0.0.1",
+                &format!("--bind-address={bind}"),
                 "--user=mysql",
                 "--skip-name-resolve",
                 "--skip-log-bin",
@@ -83,12 +112,14 @@ impl MariaDb {
                 "--local-infile=1",
                 "--plugin-load-add=auth_ed25519",
             ])
+            .args(options)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
             .unwrap();
         let server = Self {
             port,
+            host: bind.to_owned(),
             dir,
             socket,
             child,
@@ -148,7 +179,7 @@ impl MariaDb {
         let mut args = vec![
             "--no-defaults".to_owned(),
             "--protocol=tcp".to_owned(),
-            "-h127.0.0.1".to_owned(),
+            format!("-h{}", self.host),
             format!("-P{}", self.port),
             format!("-u{user}"),
             format!("-p{password}"),

@@ -88,20 +88,43 @@ fn psql_in_cgroup_goes_through_agent_with_attested_identity() {
         "a client outside the cgroup was redirected"
     );
 
-    // A clean exit detaches everything: the next connection goes direct.
+    // A clean exit fails closed: the programs stay, the next connection to
+    // the target is refused (never direct); `detach` uninstalls them and
+    // the one after goes direct.
     assert!(
         agent.stop().success(),
         "agent exit status:\n{}",
         agent.log()
     );
+    let last = agent.events().last().cloned().unwrap();
+    assert_eq!(last["event"], "agent_stop", "{last}");
+    let refused = run_any(
+        cg.command(pg_bin("psql").to_str().unwrap())
+            .args(pg.psql_args())
+            .args(["-Atc", "select 'direct'"]),
+    );
+    assert!(
+        !refused.status.success(),
+        "went direct while failing closed"
+    );
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("refused"),
+        "{}",
+        String::from_utf8_lossy(&refused.stderr)
+    );
+    let out = agent.detach();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!agent.pin_dir.exists());
     let out = run_ok(
         cg.command(pg_bin("psql").to_str().unwrap())
             .args(pg.psql_args())
             .args(["-Atc", "select 'direct'"]),
     );
     assert_eq!(out.trim(), "direct");
-    let last = agent.events().last().cloned().unwrap();
-    assert_eq!(last["event"], "agent_stop", "{last}");
 }
 
 #[test]

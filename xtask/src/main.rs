@@ -5,7 +5,11 @@
 //!   tests use). Idempotent; seconds when everything is there.
 //! - `build`: release build of the agent (kernel object embedded).
 //! - `run -- ARGS`: build, then `interceptor run ARGS` (needs root).
-//! - `test`: fmt check, clippy, unit tests, end-to-end tests.
+//! - `test`: fmt check, clippy, deploy checks, unit tests, end-to-end
+//!   tests, then each fuzz target for a short fixed time.
+//! - `image`: OCI image of the agent, from scratch, with podman.
+//! - `fuzz`: each fuzz target for longer, growing the corpus in the repo.
+//! - `check-deploy`: the systemd unit and the Kubernetes manifest, offline.
 #![forbid(unsafe_code)]
 
 use std::{
@@ -44,14 +48,31 @@ enum Cmd {
     /// agent on a cgroup of its own with policies/demo.yaml, a scripted
     /// workload under the live tail, then the audit log verified. Needs root.
     Demo,
-    /// fmt check, clippy, unit tests and end-to-end tests.
+    /// fmt check, clippy, deploy checks, unit tests, end-to-end tests and
+    /// a short run of every fuzz target.
     Test {
-        /// Only run tests whose name contains this.
+        /// Only run tests whose name contains this (and skip the deploy
+        /// checks and fuzzing).
         filter: Option<String>,
         /// Skip fmt and clippy.
         #[arg(long)]
         no_lint: bool,
     },
+    /// Build the OCI image localhost/interceptor:VERSION (podman, from
+    /// scratch, no registry) and run `interceptor --version` in it.
+    Image,
+    /// Run every fuzz target (or one) for SECONDS each; new inputs join the
+    /// corpus in fuzz/corpus/TARGET, minimised afterwards.
+    Fuzz {
+        /// Seconds per target.
+        #[arg(long, default_value_t = 300)]
+        seconds: u64,
+        /// Only this target.
+        target: Option<String>,
+    },
+    /// `systemd-analyze verify` and `security` on the unit, and
+    /// kubernetes-validate on the DaemonSet, all offline.
+    CheckDeploy,
 }
 
 /// Debian packages the tests and benchmarks use.
@@ -65,7 +86,29 @@ const PACKAGES: &[&str] = &[
     "python3",
     "procps",
     "iproute2",
+    "bpftool",
+    // check-deploy: systemd-analyze.
+    "systemd",
+    // image: podman builds and runs it; runc because crun refuses hybrid
+    // cgroup hosts; objcopy strips the binary.
+    "podman",
+    "runc",
+    "binutils",
 ];
+
+/// PyPI package validating the DaemonSet against the Kubernetes schemas it
+/// ships (offline).
+const KUBERNETES_VALIDATE: &str = "kubernetes-validate==1.37.0";
+/// cargo-fuzz, installed with `cargo install --locked`.
+const CARGO_FUZZ: &str = "cargo-fuzz@0.13.2";
+/// `systemd-analyze security --offline=yes --threshold=N`: the unit's
+/// exposure level times ten may not exceed this (4.0; the unit scores 3.3).
+const SECURITY_THRESHOLD: u32 = 40;
+/// Kubernetes versions the DaemonSet is validated against: the oldest with
+/// `securityContext.appArmorProfile`, and kubernetes-validate's newest.
+const KUBERNETES_VERSIONS: &[&str] = &["1.30.0", "1.37.0"];
+/// Seconds per fuzz target in `cargo xtask test`.
+const CI_FUZZ_SECONDS: u64 = 20;
 
 fn main() -> Result<()> {
     let cli = Cli::parse();
@@ -80,6 +123,12 @@ fn main() -> Result<()> {
             run(Command::new(bin).arg("run").args(args))
         }
         Cmd::Test { filter, no_lint } => test(filter.as_deref(), no_lint),
+        Cmd::Image => image(&root),
+        Cmd::Fuzz { seconds, target } => fuzz(&root, seconds, target.as_deref(), false),
+        Cmd::CheckDeploy => {
+            build()?;
+            check_deploy(&root)
+        }
         Cmd::Bench { which } => bench(&which),
         Cmd::Demo => {
             build()?;
@@ -244,9 +293,35 @@ fn setup() -> Result<()> {
         // other ports, so leave them be.
     }
 
+    // 4. kubernetes-validate (check-deploy), from PyPI.
+    if !Command::new("python3")
+        .args(["-m", "kubernetes_validate", "--version"])
+        .output()
+        .is_ok_and(|o| o.status.success())
+    {
+        let pip = |extra: &[&str]| {
+            run(Command::new("python3")
+                .args(["-m", "pip", "install", "--quiet", KUBERNETES_VALIDATE])
+                .args(extra))
+        };
+        // Debian's own python3 refuses pip outside a venv (PEP 668).
+        pip(&[]).or_else(|_| pip(&["--break-system-packages"]))?;
+        did.push("installed kubernetes-validate");
+    }
+
+    // 5. cargo-fuzz (the fuzz runs of `test` and `fuzz`).
+    if !Command::new("cargo")
+        .args(["+nightly", "fuzz", "--version"])
+        .output()
+        .is_ok_and(|o| o.status.success())
+    {
+        run(Command::new("cargo").args(["install", "--locked", CARGO_FUZZ]))?;
+        did.push("installed cargo-fuzz");
+    }
+
     if did.is_empty() {
         println!(
-            "setup: everything already in place (nightly rust-src, bpf-linker for LLVM {llvm}, {} packages)",
+            "setup: everything already in place (nightly rust-src, bpf-linker for LLVM {llvm}, {} packages, kubernetes-validate, cargo-fuzz)",
             PACKAGES.len()
         );
     } else {
@@ -272,7 +347,11 @@ fn test(filter: Option<&str>, no_lint: bool) -> Result<()> {
         ]))?;
     }
     build()?;
-    let bin = workspace_root().join("target/release/interceptor");
+    let root = workspace_root();
+    if filter.is_none() {
+        check_deploy(&root)?;
+    }
+    let bin = root.join("target/release/interceptor");
     let mut unit = Command::new("cargo");
     unit.args([
         "test",
@@ -303,7 +382,229 @@ fn test(filter: Option<&str>, no_lint: bool) -> Result<()> {
     if let Some(f) = filter {
         e2e.arg(f);
     }
-    run(&mut e2e)
+    run(&mut e2e)?;
+    if filter.is_none() {
+        fuzz(&root, CI_FUZZ_SECONDS, None, true)?;
+    }
+    Ok(())
+}
+
+/// The deploy artifacts, checked offline: the unit with `systemd-analyze
+/// verify` (its ExecStart pointed at the built binary, which verify
+/// requires to exist) and `security` at [`SECURITY_THRESHOLD`]; the
+/// DaemonSet with kubernetes-validate, strict, for [`KUBERNETES_VERSIONS`].
+fn check_deploy(root: &Path) -> Result<()> {
+    let unit = root.join("deploy/interceptor.service");
+    let text = std::fs::read_to_string(&unit).with_context(|| unit.display().to_string())?;
+    let bin = root.join("target/release/interceptor");
+    let dir = root.join("target/check-deploy");
+    std::fs::create_dir_all(&dir)?;
+    let copy = dir.join("interceptor.service");
+    std::fs::write(
+        &copy,
+        text.replace("/usr/local/bin/interceptor", &bin.display().to_string()),
+    )?;
+    run(Command::new("systemd-analyze").arg("verify").arg(&copy))?;
+    let security = output(
+        Command::new("systemd-analyze")
+            .args(["security", "--offline=yes", "--no-pager"])
+            .arg(format!("--threshold={SECURITY_THRESHOLD}"))
+            .arg(&unit),
+    )
+    .with_context(|| {
+        format!(
+            "{} exposure above {}.{} (systemd-analyze security --offline=yes {})",
+            unit.display(),
+            SECURITY_THRESHOLD / 10,
+            SECURITY_THRESHOLD % 10,
+            unit.display()
+        )
+    })?;
+    if let Some(level) = security.lines().find(|l| l.contains("Overall exposure")) {
+        println!("{}", level.trim_start_matches(['→', ' ']));
+    }
+    for version in KUBERNETES_VERSIONS {
+        run(Command::new("python3")
+            .args(["-m", "kubernetes_validate", "--strict", "--quiet", "-k"])
+            .arg(version)
+            .arg(root.join("deploy/daemonset.yaml")))?;
+    }
+    println!(
+        "check-deploy: unit verified, exposure within {}.{}; DaemonSet valid for Kubernetes {}",
+        SECURITY_THRESHOLD / 10,
+        SECURITY_THRESHOLD % 10,
+        KUBERNETES_VERSIONS.join(", ")
+    );
+    Ok(())
+}
+
+/// The fuzz targets, from fuzz/Cargo.toml's `[[bin]]` names.
+fn fuzz_targets(root: &Path) -> Result<Vec<String>> {
+    let manifest = std::fs::read_to_string(root.join("fuzz/Cargo.toml"))?;
+    let mut targets = Vec::new();
+    let mut in_bin = false;
+    for line in manifest.lines().map(str::trim) {
+        if line.starts_with('[') {
+            in_bin = line == "[[bin]]";
+        } else if in_bin && let Some(name) = line.strip_prefix("name = ") {
+            targets.push(name.trim_matches('"').to_owned());
+        }
+    }
+    if targets.is_empty() {
+        bail!("no [[bin]] fuzz targets in fuzz/Cargo.toml");
+    }
+    Ok(targets)
+}
+
+/// Runs each fuzz target for `seconds` on the corpus in fuzz/corpus/TARGET.
+/// In CI (`ci`), what the run finds goes to target/fuzz-new/TARGET and the
+/// repository stays clean; otherwise new inputs join the repository's
+/// corpus, which is then minimised (`cargo fuzz cmin`) for committing.
+/// A crash, a leak or an input slower than 10 s fails the run; its input
+/// lands in target/fuzz-artifacts/TARGET/.
+fn fuzz(root: &Path, seconds: u64, only: Option<&str>, ci: bool) -> Result<()> {
+    let targets = fuzz_targets(root)?;
+    if let Some(t) = only
+        && !targets.iter().any(|x| x == t)
+    {
+        bail!("unknown fuzz target {t:?}; expected one of {targets:?}");
+    }
+    let fuzz_dir = root.join("fuzz");
+    run(Command::new("cargo")
+        .args(["+nightly", "fuzz", "build"])
+        .current_dir(&fuzz_dir))?;
+    for target in targets.iter().filter(|t| only.is_none_or(|o| o == *t)) {
+        let corpus = fuzz_dir.join("corpus").join(target);
+        let artifacts = root.join("target/fuzz-artifacts").join(target);
+        std::fs::create_dir_all(&corpus)?;
+        std::fs::create_dir_all(&artifacts)?;
+        let mut cmd = Command::new("cargo");
+        cmd.args(["+nightly", "fuzz", "run", target])
+            .current_dir(&fuzz_dir);
+        if ci {
+            let new = root.join("target/fuzz-new").join(target);
+            std::fs::create_dir_all(&new)?;
+            // libFuzzer writes new inputs to the first directory only.
+            cmd.arg(&new);
+        }
+        cmd.arg(&corpus).arg("--").args([
+            format!("-max_total_time={seconds}"),
+            "-timeout=10".to_owned(),
+            "-max_len=4096".to_owned(),
+            "-print_final_stats=1".to_owned(),
+            format!("-artifact_prefix={}/", artifacts.display()),
+        ]);
+        run(&mut cmd)?;
+        if !ci {
+            run(Command::new("cargo")
+                .args(["+nightly", "fuzz", "cmin", target])
+                .arg(&corpus)
+                .current_dir(&fuzz_dir))?;
+        }
+    }
+    println!(
+        "fuzz: {} target(s), {seconds} s each, no crash",
+        targets
+            .iter()
+            .filter(|t| only.is_none_or(|o| o == *t))
+            .count()
+    );
+    Ok(())
+}
+
+/// OCI image of the agent from scratch: the stripped release binary and
+/// the shared libraries `ldd` lists (glibc, libgcc_s, the loader), built by
+/// podman without a registry, then `interceptor --version` run inside it.
+fn image(root: &Path) -> Result<()> {
+    build()?;
+    let version = env!("CARGO_PKG_VERSION");
+    let tag = format!("localhost/interceptor:{version}");
+    let bin = root.join("target/release/interceptor");
+    let dir = root.join("target/image");
+    let rootfs = dir.join("rootfs");
+    if rootfs.exists() {
+        std::fs::remove_dir_all(&rootfs)?;
+    }
+    // Mount points of the DaemonSet's volumes (the root file system is
+    // read-only there) and of the kernel's file systems.
+    for d in [
+        "etc/interceptor",
+        "run/interceptor",
+        "var/log/interceptor",
+        "var/lib/interceptor",
+        "sys/fs/bpf",
+        "sys/fs/cgroup",
+        "proc",
+        "dev",
+        "tmp",
+    ] {
+        std::fs::create_dir_all(rootfs.join(d))?;
+    }
+    run(Command::new("objcopy")
+        .arg("--strip-debug")
+        .arg(&bin)
+        .arg(rootfs.join("interceptor")))?;
+    let ldd = output(Command::new("ldd").arg(&bin))?;
+    for lib in ldd_paths(&ldd) {
+        let dest = rootfs.join(lib.strip_prefix("/").unwrap_or(&lib));
+        std::fs::create_dir_all(dest.parent().context("library path")?)?;
+        // fs::copy follows the symlink: the image holds the file itself.
+        std::fs::copy(&lib, &dest).with_context(|| format!("copy {}", lib.display()))?;
+    }
+    std::fs::write(
+        dir.join("Containerfile"),
+        format!(
+            "FROM scratch\n\
+             COPY rootfs/ /\n\
+             LABEL org.opencontainers.image.title=interceptor \
+             org.opencontainers.image.version={version}\n\
+             ENTRYPOINT [\"/interceptor\"]\n"
+        ),
+    )?;
+    run(Command::new("podman")
+        .args(["build", "--quiet", "--tag", &tag, "--file"])
+        .arg(dir.join("Containerfile"))
+        .arg(&dir))?;
+    // crun refuses hybrid cgroup hosts; podman's default rlimits exceed
+    // some hosts' hard limits.
+    let out = output(Command::new("podman").args([
+        "run",
+        "--rm",
+        "--runtime",
+        "runc",
+        "--network",
+        "none",
+        "--ulimit",
+        "nofile=1000:1000",
+        "--ulimit",
+        "nproc=1000:1000",
+        &tag,
+        "--version",
+    ]))?;
+    if !out.contains(version) {
+        bail!("{tag}: `interceptor --version` printed {out:?}");
+    }
+    let size =
+        output(Command::new("podman").args(["image", "inspect", "--format", "{{.Size}}", &tag]))?;
+    println!(
+        "image: {tag} ({} MB), runs: {}",
+        size.trim().parse::<u64>().unwrap_or(0) / 1_000_000,
+        out.trim()
+    );
+    Ok(())
+}
+
+/// The library files in `ldd` output: `name => /path (addr)` and the
+/// loader's `/path (addr)`; the vDSO has no file.
+fn ldd_paths(ldd: &str) -> Vec<PathBuf> {
+    ldd.lines()
+        .filter_map(|l| {
+            let l = l.trim();
+            let path = l.split_once(" => ").map_or(l, |(_, p)| p);
+            let path = path.split(" (").next()?.trim();
+            path.starts_with('/').then(|| PathBuf::from(path))
+        })
+        .collect()
 }
 
 fn bench(which: &str) -> Result<()> {
@@ -339,4 +640,37 @@ fn bench(which: &str) -> Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ldd_lines_give_library_files() {
+        let ldd = "\tlinux-vdso.so.1 (0x00007ffd)\n\
+                   \tlibgcc_s.so.1 => /lib/x86_64-linux-gnu/libgcc_s.so.1 (0x00007f3f)\n\
+                   \tlibc.so.6 => /lib/x86_64-linux-gnu/libc.so.6 (0x00007f3e)\n\
+                   \t/lib64/ld-linux-x86-64.so.2 (0x00007f3f)\n";
+        assert_eq!(
+            ldd_paths(ldd),
+            [
+                "/lib/x86_64-linux-gnu/libgcc_s.so.1",
+                "/lib/x86_64-linux-gnu/libc.so.6",
+                "/lib64/ld-linux-x86-64.so.2"
+            ]
+            .map(PathBuf::from)
+        );
+    }
+
+    #[test]
+    fn fuzz_targets_come_from_the_manifest() {
+        let targets = fuzz_targets(&workspace_root()).unwrap_or_else(|e| panic!("{e}"));
+        for t in ["sql_facts", "policy_decide", "pg_frames", "mysql_frames"] {
+            assert!(
+                targets.iter().any(|x| x == t),
+                "{t} missing from {targets:?}"
+            );
+        }
+    }
 }

@@ -68,10 +68,37 @@ pub fn str_array_member(out: &mut Vec<u8>, name: &str, values: &[String]) {
     out.push(b']');
 }
 
+/// Appends an array-of-strings member from borrowed strings (names of
+/// flags and the like).
+pub fn str_iter_member<'a>(
+    out: &mut Vec<u8>,
+    name: &str,
+    values: impl IntoIterator<Item = &'a str>,
+) {
+    key(out, name);
+    out.push(b'[');
+    for (i, v) in values.into_iter().enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        string(out, v);
+    }
+    out.push(b']');
+}
+
 /// Appends a number member.
 pub fn u64_member(out: &mut Vec<u8>, name: &str, value: u64) {
     key(out, name);
     out.extend_from_slice(itoa::Buffer::new().format(value).as_bytes());
+}
+
+/// Appends a number member, `null` when there is none.
+pub fn opt_u64_member(out: &mut Vec<u8>, name: &str, value: Option<u64>) {
+    key(out, name);
+    match value {
+        Some(v) => out.extend_from_slice(itoa::Buffer::new().format(v).as_bytes()),
+        None => out.extend_from_slice(b"null"),
+    }
 }
 
 /// Appends a boolean member.
@@ -83,6 +110,8 @@ pub fn bool_member(out: &mut Vec<u8>, name: &str, value: bool) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    use serde_json::Value;
 
     #[test]
     fn strings_round_trip_through_a_json_parser() {
@@ -101,12 +130,18 @@ mod tests {
             u64_member(&mut out, "n", 42);
             numbered_member(&mut out, "id", s, 7);
             bool_member(&mut out, "b", true);
+            opt_u64_member(&mut out, "some", Some(3));
+            opt_u64_member(&mut out, "none", None);
             out.push(b'}');
             let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
             assert_eq!(v["s"], s);
             assert_eq!(v["n"], 42);
             assert_eq!(v["id"], format!("{s}7"));
             assert_eq!(v["b"], true);
+            assert_eq!(
+                (&v["some"], &v["none"]),
+                (&serde_json::json!(3), &Value::Null)
+            );
         }
     }
 }

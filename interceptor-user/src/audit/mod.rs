@@ -84,8 +84,42 @@ pub enum FlushPolicy {
     Batch,
 }
 
+/// What the log keeps of the executions of prepared statements and
+/// portals (PostgreSQL Execute, MySQL COM_STMT_EXECUTE), which are decided
+/// once, when prepared.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+#[repr(u8)]
+pub enum Executions {
+    /// One `executions` record per connection and prepared statement for
+    /// each window (at most a second) in which it ran.
+    #[default]
+    Summary = 0,
+    /// One `execute` record per execution.
+    Each = 1,
+    /// None: only the decision's `query` record.
+    Off = 2,
+}
+
+impl Executions {
+    /// The value stored by [`Executions::as_u8`].
+    #[must_use]
+    pub fn from_u8(v: u8) -> Self {
+        match v {
+            1 => Self::Each,
+            2 => Self::Off,
+            _ => Self::Summary,
+        }
+    }
+
+    #[must_use]
+    pub fn as_u8(self) -> u8 {
+        self as u8
+    }
+}
+
 /// The policy file's `audit:` section. The writer settings apply at agent
-/// start; `redact_literals` applies on every reload.
+/// start; `redact_literals` and `executions` apply on every reload.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AuditSettings {
@@ -102,6 +136,8 @@ pub struct AuditSettings {
     /// `query` events carry the statement with its literals replaced (the
     /// fingerprinted text) instead of the raw text.
     pub redact_literals: bool,
+    /// Records of prepared statements' executions.
+    pub executions: Executions,
 }
 
 /// Largest `queue`: its slots are allocated up front.
@@ -117,6 +153,7 @@ impl Default for AuditSettings {
             rotate_bytes: 100 << 20,
             retain: 10,
             redact_literals: false,
+            executions: Executions::Summary,
         }
     }
 }
@@ -274,6 +311,18 @@ pub struct DecisionFacts {
     pub eval_us: u64,
 }
 
+/// What metrics count of an `execute` or `executions` record: executions
+/// of statements decided earlier, carried typed like [`DecisionFacts`].
+#[derive(Clone, Debug)]
+pub struct ExecutionFacts {
+    pub target: Arc<str>,
+    /// The policy identity names, comma-separated.
+    pub identities: Arc<str>,
+    /// The decision of the statement executed.
+    pub decision: crate::policy::Decision,
+    pub count: u64,
+}
+
 /// One event on its way to the log.
 pub struct AuditEvent {
     pub ts: OffsetDateTime,
@@ -287,6 +336,8 @@ pub struct AuditEvent {
     pub fields: Map<String, Value>,
     /// For `query` events: what metrics count (also in the rendered line).
     pub decision: Option<DecisionFacts>,
+    /// For `execute` and `executions` events: what metrics count.
+    pub executions: Option<ExecutionFacts>,
 }
 impl std::fmt::Debug for AuditEvent {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -306,6 +357,7 @@ impl AuditEvent {
             body: None,
             fields: Map::new(),
             decision: None,
+            executions: None,
         }
     }
 
@@ -338,6 +390,13 @@ impl AuditEvent {
     #[must_use]
     pub fn with_decision(mut self, facts: DecisionFacts) -> Self {
         self.decision = Some(facts);
+        self
+    }
+
+    /// Adds what metrics count of executions.
+    #[must_use]
+    pub fn with_executions(mut self, facts: ExecutionFacts) -> Self {
+        self.executions = Some(facts);
         self
     }
 }
@@ -528,62 +587,60 @@ impl AuditWriter {
     /// # Errors
     /// When the file cannot be opened or the thread cannot start.
     pub fn start(config: AuditConfig) -> Result<(AuditLog, Self), AuditError> {
-        let AuditConfig {
-            path,
-            settings,
-            taps,
-        } = config;
-        let open_err = |source| AuditError::Open {
-            path: path.clone(),
-            source,
-        };
-        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir).map_err(open_err)?;
-        }
-        let tail = read::tail(&path).map_err(open_err)?;
-        let (out, size) = open_live(&path).map_err(open_err)?;
-        let prev = match (&tail.seq, tail.hash) {
-            (_, Some(h)) => h,
-            (None, None) => chain::GENESIS.to_owned(),
-            (Some(_), None) => {
-                tracing::warn!(
-                    "audit log {} ends with a record without a hash; the chain starts afresh",
-                    path.display()
-                );
-                chain::GENESIS.to_owned()
-            }
-        };
-        let capacity = settings.queue.clamp(1, MAX_QUEUE);
+        let capacity = config.settings.queue.clamp(1, MAX_QUEUE);
+        let overflow = config.settings.overflow;
         let stats = Arc::new(AuditStats::default());
         stats.capacity.store(capacity, Ordering::Relaxed);
         let (tx, rx) = mpsc::sync_channel(capacity);
-        let overflow = settings.overflow;
-        let mut writer = Writer {
-            path,
-            settings,
-            taps,
-            stats: Arc::clone(&stats),
-            out,
-            size,
-            seq: tail.seq.map_or(1, |s| s.saturating_add(1)),
-            prev,
-            reported_dropped: 0,
-        };
-        let repaired = tail.repaired;
+        let (mut writer, repaired) = Writer::open(config, Arc::clone(&stats))?;
+        let handle = std::thread::Builder::new()
+            .name("audit-writer".into())
+            .spawn(move || writer.start(repaired, &rx))
+            .map_err(AuditError::Spawn)?;
+        Ok((
+            AuditLog {
+                tx,
+                overflow,
+                stats: Arc::clone(&stats),
+            },
+            Self {
+                handle: Some(handle),
+                stats,
+            },
+        ))
+    }
+
+    /// Like [`AuditWriter::start`], but the log is opened (and its chain
+    /// picked up) only once `wait` returns: records queue until then. For a
+    /// handover, where the previous agent is still writing the same log.
+    /// A failure to open is reported on stderr and counted as write errors.
+    ///
+    /// # Errors
+    /// When the thread cannot start.
+    pub fn start_after(
+        config: AuditConfig,
+        wait: impl FnOnce() + Send + 'static,
+    ) -> Result<(AuditLog, Self), AuditError> {
+        let capacity = config.settings.queue.clamp(1, MAX_QUEUE);
+        let overflow = config.settings.overflow;
+        let stats = Arc::new(AuditStats::default());
+        stats.capacity.store(capacity, Ordering::Relaxed);
+        let (tx, rx) = mpsc::sync_channel(capacity);
+        let thread_stats = Arc::clone(&stats);
         let handle = std::thread::Builder::new()
             .name("audit-writer".into())
             .spawn(move || {
-                if let Some(bytes) = repaired {
-                    tracing::warn!(
-                        "audit log {}: cut {bytes} bytes of a partial last line",
-                        writer.path.display()
-                    );
-                    let ev = AuditEvent::new("log_repaired")
-                        .with("file", writer.path.display().to_string())
-                        .with("truncated_bytes", bytes);
-                    writer.write_event(&ev);
+                wait();
+                match Writer::open(config, Arc::clone(&thread_stats)) {
+                    Ok((mut writer, repaired)) => writer.start(repaired, &rx),
+                    Err(e) => {
+                        tracing::error!("audit log: {e}; records are lost");
+                        while rx.recv().is_ok() {
+                            thread_stats.queued.fetch_sub(1, Ordering::Relaxed);
+                            thread_stats.write_errors.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
                 }
-                writer.run(&rx);
             })
             .map_err(AuditError::Spawn)?;
         Ok((
@@ -610,6 +667,72 @@ impl AuditWriter {
         if let Some(h) = self.handle.take() {
             let _ = h.join();
         }
+    }
+}
+
+impl Writer {
+    /// Opens (appending) the live log file, creating its directory, and
+    /// picks up `seq` and the hash chain where the existing log ends. A
+    /// partial last line is cut off; its size comes back for a
+    /// `log_repaired` event.
+    fn open(
+        config: AuditConfig,
+        stats: Arc<AuditStats>,
+    ) -> Result<(Self, Option<u64>), AuditError> {
+        let AuditConfig {
+            path,
+            settings,
+            taps,
+        } = config;
+        let open_err = |source| AuditError::Open {
+            path: path.clone(),
+            source,
+        };
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(open_err)?;
+        }
+        let tail = read::tail(&path).map_err(open_err)?;
+        let (out, size) = open_live(&path).map_err(open_err)?;
+        let prev = match (&tail.seq, tail.hash) {
+            (_, Some(h)) => h,
+            (None, None) => chain::GENESIS.to_owned(),
+            (Some(_), None) => {
+                tracing::warn!(
+                    "audit log {} ends with a record without a hash; the chain starts afresh",
+                    path.display()
+                );
+                chain::GENESIS.to_owned()
+            }
+        };
+        Ok((
+            Self {
+                path,
+                settings,
+                taps,
+                stats,
+                out,
+                size,
+                seq: tail.seq.map_or(1, |s| s.saturating_add(1)),
+                prev,
+                reported_dropped: 0,
+            },
+            tail.repaired,
+        ))
+    }
+
+    /// The writer thread's body.
+    fn start(&mut self, repaired: Option<u64>, rx: &Receiver<AuditEvent>) {
+        if let Some(bytes) = repaired {
+            tracing::warn!(
+                "audit log {}: cut {bytes} bytes of a partial last line",
+                self.path.display()
+            );
+            let ev = AuditEvent::new("log_repaired")
+                .with("file", self.path.display().to_string())
+                .with("truncated_bytes", bytes);
+            self.write_event(&ev);
+        }
+        self.run(rx);
     }
 }
 

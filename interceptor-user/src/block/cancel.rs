@@ -38,28 +38,37 @@ const CANCEL_REQUEST_CODE: u32 = 80_877_102;
 ///
 /// # Errors
 /// A message saying why the server could not be asked.
-pub fn cancel(
-    dst: SocketAddr,
-    mark: u32,
-    key: &CancelKey,
-    admin: Option<&AdminSpec>,
-) -> Result<(), String> {
+pub fn cancel(to: &Server, key: &CancelKey, admin: Option<&AdminSpec>) -> Result<(), String> {
     match key {
-        CancelKey::Postgres { pid, secret } => postgres_cancel(dst, mark, *pid, secret),
+        CancelKey::Postgres { pid, secret } => postgres_cancel(to, *pid, secret),
         CancelKey::Mysql { thread_id } => {
             let admin = admin.ok_or(
                 "no admin credentials for this target: the statement was not cancelled on the server",
             )?;
             let password = admin.password()?;
-            mysql_kill_query(dst, mark, &admin.user, &password, *thread_id)
+            mysql_kill_query(to, &admin.user, &password, *thread_id)
         }
     }
 }
 
-fn connect(dst: SocketAddr, mark: u32) -> Result<TcpStream, String> {
+/// The server of a connection to cancel, and where to reach it from.
+pub struct Server {
+    pub dst: SocketAddr,
+    pub mark: u32,
+    /// The workload's network namespace: the side connection takes the
+    /// same route as the connection it cancels.
+    pub netns: Option<std::sync::Arc<crate::netns::Netns>>,
+}
+
+fn connect(to: &Server) -> Result<TcpStream, String> {
+    let (dst, mark) = (to.dst, to.mark);
     let e = |what: &str, err: std::io::Error| format!("{what} {dst}: {err}");
-    let sock = Socket::new(Domain::for_address(dst), Type::STREAM, None)
-        .map_err(|err| e("socket for", err))?;
+    let make = || Socket::new(Domain::for_address(dst), Type::STREAM, None);
+    let sock = match &to.netns {
+        Some(ns) => ns.enter(make),
+        None => make(),
+    }
+    .map_err(|err| e("socket for", err))?;
     if mark != 0 {
         sock.set_mark(mark).map_err(|err| e("SO_MARK for", err))?;
     }
@@ -85,8 +94,9 @@ pub fn cancel_request(pid: u32, secret: &[u8]) -> Vec<u8> {
     p
 }
 
-fn postgres_cancel(dst: SocketAddr, mark: u32, pid: u32, secret: &[u8]) -> Result<(), String> {
-    let mut s = connect(dst, mark)?;
+fn postgres_cancel(to: &Server, pid: u32, secret: &[u8]) -> Result<(), String> {
+    let dst = to.dst;
+    let mut s = connect(to)?;
     s.write_all(&cancel_request(pid, secret))
         .map_err(|e| format!("sending CancelRequest to {dst}: {e}"))?;
     // The server acts on the request and closes without answering; waiting
@@ -191,14 +201,8 @@ fn handshake_response(user: &str, auth: &[u8]) -> Vec<u8> {
 }
 
 /// Logs in and runs `KILL QUERY thread_id`.
-fn mysql_kill_query(
-    dst: SocketAddr,
-    mark: u32,
-    user: &str,
-    password: &str,
-    thread_id: u32,
-) -> Result<(), String> {
-    let mut s = connect(dst, mark)?;
+fn mysql_kill_query(to: &Server, user: &str, password: &str, thread_id: u32) -> Result<(), String> {
+    let mut s = connect(to)?;
     let (_, greeting) = read_packet(&mut s)?;
     let nonce = greeting_nonce(&greeting)?;
     write_packet(

@@ -801,17 +801,20 @@ impl KillSwitch {
                 error: None,
             });
             pending += 1;
-            let (id, dst, mark, admin) = (
+            let (id, server, admin) = (
                 c.info.id,
-                c.info.dst,
-                self.shared.mark,
+                cancel::Server {
+                    dst: c.info.dst,
+                    mark: self.shared.mark,
+                    netns: c.info.netns.clone(),
+                },
                 c.info.target.admin.clone(),
             );
             let tx = tx.clone();
             let spawned = std::thread::Builder::new()
                 .name("interceptor-cancel".into())
                 .spawn(move || {
-                    let r = cancel::cancel(dst, mark, &key, admin.as_ref());
+                    let r = cancel::cancel(&server, &key, admin.as_ref());
                     if let Err(e) = &r {
                         tracing::warn!(conn = id, "server-side cancel failed: {e}");
                     }

@@ -7,7 +7,7 @@ use crate::{
 
 struct NoLookup;
 impl OrigDstLookup for NoLookup {
-    fn take(&self, _: std::net::SocketAddr) -> Option<interceptor_common::ConnRecord> {
+    fn take(&self, _: u64, _: std::net::SocketAddr) -> Option<interceptor_common::ConnRecord> {
         None
     }
 }

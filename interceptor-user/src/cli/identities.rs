@@ -58,7 +58,7 @@ fn render(workloads: &[Value]) -> String {
         return "no workload has a live connection\n".to_owned();
     }
     let mut out = format!(
-        "{:<16} {:<10} {:<8} {:<16} {:<5} {:<14} {:>6} {:>6} {:>7} {:>6}  {}\n",
+        "{:<16} {:<10} {:<8} {:<16} {:<5} {:<14} {:>6} {:>6} {:>7} {:>9} {:>6}  {}\n",
         "IDENTITIES",
         "USER",
         "PIDS",
@@ -68,6 +68,7 @@ fn render(workloads: &[Value]) -> String {
         "ALLOW",
         "DENY",
         "APPROVE",
+        "EXECUTED",
         "SINCE",
         "EXE / UNIT / CGROUP"
     );
@@ -84,7 +85,7 @@ fn render(workloads: &[Value]) -> String {
             .join("  ");
         let since = s(&w["since"]);
         out.push_str(&format!(
-            "{:<16} {:<10} {:<8} {:<16} {:<5} {:<14} {:>6} {:>6} {:>7} {:>6}  {}\n",
+            "{:<16} {:<10} {:<8} {:<16} {:<5} {:<14} {:>6} {:>6} {:>7} {:>9} {:>6}  {}\n",
             join(&w["identities"]),
             user,
             join(&w["pids"]),
@@ -94,6 +95,7 @@ fn render(workloads: &[Value]) -> String {
             s(&st["allow"]),
             s(&st["deny"]),
             s(&st["approve"]),
+            s(&w["executions"]),
             since.get(11..19).unwrap_or(&since),
             place
         ));
@@ -109,11 +111,18 @@ mod tests {
     fn renders_a_row_per_workload() {
         let w = serde_json::json!([{"identities": ["batch"], "user": "app", "uid": 1000, "pids": [7, 9],
             "comm": "pgbench", "connections": 2, "targets": ["pg"], "exe": "/usr/bin/pgbench",
-            "statements": {"allow": 5, "deny": 1, "approve": 0}, "since": "2026-11-28T00:01:02.000000Z"}]);
+            "statements": {"allow": 5, "deny": 1, "approve": 0}, "executions": 4321, "since": "2026-11-28T00:01:02.000000Z"}]);
         let text = render(w.as_array().unwrap());
         let row = text.lines().nth(1).unwrap();
         assert!(row.starts_with("batch"), "{text}");
-        for part in ["app", "7,9", "pgbench", "/usr/bin/pgbench", "00:01:02"] {
+        for part in [
+            "app",
+            "7,9",
+            "pgbench",
+            "/usr/bin/pgbench",
+            "00:01:02",
+            "4321",
+        ] {
             assert!(row.contains(part), "{part}: {text}");
         }
         assert!(render(&[]).contains("no workload"));

@@ -64,6 +64,35 @@ pub enum Command {
     /// List and revoke standing grants made by approvals.
     #[command(subcommand)]
     Grants(approvals::GrantsCommand),
+    /// Remove the kernel programs an agent pinned (uninstall): connections go direct.
+    Detach(DetachArgs),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct DetachArgs {
+    /// The pin dir the agent ran with.
+    #[arg(long, default_value = run::DEFAULT_PIN_DIR)]
+    pub pin_dir: std::path::PathBuf,
+}
+
+fn detach(args: &DetachArgs) -> i32 {
+    match crate::ebpf::unpin_all(&args.pin_dir) {
+        Ok(removed) if removed.is_empty() => {
+            println!("nothing pinned in {}", args.pin_dir.display());
+            0
+        }
+        Ok(removed) => {
+            for p in removed {
+                println!("removed {}", p.display());
+            }
+            println!("detached: connections go direct once no agent holds the programs");
+            0
+        }
+        Err(e) => {
+            eprintln!("interceptor: {e}");
+            1
+        }
+    }
 }
 
 /// Runs the command line; returns the process exit code.
@@ -82,6 +111,7 @@ pub fn main() -> i32 {
         Command::Blocks(args) => block::blocks(&args, &cli.control_socket),
         Command::Approvals(cmd) => approvals::approvals(cmd, &cli.control_socket),
         Command::Grants(cmd) => approvals::grants(cmd, &cli.control_socket),
+        Command::Detach(args) => detach(&args),
     }
 }
 

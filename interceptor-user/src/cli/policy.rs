@@ -83,6 +83,26 @@ pub fn policy(cmd: PolicyCommand) -> i32 {
                     p.identities.len(),
                     p.rules.len()
                 );
+                // A name that does not resolve now is not an error (it may
+                // resolve where the agent runs), but it redirects nothing.
+                for (_, t, name) in p.named_targets() {
+                    match name.lookup() {
+                        Ok(addrs) => {
+                            let (addrs, _) = crate::policy::names_diff(&[], &addrs);
+                            let list: Vec<String> = addrs.iter().map(ToString::to_string).collect();
+                            println!(
+                                "target {:?}: {} resolves to {}",
+                                t.name,
+                                t.address,
+                                list.join(", ")
+                            );
+                        }
+                        Err(e) => eprintln!(
+                            "warning: target {:?}: {} does not resolve here ({e}): nothing is redirected for it until it does",
+                            t.name, t.address
+                        ),
+                    }
+                }
                 0
             }
             Err(e) => {
@@ -248,11 +268,47 @@ fn render(v: &Verdict, identities: &[String], json: bool) -> String {
         );
         let _ = writeln!(o, "  reason:      {}", s.reason);
         let _ = writeln!(o, "  kind:        {}", f.kind);
-        let _ = writeln!(o, "  tables:      {}", list(&f.tables));
+        let _ = writeln!(
+            o,
+            "  tables:      {}{}",
+            list(&f.tables),
+            if f.tables_unknown {
+                " + unknown (dynamic_sql)"
+            } else {
+                ""
+            }
+        );
         let _ = writeln!(o, "  written:     {}", list(&f.tables_written));
         let _ = writeln!(o, "  functions:   {}", list(&f.functions));
         let flags: Vec<String> = f.flags.iter().map(|x| x.to_string()).collect();
         let _ = writeln!(o, "  flags:       {}", list(&flags));
+        // SQL the statement runs without naming it, and what that reads.
+        for (j, h) in f.hidden.iter().enumerate() {
+            let head = if j == 0 {
+                "  hidden:     "
+            } else {
+                "             "
+            };
+            let what = match (&h.text, &h.dynamic) {
+                (_, Some(why)) => format!("unknown: {why}"),
+                (Some(t), None) => {
+                    let mut s = format!("'{}'", one_line(t, 120));
+                    if let Some(k) = h.kind {
+                        s.push_str(&format!(" -> {k}"));
+                    }
+                    if !h.tables.is_empty() {
+                        s.push_str(&format!(" on {}", h.tables.join(", ")));
+                    }
+                    let hf: Vec<&str> = h.flags.iter().map(crate::sql::Flag::as_str).collect();
+                    if !hf.is_empty() {
+                        s.push_str(&format!(" ({})", hf.join(", ")));
+                    }
+                    s
+                }
+                (None, None) => String::new(),
+            };
+            let _ = writeln!(o, "{head} {}({}): {what}", h.function, h.argument.as_str());
+        }
         let _ = writeln!(
             o,
             "  where:       {}",
@@ -365,6 +421,7 @@ fn identity_from_json(v: &Value) -> Identity {
         pod_uid: s("pod_uid"),
         cgroup_id: 0,
         netns_cookie: 0,
+        netns_inode: 0,
     }
 }
 

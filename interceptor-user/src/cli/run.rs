@@ -20,11 +20,33 @@ use crate::{
     control::{self, Caller, Handler, Reply, Request},
     ebpf::{ListenerConfig, Redirector},
     identity::{IdentityResolver, cgroup2_mount},
+    netns::{Netns, NetnsManager},
+    notify,
     policy::{EMBEDDED_DEFAULT, Engine, PolicyFile},
-    proxy::{self, Limits, Shared},
+    proxy::{self, Limits, Shared, WorkerListeners},
 };
 
 const SYSTEM_POLICY: &str = "/etc/interceptor/policy.yaml";
+pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/interceptor";
+
+/// What workloads get while no agent serves.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum FailMode {
+    /// The programs stay pinned: connects to targets are refused.
+    Closed,
+    /// Connects go direct (unguarded, unaudited).
+    Open,
+}
+
+impl FailMode {
+    #[must_use]
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Closed => "closed",
+            Self::Open => "open",
+        }
+    }
+}
 
 #[derive(Debug, Args)]
 pub struct RunArgs {
@@ -70,6 +92,17 @@ pub struct RunArgs {
     /// approval grants).
     #[arg(long, default_value = "/var/lib/interceptor")]
     pub state_dir: PathBuf,
+    /// While no agent serves (stopped, crashed, killed): `closed` keeps the
+    /// kernel programs pinned so connects to targets are refused; `open`
+    /// lets them go direct (a SIGTERM detaches at once; a dead agent's
+    /// heartbeat goes stale within a second).
+    #[arg(long, value_enum, default_value = "closed")]
+    pub fail_mode: FailMode,
+    /// bpffs directory where the programs' links and maps are pinned; one
+    /// agent per pin dir. An agent started on a pin dir adopts what is
+    /// there (no second set of programs).
+    #[arg(long, default_value = DEFAULT_PIN_DIR)]
+    pub pin_dir: PathBuf,
     /// Log filter for the agent's own diagnostics on stderr (tracing syntax).
     #[arg(long, env = "INTERCEPTOR_LOG", default_value = "info")]
     pub log: String,
@@ -84,6 +117,10 @@ struct Agent {
     listen: Vec<SocketAddr>,
     started_at: String,
     feed: Arc<control::tail::Feed>,
+    netns: Arc<NetnsManager>,
+    redirector: Arc<Redirector>,
+    fail_mode: FailMode,
+    pin_dir: PathBuf,
 }
 
 impl Handler for Agent {
@@ -131,13 +168,16 @@ impl Handler for Agent {
                     "cgroup": self.cgroup.display().to_string(),
                     "policy": self.policy_source,
                     "mode": policy.mode,
+                    "fail_mode": self.fail_mode.as_str(),
+                    "pin_dir": self.pin_dir.display().to_string(),
                     "audit_log": self.audit_log.display().to_string(),
                     "listen": self.listen.iter().map(ToString::to_string).collect::<Vec<_>>(),
-                    "targets": policy.targets.iter().map(|t| json!({
-                        "name": t.name,
-                        "protocol": t.protocol.as_str(),
-                        "address": t.address.to_string(),
-                    })).collect::<Vec<_>>(),
+                    "targets": policy.targets.iter().map(target_status).collect::<Vec<_>>(),
+                    "resolve_every_ms": u64::try_from(policy.resolve_every().as_millis()).unwrap_or(u64::MAX),
+                    "namespaces": self.netns.served(),
+                    "maps": self.redirector.occupancy().into_iter().map(|(name, entries, capacity)| {
+                        (name.to_owned(), json!({"entries": entries, "capacity": capacity}))
+                    }).collect::<serde_json::Map<_, _>>(),
                     "connections": {
                         "live": stats.live.load(Ordering::Relaxed),
                         "total": stats.total.load(Ordering::Relaxed),
@@ -297,21 +337,63 @@ fn run_inner(args: &RunArgs, control_socket: &Path) -> Result<(), String> {
         default_workers(std::thread::available_parallelism().map_or(1, usize::from))
     });
 
-    // Bind every listener before attaching so no redirected connect is refused.
-    let mut listeners = Vec::new();
-    for _ in 0..workers.max(1) {
-        let set = addrs
-            .iter()
-            .map(|a| proxy::bind_listener(*a))
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| e.to_string())?;
-        listeners.push(set);
+    // A running agent on this state dir hands its listening sockets over
+    // (restart without a gap); otherwise bind every listener before
+    // attaching so no redirected connect is refused.
+    let handover_path = args.state_dir.join("handover.sock");
+    let _ = std::fs::create_dir_all(&args.state_dir);
+    let mut taken = crate::handover::take(&handover_path).map_err(|e| e.to_string())?;
+    let mut listeners: Vec<Vec<std::net::TcpListener>> = Vec::new();
+    if let Some(t) = taken.as_mut() {
+        if t.port != args.listen.port() {
+            return Err(format!(
+                "the running agent (pid {}) listens on port {}: start the new one with that --listen port",
+                t.pid, t.port
+            ));
+        }
+        listeners.resize_with(workers.max(1), Vec::new);
+        let n = listeners.len();
+        for (i, l) in std::mem::take(&mut t.home).into_iter().enumerate() {
+            if let Some(set) = listeners.get_mut(i % n) {
+                set.push(l);
+            }
+        }
+        tracing::info!(pid = t.pid, "taking over from the running agent");
+    } else {
+        for _ in 0..workers.max(1) {
+            let set = addrs
+                .iter()
+                .map(|a| proxy::bind_listener(*a))
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| e.to_string())?;
+            listeners.push(set);
+        }
     }
+    // Our own copies, for handing them to a successor.
+    let home_dups: Vec<std::net::TcpListener> = listeners
+        .iter()
+        .flatten()
+        .filter_map(|l| l.try_clone().ok())
+        .collect();
+    let home = Arc::new(
+        listeners
+            .first()
+            .and_then(|set| set.first())
+            .ok_or("no listener")
+            .and_then(|l| {
+                Netns::home(l).map_err(|_| "cannot identify the agent's network namespace")
+            })
+            .map_err(|e| format!("{e} (SO_NETNS_COOKIE needs kernel >= 5.14)"))?,
+    );
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .map_err(|e| format!("runtime: {e}"))?;
     let guard = rt.enter();
+    if taken.is_some() {
+        // The old agent answers on it until we take the path over.
+        let _ = std::fs::remove_file(control_socket);
+    }
     let control_listener = control::bind(control_socket).map_err(|e| e.to_string())?;
 
     let feed = control::tail::Feed::new();
@@ -324,12 +406,21 @@ fn run_inner(args: &RunArgs, control_socket: &Path) -> Result<(), String> {
         None => None,
     };
     let audit_settings = policy.audit.clone();
-    let (audit, audit_writer) = AuditWriter::start(AuditConfig {
+    let audit_config = AuditConfig {
         path: args.audit_log.clone(),
         settings: audit_settings.clone(),
         taps: vec![feed.clone(), metrics.clone()],
-    })
+    };
+    // One writer at a time: after a handover, the log opens once the old
+    // agent (still draining, still writing) has exited.
+    let (audit, audit_writer) = match taken.as_ref().map(|t| t.pid) {
+        Some(pid) => AuditWriter::start_after(audit_config, move || wait_exit(pid)),
+        None => AuditWriter::start(audit_config),
+    }
     .map_err(|e| e.to_string())?;
+    // Names resolve before the programs attach, so the kernel starts with
+    // their addresses.
+    resolve_names(&policy, &audit);
     let redirector = Arc::new(
         Redirector::attach(
             &cgroup,
@@ -339,6 +430,22 @@ fn run_inner(args: &RunArgs, control_socket: &Path) -> Result<(), String> {
                 v6,
                 port: args.listen.port(),
                 mark: args.mark,
+                home: (
+                    home.cookie,
+                    interceptor_common::NetnsState {
+                        state: interceptor_common::NETNS_READY,
+                        families: (u32::from(v4.is_some()) * interceptor_common::NETNS_HAS_V4)
+                            | (u32::from(v6.is_some()) * interceptor_common::NETNS_HAS_V6),
+                        since_ns: 0,
+                        tgid: 0,
+                        pid: 0,
+                    },
+                ),
+            },
+            &crate::ebpf::Pinning {
+                dir: args.pin_dir.clone(),
+                fail_open: args.fail_mode == FailMode::Open,
+                handover: taken.is_some(),
             },
         )
         .map_err(|e| {
@@ -352,6 +459,9 @@ fn run_inner(args: &RunArgs, control_socket: &Path) -> Result<(), String> {
         .map(|t| json!({"name": t.name, "protocol": t.protocol.as_str(), "address": t.address.to_string()}))
         .collect();
     let engine = Engine::new(policy).map_err(|e| e.to_string())?;
+    // The CA that issues the certificates workloads see (ca.crt, ca.key).
+    let tls =
+        crate::tls::TlsContext::in_state_dir(&args.state_dir).map_err(|e| format!("TLS: {e}"))?;
     let shared = Arc::new(
         Shared::new(
             engine,
@@ -364,7 +474,8 @@ fn run_inner(args: &RunArgs, control_socket: &Path) -> Result<(), String> {
                 audit_query_max: args.audit_query_max,
             },
         )
-        .with_grants_file(args.state_dir.join("grants.json")),
+        .with_grants_file(args.state_dir.join("grants.json"))
+        .with_tls(tls),
     );
     // Stored blocks are in force before the first connection is accepted.
     let kill_switch = Arc::new(
@@ -383,8 +494,43 @@ fn run_inner(args: &RunArgs, control_socket: &Path) -> Result<(), String> {
     );
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let drain = Duration::from_secs_f64(args.drain_timeout.max(0.0));
-    let handles =
-        proxy::spawn_workers(&shared, listeners, &shutdown_rx, drain).map_err(|e| e.to_string())?;
+    let mut senders = Vec::new();
+    let mut worker_sets = Vec::new();
+    // systemd's watchdog (Type=notify, WatchdogSec=): pinged only while
+    // every worker runtime and the control runtime keep ticking.
+    let mut watchdog = notify::Watchdog::from_env();
+    for (i, set) in listeners.into_iter().enumerate() {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        senders.push(tx);
+        worker_sets.push(WorkerListeners {
+            home: set,
+            home_netns: Arc::clone(&home),
+            more: rx,
+            heartbeat: watchdog
+                .as_mut()
+                .map(|w| w.heartbeat(&format!("worker-{i}"))),
+        });
+    }
+    let handles = proxy::spawn_workers(&shared, worker_sets, &shutdown_rx, drain)
+        .map_err(|e| e.to_string())?;
+    let netns = Arc::new(NetnsManager::new(
+        (v4, v6),
+        redirector.clone(),
+        senders,
+        audit.clone(),
+        Arc::clone(&home),
+    ));
+    if let Some(t) = taken.take() {
+        netns.adopt(t.guests);
+    }
+    let netns_thread = {
+        let netns = Arc::clone(&netns);
+        let events = redirector.take_netns_events();
+        std::thread::Builder::new()
+            .name("netns".into())
+            .spawn(move || netns.run(events))
+            .map_err(|e| format!("cannot start the namespace thread: {e}"))?
+    };
 
     let agent = Arc::new(Agent {
         shared: Arc::clone(&shared),
@@ -395,12 +541,19 @@ fn run_inner(args: &RunArgs, control_socket: &Path) -> Result<(), String> {
         listen: addrs.clone(),
         started_at: crate::audit::format_ts(time::OffsetDateTime::now_utc()),
         feed,
+        netns: Arc::clone(&netns),
+        redirector: Arc::clone(&redirector),
+        fail_mode: args.fail_mode,
+        pin_dir: args.pin_dir.clone(),
     });
     audit.record(
         AuditEvent::new("agent_start")
             .with("pid", std::process::id())
             .with("cgroup", cgroup.display().to_string())
             .with("policy", &policy_source)
+            .with("fail_mode", args.fail_mode.as_str())
+            .with("pin_dir", args.pin_dir.display().to_string())
+            .with("adopted", redirector.adopted())
             .with(
                 "listen",
                 addrs.iter().map(ToString::to_string).collect::<Vec<_>>(),
@@ -413,6 +566,14 @@ fn run_inner(args: &RunArgs, control_socket: &Path) -> Result<(), String> {
         policy = %policy_source,
         "interceptor ready"
     );
+    let control_beat = watchdog
+        .as_mut()
+        .map(|w| rt.spawn(w.heartbeat("control").run()));
+    let watchdog = watchdog
+        .map(notify::Watchdog::start)
+        .transpose()
+        .map_err(|e| format!("cannot start the watchdog thread: {e}"))?;
+    notify::ready(&format!("serving {}", cgroup.display()));
 
     let server = rt.spawn(control::serve(control_listener, agent));
     let metrics_server = metrics_listener.map(|l| {
@@ -434,24 +595,110 @@ fn run_inner(args: &RunArgs, control_socket: &Path) -> Result<(), String> {
         Arc::clone(&redirector),
         audit_settings,
     ));
+    let resolver = rt.spawn(resolve_loop(Arc::clone(&shared), Arc::clone(&redirector)));
     let rescanner = rt.spawn(Arc::clone(&kill_switch).rescan_loop());
-    let signal = rt.block_on(wait_for_signal());
+    let heart = {
+        let redirector = Arc::clone(&redirector);
+        rt.spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_millis(
+                interceptor_common::HEARTBEAT_EVERY_MS,
+            ));
+            loop {
+                tick.tick().await;
+                redirector.heartbeat();
+            }
+        })
+    };
+    // A successor asks for our sockets here.
+    let (handed_tx, handed_rx) = tokio::sync::oneshot::channel::<()>();
+    let handover_listener =
+        crate::handover::listen_at(&handover_path).map_err(|e| e.to_string())?;
+    {
+        // Weak: the thread waits in accept for the agent's whole life and
+        // must not keep the manager (and its audit sender) alive past it.
+        let netns = Arc::downgrade(&netns);
+        let port = args.listen.port();
+        std::thread::Builder::new()
+            .name("handover".into())
+            .spawn(move || {
+                let conn = match crate::handover::accept_successor(&handover_listener) {
+                    Ok(c) => c,
+                    Err(e) => {
+                        tracing::error!("{e}");
+                        return;
+                    }
+                };
+                let Some(netns) = netns.upgrade() else { return };
+                let sent = netns.for_handover(|guests| {
+                    crate::handover::give(
+                        &conn,
+                        &crate::handover::Offer {
+                            port,
+                            home: &home_dups,
+                            guests,
+                        },
+                    )
+                });
+                match sent {
+                    Some(Ok(())) => {
+                        let _ = handed_tx.send(());
+                    }
+                    Some(Err(e)) => tracing::error!("{e}"),
+                    None => tracing::error!("handover: namespace table unavailable"),
+                }
+            })
+            .map_err(|e| format!("cannot start the handover thread: {e}"))?;
+    }
+    let summaries = rt.spawn(Arc::clone(&shared).flush_executions_loop());
+    let signal = rt.block_on(async {
+        tokio::select! {
+            s = wait_for_signal() => s,
+            Ok(()) = handed_rx => "handover",
+        }
+    });
+    let handed_over = signal == "handover";
     reloader.abort();
     rescanner.abort();
+    resolver.abort();
+    heart.abort();
     deadlines.abort();
     tracing::info!("{signal}: detaching and shutting down");
+    notify::stopping(&format!("{signal}: shutting down"));
+    if let Some(w) = watchdog {
+        w.stop();
+    }
+    if let Some(b) = control_beat {
+        b.abort();
+    }
 
-    // Detach first: from now on new connections go direct.
-    redirector.detach();
+    // Fail open: detach first, so from now on new connections go direct.
+    // Fail closed: the programs stay pinned; from now on connects to
+    // targets are refused until an agent serves again.
+    // Handed over: the successor has updated the links and serves our
+    // sockets; leave everything in place.
+    match args.fail_mode {
+        FailMode::Open if !handed_over => redirector.detach(),
+        _ => redirector.release(),
+    }
+    netns.shutdown();
+    let _ = netns_thread.join();
     server.abort();
     if let Some(m) = metrics_server {
         m.abort();
     }
-    let _ = std::fs::remove_file(control_socket);
+    if !handed_over {
+        // After a handover both paths are the successor's.
+        let _ = std::fs::remove_file(control_socket);
+        let _ = std::fs::remove_file(&handover_path);
+    }
     let _ = shutdown_tx.send(true);
     for h in handles {
         let _ = h.join();
     }
+    // Every connection wrote its own summaries as it ended; a handler cut
+    // short by the workers' deadline leaves its windows here.
+    summaries.abort();
+    shared.flush_executions();
     audit.record(AuditEvent::new("agent_stop").with("signal", signal));
     // The writer finishes once the last sender is gone: the control tasks
     // hold some, and they only go with the runtime.
@@ -459,9 +706,115 @@ fn run_inner(args: &RunArgs, control_socket: &Path) -> Result<(), String> {
     rt.shutdown_timeout(Duration::from_secs(1));
     drop(kill_switch);
     drop(shared);
+    // The namespace manager holds an audit sender too.
+    drop(netns);
     drop(audit);
     audit_writer.finish();
     Ok(())
+}
+
+/// A target as `status` shows it: a DNS-named one with its addresses now
+/// and when they were resolved.
+fn target_status(t: &crate::policy::TargetSpec) -> Value {
+    let mut v = json!({
+        "name": t.name,
+        "protocol": t.protocol.as_str(),
+        "address": t.address.to_string(),
+    });
+    if let Some(n) = t.address.name() {
+        let s = n.state();
+        v["resolved"] = json!({
+            "addresses": s.current.iter().map(ToString::to_string).collect::<Vec<_>>(),
+            "resolved_at": s.resolved_at.map(|at| humantime::format_rfc3339_millis(at).to_string()),
+            "last_error": s.last_error,
+        });
+    }
+    v
+}
+
+/// Resolves every DNS-named target of `file` now (blocking: the system
+/// resolver) and audits each change (`target_resolved`) and each failure
+/// (`target_resolve_failed`, the last good addresses staying in force).
+/// Returns whether any name's addresses changed.
+fn resolve_names(file: &PolicyFile, audit: &crate::audit::AuditLog) -> bool {
+    let strings = |v: &[IpAddr]| v.iter().map(ToString::to_string).collect::<Vec<_>>();
+    let mut changed = false;
+    for (_, t, name) in file.named_targets() {
+        match name.refresh() {
+            Ok(change) if change.is_empty() => {}
+            Ok(change) => {
+                changed = true;
+                let now = name.state().current;
+                tracing::info!(
+                    target_name = %t.name,
+                    name = %name.host,
+                    added = ?change.added,
+                    removed = ?change.removed,
+                    "target name resolved"
+                );
+                audit.record(
+                    AuditEvent::new("target_resolved")
+                        .with("target", &t.name)
+                        .with("name", &name.host)
+                        .with("port", name.port)
+                        .with("added", strings(&change.added))
+                        .with("removed", strings(&change.removed))
+                        .with("addresses", strings(&now)),
+                );
+            }
+            Err(error) => {
+                let kept = name.state().current;
+                tracing::warn!(
+                    target_name = %t.name,
+                    name = %name.host,
+                    "target name does not resolve, last addresses {kept:?} stay: {error}"
+                );
+                audit.record(
+                    AuditEvent::new("target_resolve_failed")
+                        .with("target", &t.name)
+                        .with("name", &name.host)
+                        .with("port", name.port)
+                        .with("error", error)
+                        .with("addresses", strings(&kept)),
+                );
+            }
+        }
+    }
+    changed
+}
+
+/// Resolves the policy's DNS-named targets every `resolve_every` and puts
+/// their addresses in the kernel's targets map when they change.
+async fn resolve_loop(shared: Arc<Shared>, redirector: Arc<Redirector>) {
+    loop {
+        let every = shared.engine.load().file().resolve_every();
+        tokio::time::sleep(every).await;
+        let engine = shared.engine.load_full();
+        if engine.file().named_targets().next().is_none() {
+            continue;
+        }
+        let audit = shared.audit.clone();
+        let resolved = {
+            let engine = Arc::clone(&engine);
+            tokio::task::spawn_blocking(move || resolve_names(engine.file(), &audit)).await
+        };
+        if !matches!(resolved, Ok(true)) {
+            continue;
+        }
+        // A reload may have replaced the policy meanwhile: it resolved its
+        // own names and set its own targets.
+        if !Arc::ptr_eq(&engine, &shared.engine.load_full()) {
+            continue;
+        }
+        if let Err(e) = redirector.set_targets(&engine.file().targets) {
+            tracing::error!("cannot update the kernel's targets after resolution: {e}");
+            shared.audit.record(
+                AuditEvent::new("target_resolve_failed")
+                    .with("stage", "map")
+                    .with("error", e.to_string()),
+            );
+        }
+    }
 }
 
 /// Reloads the policy on SIGHUP and when the file changes. A valid policy
@@ -499,8 +852,20 @@ async fn reload_loop(
                 "file change"
             }
         };
-        let result = PolicyFile::load(&path)
-            .map_err(|e| e.to_string())
+        let result = match PolicyFile::load(&path) {
+            Ok(file) => {
+                // A reload resolves its names at once, before it takes effect.
+                let audit = shared.audit.clone();
+                tokio::task::spawn_blocking(move || {
+                    resolve_names(&file, &audit);
+                    file
+                })
+                .await
+                .map_err(|e| e.to_string())
+            }
+            Err(e) => Err(e.to_string()),
+        };
+        let result = result
             .and_then(|file| Engine::new(file).map_err(|e| e.to_string()))
             .and_then(|engine| {
                 redirector
@@ -525,7 +890,7 @@ async fn reload_loop(
                     );
                     ev = ev.with("audit_restart_required", pending);
                 }
-                shared.engine.store(Arc::new(engine));
+                shared.publish(engine);
                 tracing::info!("policy reloaded from {} ({trigger})", path.display());
                 shared.audit.record(ev);
             }
@@ -535,6 +900,33 @@ async fn reload_loop(
                     .audit
                     .record(ev.with("status", "rejected").with("error", e));
             }
+        }
+    }
+}
+
+/// Blocks until process `pid` has exited (gone, or a zombie).
+fn wait_exit(pid: u32) {
+    let stat = format!("/proc/{pid}/stat");
+    let mut waited = 0u32;
+    loop {
+        match std::fs::read_to_string(&stat) {
+            Err(_) => return,
+            // The state follows the parenthesised comm.
+            Ok(s)
+                if s.rsplit_once(") ")
+                    .is_some_and(|(_, rest)| rest.starts_with('Z')) =>
+            {
+                return;
+            }
+            Ok(_) => {}
+        }
+        std::thread::sleep(Duration::from_millis(20));
+        waited += 1;
+        if waited.is_multiple_of(250) {
+            tracing::info!(
+                pid,
+                "waiting for the previous agent to finish draining before opening the audit log"
+            );
         }
     }
 }

@@ -43,7 +43,32 @@ pub fn status(args: &StatusArgs, socket: &Path) -> i32 {
             s(&t["protocol"]),
             s(&t["address"])
         );
+        if let Some(r) = t.get("resolved") {
+            let addrs: Vec<String> = r["addresses"]
+                .as_array()
+                .map(|a| a.iter().map(s).collect())
+                .unwrap_or_default();
+            println!(
+                "      resolved to {} at {}{}",
+                if addrs.is_empty() {
+                    "nothing".to_owned()
+                } else {
+                    addrs.join(", ")
+                },
+                r["resolved_at"].as_str().unwrap_or("never"),
+                r["last_error"]
+                    .as_str()
+                    .map(|e| format!(" (last attempt failed: {e})"))
+                    .unwrap_or_default()
+            );
+        }
     }
+    let namespaces = data["namespaces"].as_array().cloned().unwrap_or_default();
+    println!(
+        "namespaces:  {} served ({} besides the agent's own)",
+        namespaces.len(),
+        namespaces.iter().filter(|n| n["host"] != true).count()
+    );
     let c = &data["connections"];
     println!(
         "connections: {} live, {} total, {} rejected",

@@ -63,7 +63,7 @@ pub struct TailArgs {
     /// Only this target (name from the policy); repeatable.
     #[arg(long)]
     target: Vec<String>,
-    /// Only this event type (query, connect, disconnect, block, policy, ...); repeatable.
+    /// Only this event type (query, execute, executions, connect, disconnect, block, policy, ...); repeatable.
     #[arg(long)]
     event: Vec<String>,
     /// Only decisions by this rule; repeatable.
@@ -232,12 +232,64 @@ fn label(ev: &Value) -> String {
     }
 }
 
+/// What the server said of a statement or execution: `rows=N`, or the
+/// error; empty when the record carries no result.
+fn result(ev: &Value) -> String {
+    match ev["outcome"].as_str() {
+        Some("ok") if ev["rows"].is_null() => "ok".to_owned(),
+        Some("ok") => format!("rows={}", s(&ev["rows"])),
+        Some("error") => match ev["error_code"].as_u64() {
+            Some(code) => format!("error={} ({code})", s(&ev["error"])),
+            None => format!("error={}", s(&ev["error"])),
+        },
+        Some(other) => other.to_owned(),
+        None => String::new(),
+    }
+}
+
 /// What the event is about: the statement, or a short detail.
 fn detail(ev: &Value) -> String {
+    match ev["event"].as_str() {
+        Some("execute") => {
+            return format!(
+                "{} {} {}us",
+                s(&ev["decision_id"]),
+                result(ev),
+                s(&ev["duration_us"])
+            );
+        }
+        Some("executions") => {
+            let mut d = format!(
+                "{} count={} rows={} errors={}",
+                s(&ev["decision_id"]),
+                s(&ev["count"]),
+                s(&ev["rows"]),
+                s(&ev["errors"])
+            );
+            if ev["unfinished"].as_u64().unwrap_or(0) > 0 {
+                d.push_str(&format!(" unfinished={}", s(&ev["unfinished"])));
+            }
+            if let Some(e) = ev["last_error"].as_str() {
+                d.push_str(&format!(" last_error={e}"));
+            }
+            d.push_str(&format!(
+                " {}..{}",
+                short_time(&s(&ev["first"])),
+                short_time(&s(&ev["last"]))
+            ));
+            return d;
+        }
+        _ => {}
+    }
     for key in ["query", "selector", "error", "reason", "status", "dst"] {
         if !ev[key].is_null() {
             let text = s(&ev[key]);
-            return text.split_whitespace().collect::<Vec<_>>().join(" ");
+            let mut text = text.split_whitespace().collect::<Vec<_>>().join(" ");
+            let result = result(ev);
+            if key == "query" && !result.is_empty() {
+                text.push_str(&format!(" [{result}]"));
+            }
+            return text;
         }
     }
     String::new()
@@ -345,6 +397,24 @@ mod tests {
         let shadow = json!({"event": "query", "decision": "deny", "enforced": false});
         assert_eq!(label(&shadow), "DENY(shadow)");
         assert_eq!(label(&json!({"event": "connect"})), "connect");
+        let answered = json!({"event": "query", "query": "SELECT 1", "outcome": "ok", "rows": 1});
+        assert_eq!(detail(&answered), "SELECT 1 [rows=1]");
+        let failed = json!({"event": "query", "query": "INSERT", "outcome": "error",
+            "error": "23000", "error_code": 1062});
+        assert_eq!(detail(&failed), "INSERT [error=23000 (1062)]");
+        let exec = json!({"event": "execute", "decision_id": "b-1-2", "outcome": "ok",
+            "rows": 3, "duration_us": 41});
+        assert_eq!(label(&exec), "execute");
+        assert_eq!(detail(&exec), "b-1-2 rows=3 41us");
+        let summary = json!({"event": "executions", "decision_id": "b-1-2", "count": 100,
+            "rows": 100, "errors": 1, "unfinished": 0, "last_error": "23505",
+            "first": "2020-01-02T03:04:05.000000Z", "last": "2020-01-02T03:04:05.900000Z"});
+        let d = detail(&summary);
+        assert!(
+            d.starts_with("b-1-2 count=100 rows=100 errors=1 last_error=23505 "),
+            "{d}"
+        );
+        assert!(!d.contains('\n'), "{d}");
         assert!(paint(true, "DENY", "x").starts_with("\x1b[31m"));
         assert_eq!(paint(false, "DENY", "x"), "x");
     }

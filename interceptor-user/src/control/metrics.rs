@@ -35,6 +35,8 @@ const BUCKETS_US: [u64; 11] = [5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 1
 struct Counters {
     /// (target, identity, decision) -> statements.
     decisions: BTreeMap<(Arc<str>, Arc<str>, Decision), u64>,
+    /// (target, identity, decision of the statement) -> executions.
+    executions: BTreeMap<(Arc<str>, Arc<str>, Decision), u64>,
     /// Per bucket (cumulative at render), plus the +Inf count and the sum.
     eval_buckets: [u64; BUCKETS_US.len()],
     eval_count: u64,
@@ -95,6 +97,16 @@ impl Metrics {
             let _ = writeln!(
                 out,
                 "interceptor_decisions_total{{target=\"{}\",identity=\"{}\",decision=\"{}\"}} {n}",
+                escape(target),
+                escape(identity),
+                decision.as_str()
+            );
+        }
+        out.push_str("# HELP interceptor_executions_total Executions of prepared statements and portals (counted in execute and executions records), by target, policy identity and the statement's decision.\n# TYPE interceptor_executions_total counter\n");
+        for ((target, identity, decision), n) in &c.executions {
+            let _ = writeln!(
+                out,
+                "interceptor_executions_total{{target=\"{}\",identity=\"{}\",decision=\"{}\"}} {n}",
                 escape(target),
                 escape(identity),
                 decision.as_str()
@@ -199,6 +211,10 @@ impl Tap for Metrics {
             let key = (Arc::clone(&d.target), Arc::clone(&d.identities), d.decision);
             *c.decisions.entry(key).or_default() += 1;
             c.observe_eval(d.eval_us);
+        }
+        if let Some(x) = &ev.executions {
+            let key = (Arc::clone(&x.target), Arc::clone(&x.identities), x.decision);
+            *c.executions.entry(key).or_default() += x.count;
         }
         match policy.and_then(|p| p.status) {
             Some("loaded") => {
@@ -324,6 +340,16 @@ mod tests {
         m.event(&query("batch", Decision::Deny, 7), "{}");
         m.event(&query("batch", Decision::Deny, 70), "{}");
         m.event(&query("", Decision::Allow, 20000), "{}");
+        let executions = |event, count| {
+            AuditEvent::new(event).with_executions(crate::audit::ExecutionFacts {
+                target: Arc::from("pg"),
+                identities: Arc::from("batch"),
+                decision: Decision::Allow,
+                count,
+            })
+        };
+        m.event(&executions("execute", 1), "{}");
+        m.event(&executions("executions", 41), "{}");
         m.event(
             &AuditEvent::new("policy"),
             r#"{"event":"policy","status":"rejected"}"#,
@@ -336,6 +362,7 @@ mod tests {
         for want in [
             "interceptor_decisions_total{target=\"pg\",identity=\"batch\",decision=\"deny\"} 2",
             "interceptor_decisions_total{target=\"pg\",identity=\"\",decision=\"allow\"} 1",
+            "interceptor_executions_total{target=\"pg\",identity=\"batch\",decision=\"allow\"} 42",
             "interceptor_decision_seconds_bucket{le=\"0.00001\"} 1",
             "interceptor_decision_seconds_bucket{le=\"0.0001\"} 2",
             "interceptor_decision_seconds_bucket{le=\"0.01\"} 2",

@@ -10,18 +10,25 @@ use std::{
 };
 
 use aya::{
-    Ebpf,
-    maps::{Array, HashMap, LpmTrie, MapData, lpm_trie::Key},
-    programs::{CgroupAttachMode, CgroupSockAddr, SockOps},
+    Ebpf, EbpfLoader,
+    maps::{Array, HashMap, LpmTrie, MapData, RingBuf, lpm_trie::Key},
+    programs::{
+        CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSockAddr, SockOps,
+        links::{FdLink, PinnedLink},
+    },
 };
 use interceptor_common::{
     AgentConfig, BlockKey, ConnRecord, MAP_BLOCKED, MAP_CONFIG, MAP_CONN_BY_ADDR,
-    MAP_CONN_BY_COOKIE, MAP_EXEMPT_TGIDS, MAP_TARGETS, PROG_CONNECT4, PROG_CONNECT6,
-    PROG_GETPEERNAME4, PROG_GETPEERNAME6, PROG_SOCK_OPS, SockKey, TARGET_KEY_PORT_BITS, TargetKey,
-    TargetValue, v6_words,
+    MAP_CONN_BY_COOKIE, MAP_EXEMPT_TGIDS, MAP_NETNS, MAP_NETNS_EVENTS, MAP_TARGETS, NetnsState,
+    PROG_CONNECT4, PROG_CONNECT6, PROG_EGRESS, PROG_GETPEERNAME4, PROG_GETPEERNAME6, PROG_SOCK_OPS,
+    SockKey, TARGET_KEY_PORT_BITS, TargetKey, TargetValue, v6_words,
 };
 
-use crate::{policy::TargetSpec, proxy::OrigDstLookup};
+use crate::{
+    netns::{NetnsMap, monotonic_ns},
+    policy::TargetSpec,
+    proxy::OrigDstLookup,
+};
 
 /// The kernel object built by build.rs (aya-build) from `interceptor-ebpf`.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/interceptor"));
@@ -49,6 +56,26 @@ pub enum EbpfError {
     },
     #[error("{path} is not a cgroup v2 directory")]
     NotCgroup2 { path: PathBuf },
+    #[error("pin dir {path}: {source}")]
+    PinDir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(
+        "pin dir {path} serves another cgroup (inode {pinned}, not {wanted}); one agent per pin dir: pick another --pin-dir, or `interceptor detach --pin-dir {path}` first"
+    )]
+    OtherCgroup {
+        path: PathBuf,
+        pinned: u64,
+        wanted: u64,
+    },
+    #[error(
+        "cannot adopt the programs pinned in {path} (left by another version?): {source}; `interceptor detach --pin-dir {path}` removes them"
+    )]
+    Adopt {
+        path: PathBuf,
+        source: Box<EbpfError>,
+    },
 }
 
 /// An error with its causes, `a: b: c`.
@@ -70,15 +97,64 @@ pub struct ListenerConfig {
     pub v6: Option<SocketAddr>,
     pub port: u16,
     pub mark: u32,
+    /// The agent's own network namespace and its state there (ready, with
+    /// the families it listens on), in force before anything is redirected.
+    pub home: (u64, NetnsState),
+}
+
+/// What happens to the kernel programs when the agent is gone.
+#[derive(Clone, Debug)]
+pub struct Pinning {
+    /// bpffs directory holding the programs' links and maps (one agent each).
+    pub dir: PathBuf,
+    /// Fail open: with no agent beating, connects go direct. Fail closed
+    /// (false): the programs stay and connects to targets are refused.
+    pub fail_open: bool,
+    /// A running agent hands its sockets over: its namespaces stay served.
+    pub handover: bool,
+}
+
+/// Every map, pinned by name in the pin dir.
+const MAPS: [&str; 8] = [
+    MAP_TARGETS,
+    MAP_CONFIG,
+    MAP_CONN_BY_COOKIE,
+    MAP_CONN_BY_ADDR,
+    MAP_EXEMPT_TGIDS,
+    MAP_BLOCKED,
+    MAP_NETNS,
+    MAP_NETNS_EVENTS,
+];
+
+/// Every program, in attach order: sock_ops first, so a connect redirected
+/// a moment later is already re-keyed; connect last, so nothing is
+/// redirected before the rest is in place.
+const PROGRAMS: [&str; 6] = [
+    PROG_SOCK_OPS,
+    PROG_EGRESS,
+    PROG_GETPEERNAME4,
+    PROG_GETPEERNAME6,
+    PROG_CONNECT4,
+    PROG_CONNECT6,
+];
+
+fn link_pin(dir: &Path, prog: &str) -> PathBuf {
+    dir.join(format!("link_{prog}"))
 }
 
 /// Attached kernel programs and the map the agent reads identities from.
 pub struct Redirector {
-    // Holds the programs' links: dropping it detaches them.
+    // Holds the programs (and their pinned links' fds).
     ebpf: Mutex<Option<Ebpf>>,
+    links: Mutex<Vec<PinnedLink>>,
+    pinning: Pinning,
+    /// Whether the programs were adopted from a previous agent.
+    adopted: bool,
     by_addr: Mutex<HashMap<MapData, SockKey, ConnRecord>>,
     targets: Mutex<LpmTrie<MapData, TargetKey, TargetValue>>,
     blocked: Mutex<HashMap<MapData, BlockKey, u32>>,
+    netns: Mutex<HashMap<MapData, u64, NetnsState>>,
+    netns_events: Mutex<Option<RingBuf<MapData>>>,
     cgroup: PathBuf,
 }
 
@@ -98,18 +174,25 @@ fn prog_err(name: &'static str) -> impl FnOnce(aya::programs::ProgramError) -> E
     move |source| EbpfError::Program { name, source }
 }
 
-/// The LPM key for a target: port, then the (IPv4-mapped) address prefix.
+/// The LPM keys for a target: port, then the (IPv4-mapped) address prefix;
+/// one per address a DNS-named target resolves to now.
 #[must_use]
-pub fn target_key(spec: &TargetSpec) -> Key<TargetKey> {
-    let (net, bits) = spec.address.mapped();
-    Key::new(
-        TARGET_KEY_PORT_BITS + u32::from(bits),
-        TargetKey {
-            port_be: spec.address.port.to_be(),
-            _pad: 0,
-            addr: net.octets(),
-        },
-    )
+pub fn target_keys(spec: &TargetSpec) -> Vec<Key<TargetKey>> {
+    let port_be = spec.address.port().to_be();
+    spec.address
+        .prefixes()
+        .into_iter()
+        .map(|(net, bits)| {
+            Key::new(
+                TARGET_KEY_PORT_BITS + u32::from(bits),
+                TargetKey {
+                    port_be,
+                    _pad: 0,
+                    addr: net.octets(),
+                },
+            )
+        })
+        .collect()
 }
 
 /// The kernel's view of the agent: listener addresses in `bpf_sock_addr` layout.
@@ -132,6 +215,10 @@ pub fn agent_config(l: &ListenerConfig) -> AgentConfig {
         has_v6: u32::from(l.v6.is_some()),
         mark: l.mark,
         enabled: 1,
+        fail_open: 0,
+        _pad2: 0,
+        heartbeat_ns: 0,
+        cgroup_ino: 0,
     }
 }
 
@@ -145,10 +232,43 @@ impl Redirector {
         cgroup: &Path,
         targets: &[TargetSpec],
         listener: &ListenerConfig,
+        pinning: &Pinning,
     ) -> Result<Self, EbpfError> {
         check_cgroup2(cgroup)?;
         raise_memlock();
-        let mut ebpf = Ebpf::load(OBJECT)?;
+        let dir = &pinning.dir;
+        let dir_err = |source| EbpfError::PinDir {
+            path: dir.clone(),
+            source,
+        };
+        mount_bpffs(dir)?;
+        std::fs::create_dir_all(dir).map_err(dir_err)?;
+        check_bpffs(dir)?;
+        let cgroup_ino =
+            std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(cgroup).map_err(|source| {
+                EbpfError::Cgroup {
+                    path: cgroup.to_owned(),
+                    source,
+                }
+            })?);
+        // Links left pinned by an agent that stopped (fail closed) or died:
+        // adopt them, never add a second set to the cgroup.
+        let adopted = link_pin(dir, PROG_CONNECT4).exists();
+        let mut loader = EbpfLoader::new();
+        for name in MAPS {
+            loader.map_pin_path(name, dir.join(name));
+        }
+        let mut ebpf = loader.load(OBJECT).map_err(|e| {
+            let e = EbpfError::from(e);
+            if adopted {
+                EbpfError::Adopt {
+                    path: dir.clone(),
+                    source: Box::new(e),
+                }
+            } else {
+                e
+            }
+        })?;
 
         {
             let map = ebpf
@@ -156,6 +276,16 @@ impl Redirector {
                 .ok_or(EbpfError::Missing(MAP_EXEMPT_TGIDS))?;
             let mut exempt: HashMap<_, u32, u32> =
                 HashMap::try_from(map).map_err(map_err(MAP_EXEMPT_TGIDS))?;
+            // A previous agent's tgid is nobody's once it exited (or soon
+            // someone else's); one still draining keeps its exemption.
+            let stale: Vec<u32> = exempt
+                .keys()
+                .filter_map(Result::ok)
+                .filter(|t| !Path::new(&format!("/proc/{t}")).exists())
+                .collect();
+            for tgid in stale {
+                let _ = exempt.remove(&tgid);
+            }
             exempt
                 .insert(std::process::id(), 1, 0)
                 .map_err(map_err(MAP_EXEMPT_TGIDS))?;
@@ -166,43 +296,101 @@ impl Redirector {
                 .ok_or(EbpfError::Missing(MAP_CONFIG))?;
             let mut cfg: Array<_, AgentConfig> =
                 Array::try_from(map).map_err(map_err(MAP_CONFIG))?;
-            cfg.set(0, agent_config(listener), 0)
-                .map_err(map_err(MAP_CONFIG))?;
+            let pinned = cfg.get(&0, 0).map_err(map_err(MAP_CONFIG))?;
+            if adopted && pinned.cgroup_ino != 0 && pinned.cgroup_ino != cgroup_ino {
+                return Err(EbpfError::OtherCgroup {
+                    path: dir.clone(),
+                    pinned: pinned.cgroup_ino,
+                    wanted: cgroup_ino,
+                });
+            }
+            let mut c = agent_config(listener);
+            c.fail_open = u32::from(pinning.fail_open);
+            c.heartbeat_ns = monotonic_ns();
+            c.cgroup_ino = cgroup_ino;
+            cfg.set(0, c, 0).map_err(map_err(MAP_CONFIG))?;
         }
+        let mut netns: HashMap<MapData, u64, NetnsState> = HashMap::try_from(
+            ebpf.take_map(MAP_NETNS)
+                .ok_or(EbpfError::Missing(MAP_NETNS))?,
+        )
+        .map_err(map_err(MAP_NETNS))?;
+        // Namespaces a previous agent served lost their listeners with it:
+        // found again on their next connect.
+        let stale: Vec<u64> = if pinning.handover {
+            Vec::new()
+        } else {
+            netns.keys().filter_map(Result::ok).collect()
+        };
+        for cookie in stale {
+            let _ = netns.remove(&cookie);
+        }
+        netns
+            .insert(listener.home.0, listener.home.1, 0)
+            .map_err(map_err(MAP_NETNS))?;
+        let netns_events = RingBuf::try_from(
+            ebpf.take_map(MAP_NETNS_EVENTS)
+                .ok_or(EbpfError::Missing(MAP_NETNS_EVENTS))?,
+        )
+        .map_err(map_err(MAP_NETNS_EVENTS))?;
 
         // Targets are filled after the programs attach (set_targets): until
         // then the programs match nothing, so nothing is redirected early.
+        // (An adopted set keeps redirecting the targets it had meanwhile.)
         let fd = File::open(cgroup).map_err(|source| EbpfError::Cgroup {
             path: cgroup.to_owned(),
             source,
         })?;
         // Attached as bpf_links (kernel >= 5.7), which always coexist with
         // other programs on the cgroup; the kernel refuses attach flags on
-        // links, so the mode must be the flagless `Single`.
+        // links, so the mode must be the flagless `Single`. Each link is
+        // pinned, so it outlives the agent; an adopted link gets the new
+        // program with bpf_link_update: no moment without a program.
         let mode = CgroupAttachMode::Single;
-        // sock_ops first, so a connect redirected a moment later is already re-keyed.
-        {
-            let prog: &mut SockOps = ebpf
-                .program_mut(PROG_SOCK_OPS)
-                .ok_or(EbpfError::Missing(PROG_SOCK_OPS))?
-                .try_into()
-                .map_err(prog_err(PROG_SOCK_OPS))?;
-            prog.load().map_err(prog_err(PROG_SOCK_OPS))?;
-            prog.attach(&fd, mode).map_err(prog_err(PROG_SOCK_OPS))?;
-        }
-        for name in [
-            PROG_GETPEERNAME4,
-            PROG_GETPEERNAME6,
-            PROG_CONNECT4,
-            PROG_CONNECT6,
-        ] {
-            let prog: &mut CgroupSockAddr = ebpf
-                .program_mut(name)
-                .ok_or(EbpfError::Missing(name))?
-                .try_into()
-                .map_err(prog_err(name))?;
-            prog.load().map_err(prog_err(name))?;
-            prog.attach(&fd, mode).map_err(prog_err(name))?;
+        let mut links = Vec::new();
+        for name in PROGRAMS {
+            let path = link_pin(dir, name);
+            let prog = ebpf.program_mut(name).ok_or(EbpfError::Missing(name))?;
+            let link = if name == PROG_SOCK_OPS {
+                let prog: &mut SockOps = prog.try_into().map_err(prog_err(name))?;
+                prog.load().map_err(prog_err(name))?;
+                if path.exists() {
+                    update_link(&path, prog.fd().map_err(prog_err(name))?)?
+                } else {
+                    let id = prog.attach(&fd, mode).map_err(prog_err(name))?;
+                    pin(
+                        FdLink::try_from(prog.take_link(id).map_err(prog_err(name))?),
+                        &path,
+                    )?
+                }
+            } else if name == PROG_EGRESS {
+                let prog: &mut CgroupSkb = prog.try_into().map_err(prog_err(name))?;
+                prog.load().map_err(prog_err(name))?;
+                if path.exists() {
+                    update_link(&path, prog.fd().map_err(prog_err(name))?)?
+                } else {
+                    let id = prog
+                        .attach(&fd, CgroupSkbAttachType::Egress, mode)
+                        .map_err(prog_err(name))?;
+                    pin(
+                        FdLink::try_from(prog.take_link(id).map_err(prog_err(name))?),
+                        &path,
+                    )?
+                }
+            } else {
+                let prog: &mut CgroupSockAddr = prog.try_into().map_err(prog_err(name))?;
+                prog.load().map_err(prog_err(name))?;
+                if path.exists() {
+                    update_link(&path, prog.fd().map_err(prog_err(name))?)?
+                } else {
+                    let id = prog.attach(&fd, mode).map_err(prog_err(name))?;
+                    pin(
+                        FdLink::try_from(prog.take_link(id).map_err(prog_err(name))?),
+                        &path,
+                    )?
+                }
+            };
+            links.push(link);
         }
 
         let by_addr_map = ebpf
@@ -219,9 +407,14 @@ impl Redirector {
         let blocked = HashMap::try_from(blocked_map).map_err(map_err(MAP_BLOCKED))?;
         let me = Self {
             ebpf: Mutex::new(Some(ebpf)),
+            links: Mutex::new(links),
+            pinning: pinning.clone(),
+            adopted,
             by_addr: Mutex::new(by_addr),
             targets: Mutex::new(trie),
             blocked: Mutex::new(blocked),
+            netns: Mutex::new(netns),
+            netns_events: Mutex::new(Some(netns_events)),
             cgroup: cgroup.to_owned(),
         };
         me.set_targets(targets)?;
@@ -238,25 +431,39 @@ impl Redirector {
             .targets
             .lock()
             .map_err(|_| EbpfError::Missing("targets lock"))?;
-        let wanted: Vec<_> = targets.iter().map(target_key).collect();
+        // A name that resolves to an address some other target also holds
+        // leaves that key to the earlier target, as listed.
+        let mut wanted: Vec<(Key<TargetKey>, TargetValue)> = Vec::new();
+        for (i, t) in targets.iter().enumerate() {
+            let value = TargetValue {
+                target_id: u32::try_from(i).unwrap_or(u32::MAX),
+                protocol: t.protocol.wire_id(),
+            };
+            for key in target_keys(t) {
+                if !wanted
+                    .iter()
+                    .any(|(w, _)| w.prefix_len() == key.prefix_len() && w.data() == key.data())
+                {
+                    wanted.push((key, value));
+                }
+            }
+        }
         let stale: Vec<_> = trie
             .keys()
             .filter_map(Result::ok)
             .filter(|k| {
                 !wanted
                     .iter()
-                    .any(|w| w.prefix_len() == k.prefix_len() && w.data() == k.data())
+                    .any(|(w, _)| w.prefix_len() == k.prefix_len() && w.data() == k.data())
             })
             .collect();
+        // Stale keys go first to make room; a key that stays is overwritten
+        // in place, never absent.
         for k in stale {
             trie.remove(&k).map_err(map_err(MAP_TARGETS))?;
         }
-        for (i, (t, key)) in targets.iter().zip(&wanted).enumerate() {
-            let value = TargetValue {
-                target_id: u32::try_from(i).unwrap_or(u32::MAX),
-                protocol: t.protocol.wire_id(),
-            };
-            trie.insert(key, value, 0).map_err(map_err(MAP_TARGETS))?;
+        for (key, value) in &wanted {
+            trie.insert(key, *value, 0).map_err(map_err(MAP_TARGETS))?;
         }
         Ok(())
     }
@@ -285,18 +492,58 @@ impl Redirector {
         Ok(())
     }
 
-    /// Detaches every program; connections from then on go direct.
+    /// Detaches every program and removes the pin dir (fail open, or an
+    /// uninstall); connections from then on go direct.
     pub fn detach(&self) {
+        if let Err(e) = unpin_all(&self.pinning.dir) {
+            tracing::warn!("{e}");
+        }
+        self.release();
+    }
+
+    /// Lets go of the programs without detaching them (fail closed): they
+    /// stay pinned, and connects to targets are refused until an agent
+    /// serves again.
+    pub fn release(&self) {
         let ebpf = match self.ebpf.lock() {
             Ok(mut g) => g.take(),
             Err(poisoned) => poisoned.into_inner().take(),
         };
         drop(ebpf);
+        if let Ok(mut links) = self.links.lock() {
+            links.clear();
+        }
+    }
+
+    /// Whether the programs were adopted from a previous agent's pin dir.
+    #[must_use]
+    pub fn adopted(&self) -> bool {
+        self.adopted
+    }
+
+    /// The agent is alive: fail-open programs keep redirecting.
+    pub fn heartbeat(&self) {
+        if let Ok(mut guard) = self.ebpf.lock()
+            && let Some(ebpf) = guard.as_mut()
+            && let Some(map) = ebpf.map_mut(MAP_CONFIG)
+            && let Ok(mut cfg) = Array::<_, AgentConfig>::try_from(map)
+            && let Ok(mut c) = cfg.get(&0, 0)
+        {
+            c.heartbeat_ns = monotonic_ns();
+            let _ = cfg.set(0, c, 0);
+        }
     }
 
     #[must_use]
     pub fn cgroup(&self) -> &Path {
         &self.cgroup
+    }
+
+    /// The ring buffer of connects from namespaces not served yet, for the
+    /// namespace manager (once).
+    #[must_use]
+    pub fn take_netns_events(&self) -> Option<RingBuf<MapData>> {
+        self.netns_events.lock().ok()?.take()
     }
 
     /// Entries in the kernel maps worth watching, with their capacity:
@@ -331,33 +578,237 @@ impl Redirector {
                 interceptor_common::MAX_BLOCKED,
             ));
         }
+        if let Ok(netns) = self.netns.lock() {
+            out.push((
+                MAP_NETNS,
+                netns.keys().filter(Result::is_ok).count(),
+                interceptor_common::MAX_NETNS,
+            ));
+        }
         out
     }
 }
 
-/// Peer address of an accepted socket as the kernel keyed it.
+/// Namespace and peer address of an accepted socket as the kernel keyed it.
 #[must_use]
-pub fn sock_key(peer: SocketAddr) -> SockKey {
+pub fn sock_key(netns_cookie: u64, peer: SocketAddr) -> SockKey {
     let ip: Ipv6Addr = match peer.ip() {
         IpAddr::V4(v4) => v4.to_ipv6_mapped(),
         IpAddr::V6(v6) => v6,
     };
     SockKey {
+        netns_cookie,
         addr: ip.octets(),
         port: peer.port(),
         _pad: 0,
+        _pad2: 0,
+    }
+}
+
+impl NetnsMap for Redirector {
+    fn set_netns(&self, cookie: u64, state: NetnsState) -> Result<(), String> {
+        let mut map = self.netns.lock().map_err(|_| "netns lock".to_owned())?;
+        map.insert(cookie, state, 0).map_err(|e| e.to_string())
+    }
+
+    fn remove_netns(&self, cookie: u64) {
+        if let Ok(mut map) = self.netns.lock() {
+            let _ = map.remove(&cookie);
+        }
+    }
+
+    fn netns_entries(&self) -> Vec<(u64, NetnsState)> {
+        self.netns.lock().map_or_else(
+            |_| Vec::new(),
+            |map| map.iter().filter_map(Result::ok).collect(),
+        )
     }
 }
 
 impl OrigDstLookup for Redirector {
-    fn take(&self, peer: SocketAddr) -> Option<ConnRecord> {
-        let key = sock_key(peer);
+    fn take(&self, netns_cookie: u64, peer: SocketAddr) -> Option<ConnRecord> {
+        let key = sock_key(netns_cookie, peer);
         let mut map = self.by_addr.lock().ok()?;
         let rec = map.get(&key, 0).ok()?;
         // The entry has served its purpose; the kernel drops its cookie twin
         // when the socket closes.
         let _ = map.remove(&key);
         Some(rec)
+    }
+}
+
+/// Pins a freshly attached link.
+fn pin(
+    link: Result<FdLink, aya::programs::links::LinkError>,
+    path: &Path,
+) -> Result<PinnedLink, EbpfError> {
+    let link = link.map_err(|e| EbpfError::PinDir {
+        path: path.to_owned(),
+        source: std::io::Error::other(e.to_string()),
+    })?;
+    link.pin(path).map_err(|e| EbpfError::PinDir {
+        path: path.to_owned(),
+        source: std::io::Error::other(e.to_string()),
+    })
+}
+
+/// Points the pinned link at `path` to `prog` (`BPF_LINK_UPDATE`, kernel
+/// >= 5.7): the cgroup is never without the program.
+fn update_link(path: &Path, prog: &aya::programs::ProgramFd) -> Result<PinnedLink, EbpfError> {
+    use std::os::fd::{AsFd as _, AsRawFd as _};
+    let err = |source: std::io::Error| EbpfError::PinDir {
+        path: path.to_owned(),
+        source,
+    };
+    let link = PinnedLink::from_pin(path).map_err(|e| err(std::io::Error::other(e.to_string())))?;
+    let link_fd = bpf_obj_get(path).map_err(err)?;
+    bpf_link_update(link_fd.as_raw_fd(), prog.as_fd().as_raw_fd()).map_err(err)?;
+    Ok(link)
+}
+
+/// `BPF_OBJ_GET`: an fd of a pinned object.
+fn bpf_obj_get(path: &Path) -> std::io::Result<std::os::fd::OwnedFd> {
+    use std::os::{fd::FromRawFd as _, unix::ffi::OsStrExt as _};
+    #[repr(C)]
+    struct ObjGet {
+        pathname: u64,
+        bpf_fd: u32,
+        file_flags: u32,
+        path_fd: i32,
+    }
+    const BPF_OBJ_GET: libc::c_long = 7;
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes()).map_err(std::io::Error::other)?;
+    let attr = ObjGet {
+        pathname: c.as_ptr() as u64,
+        bpf_fd: 0,
+        file_flags: 0,
+        path_fd: 0,
+    };
+    // SAFETY: `attr` is a valid, fully initialised bpf_attr prefix for
+    // BPF_OBJ_GET whose pathname points at a live NUL-terminated string.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_OBJ_GET,
+            &raw const attr,
+            std::mem::size_of::<ObjGet>(),
+        )
+    };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let fd = i32::try_from(fd).map_err(std::io::Error::other)?;
+    // SAFETY: the kernel just returned this fd, owned by nobody else.
+    Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) })
+}
+
+/// `BPF_LINK_UPDATE`: swaps the program behind a link atomically.
+fn bpf_link_update(link_fd: i32, prog_fd: i32) -> std::io::Result<()> {
+    #[repr(C)]
+    struct LinkUpdate {
+        link_fd: u32,
+        new_prog_fd: u32,
+        flags: u32,
+        old_prog_fd: u32,
+    }
+    const BPF_LINK_UPDATE: libc::c_long = 29;
+    let attr = LinkUpdate {
+        link_fd: u32::try_from(link_fd).map_err(std::io::Error::other)?,
+        new_prog_fd: u32::try_from(prog_fd).map_err(std::io::Error::other)?,
+        flags: 0,
+        old_prog_fd: 0,
+    };
+    // SAFETY: `attr` is a valid, fully initialised bpf_attr prefix for
+    // BPF_LINK_UPDATE; the fds are live for the call.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_LINK_UPDATE,
+            &raw const attr,
+            std::mem::size_of::<LinkUpdate>(),
+        )
+    };
+    if rc < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Removes what an agent pinned in `dir` (links first: the programs leave
+/// the cgroup as soon as no agent holds them), then the directory. Returns
+/// what it removed. Only the names the agent pins are touched.
+///
+/// # Errors
+/// When a pin cannot be removed.
+pub fn unpin_all(dir: &Path) -> Result<Vec<PathBuf>, EbpfError> {
+    let mut removed = Vec::new();
+    let names = PROGRAMS
+        .iter()
+        .map(|p| link_pin(dir, p))
+        .chain(MAPS.iter().map(|m| dir.join(m)));
+    for path in names {
+        match std::fs::remove_file(&path) {
+            Ok(()) => removed.push(path),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(source) => return Err(EbpfError::PinDir { path, source }),
+        }
+    }
+    match std::fs::remove_dir(dir) {
+        Ok(()) => removed.push(dir.to_owned()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(source) => {
+            return Err(EbpfError::PinDir {
+                path: dir.to_owned(),
+                source,
+            });
+        }
+    }
+    Ok(removed)
+}
+
+/// Where bpffs lives on every distribution that mounts it.
+const BPFFS: &str = "/sys/fs/bpf";
+
+/// Mounts bpffs at /sys/fs/bpf when the pin dir is below it and nothing
+/// mounted it yet (systemd does at boot on most hosts; minimal VMs and
+/// containers may not).
+fn mount_bpffs(dir: &Path) -> Result<(), EbpfError> {
+    let root = Path::new(BPFFS);
+    if !dir.starts_with(root) || check_bpffs(root).is_ok() {
+        return Ok(());
+    }
+    nix::mount::mount(
+        Some("bpf"),
+        root,
+        Some("bpf"),
+        nix::mount::MsFlags::MS_NOSUID
+            | nix::mount::MsFlags::MS_NODEV
+            | nix::mount::MsFlags::MS_NOEXEC,
+        None::<&str>,
+    )
+    .map_err(|e| EbpfError::PinDir {
+        path: root.to_owned(),
+        source: std::io::Error::other(format!("cannot mount bpffs: {e}")),
+    })?;
+    tracing::info!("mounted bpffs at {BPFFS}");
+    Ok(())
+}
+
+fn check_bpffs(path: &Path) -> Result<(), EbpfError> {
+    const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+    let st = nix::sys::statfs::statfs(path).map_err(|e| EbpfError::PinDir {
+        path: path.to_owned(),
+        source: e.into(),
+    })?;
+    #[allow(clippy::cast_lossless, clippy::useless_conversion)]
+    let magic = i64::from(st.filesystem_type().0);
+    if magic == BPF_FS_MAGIC {
+        Ok(())
+    } else {
+        Err(EbpfError::PinDir {
+            path: path.to_owned(),
+            source: std::io::Error::other("not on a BPF file system (mount bpffs at /sys/fs/bpf)"),
+        })
     }
 }
 
@@ -401,12 +852,12 @@ mod tests {
             Path::new("t"),
         )
         .unwrap();
-        let a = target_key(&p.targets[0]);
+        let a = target_keys(&p.targets[0]).remove(0);
         let (plen, data) = (a.prefix_len(), a.data());
         assert_eq!(plen, 32 + 96 + 8);
         assert_eq!(data.port_be, 5432u16.to_be());
         assert_eq!(&data.addr[10..13], &[0xff, 0xff, 10]);
-        let b = target_key(&p.targets[1]);
+        let b = target_keys(&p.targets[1]).remove(0);
         assert_eq!(b.prefix_len(), 32 + 128);
         assert_eq!(b.data().addr[15], 1);
     }
@@ -418,6 +869,16 @@ mod tests {
             v6: None,
             port: 15432,
             mark: 7,
+            home: (
+                0,
+                NetnsState {
+                    state: 0,
+                    families: 0,
+                    since_ns: 0,
+                    tgid: 0,
+                    pid: 0,
+                },
+            ),
         });
         assert_eq!(c.listen_ip4.to_ne_bytes(), [127, 0, 0, 1]);
         assert_eq!(u16::from_be(c.listen_port_be), 15432);
@@ -426,8 +887,8 @@ mod tests {
 
     #[test]
     fn sock_keys_map_v4() {
-        let k = sock_key("127.0.0.1:40000".parse().unwrap());
+        let k = sock_key(9, "127.0.0.1:40000".parse().unwrap());
         assert_eq!(&k.addr[10..], &[0xff, 0xff, 127, 0, 0, 1]);
-        assert_eq!(k.port, 40000);
+        assert_eq!((k.port, k.netns_cookie), (40000, 9));
     }
 }

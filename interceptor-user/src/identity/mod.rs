@@ -47,6 +47,9 @@ pub struct Identity {
     pub pod_uid: Option<String>,
     pub cgroup_id: u64,
     pub netns_cookie: u64,
+    /// The network namespace's inode (`ls -l /proc/PID/ns/net`), from the
+    /// agent's listener there; 0 when unknown.
+    pub netns_inode: u64,
 }
 
 /// Longest command line kept, in bytes.
@@ -120,6 +123,7 @@ impl IdentityResolver {
             pod_uid: facts.pod_uid,
             cgroup_id: k.cgroup_id,
             netns_cookie: k.netns_cookie,
+            netns_inode: 0,
         }
     }
 

@@ -222,6 +222,8 @@ pub struct StatementVerdict {
     pub reason: Arc<str>,
     /// True when sqlparser could not parse it (lexical classification).
     pub unparsed: bool,
+    /// Its flags (`dynamic_sql`, `file_access`, ...), for the audit record.
+    pub flags: FlagSet,
 }
 
 /// More about one statement than the audit needs (for tools such as
@@ -848,7 +850,7 @@ impl Engine {
                         cache,
                     ),
                     Some(Prepared::Unknown) => (
-                        synthetic(
+                        synthetic_dynamic(
                             &format!("execute-unknown {name}"),
                             cx.target.dialect,
                             "prepared from a variable: statement text unknown",
@@ -879,6 +881,7 @@ impl Engine {
                 rule: eval.rule.map(|i| Arc::clone(&self.rules[i].name)),
                 reason: eval.reason,
                 unparsed: entry.facts.unparsed,
+                flags: entry.facts.flags,
             });
             details.push(StatementDetails {
                 facts: entry.facts.clone(),
@@ -985,20 +988,36 @@ impl Engine {
     }
 
     /// Whether a rule's statement conditions hold, leaving out `max_limit`.
+    ///
+    /// When what a statement reads is partly unknown (`dynamic_sql`: SQL
+    /// built at run time, a relation named by a value, whole schemas), so
+    /// are the tables and functions it touches: a condition on them may
+    /// hold, which is enough for a deny rule and never for an allow or
+    /// approve rule (then the default applies).
     fn rule_matches(r: &CompiledRule, f: &StatementFacts, fp: u64, dialect: Dialect) -> bool {
+        let unknown = f.tables_unknown;
+        let deny = r.decision == Decision::Deny;
         r.kinds.is_none_or(|k| k & f.kind.bit() != 0)
-            && r.tables
-                .as_ref()
-                .is_none_or(|m| f.tables.iter().all(|t| m.is_match(t, dialect)))
-            && r.any_tables
-                .as_ref()
-                .is_none_or(|m| f.tables.iter().any(|t| m.is_match(t, dialect)))
-            && r.functions
-                .as_ref()
-                .is_none_or(|m| f.functions.iter().all(|t| m.is_match(t, dialect)))
-            && r.any_functions
-                .as_ref()
-                .is_none_or(|m| f.functions.iter().any(|t| m.is_match(t, dialect)))
+            && r.tables.as_ref().is_none_or(|m| {
+                (!unknown || deny) && f.tables.iter().all(|t| m.is_match(t, dialect))
+            })
+            && r.any_tables.as_ref().is_none_or(|m| {
+                if unknown {
+                    deny
+                } else {
+                    f.tables.iter().any(|t| m.is_match(t, dialect))
+                }
+            })
+            && r.functions.as_ref().is_none_or(|m| {
+                (!unknown || deny) && f.functions.iter().all(|t| m.is_match(t, dialect))
+            })
+            && r.any_functions.as_ref().is_none_or(|m| {
+                if unknown {
+                    deny
+                } else {
+                    f.functions.iter().any(|t| m.is_match(t, dialect))
+                }
+            })
             && r.where_clause.is_none_or(|w| match w {
                 WherePresence::Absent => f.has_where == Some(false),
                 WherePresence::Present => f.has_where == Some(true),
@@ -1128,6 +1147,8 @@ impl Engine {
             unparsed: true,
             parse_error: Some(reason.clone()),
             procedural: false,
+            tables_unknown: false,
+            hidden: Vec::new(),
         });
         let st = StatementVerdict {
             text: req.sql.trim().to_owned(),
@@ -1138,6 +1159,7 @@ impl Engine {
             rule: None,
             reason: reason.as_str().into(),
             unparsed: true,
+            flags: FlagSet::default(),
         };
         let d = StatementDetails { facts, limit: None };
         let mut v = self.verdict(vec![st], vec![d], mode, started);
@@ -1166,17 +1188,27 @@ impl Engine {
             .unwrap_or(function)
             .to_lowercase();
         let fp = Fingerprint::of(&format!("function-call {name}"), target.dialect);
+        // Arguments of a FunctionCall are values the agent does not read:
+        // a function that runs SQL text or reads a named relation reads
+        // something unknown.
+        let hidden = sql::hidden::opaque_call(target.dialect, &name);
+        let mut flags = sql::function_flags(&name);
+        if hidden.is_some() {
+            flags.insert(Flag::DynamicSql);
+        }
         let facts = Arc::new(StatementFacts {
             kind: Kind::Call,
             tables: Arc::from([]),
             tables_written: Vec::new(),
             functions: vec![name.clone()],
-            flags: sql::function_flags(&name),
+            flags,
             has_where: None,
             limit_literal: false,
             unparsed: false,
             parse_error: None,
             procedural: false,
+            tables_unknown: hidden.is_some(),
+            hidden: hidden.into_iter().collect(),
         });
         let eval = self.evaluate(&facts, fp.id, None, &cx);
         let st = StatementVerdict {
@@ -1188,6 +1220,7 @@ impl Engine {
             rule: eval.rule.map(|i| self.rules[i].name.clone()),
             reason: eval.reason,
             unparsed: false,
+            flags: facts.flags,
         };
         let d = StatementDetails { facts, limit: None };
         self.verdict(vec![st], vec![d], mode, started)
@@ -1216,6 +1249,13 @@ fn describe(f: &StatementFacts) -> String {
             s.push_str(&format!(" and {} more", f.tables.len() - 3));
         }
     }
+    if f.tables_unknown {
+        s.push_str(if f.tables.is_empty() {
+            " on unknown tables"
+        } else {
+            " and unknown tables"
+        });
+    }
     let flags: Vec<&str> = f.flags.iter().map(Flag::as_str).collect();
     if !flags.is_empty() {
         s.push_str(&format!(" ({})", flags.join(", ")));
@@ -1239,7 +1279,21 @@ fn rule_reason(r: &CompiledRule, f: &StatementFacts) -> String {
 
 /// Facts for statements that are not text we can analyse.
 fn synthetic(tag: &str, dialect: Dialect, why: &str) -> Arc<FactsEntry> {
+    synthetic_with(tag, dialect, why, false)
+}
+
+/// [`synthetic`] for a statement whose text is built at run time
+/// (`EXECUTE` of `PREPARE ... FROM @var`): `dynamic_sql`, tables unknown.
+fn synthetic_dynamic(tag: &str, dialect: Dialect, why: &str) -> Arc<FactsEntry> {
+    synthetic_with(tag, dialect, why, true)
+}
+
+fn synthetic_with(tag: &str, dialect: Dialect, why: &str, dynamic: bool) -> Arc<FactsEntry> {
     let fingerprint = Fingerprint::of(tag, dialect);
+    let mut flags = FlagSet::default();
+    if dynamic {
+        flags.insert(Flag::DynamicSql);
+    }
     Arc::new(FactsEntry {
         canonical: tag.into(),
         dialect,
@@ -1248,12 +1302,14 @@ fn synthetic(tag: &str, dialect: Dialect, why: &str) -> Arc<FactsEntry> {
             tables: Arc::from([]),
             tables_written: Vec::new(),
             functions: Vec::new(),
-            flags: FlagSet::default(),
+            flags,
             has_where: None,
             limit_literal: false,
             unparsed: true,
             parse_error: Some(why.to_owned()),
             procedural: false,
+            tables_unknown: dynamic,
+            hidden: Vec::new(),
         }),
         fingerprint_text: fingerprint.to_string().into(),
         fingerprint,

@@ -263,7 +263,8 @@ fn fingerprints<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Vec<String>>, 
 pub struct TargetSpec {
     pub name: String,
     pub protocol: Protocol,
-    pub address: TargetAddress,
+    /// An address, CIDR block or DNS name, with the port.
+    pub address: super::TargetDest,
     /// Schema unqualified PostgreSQL names resolve to (default `public`).
     #[serde(default)]
     pub default_schema: Option<String>,
@@ -273,6 +274,9 @@ pub struct TargetSpec {
     /// session's own key.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub admin: Option<AdminSpec>,
+    /// TLS towards workloads and towards the server.
+    #[serde(default)]
+    pub tls: super::TlsSpec,
 }
 
 /// A database account for the agent's own side connections.
@@ -556,6 +560,11 @@ pub struct PolicyFile {
     /// The audit log's queue, flushing, rotation and redaction.
     #[serde(default)]
     pub audit: AuditSettings,
+    /// How often targets given by DNS name are resolved again (default
+    /// 30s; the system resolver reports no TTL). Each policy load also
+    /// resolves them at once.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resolve_every: Option<String>,
 }
 
 impl PolicyFile {
@@ -598,6 +607,12 @@ impl PolicyFile {
             return Err(format!("unsupported version {} (expected 1)", self.version));
         }
         self.audit.validate()?;
+        if let Some(every) = &self.resolve_every {
+            let d = parse_duration(every).map_err(|e| format!("resolve_every: {e}"))?;
+            if d < Duration::from_millis(100) {
+                return Err(format!("resolve_every {every:?} is below 100ms"));
+            }
+        }
         let mut names = HashSet::new();
         for t in &self.targets {
             if !names.insert(t.name.as_str()) {
@@ -657,6 +672,28 @@ impl PolicyFile {
         Ok(())
     }
 
+    /// Default for [`PolicyFile::resolve_every`].
+    pub const DEFAULT_RESOLVE_EVERY: Duration = Duration::from_secs(30);
+
+    /// How often DNS-named targets are resolved again.
+    #[must_use]
+    pub fn resolve_every(&self) -> Duration {
+        self.resolve_every
+            .as_deref()
+            .and_then(|t| parse_duration(t).ok())
+            .unwrap_or(Self::DEFAULT_RESOLVE_EVERY)
+    }
+
+    /// The targets given by DNS name, with their positions.
+    pub fn named_targets(
+        &self,
+    ) -> impl Iterator<Item = (usize, &TargetSpec, &super::NamedAddress)> {
+        self.targets
+            .iter()
+            .enumerate()
+            .filter_map(|(i, t)| t.address.name().map(|n| (i, t, n)))
+    }
+
     /// The target a concrete destination belongs to: the most specific
     /// (longest prefix) match, as the kernel's LPM trie picks it.
     #[must_use]
@@ -664,8 +701,8 @@ impl PolicyFile {
         self.targets
             .iter()
             .enumerate()
-            .filter(|(_, t)| t.address.contains(dst))
-            .max_by_key(|(_, t)| t.address.mapped().1)
+            .filter(|(_, t)| t.address.routes(dst))
+            .max_by_key(|(_, t)| t.address.specificity())
     }
 }
 
@@ -765,6 +802,27 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("later"), "{err}");
+        use crate::audit::Executions;
+        assert_eq!(
+            parse("version: 1\n").unwrap().audit.executions,
+            Executions::Summary
+        );
+        for (text, want) in [
+            ("summary", Executions::Summary),
+            ("each", Executions::Each),
+            ("off", Executions::Off),
+        ] {
+            let p = parse(&format!("version: 1\naudit:\n  executions: {text}\n")).unwrap();
+            assert_eq!(p.audit.executions, want);
+            assert_eq!(Executions::from_u8(want.as_u8()), want);
+        }
+        let err = parse("version: 1\naudit:\n  executions: all\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with("test.yaml:3:") && err.contains("all"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -3,6 +3,8 @@
 
 mod engine;
 mod file;
+mod names;
+mod tls;
 
 pub use engine::{
     DecisionRequest, EffectiveMode, Engine, IdentityBinding, SessionState, StatementDetails,
@@ -14,6 +16,8 @@ pub use file::{
     OnTimeout, PolicyError, PolicyFile, Protocol, RuleSpec, TargetAddress, TargetSpec,
     WherePresence, parse_duration,
 };
+pub use names::{NameChange, NameState, NamedAddress, TargetDest, diff as names_diff};
+pub use tls::{ServerTls, TlsMaterial, TlsSpec};
 
 /// The policy shipped inside the binary, used when no file is given and
 /// `/etc/interceptor/policy.yaml` does not exist.

@@ -436,6 +436,210 @@ fn function_calls_and_unknown_targets() {
     assert!(v.reason.contains("not in the policy"));
 }
 
+/// Issue 19: a reporting identity allowed to SELECT only from two tables,
+/// `default: deny`, as a new user would write it.
+const REPORTING_TWO_TABLES: &str = r#"
+version: 1
+mode: enforce
+default: deny
+targets:
+  - name: pg
+    protocol: postgres
+    address: 127.0.0.1:5432
+  - name: my
+    protocol: mysql
+    address: 127.0.0.1:3306
+identities:
+  reporting:
+    uid: 1000
+rules:
+  - name: reporting-reads
+    identities: [reporting]
+    kinds: [select]
+    tables: [public.orders, public.customers, shop.orders]
+    decision: allow
+  - name: sessions
+    kinds: [tcl, session]
+    decision: allow
+"#;
+
+#[test]
+fn hidden_sql_is_judged_by_what_it_reads() {
+    let e = engine(REPORTING_TWO_TABLES);
+    let mut c = Conn::new(&e, anyone(), "pg", "app");
+    for (sql, want) in [
+        // The issue's four: every one read tables the rule does not allow.
+        ("SELECT database_to_xml(true, true, '')", Decision::Deny),
+        (
+            "SELECT schema_to_xml('public', true, true, '')",
+            Decision::Deny,
+        ),
+        (
+            "SELECT query_to_xml('select * from payroll', true, true, '')",
+            Decision::Deny,
+        ),
+        (
+            "SELECT * FROM ts_stat('select to_tsvector(note) from payroll')",
+            Decision::Deny,
+        ),
+        // Judged like the SELECT it runs.
+        (
+            "SELECT query_to_xml('select * from orders', true, true, '')",
+            Decision::Allow,
+        ),
+        (
+            "select table_to_xml('customers', true, true, '')",
+            Decision::Allow,
+        ),
+        (
+            "select table_to_xml('payroll'::regclass, true, true, '')",
+            Decision::Deny,
+        ),
+        ("SELECT * FROM orders", Decision::Allow),
+        ("TABLE orders", Decision::Allow),
+        ("table orders union table customers", Decision::Allow),
+        ("with o as (table orders) select * from o", Decision::Allow),
+        ("table payroll", Decision::Deny),
+        // Not a literal: tables unknown, the rule never allows it.
+        ("select query_to_xml($1, true, true, '')", Decision::Deny),
+        (
+            "select query_to_xml('select * from ' || 'orders', true, true, '')",
+            Decision::Deny,
+        ),
+        (
+            "select table_to_xml(relname::regclass, true, true, '') from orders",
+            Decision::Deny,
+        ),
+        (
+            "select cursor_to_xml('c', 10, true, true, '')",
+            Decision::Deny,
+        ),
+        // Nested and qualified.
+        (
+            "select * from orders where note = pg_catalog.query_to_xml('select 1 from payroll', true, true, '')::text",
+            Decision::Deny,
+        ),
+        (
+            "select \"query_to_xml\"('select * from customers', true, true, '')",
+            Decision::Allow,
+        ),
+    ] {
+        let v = c.run(sql);
+        assert_eq!(v.decision, want, "{sql}: {}", v.reason);
+    }
+    // The verdict carries the flag and says the tables are unknown.
+    let v = c.run("select query_to_xml($1, true, true, '')");
+    assert!(v.statements[0].flags.contains(crate::sql::Flag::DynamicSql));
+    assert!(v.details[0].facts.tables_unknown);
+    assert_eq!(v.details[0].facts.hidden.len(), 1);
+    let v = c.run("select query_to_xml('select * from payroll', true, true, '')");
+    assert_eq!(*v.statements[0].tables, ["public.payroll".to_owned()]);
+    assert_eq!(
+        v.details[0].facts.hidden[0].text.as_deref(),
+        Some("select * from payroll")
+    );
+    // The same shape with another table is another decision, not a
+    // cached allow.
+    assert_eq!(
+        c.decision("SELECT query_to_xml('select * from orders', true, true, '')"),
+        Decision::Allow
+    );
+    assert_eq!(
+        c.decision("SELECT query_to_xml('select * from payroll', true, true, '')"),
+        Decision::Deny
+    );
+    // A FunctionCall message by OID carries no readable arguments.
+    let id = anyone();
+    let b = e.bind_identity(&id);
+    let req = DecisionRequest {
+        identity: &id,
+        binding: &b,
+        target: "pg",
+        db_user: "app",
+        database: "app",
+        sql: "",
+    };
+    let v = e.decide_function_call(
+        &req,
+        "pg_catalog.query_to_xml",
+        &mut SessionState::default(),
+    );
+    assert_eq!(v.decision, Decision::Deny);
+    assert!(
+        v.details[0]
+            .facts
+            .flags
+            .contains(crate::sql::Flag::DynamicSql)
+    );
+
+    // MySQL: text in a session variable, EXECUTE IMMEDIATE.
+    let mut m = Conn::new(&e, anyone(), "my", "shop");
+    for (sql, want) in [
+        ("EXECUTE IMMEDIATE 'SELECT * FROM orders'", Decision::Allow),
+        ("EXECUTE IMMEDIATE 'SELECT * FROM payroll'", Decision::Deny),
+        ("EXECUTE IMMEDIATE @q", Decision::Deny),
+        ("SET @q = 'SELECT * FROM orders'", Decision::Allow),
+        ("PREPARE s FROM @q", Decision::Deny),
+        ("PREPARE s FROM 'SELECT * FROM orders'", Decision::Allow),
+        ("EXECUTE s", Decision::Allow),
+    ] {
+        let v = m.run(sql);
+        assert_eq!(v.decision, want, "{sql}: {}", v.reason);
+    }
+}
+
+#[test]
+fn unknown_tables_match_deny_rules_only() {
+    let e = engine(
+        r#"
+version: 1
+mode: enforce
+default: allow
+on_parse_error: allow
+targets:
+  - name: pg
+    protocol: postgres
+    address: 127.0.0.1:5432
+rules:
+  - name: no-secrets
+    any_tables: [public.secrets]
+    decision: deny
+  - name: only-reports
+    kinds: [call]
+    tables: ["public.report_*"]
+    decision: allow
+  - name: hold-big
+    any_tables: [public.big]
+    decision: approve
+    approval:
+      approvers: [dba]
+"#,
+    );
+    let mut c = Conn::new(&e, anyone(), "pg", "app");
+    // It might read public.secrets: the deny rule holds.
+    let v = c.run("select query_to_xml(q, true, true, '') from saved");
+    assert_eq!(
+        (v.decision, v.rule.as_deref()),
+        (Decision::Deny, Some("no-secrets")),
+        "{}",
+        v.reason
+    );
+    assert!(v.reason.contains("unknown tables"), "{}", v.reason);
+    // Known tables: as before.
+    assert_eq!(
+        c.decision("select query_to_xml('select * from big', true, true, '')"),
+        Decision::Approve
+    );
+    assert_eq!(
+        c.decision("select query_to_xml('select * from orders', true, true, '')"),
+        Decision::Allow
+    );
+    assert_eq!(
+        c.decision("select table_to_xml('secrets', true, true, '')"),
+        Decision::Deny
+    );
+}
+
 #[test]
 fn stale_bindings_are_recomputed() {
     let a = engine(RULES);
@@ -614,6 +818,17 @@ fn exercise_default() {
             assert!(!v.blocks(), "shadow mode never blocks: {sql}");
         }
         assert_eq!(c.decision("this is not sql"), Decision::Allow);
+        let sql = if target == "local-postgres" {
+            "select query_to_xml($1, true, true, '')"
+        } else {
+            "EXECUTE IMMEDIATE @q"
+        };
+        let v = c.run(sql);
+        assert_eq!(
+            (v.decision, v.rule.as_deref(), v.blocks()),
+            (Decision::Deny, Some("hidden-sql"), false),
+            "{sql}"
+        );
     }
     let on_disk = std::fs::read_to_string(policy_file("default.yaml")).unwrap_or_default();
     assert_eq!(on_disk, EMBEDDED_DEFAULT);
@@ -642,6 +857,20 @@ fn exercise_reporting() {
         ("select pg_read_file('x')", Decision::Deny),
         ("select * from orders; drop table orders", Decision::Deny),
         ("selec * from orders", Decision::Deny),
+        ("TABLE orders", Decision::Allow),
+        (
+            "select query_to_xml('select * from orders', true, true, '')",
+            Decision::Allow,
+        ),
+        (
+            "select query_to_xml('select * from customers', true, true, '')",
+            Decision::Deny,
+        ),
+        (
+            "select schema_to_xml('public', true, true, '')",
+            Decision::Deny,
+        ),
+        ("select query_to_xml($1, true, true, '')", Decision::Deny),
     ] {
         let v = c.run(sql);
         assert_eq!(v.decision, want, "{sql}: {}", v.reason);
@@ -668,6 +897,17 @@ fn exercise_migrations() {
         ("DELETE FROM orders", Decision::Deny),
         ("ALTER TABLE orders ADD COLUMN note TEXT", Decision::Deny),
         ("SELECT * FROM mysql.user", Decision::Deny),
+        ("EXECUTE IMMEDIATE 'SELECT * FROM orders'", Decision::Allow),
+        (
+            "EXECUTE IMMEDIATE 'SELECT * FROM mysql.user'",
+            Decision::Deny,
+        ),
+        ("EXECUTE IMMEDIATE @q", Decision::Deny),
+        ("PREPARE s FROM @q", Decision::Deny),
+        (
+            "CALL sys.execute_prepared_stmt('SELECT * FROM mysql.user')",
+            Decision::Deny,
+        ),
     ] {
         assert_eq!(c.decision(sql), want, "{sql}");
     }
@@ -716,6 +956,15 @@ fn exercise_ci() {
         ("GRANT ALL ON fixtures TO public", Decision::Deny),
         ("COPY fixtures FROM '/etc/passwd'", Decision::Deny),
         ("BEGIN", Decision::Allow),
+        (
+            "SELECT table_to_xml('fixtures', true, true, '')",
+            Decision::Allow,
+        ),
+        (
+            "SELECT table_to_xml('public.users', true, true, '')",
+            Decision::Deny,
+        ),
+        ("SELECT database_to_xml(true, true, '')", Decision::Deny),
     ] {
         assert_eq!(c.decision(sql), want, "{sql}");
     }
@@ -754,6 +1003,15 @@ fn exercise_ai_agent() {
         ("select pg_sleep(10) limit 1", Decision::Deny),
         ("select * from sales limit 5 for update", Decision::Deny),
         ("delete from sales where id = 1", Decision::Deny),
+        ("table sales limit 10", Decision::Allow),
+        (
+            "select * from ts_stat('select v from public.users') limit 10",
+            Decision::Deny,
+        ),
+        (
+            "select query_to_xml(q, true, true, '') from saved limit 1",
+            Decision::Deny,
+        ),
     ];
     let mut l = Conn::new(&learning, agent.clone(), "warehouse", "dw");
     let mut f = Conn::new(&enforcing, agent, "warehouse", "dw");
@@ -796,6 +1054,15 @@ fn exercise_demo() {
             ),
             ("DROP TABLE orders", Decision::Deny, "protect-core-tables"),
             ("DELETE FROM orders", Decision::Deny, "no-unbounded-writes"),
+            (
+                if target == "demo-postgres" {
+                    "SELECT query_to_xml($1, true, true, '')"
+                } else {
+                    "PREPARE s FROM @sql"
+                },
+                Decision::Deny,
+                "hidden-sql",
+            ),
             (
                 "CREATE TABLE order_notes (order_id int, note text)",
                 Decision::Approve,

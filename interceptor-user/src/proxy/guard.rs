@@ -4,7 +4,10 @@
 
 use std::sync::{Arc, atomic::Ordering};
 
-use super::{ConnInfo, LiveConn, Shared};
+use super::{
+    ConnInfo, LiveConn, Shared,
+    executions::{Completion, ExecLog, Prepared},
+};
 use crate::{
     approval::{NewApproval, Resolution, Ticket},
     policy::{Decision, DecisionRequest, Engine, IdentityBinding, SessionState, Verdict},
@@ -99,6 +102,14 @@ pub struct Guard {
     /// `BOOT-CONN-`: decision ids are this and a counter.
     id_prefix: Arc<str>,
     next_decision: u64,
+    /// What each leg negotiated, for `session` events.
+    tls: crate::tls::Legs,
+    /// The last message decided, as a statement the protocol may prepare.
+    last: Prepared,
+    /// While deciding a simple-protocol message: its `query` records wait
+    /// here for the server's answer instead of going to the log.
+    deferring: bool,
+    deferred: Vec<(crate::audit::AuditEvent, QueryEvent)>,
 }
 
 impl Guard {
@@ -124,7 +135,68 @@ impl Guard {
             database: Arc::from(""),
             id_prefix,
             next_decision: 1,
+            tls: crate::tls::Legs::default(),
+            last: Prepared::UNKNOWN,
+            deferring: false,
+            deferred: Vec::new(),
         }
+    }
+
+    /// Where the protocol reports executions of prepared statements.
+    #[must_use]
+    pub fn exec_log(&self) -> ExecLog {
+        ExecLog::new(
+            Arc::clone(&self.shared),
+            Arc::clone(&self.live),
+            Arc::clone(&self.id_prefix),
+        )
+    }
+
+    /// The decision of the message decided last (a Parse, a
+    /// COM_STMT_PREPARE), to tie its executions to.
+    #[must_use]
+    pub fn last_decision(&self) -> Prepared {
+        self.last
+    }
+
+    /// Decides a simple-protocol message (PostgreSQL Query, MySQL
+    /// COM_QUERY). When it goes to the server, its `query` records wait in
+    /// the returned [`Unanswered`] for the server's answer (rows, error);
+    /// otherwise they are written now.
+    pub fn check_query(&mut self, sql: &str) -> (Outcome, Option<Unanswered>) {
+        self.deferring = true;
+        let outcome = self.check(sql);
+        self.deferring = false;
+        let records = std::mem::take(&mut self.deferred);
+        let mut pending = Unanswered {
+            shared: Arc::clone(&self.shared),
+            records,
+            next: 0,
+        };
+        if outcome == Outcome::Forward {
+            (outcome, Some(pending))
+        } else {
+            // Refused or held: already recorded as decided, as before.
+            pending.write(None);
+            (outcome, None)
+        }
+    }
+
+    /// The agent's TLS state.
+    #[must_use]
+    pub fn tls_context(&self) -> Arc<crate::tls::TlsContext> {
+        Arc::clone(&self.shared.tls)
+    }
+
+    /// What the legs negotiated, carried by `session` events from now on.
+    pub fn set_tls(&mut self, legs: crate::tls::Legs) {
+        self.tls = legs;
+    }
+
+    /// What the legs negotiated.
+    #[must_use]
+    pub fn tls(&self) -> &crate::tls::Legs {
+        &self.tls
     }
 
     /// Session facts learnt from the protocol's startup.
@@ -157,7 +229,8 @@ impl Guard {
                 .event("session")
                 .with("db_user", &self.db_user)
                 .with("database", &self.database)
-                .with("application_name", application_name),
+                .with("application_name", application_name)
+                .with("tls", &self.tls),
         );
     }
 
@@ -209,7 +282,17 @@ impl Guard {
         let v = &mut v;
         let n = self.next_decision;
         self.next_decision += 1;
+        self.last = Prepared {
+            decision: n,
+            verdict: v.decision,
+        };
         self.audit(n, sql, v);
+        if self.deferring && v.blocks() {
+            // Refused or held: the records go now, before any approval's.
+            for (ev, body) in self.deferred.drain(..) {
+                self.shared.audit.record(ev.with_body(body));
+            }
+        }
         self.live.decisions.add(v.decision);
         if !v.blocks() {
             return Outcome::Forward;
@@ -291,7 +374,7 @@ impl Guard {
     /// One `query` event per statement of the message. The verdict's
     /// texts move into the records; the rest is shared (`Arc`), so a
     /// record costs the data path no copies.
-    fn audit(&self, decision: u64, sql: &str, v: &mut Verdict) {
+    fn audit(&mut self, decision: u64, sql: &str, v: &mut Verdict) {
         let redact = self.redacting();
         if v.statements.is_empty() {
             v.statements.push(crate::policy::StatementVerdict {
@@ -303,6 +386,7 @@ impl Guard {
                 rule: v.rule.clone(),
                 reason: Arc::clone(&v.reason),
                 unparsed: true,
+                flags: crate::sql::FlagSet::default(),
             });
         }
         for (i, st) in v.statements.iter_mut().enumerate() {
@@ -324,15 +408,18 @@ impl Guard {
                 kind: st.kind,
                 tables: Arc::clone(&st.tables),
                 unparsed: st.unparsed,
+                flags: st.flags,
                 db_user: Arc::clone(&self.db_user),
                 database: Arc::clone(&self.database),
                 eval_us: v.eval_us,
+                done: None,
             };
-            self.shared.audit.record(
-                self.info
-                    .query_event(st.decision, v.eval_us)
-                    .with_body(body),
-            );
+            let ev = self.info.query_event(st.decision, v.eval_us);
+            if self.deferring {
+                self.deferred.push((ev, body));
+            } else {
+                self.shared.audit.record(ev.with_body(body));
+            }
         }
     }
 
@@ -358,6 +445,82 @@ fn message_fingerprint(v: &Verdict) -> String {
     }
 }
 
+/// The `query` records of a simple-protocol message on its way to the
+/// server: each statement's record is written with the server's answer
+/// to it (rows or error). Dropped before the answer came (the connection
+/// ended), they are written as `unfinished`.
+pub struct Unanswered {
+    shared: Arc<Shared>,
+    records: Vec<(crate::audit::AuditEvent, QueryEvent)>,
+    /// The statement the next answer belongs to.
+    next: usize,
+}
+
+impl std::fmt::Debug for Unanswered {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Unanswered")
+            .field("statements", &self.records.len())
+            .field("next", &self.next)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Unanswered {
+    /// The server's answer to the next statement. Answers beyond the
+    /// statements the agent saw (a procedure's further result sets, a
+    /// message it could not split) are added to the last one.
+    pub fn answer(&mut self, c: Completion) {
+        let Some(last) = self.records.len().checked_sub(1) else {
+            return;
+        };
+        if self.next <= last {
+            self.records[self.next].1.done = Some(c);
+            self.next += 1;
+            return;
+        }
+        let slot = &mut self.records[last].1.done;
+        *slot = Some(match (*slot, c) {
+            (
+                Some(Completion::Done {
+                    rows: a,
+                    error: None,
+                }),
+                Completion::Done { rows: b, error },
+            ) => Completion::Done {
+                rows: match (a, b) {
+                    (None, None) => None,
+                    (a, b) => Some(a.unwrap_or(0) + b.unwrap_or(0)),
+                },
+                error,
+            },
+            (Some(prev), _) => prev,
+            (None, c) => c,
+        });
+    }
+
+    /// The reply ended: statements without an answer did not run.
+    pub fn finish(mut self) {
+        self.write(Some(Completion::Skipped));
+    }
+
+    /// Writes the records; `missing` for those without an answer (`None`:
+    /// the message was not sent, so no result fields at all).
+    fn write(&mut self, missing: Option<Completion>) {
+        for (ev, mut body) in self.records.drain(..) {
+            if body.done.is_none() {
+                body.done = missing;
+            }
+            self.shared.audit.record(ev.with_body(body));
+        }
+    }
+}
+
+impl Drop for Unanswered {
+    fn drop(&mut self) {
+        self.write(Some(Completion::Unfinished));
+    }
+}
+
 /// Fields of a `query` event, rendered by the audit writer.
 struct QueryEvent {
     /// The decision id's prefix and number, joined when rendered.
@@ -373,9 +536,12 @@ struct QueryEvent {
     kind: Kind,
     tables: Arc<[String]>,
     unparsed: bool,
+    flags: crate::sql::FlagSet,
     db_user: Arc<str>,
     database: Arc<str>,
     eval_us: u64,
+    /// What the server said, for a simple-protocol statement sent to it.
+    done: Option<Completion>,
 }
 
 impl crate::audit::EventBody for QueryEvent {
@@ -383,7 +549,8 @@ impl crate::audit::EventBody for QueryEvent {
     /// per statement on the writer thread.
     fn write_json(&self, out: &mut Vec<u8>) {
         use crate::audit::json::{
-            bool_member, numbered_member, opt_str_member, str_array_member, str_member, u64_member,
+            bool_member, numbered_member, opt_str_member, str_array_member, str_iter_member,
+            str_member, u64_member,
         };
         out.push(b'{');
         numbered_member(out, "decision_id", &self.decision_id.0, self.decision_id.1);
@@ -398,9 +565,19 @@ impl crate::audit::EventBody for QueryEvent {
         str_member(out, "kind", self.kind.as_str());
         str_array_member(out, "tables", &self.tables);
         bool_member(out, "unparsed", self.unparsed);
+        // Added after the first release: the statement's flags
+        // (`dynamic_sql`, `file_access`, ...).
+        str_iter_member(
+            out,
+            "flags",
+            self.flags.iter().map(crate::sql::Flag::as_str),
+        );
         str_member(out, "db_user", &self.db_user);
         str_member(out, "database", &self.database);
         u64_member(out, "eval_us", self.eval_us);
+        if let Some(done) = &self.done {
+            done.write_members(out);
+        }
         out.push(b'}');
     }
 }
@@ -600,9 +777,13 @@ mod tests {
             kind: Kind::Select,
             tables: Arc::from(["public.a".to_owned(), "public.\"b\"".to_owned()]),
             unparsed: false,
+            flags: [crate::sql::Flag::DynamicSql, crate::sql::Flag::Lock]
+                .into_iter()
+                .collect(),
             db_user: Arc::from("app"),
             database: Arc::from("shop"),
             eval_us: 12,
+            done: None,
         };
         let mut out = Vec::new();
         ev.write_json(&mut out);
@@ -622,6 +803,7 @@ mod tests {
             "kind",
             "tables",
             "unparsed",
+            "flags",
             "db_user",
             "database",
             "eval_us",
@@ -640,19 +822,25 @@ mod tests {
         assert_eq!(v["eval_us"], 12);
         assert_eq!(v["enforced"], true);
         assert_eq!(v["unparsed"], false);
+        assert_eq!(v["flags"], serde_json::json!(["lock", "dynamic_sql"]));
         ev.rule = Some(Arc::from("no-drops"));
         ev.tables = Arc::from([]);
+        ev.flags = crate::sql::FlagSet::default();
         out.clear();
         ev.write_json(&mut out);
         let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
         assert_eq!(v["rule"], "no-drops");
         assert_eq!(v["tables"], serde_json::json!([]));
+        assert_eq!(v["flags"], serde_json::json!([]));
         // The names written by hand are the ones serde gives the types.
         for k in Kind::ALL {
             assert_eq!(serde_json::to_value(k).unwrap(), k.as_str());
         }
         for d in [Decision::Allow, Decision::Deny, Decision::Approve] {
             assert_eq!(serde_json::to_value(d).unwrap(), d.as_str());
+        }
+        for f in crate::sql::Flag::ALL {
+            assert_eq!(serde_json::to_value(f).unwrap(), f.as_str());
         }
     }
 

@@ -9,7 +9,7 @@ use std::{
     net::SocketAddr,
     sync::{
         Arc,
-        atomic::{AtomicU64, Ordering},
+        atomic::{AtomicU8, AtomicU64, Ordering},
     },
     time::{Duration, Instant},
 };
@@ -26,23 +26,30 @@ use crate::{
     approval::ApprovalStore,
     audit::{AuditEvent, AuditLog},
     identity::{Identity, IdentityResolver, KernelFacts},
+    netns::{Netns, ServeListener},
     policy::{Engine, Protocol, TargetSpec},
+    tls::{LegInfo, TlsContext},
 };
 
+mod executions;
 mod guard;
 mod registry;
+mod stream;
 
-pub use guard::{Guard, Hold, Outcome, Refusal, truncate};
+pub use executions::{Completion, ExecLog, Prepared, ServerError, Tally, command_tag_rows};
+pub use guard::{Guard, Hold, Outcome, Refusal, Unanswered, truncate};
 pub use registry::{
     CancelKey, DecisionCounts, LiveConn, Registered, Registry, SessionFacts, workloads,
 };
+pub use stream::{ReadHalf, Stream, WriteHalf};
 
 /// Finds the kernel's record of a redirected connection from the accepted
 /// socket's peer address (linkerd2-proxy's `OrigDstAddr` pattern): the eBPF
 /// map in production, a table in tests.
 pub trait OrigDstLookup: Send + Sync {
-    /// Returns and forgets the record for `peer`.
-    fn take(&self, peer: SocketAddr) -> Option<ConnRecord>;
+    /// Returns and forgets the record for `peer` in the network namespace
+    /// `netns_cookie` (peer addresses repeat across namespaces).
+    fn take(&self, netns_cookie: u64, peer: SocketAddr) -> Option<ConnRecord>;
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -103,7 +110,12 @@ pub struct Shared {
     pub boot_id: String,
     /// Pending approvals and standing grants.
     pub approvals: Arc<ApprovalStore>,
+    /// The agent's CA and the TLS configurations of both legs.
+    pub tls: Arc<TlsContext>,
     next_conn: AtomicU64,
+    /// The policy's `audit.executions` ([`crate::audit::Executions`] as a
+    /// number), read once per execution.
+    executions: AtomicU8,
 }
 
 impl Shared {
@@ -121,6 +133,7 @@ impl Shared {
             .map_or(0, |d| d.as_secs());
         let boot_id = format!("{:08x}", boot & 0xffff_ffff);
         let approvals = Arc::new(ApprovalStore::new(audit.clone(), None, &boot_id));
+        let executions = AtomicU8::new(engine.file().audit.executions.as_u8());
         Self {
             engine: ArcSwap::from_pointee(engine),
             audit,
@@ -135,8 +148,49 @@ impl Shared {
             audit_query_max: limits.audit_query_max,
             boot_id,
             approvals,
+            tls: Arc::default(),
             next_conn: AtomicU64::new(1),
+            executions,
         }
+    }
+
+    /// What the log keeps of executions now.
+    #[must_use]
+    pub fn executions_mode(&self) -> crate::audit::Executions {
+        crate::audit::Executions::from_u8(self.executions.load(Ordering::Relaxed))
+    }
+
+    /// Puts a policy in force: the engine, and the audit settings read on
+    /// the data path.
+    pub fn publish(&self, engine: Engine) {
+        self.executions
+            .store(engine.file().audit.executions.as_u8(), Ordering::Relaxed);
+        self.engine.store(Arc::new(engine));
+    }
+
+    /// Writes the open `executions` summary windows of every live
+    /// connection: once a second, and at shutdown.
+    pub fn flush_executions(&self) {
+        for live in self.registry.all() {
+            Tally::flush(self, &live, None);
+        }
+    }
+
+    /// Flushes the summary windows every second, until dropped.
+    pub async fn flush_executions_loop(self: Arc<Self>) {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            self.flush_executions();
+        }
+    }
+
+    /// The same, with the TLS state given (the CA of `--state-dir`).
+    #[must_use]
+    pub fn with_tls(mut self, tls: TlsContext) -> Self {
+        self.tls = Arc::new(tls);
+        self
     }
 
     /// The same, with grants kept in `grants_file` (loaded now, saved on
@@ -172,6 +226,16 @@ pub fn bind_listener(addr: SocketAddr) -> Result<std::net::TcpListener, ProxyErr
     Ok(sock.into())
 }
 
+/// A worker's listeners: its own in the agent's namespace, bound at start,
+/// and those the namespace manager hands it later.
+pub struct WorkerListeners {
+    pub home: Vec<std::net::TcpListener>,
+    pub home_netns: Arc<Netns>,
+    pub more: tokio::sync::mpsc::UnboundedReceiver<ServeListener>,
+    /// Fed by the worker's runtime for the systemd watchdog.
+    pub heartbeat: Option<crate::notify::Heartbeat>,
+}
+
 /// Runs one worker thread per set of pre-bound listeners until `shutdown`
 /// turns true; open connections then get `drain` to finish.
 ///
@@ -179,7 +243,7 @@ pub fn bind_listener(addr: SocketAddr) -> Result<std::net::TcpListener, ProxyErr
 /// When a thread cannot start.
 pub fn spawn_workers(
     shared: &Arc<Shared>,
-    listeners: Vec<Vec<std::net::TcpListener>>,
+    listeners: Vec<WorkerListeners>,
     shutdown: &watch::Receiver<bool>,
     drain: Duration,
 ) -> Result<Vec<std::thread::JoinHandle<()>>, ProxyError> {
@@ -196,9 +260,11 @@ pub fn spawn_workers(
     Ok(handles)
 }
 
+type Accepted = (TcpStream, SocketAddr, Arc<Netns>);
+
 fn worker(
     shared: Arc<Shared>,
-    listeners: Vec<std::net::TcpListener>,
+    listeners: WorkerListeners,
     mut shutdown: watch::Receiver<bool>,
     drain: Duration,
 ) {
@@ -214,26 +280,48 @@ fn worker(
     };
     let local = tokio::task::LocalSet::new();
     local.block_on(&rt, async move {
-        let (tx, mut rx) = tokio::sync::mpsc::channel(64);
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<Accepted>(64);
         let mut accepts = Vec::new();
-        for l in listeners {
+        let WorkerListeners {
+            home,
+            home_netns,
+            mut more,
+            heartbeat,
+        } = listeners;
+        let heartbeat = heartbeat.map(|h| tokio::task::spawn_local(h.run()));
+        for l in home {
             match TcpListener::from_std(l) {
-                Ok(l) => accepts.push(tokio::task::spawn_local(accept_loop(l, tx.clone()))),
+                Ok(l) => accepts.push(tokio::task::spawn_local(accept_loop(
+                    l,
+                    tx.clone(),
+                    Arc::clone(&home_netns),
+                    None,
+                ))),
                 Err(e) => tracing::error!("listener: {e}"),
             }
         }
-        drop(tx);
         let mut conns = tokio::task::JoinSet::new();
         let handler_shutdown = shutdown.clone();
         loop {
             tokio::select! {
                 conn = rx.recv() => match conn {
-                    Some((stream, peer)) => {
+                    Some((stream, peer, netns)) => {
                         let shared = Arc::clone(&shared);
                         let stop = handler_shutdown.clone();
-                        conns.spawn_local(handle(shared, stream, peer, stop, drain));
+                        conns.spawn_local(handle(shared, stream, peer, netns, stop, drain));
                     }
                     None => break,
+                },
+                Some(l) = more.recv() => {
+                    match TcpListener::from_std(l.listener) {
+                        Ok(listener) => accepts.push(tokio::task::spawn_local(accept_loop(
+                            listener,
+                            tx.clone(),
+                            l.netns,
+                            Some(l.stop),
+                        ))),
+                        Err(e) => tracing::error!("namespace listener: {e}"),
+                    }
                 },
                 Some(_) = conns.join_next(), if !conns.is_empty() => {}
                 _ = shutdown.wait_for(|s| *s) => break,
@@ -241,6 +329,9 @@ fn worker(
         }
         for a in accepts {
             a.abort();
+        }
+        if let Some(h) = heartbeat {
+            h.abort();
         }
         // Handlers stop by themselves once `drain` has passed; the margin
         // lets them write their disconnect events.
@@ -251,14 +342,31 @@ fn worker(
     });
 }
 
+/// Accepts on one listener until the worker stops or, for a namespace's
+/// listener, the namespace manager lets it go (`stop` fires or is dropped).
 async fn accept_loop(
     listener: TcpListener,
-    tx: tokio::sync::mpsc::Sender<(TcpStream, SocketAddr)>,
+    tx: tokio::sync::mpsc::Sender<Accepted>,
+    netns: Arc<Netns>,
+    stop: Option<tokio::sync::oneshot::Receiver<()>>,
 ) {
+    let stopped = async {
+        match stop {
+            Some(rx) => {
+                let _ = rx.await;
+            }
+            None => std::future::pending().await,
+        }
+    };
+    tokio::pin!(stopped);
     loop {
-        match listener.accept().await {
-            Ok(conn) => {
-                if tx.send(conn).await.is_err() {
+        let accepted = tokio::select! {
+            r = listener.accept() => r,
+            () = &mut stopped => return,
+        };
+        match accepted {
+            Ok((stream, peer)) => {
+                if tx.send((stream, peer, Arc::clone(&netns))).await.is_err() {
                     return;
                 }
             }
@@ -283,8 +391,14 @@ pub struct ConnInfo {
     /// The members above as JSON, rendered once for all of this
     /// connection's events.
     members: Arc<str>,
+    /// The same with a short identity, for the records of executions
+    /// (the whole identity is in the connection's `connect` record).
+    short: Arc<str>,
     /// Metric labels: the target's name and the identity names joined.
     labels: (Arc<str>, Arc<str>),
+    /// The workload's network namespace, where side connections (cancels)
+    /// are made from; `None` in unit tests.
+    pub netns: Option<Arc<Netns>>,
 }
 
 impl ConnInfo {
@@ -320,9 +434,48 @@ impl ConnInfo {
             identity: &identity,
         })
         .unwrap_or_default();
+        #[derive(Serialize)]
+        struct ShortIdentity<'a> {
+            pid: u32,
+            tgid: u32,
+            uid: u32,
+            gid: u32,
+            user: Option<&'a str>,
+            comm: &'a str,
+            exe: Option<&'a str>,
+            unit: Option<&'a str>,
+            container: Option<&'a str>,
+        }
+        #[derive(Serialize)]
+        struct Short<'a> {
+            conn: u64,
+            target: &'a str,
+            protocol: &'a str,
+            identities: &'a [String],
+            identity: ShortIdentity<'a>,
+        }
+        let short = serde_json::to_string(&Short {
+            conn: id,
+            target: &target.name,
+            protocol: target.protocol.as_str(),
+            identities: &identities,
+            identity: ShortIdentity {
+                pid: identity.pid,
+                tgid: identity.tgid,
+                uid: identity.uid,
+                gid: identity.gid,
+                user: identity.user.as_deref(),
+                comm: &identity.comm,
+                exe: identity.exe.as_deref(),
+                unit: identity.unit.as_deref(),
+                container: identity.container.as_deref(),
+            },
+        })
+        .unwrap_or_default();
         Self {
             id,
             members: Arc::from(crate::audit::members(&json)),
+            short: Arc::from(crate::audit::members(&short)),
             labels: (
                 Arc::from(target.name.as_str()),
                 Arc::from(identities.join(",")),
@@ -331,13 +484,44 @@ impl ConnInfo {
             dst,
             identity: Arc::new(identity),
             identities: Arc::from(identities),
+            netns: None,
         }
+    }
+
+    /// The same, reached from the workload's network namespace `netns`.
+    #[must_use]
+    pub fn in_netns(mut self, netns: Arc<Netns>) -> Self {
+        self.netns = Some(netns);
+        self
     }
 
     /// An audit event carrying this connection's fields.
     #[must_use]
     pub fn event(&self, event: &'static str) -> AuditEvent {
         AuditEvent::new(event).with_conn(Arc::clone(&self.members))
+    }
+
+    /// An audit event carrying this connection's id, target and a short
+    /// identity (records of executions).
+    #[must_use]
+    pub fn short_event(&self, event: &'static str) -> AuditEvent {
+        AuditEvent::new(event).with_conn(Arc::clone(&self.short))
+    }
+
+    /// What metrics count of `count` executions of a statement decided
+    /// `decision`.
+    #[must_use]
+    pub fn execution_facts(
+        &self,
+        decision: crate::policy::Decision,
+        count: u64,
+    ) -> crate::audit::ExecutionFacts {
+        crate::audit::ExecutionFacts {
+            target: Arc::clone(&self.labels.0),
+            identities: Arc::clone(&self.labels.1),
+            decision,
+            count,
+        }
     }
 
     /// A `query` event of this connection, with what metrics count.
@@ -394,13 +578,14 @@ struct Bytes {
 
 async fn handle(
     shared: Arc<Shared>,
-    mut client: TcpStream,
+    client: TcpStream,
     peer: SocketAddr,
+    netns: Arc<Netns>,
     mut shutdown: watch::Receiver<bool>,
     drain: Duration,
 ) {
     let id = shared.next_conn.fetch_add(1, Ordering::Relaxed);
-    let Some(rec) = shared.lookup.take(peer) else {
+    let Some(rec) = shared.lookup.take(netns.cookie, peer) else {
         // Someone connected to the listener directly: there is no original
         // destination to relay to.
         shared.stats.rejected.fetch_add(1, Ordering::Relaxed);
@@ -408,6 +593,7 @@ async fn handle(
             AuditEvent::new("reject")
                 .with("conn", id)
                 .with("peer", peer.to_string())
+                .with("netns_cookie", netns.cookie)
                 .with(
                     "reason",
                     "connection was not redirected by the kernel programs",
@@ -429,12 +615,13 @@ async fn handle(
         .or_else(|| policy.target_for(dst).map(|(_, t)| t))
         .cloned();
     let facts = kernel_facts(&rec);
-    let identity = {
+    let mut identity = {
         let shared = Arc::clone(&shared);
         tokio::task::spawn_blocking(move || shared.identities.resolve(&facts))
             .await
             .unwrap_or_default()
     };
+    identity.netns_inode = netns.inode;
     let Some(target) = target else {
         shared.audit.record(
             AuditEvent::new("reject")
@@ -462,7 +649,7 @@ async fn handle(
         return;
     }
     let names = engine.bind_identity(&identity).names;
-    let info = ConnInfo::named(id, target, dst, identity, names);
+    let info = ConnInfo::named(id, target, dst, identity, names).in_netns(Arc::clone(&netns));
     shared.audit.record(info.event("connect"));
     let registered = shared.registry.insert(info);
     // A block published between the check above and the insert swept the
@@ -481,17 +668,21 @@ async fn handle(
         dst,
         mark: shared.mark,
         timeout: shared.connect_timeout,
+        netns,
     };
     let _ = client.set_nodelay(true);
     let mut guard = Guard::with_live(Arc::clone(&shared), Arc::clone(&registered.live));
+    // Summary windows are written when the connection ends, however it
+    // ends (a handler dropped at the agent's exit included).
+    let summaries = FlushOnDrop(guard.exec_log());
     let protocol = guard.info.target.protocol;
     let session = async {
         match protocol {
             Protocol::Postgres => {
-                crate::protocol::postgres::serve(&mut guard, &mut client, &upstream, &counts).await
+                crate::protocol::postgres::serve(&mut guard, client, &upstream, &counts).await
             }
             Protocol::Mysql => {
-                crate::protocol::mysql::serve(&mut guard, &mut client, &upstream, &counts).await
+                crate::protocol::mysql::serve(&mut guard, client, &upstream, &counts).await
             }
         }
     };
@@ -505,11 +696,27 @@ async fn handle(
         () = stopping => Some(SessionError::Shutdown),
         reason = killed => Some(SessionError::Killed(reason)),
     };
-    if let Some(SessionError::ClientProtocol(e) | SessionError::ServerProtocol(e)) = &error {
-        shared
-            .audit
-            .record(guard.info.event("protocol_error").with("error", e));
+    // The session (and with it any execution still in flight) is over:
+    // its summaries come before the disconnect.
+    summaries.0.flush();
+    match &error {
+        Some(SessionError::ClientProtocol(e) | SessionError::ServerProtocol(e)) => {
+            shared
+                .audit
+                .record(guard.info.event("protocol_error").with("error", e));
+        }
+        Some(SessionError::Tls { leg, error }) => {
+            shared.audit.record(
+                guard
+                    .info
+                    .event("tls_error")
+                    .with("leg", leg)
+                    .with("error", error),
+            );
+        }
+        _ => {}
     }
+
     let mut ev = guard
         .info
         .event("disconnect")
@@ -525,6 +732,15 @@ async fn handle(
         ev = ev.with("error", e.to_string());
     }
     shared.audit.record(ev);
+}
+
+/// Writes a connection's open summary windows when dropped.
+struct FlushOnDrop(ExecLog);
+
+impl Drop for FlushOnDrop {
+    fn drop(&mut self) {
+        self.0.flush();
+    }
 }
 
 /// Why a session ended early.
@@ -545,14 +761,40 @@ pub enum SessionError {
     Shutdown,
     #[error("closed by the agent: {0}")]
     Killed(String),
+    /// A TLS handshake or record failed on one leg (`client`, `server`).
+    #[error("TLS on the {leg} leg: {error}")]
+    Tls { leg: &'static str, error: String },
+    /// The agent refused the session and told the client why.
+    #[error("{0}")]
+    Refused(String),
 }
 
-/// The real server a redirected connection was going to.
-#[derive(Clone, Copy, Debug)]
+impl SessionError {
+    #[must_use]
+    pub fn client_tls(error: impl std::fmt::Display) -> Self {
+        Self::Tls {
+            leg: "client",
+            error: error.to_string(),
+        }
+    }
+
+    #[must_use]
+    pub fn server_tls(error: impl std::fmt::Display) -> Self {
+        Self::Tls {
+            leg: "server",
+            error: error.to_string(),
+        }
+    }
+}
+
+/// The real server a redirected connection was going to, reached from the
+/// workload's own network namespace.
+#[derive(Clone, Debug)]
 pub struct Upstream {
     pub dst: SocketAddr,
     pub mark: u32,
     pub timeout: Duration,
+    pub netns: Arc<Netns>,
 }
 
 impl Upstream {
@@ -561,7 +803,7 @@ impl Upstream {
     /// # Errors
     /// When the connect fails or times out.
     pub async fn connect(&self) -> Result<TcpStream, SessionError> {
-        let s = connect_upstream(self.dst, self.mark, self.timeout)
+        let s = connect_upstream(self.dst, self.mark, self.timeout, &self.netns)
             .await
             .map_err(|source| SessionError::Connect {
                 dst: self.dst,
@@ -570,6 +812,88 @@ impl Upstream {
         let _ = s.set_nodelay(true);
         Ok(s)
     }
+}
+
+/// The agent's TLS handshake with the server over `tcp`, as `target`'s
+/// `tls.server` says, within [`crate::tls::HANDSHAKE_TIMEOUT`].
+///
+/// # Errors
+/// `SessionError::Tls` (server leg) when the configuration cannot be made,
+/// the handshake fails (a certificate that does not verify, among others)
+/// or times out.
+pub async fn tls_to_server(
+    tls: &TlsContext,
+    target: &TargetSpec,
+    dst: SocketAddr,
+    tcp: TcpStream,
+) -> Result<(Stream, LegInfo), SessionError> {
+    let config = tls.server_leg(target).map_err(SessionError::server_tls)?;
+    let name = crate::tls::server_name(target, dst.ip());
+    let connect = tokio_rustls::TlsConnector::from(config).connect(name, tcp);
+    let s = tokio::time::timeout(crate::tls::HANDSHAKE_TIMEOUT, connect)
+        .await
+        .map_err(|_| {
+            SessionError::server_tls(format!(
+                "the server at {dst} did not complete the TLS handshake within {}s",
+                crate::tls::HANDSHAKE_TIMEOUT.as_secs()
+            ))
+        })?
+        .map_err(|e| {
+            SessionError::server_tls(format!("handshake with the server at {dst}: {e}"))
+        })?;
+    let (_, conn) = s.get_ref();
+    let mut info = LegInfo::of(conn);
+    info.server_cert_verified = target.tls.server.verifies();
+    info.subject = conn
+        .peer_certificates()
+        .and_then(<[_]>::first)
+        .map(crate::tls::subject)
+        .unwrap_or_default();
+    info.mode = Some(target.tls.server.as_str());
+    Ok((Stream::Tls(Box::new(s.into())), info))
+}
+
+/// The workload's TLS handshake with the agent over `tcp`; `direct` when
+/// it began with a TLS record instead of a request for TLS (PostgreSQL's
+/// `sslnegotiation=direct`), which then must negotiate ALPN `postgresql`.
+///
+/// # Errors
+/// `SessionError::Tls` (client leg) when the handshake fails, times out, or
+/// a direct connection does not negotiate `postgresql`.
+pub async fn tls_from_client(
+    tls: &TlsContext,
+    target: &TargetSpec,
+    dst: SocketAddr,
+    tcp: TcpStream,
+    direct: bool,
+) -> Result<(Stream, LegInfo), SessionError> {
+    let leg = tls
+        .client_leg(target, dst.ip())
+        .map_err(SessionError::client_tls)?;
+    let accept = tokio_rustls::TlsAcceptor::from(leg.config).accept(tcp);
+    let s = tokio::time::timeout(crate::tls::HANDSHAKE_TIMEOUT, accept)
+        .await
+        .map_err(|_| {
+            SessionError::client_tls(format!(
+                "the client did not complete the TLS handshake within {}s",
+                crate::tls::HANDSHAKE_TIMEOUT.as_secs()
+            ))
+        })?
+        .map_err(|e| SessionError::client_tls(format!("handshake with the client: {e}")))?;
+    let (_, conn) = s.get_ref();
+    let mut info = LegInfo::of(conn);
+    if direct && conn.alpn_protocol() != Some(crate::tls::ALPN_POSTGRES) {
+        return Err(SessionError::client_tls(
+            "direct TLS without ALPN \"postgresql\" (PostgreSQL requires it)",
+        ));
+    }
+    info.subject = leg.subject.to_string();
+    info.issued_by_agent_ca = Some(leg.issued);
+    info.sni = conn.server_name().map(str::to_owned);
+    if target.protocol == Protocol::Postgres {
+        info.direct = Some(direct);
+    }
+    Ok((Stream::Tls(Box::new(s.into())), info))
 }
 
 /// Bytes relayed so far each way; kept outside the relay future so they
@@ -585,7 +909,8 @@ fn elapsed_us(since: Instant) -> u64 {
 }
 
 /// Connects to the real server with SO_MARK set, so the kernel programs let
-/// this socket go direct.
+/// this socket go direct; the socket is made in `netns` (the workload's), so
+/// the server is reached by the route the workload would have taken.
 ///
 /// # Errors
 /// When the socket cannot be made or the connect fails or times out.
@@ -593,12 +918,15 @@ pub async fn connect_upstream(
     dst: SocketAddr,
     mark: u32,
     timeout: Duration,
+    netns: &Netns,
 ) -> std::io::Result<TcpStream> {
-    let sock = if dst.is_ipv4() {
-        TcpSocket::new_v4()?
-    } else {
-        TcpSocket::new_v6()?
-    };
+    let sock = netns.enter(|| {
+        if dst.is_ipv4() {
+            TcpSocket::new_v4()
+        } else {
+            TcpSocket::new_v6()
+        }
+    })?;
     if mark != 0 {
         socket2::SockRef::from(&sock).set_mark(mark)?;
     }
@@ -628,7 +956,7 @@ mod tests {
     struct Table(std::sync::Mutex<std::collections::HashMap<SocketAddr, ConnRecord>>);
 
     impl OrigDstLookup for Table {
-        fn take(&self, peer: SocketAddr) -> Option<ConnRecord> {
+        fn take(&self, _: u64, peer: SocketAddr) -> Option<ConnRecord> {
             self.0.lock().ok()?.remove(&peer)
         }
     }
@@ -640,10 +968,17 @@ mod tests {
         use crate::protocol::postgres::codec::{self, frame};
         use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
         let (mut s, _) = listener.accept().await.unwrap();
-        let mut len = [0u8; 4];
-        s.read_exact(&mut len).await.unwrap();
-        let mut rest = vec![0u8; u32::from_be_bytes(len) as usize - 4];
-        s.read_exact(&mut rest).await.unwrap();
+        loop {
+            let mut len = [0u8; 4];
+            s.read_exact(&mut len).await.unwrap();
+            let mut rest = vec![0u8; u32::from_be_bytes(len) as usize - 4];
+            s.read_exact(&mut rest).await.unwrap();
+            // The agent asks for TLS first (tls.server: prefer): no.
+            if rest[..4] != codec::SSL_REQUEST.to_be_bytes() {
+                break;
+            }
+            s.write_all(b"N").await.unwrap();
+        }
         s.write_all(&frame(b'R', &[0, 0, 0, 0])).await.unwrap();
         s.write_all(&frame(b'Z', b"I")).await.unwrap();
         let mut buf = bytes::BytesMut::new();
@@ -722,6 +1057,7 @@ mod tests {
                 ));
                 let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
                 let agent_addr = listener.local_addr().unwrap();
+                let home = Arc::new(Netns::home(&listener).unwrap());
                 let (_stop_tx, stop) = watch::channel(false);
 
                 // A connection the "kernel" recorded.
@@ -734,7 +1070,7 @@ mod tests {
                 rec.tgid = std::process::id();
                 rec.pid = rec.tgid;
                 table.0.lock().unwrap().insert(peer, rec);
-                let task = tokio::task::spawn_local(handle(Arc::clone(&shared), stream, peer, stop.clone(), Duration::ZERO));
+                let task = tokio::task::spawn_local(handle(Arc::clone(&shared), stream, peer, Arc::clone(&home), stop.clone(), Duration::ZERO));
 
                 let mut startup = 196_608u32.to_be_bytes().to_vec();
                 startup.extend_from_slice(b"user\0app\0\0");
@@ -757,7 +1093,7 @@ mod tests {
                 // A connection nobody recorded is turned away.
                 let _stray = TcpStream::connect(agent_addr).await.unwrap();
                 let (stream, peer) = listener.accept().await.unwrap();
-                handle(Arc::clone(&shared), stream, peer, stop, Duration::ZERO).await;
+                handle(Arc::clone(&shared), stream, peer, home, stop, Duration::ZERO).await;
                 assert_eq!(shared.stats.rejected.load(Ordering::Relaxed), 1);
                 assert_eq!(shared.stats.denied.load(Ordering::Relaxed), 1);
                 drop(shared);

@@ -63,6 +63,8 @@ pub struct LiveConn {
     pub info: ConnInfo,
     pub opened: OffsetDateTime,
     pub decisions: DecisionCounts,
+    /// Executions of its prepared statements (summary windows, total).
+    pub executions: super::executions::Tally,
     session: Mutex<SessionFacts>,
     killed: AtomicBool,
     kill: Notify,
@@ -84,6 +86,7 @@ impl LiveConn {
             info,
             opened: OffsetDateTime::now_utc(),
             decisions: DecisionCounts::default(),
+            executions: super::executions::Tally::default(),
             session: Mutex::default(),
             killed: AtomicBool::new(false),
             kill: Notify::new(),
@@ -213,12 +216,19 @@ pub fn workloads(
                 .collect();
             targets.sort_unstable();
             targets.dedup();
+            let mut netns: Vec<u64> = members
+                .iter()
+                .map(|c| c.info.identity.netns_inode)
+                .collect();
+            netns.sort_unstable();
+            netns.dedup();
             let mut totals = [0u64; 3];
             for c in &members {
                 for (t, n) in totals.iter_mut().zip(c.decisions.get()) {
                     *t += n;
                 }
             }
+            let executions: u64 = members.iter().map(|c| c.executions.total()).sum();
             let since = members.iter().map(|c| c.opened).min()?;
             Some(serde_json::json!({
                 "identities": engine.bind_identity(id).names,
@@ -231,10 +241,12 @@ pub fn workloads(
                 "unit": id.unit,
                 "container": id.container,
                 "pod_uid": id.pod_uid,
+                "netns": netns,
                 "pids": pids,
                 "targets": targets,
                 "connections": members.len(),
                 "statements": {"allow": totals[0], "approve": totals[1], "deny": totals[2]},
+                "executions": executions,
                 "since": crate::audit::format_ts(since),
             }))
         })

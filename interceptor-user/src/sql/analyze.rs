@@ -6,9 +6,9 @@ use std::ops::ControlFlow;
 
 use sqlparser::{
     ast::{
-        CopySource, CopyTarget, Expr, FromTable, ObjectName, ObjectNamePart, ObjectType,
-        OnConflictAction, OnInsert, Query, Select, Statement, TableFactor, TableObject,
-        TableWithJoins, Value, Visit, Visitor,
+        CopySource, CopyTarget, Expr, FromTable, FunctionArg, FunctionArgExpr, FunctionArguments,
+        ObjectName, ObjectNamePart, ObjectType, OnConflictAction, OnInsert, Query, Select, SetExpr,
+        Statement, TableFactor, TableObject, TableWithJoins, Value, Visit, Visitor,
     },
     dialect::{MySqlDialect, PostgreSqlDialect},
     parser::Parser,
@@ -16,8 +16,9 @@ use sqlparser::{
 
 use super::{
     Dialect, Flag, FlagSet, Kind, Limits,
-    lexer::{LexMode, NormInfo, Scratch, TokKind, normalize},
-    lexical::{self, T, ident},
+    hidden::{self, Reads, Role},
+    lexer::{LexMode, NormInfo, Scratch, TokKind, normalize, split},
+    lexical::{self, T, ident, unquote_string},
     names::{NamePart, RawName, fold},
 };
 
@@ -80,7 +81,43 @@ pub struct Analysis {
     pub unparsed: Option<String>,
     pub procedural: bool,
     pub effect: Effect,
+    /// Some table it reads is unknown: SQL built at run time, a relation
+    /// named by a non-literal, a whole schema or database (the statement
+    /// carries [`Flag::DynamicSql`]).
+    pub tables_unknown: bool,
+    /// SQL it runs without naming it (literal texts analysed, the rest
+    /// unknown), for tools to show.
+    pub hidden: Vec<Hidden>,
 }
+
+/// SQL a statement runs without naming it: an argument of a function of
+/// the [`hidden`] catalogue, or the text of MySQL `EXECUTE IMMEDIATE` /
+/// `PREPARE ... FROM`.
+#[derive(Clone, Debug)]
+pub struct Hidden {
+    /// The function (unqualified, case-folded) or statement that runs it.
+    pub carrier: String,
+    /// What the argument is.
+    pub role: Role,
+    /// The literal (SQL text or relation name), when there is one; cut at
+    /// [`HIDDEN_TEXT_MAX`] bytes.
+    pub text: Option<String>,
+    /// The literal SQL's kind.
+    pub kind: Option<Kind>,
+    /// Tables the literal reads or names, and whether each is written.
+    pub tables: Vec<(RawName, bool)>,
+    pub functions: Vec<String>,
+    pub flags: FlagSet,
+    /// Why what it reads is unknown (then the statement is `dynamic_sql`).
+    pub unknown: Option<String>,
+}
+
+/// Longest hidden text kept for display.
+pub const HIDDEN_TEXT_MAX: usize = 1000;
+
+/// Nesting of hidden SQL analysed (`query_to_xml('select query_to_xml(...)')`);
+/// deeper is unknown.
+const HIDDEN_DEPTH_MAX: u8 = 4;
 
 fn parse(canonical: &str, dialect: Dialect, limits: &Limits) -> Result<Vec<Statement>, String> {
     let recursion = limits.max_depth.saturating_mul(2).saturating_add(16);
@@ -111,14 +148,43 @@ fn repair_mysql(c: &str) -> Option<String> {
     (s != c).then_some(s)
 }
 
+/// `TABLE name` where sqlparser does not read it (a statement of its own,
+/// an operand of UNION): rewritten as the `SELECT * FROM name` it is.
+/// Works on tokens, so a literal's text is never touched.
+fn repair_table(toks: &[T<'_>]) -> Option<String> {
+    let mut out = String::new();
+    let mut changed = false;
+    for (i, t) in toks.iter().enumerate() {
+        let query_position = i == 0
+            || toks[i - 1].kind == TokKind::LParen
+            || (toks[i - 1].kind == TokKind::Word
+                && matches!(
+                    toks[i - 1].text,
+                    "union" | "except" | "intersect" | "all" | "distinct"
+                ))
+            // `INSERT INTO t [(cols)] TABLE u`
+            || (toks[0].text == "insert" && toks[i - 1].text != "into");
+        if !out.is_empty() {
+            out.push(' ');
+        }
+        if t.kind == TokKind::Word && t.text == "table" && query_position {
+            out.push_str("select * from");
+            changed = true;
+        } else {
+            out.push_str(t.text);
+        }
+    }
+    changed.then_some(out)
+}
+
 /// Analyses one statement's canonical text.
 #[must_use]
 pub fn analyze(canonical: &str, info: &NormInfo, dialect: Dialect, limits: &Limits) -> Analysis {
     analyze_at(canonical, info, dialect, limits, 0)
 }
 
-fn lexical_only(lf: lexical::LexFacts, why: Option<String>) -> Analysis {
-    Analysis {
+fn lexical_only(lf: lexical::LexFacts, why: Option<String>, dialect: Dialect) -> Analysis {
+    let mut a = Analysis {
         kind: lf.kind,
         tables: lf.tables,
         functions: lf.functions,
@@ -128,6 +194,143 @@ fn lexical_only(lf: lexical::LexFacts, why: Option<String>) -> Analysis {
         unparsed: why,
         procedural: lf.procedural,
         effect: lf.effect,
+        tables_unknown: false,
+        hidden: Vec::new(),
+    };
+    // Arguments are not read without a parser: a catalogued function
+    // makes what the statement reads unknown.
+    let readers: Vec<(String, Reads)> = a
+        .functions
+        .iter()
+        .filter_map(|f| {
+            let base = f.rsplit('.').next().unwrap_or(f);
+            hidden::lookup(dialect, base).map(|e| (base.to_owned(), e.reads))
+        })
+        .collect();
+    for (carrier, reads) in readers {
+        a.mark_unknown(
+            carrier,
+            reads.role(),
+            "the statement was classified without a parser, so the argument was not read",
+        );
+    }
+    a
+}
+
+impl Analysis {
+    /// Records SQL (or a relation) the statement runs that is not known:
+    /// the statement becomes `dynamic_sql` with its tables unknown.
+    fn mark_unknown(&mut self, carrier: String, role: Role, why: &str) {
+        self.flags.insert(Flag::DynamicSql);
+        self.tables_unknown = true;
+        self.hidden.push(Hidden {
+            carrier,
+            role,
+            text: None,
+            kind: None,
+            tables: Vec::new(),
+            functions: Vec::new(),
+            flags: FlagSet::default(),
+            unknown: Some(why.to_owned()),
+        });
+    }
+}
+
+fn cut(text: &str) -> String {
+    let mut end = text.len().min(HIDDEN_TEXT_MAX);
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    text[..end].to_owned()
+}
+
+/// Analyses SQL text run from inside a statement (every statement in it),
+/// merged into one analysis.
+fn analyze_text(text: &str, dialect: Dialect, limits: &Limits, depth: u8) -> Analysis {
+    let mut out = Analysis::default();
+    let mut scratch = Scratch::default();
+    let mut kinds = None::<Kind>;
+    for span in split(text, dialect) {
+        let mut canon = String::new();
+        let info = normalize(
+            span.text(text),
+            span.mode,
+            span.in_exec_comment,
+            &mut canon,
+            &mut scratch,
+        );
+        let a = analyze_at(&canon, &info, dialect, limits, depth);
+        if kinds.is_none_or(|k| a.kind.power() > k.power()) {
+            kinds = Some(a.kind);
+        }
+        out.tables.extend(a.tables);
+        for f in a.functions {
+            if !out.functions.contains(&f) {
+                out.functions.push(f);
+            }
+        }
+        out.flags = out.flags.union(a.flags);
+        if let Some(w) = a.has_where {
+            out.has_where = Some(out.has_where.unwrap_or(true) && w);
+        }
+        if out.unparsed.is_none() {
+            out.unparsed = a.unparsed;
+        }
+        out.procedural |= a.procedural;
+        out.tables_unknown |= a.tables_unknown;
+        out.hidden.extend(a.hidden);
+    }
+    out.kind = kinds.unwrap_or(Kind::Other);
+    out
+}
+
+/// MySQL `EXECUTE IMMEDIATE expr [USING ...]`: the statement is the text
+/// it runs when that is a literal, and unknown otherwise.
+fn execute_immediate(
+    canonical: &str,
+    toks: &[T<'_>],
+    info: &NormInfo,
+    limits: &Limits,
+    depth: u8,
+) -> Analysis {
+    let literal = toks
+        .get(2)
+        .filter(|t| t.kind == TokKind::Str)
+        .filter(|_| {
+            toks.get(3)
+                .is_none_or(|t| t.kind == TokKind::Word && t.text == "using")
+        })
+        .filter(|_| info.literals_kept && !canonical.contains('\\'))
+        .and_then(|t| unquote_string(t.text, true));
+    let carrier = "execute immediate".to_owned();
+    match literal {
+        Some(text) if depth < HIDDEN_DEPTH_MAX => {
+            let mut a = analyze_text(&text, Dialect::Mysql, limits, depth + 1);
+            let h = Hidden {
+                carrier,
+                role: Role::Sql,
+                text: Some(cut(&text)),
+                kind: Some(a.kind),
+                tables: a.tables.clone(),
+                functions: a.functions.clone(),
+                flags: a.flags,
+                unknown: None,
+            };
+            a.hidden.insert(0, h);
+            a
+        }
+        _ => {
+            let mut a = Analysis {
+                unparsed: Some("EXECUTE IMMEDIATE of text built at run time".into()),
+                ..Analysis::default()
+            };
+            a.mark_unknown(
+                carrier,
+                Role::Sql,
+                "the statement text is not a literal (a variable or an expression)",
+            );
+            a
+        }
     }
 }
 
@@ -170,7 +373,7 @@ fn analyze_at(
     let toks = lexical::tokens(canonical, dialect);
     if info.unterminated {
         let lf = lexical::scan(&toks, dialect);
-        return lexical_only(lf, Some("unterminated quote or comment".into()));
+        return lexical_only(lf, Some("unterminated quote or comment".into()), dialect);
     }
     let first = toks
         .first()
@@ -191,7 +394,11 @@ fn analyze_at(
         };
         let Some((name, body)) = prepared else {
             let lf = lexical::scan(&toks, dialect);
-            return lexical_only(lf, Some("PREPARE without a readable statement".into()));
+            return lexical_only(
+                lf,
+                Some("PREPARE without a readable statement".into()),
+                dialect,
+            );
         };
         let inner = match (&body, depth) {
             (PreparedBody::Text(text), 0) => {
@@ -211,24 +418,42 @@ fn analyze_at(
                 };
                 a
             }
-            _ => Analysis {
-                unparsed: Some("prepared statement text is not a literal".into()),
-                effect: Effect::Prepare {
-                    name: name.clone(),
-                    body: PreparedBody::Unknown,
-                },
-                ..Analysis::default()
-            },
+            _ => {
+                let mut a = Analysis {
+                    unparsed: Some("prepared statement text is not a literal".into()),
+                    effect: Effect::Prepare {
+                        name: name.clone(),
+                        body: PreparedBody::Unknown,
+                    },
+                    ..Analysis::default()
+                };
+                if matches!(body, PreparedBody::Unknown) {
+                    a.mark_unknown(
+                        "prepare from".to_owned(),
+                        Role::Sql,
+                        "the statement text is not a literal (a variable or an expression)",
+                    );
+                }
+                a
+            }
         };
         return inner;
     }
+    if dialect == Dialect::Mysql
+        && first == "execute"
+        && toks
+            .get(1)
+            .is_some_and(|t| t.kind == TokKind::Word && t.text == "immediate")
+    {
+        return execute_immediate(canonical, &toks, info, limits, depth);
+    }
     let lf = lexical::scan(&toks, dialect);
     if lf.simple {
-        return lexical_only(lf, None);
+        return lexical_only(lf, None, dialect);
     }
     if info.max_depth > limits.max_depth {
         let why = format!("nested deeper than {} levels", limits.max_depth);
-        return lexical_only(lf, Some(why));
+        return lexical_only(lf, Some(why), dialect);
     }
     // Count what the parser will really see: literal-only groups and
     // repeated VALUES rows were collapsed after the normaliser counted them,
@@ -240,23 +465,37 @@ fn analyze_at(
     };
     if parse_tokens > limits.max_tokens {
         let why = format!("more than {} tokens to parse", limits.max_tokens);
-        return lexical_only(lf, Some(why));
+        return lexical_only(lf, Some(why), dialect);
     }
     let parsed = match parse(canonical, dialect, limits) {
         Ok(s) => Ok(s),
-        Err(e) => match dialect {
-            Dialect::Mysql => match repair_mysql(canonical) {
-                Some(fixed) => parse(&fixed, dialect, limits).map_err(|_| e),
+        Err(e) => {
+            let table = repair_table(&toks);
+            let text = table.as_deref().unwrap_or(canonical);
+            let mysql = match dialect {
+                Dialect::Mysql => repair_mysql(text),
+                Dialect::Postgres => None,
+            };
+            match mysql.as_deref().or(table.as_deref()) {
+                Some(fixed) => parse(fixed, dialect, limits).map_err(|_| e),
                 None => Err(e),
-            },
-            Dialect::Postgres => Err(e),
-        },
+            }
+        }
     };
     let statements = match parsed {
         Ok(s) => s,
-        Err(e) => return lexical_only(lf, Some(e)),
+        Err(e) => return lexical_only(lf, Some(e), dialect),
     };
     let mut c = Collector::new(dialect);
+    c.literals = if info.literals_kept && !canonical.contains('\\') {
+        Literals::Readable
+    } else if info.literals_kept {
+        Literals::Ambiguous
+    } else {
+        Literals::Replaced
+    };
+    c.limits = *limits;
+    c.nest = depth;
     for s in &statements {
         let _ = s.visit(&mut c);
     }
@@ -292,9 +531,11 @@ fn analyze_at(
         flags: c.flags.union(lf.flags),
         has_where: c.where_all,
         limit_literal,
-        unparsed: None,
-        procedural: lf.procedural,
+        unparsed: c.unparsed,
+        procedural: lf.procedural || c.procedural,
         effect,
+        tables_unknown: c.tables_unknown,
+        hidden: c.hidden,
     }
 }
 
@@ -353,6 +594,90 @@ struct Collector {
     effect: Effect,
     /// The top statement is one we classify by its leading words.
     use_lexical_kind: bool,
+    /// Whether string literals in the parsed text are the statement's own.
+    literals: Literals,
+    limits: Limits,
+    /// Nesting of hidden SQL this statement is part of.
+    nest: u8,
+    hidden: Vec<Hidden>,
+    tables_unknown: bool,
+    unparsed: Option<String>,
+    procedural: bool,
+}
+
+/// What the string literals of the parsed (canonical) text are.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Literals {
+    /// Replaced by `''` in the canonical text: not the statement's.
+    Replaced,
+    /// Kept, but a backslash makes their value depend on session settings
+    /// (`standard_conforming_strings`, `NO_BACKSLASH_ESCAPES`).
+    Ambiguous,
+    Readable,
+}
+
+/// An argument's value, as far as it is a constant.
+enum ArgValue<'a> {
+    Str(&'a str),
+    Bool,
+    Number,
+    Null,
+    Other,
+}
+
+fn arg_value(e: &Expr) -> ArgValue<'_> {
+    match e {
+        Expr::Value(v) => match &v.value {
+            Value::SingleQuotedString(s)
+            | Value::EscapedStringLiteral(s)
+            | Value::NationalStringLiteral(s)
+            | Value::DoubleQuotedString(s) => ArgValue::Str(s),
+            Value::DollarQuotedString(d) => ArgValue::Str(&d.value),
+            Value::Boolean(_) => ArgValue::Bool,
+            Value::Number(..) => ArgValue::Number,
+            Value::Null => ArgValue::Null,
+            _ => ArgValue::Other,
+        },
+        // `'payroll'::regclass`, `CAST('...' AS text)`, `('...')`.
+        Expr::Cast { expr, .. } | Expr::Nested(expr) => arg_value(expr),
+        // `regclass 'payroll'`.
+        Expr::TypedString(ts) => match &ts.value.value {
+            Value::SingleQuotedString(s) | Value::EscapedStringLiteral(s) => ArgValue::Str(s),
+            Value::DollarQuotedString(d) => ArgValue::Str(&d.value),
+            _ => ArgValue::Other,
+        },
+        // MySQL `_utf8mb4'...'`.
+        Expr::Prefixed { value, .. } => arg_value(value),
+        _ => ArgValue::Other,
+    }
+}
+
+const BOOL_WORDS: &[&str] = &[
+    "t", "tr", "tru", "true", "f", "fa", "fal", "fals", "false", "y", "ye", "yes", "n", "no", "on",
+    "of", "off", "1", "0",
+];
+
+/// Whether a (PostgreSQL) overload could take this argument: a literal of
+/// the wrong kind rules it out, anything else may fit.
+fn fits(arg: Option<&Expr>, ty: &str, dialect: Dialect) -> bool {
+    if dialect == Dialect::Mysql {
+        return true;
+    }
+    let Some(e) = arg else { return true };
+    let integer = matches!(ty, "integer" | "bigint" | "smallint" | "oid");
+    let textual = matches!(
+        ty,
+        "text" | "name" | "character varying" | "refcursor" | "tsquery" | "bytea" | "text[]"
+    );
+    match arg_value(e) {
+        ArgValue::Bool => ty == "boolean",
+        ArgValue::Number => !textual && ty != "boolean",
+        ArgValue::Str(s) if ty == "boolean" => {
+            BOOL_WORDS.contains(&s.trim().to_ascii_lowercase().as_str())
+        }
+        ArgValue::Str(s) if integer => s.trim().parse::<i64>().is_ok(),
+        ArgValue::Str(_) | ArgValue::Null | ArgValue::Other => true,
+    }
 }
 
 impl Collector {
@@ -370,6 +695,13 @@ impl Collector {
             depth: 0,
             effect: Effect::None,
             use_lexical_kind: false,
+            literals: Literals::Replaced,
+            limits: Limits::default(),
+            nest: 0,
+            hidden: Vec::new(),
+            tables_unknown: false,
+            unparsed: None,
+            procedural: false,
         }
     }
 
@@ -409,6 +741,265 @@ impl Collector {
         self.flags = self.flags.union(lexical::function_flags(&n));
         if !self.functions.contains(&n) {
             self.functions.push(n);
+        }
+    }
+
+    /// A call of a function of the [`hidden`] catalogue: its SQL text or
+    /// relation name is part of what the statement reads.
+    fn hidden_call(&mut self, name: &ObjectName, args: &[FunctionArg]) {
+        let raw = self.raw(name);
+        let base = raw.last().to_owned();
+        let Some(entry) = hidden::lookup(self.dialect, &base) else {
+            return;
+        };
+        let whole = match entry.reads {
+            Reads::None | Reads::Sql | Reads::Relation => None,
+            Reads::Cursor => Some("reads a cursor, whose query this statement does not name"),
+            Reads::Fragment => Some("builds SQL text from its arguments and runs it"),
+            Reads::Schema => Some("reads every table of a schema"),
+            Reads::Database => Some("reads every table of the database"),
+        };
+        if let Some(why) = whole {
+            self.unknown(base, entry.reads.role(), why);
+            return;
+        }
+        let mut positional: Vec<Option<&Expr>> = Vec::new();
+        let mut named: Vec<(String, Option<&Expr>)> = Vec::new();
+        for a in args {
+            let (name, arg) = match a {
+                FunctionArg::Unnamed(arg) => (None, arg),
+                FunctionArg::Named { name, arg, .. } => (
+                    Some(fold(&name.value, name.quote_style.is_some(), self.dialect)),
+                    arg,
+                ),
+                FunctionArg::ExprNamed { name, arg, .. } => {
+                    let n = match name {
+                        Expr::Identifier(i) => {
+                            fold(&i.value, i.quote_style.is_some(), self.dialect)
+                        }
+                        _ => String::new(),
+                    };
+                    (Some(n), arg)
+                }
+            };
+            let e = match arg {
+                FunctionArgExpr::Expr(e) => Some(e),
+                _ => None,
+            };
+            match name {
+                Some(n) => named.push((n, e)),
+                None => positional.push(e),
+            }
+        }
+        // Every overload the call may resolve to counts.
+        let mut uses: Vec<(Role, Option<&Expr>)> = Vec::new();
+        let mut any = false;
+        for ov in &entry.overloads {
+            if positional.len() + named.len() > ov.len()
+                || named
+                    .iter()
+                    .any(|(n, _)| !ov.iter().any(|p| !p.name.is_empty() && p.name == *n))
+                || !positional
+                    .iter()
+                    .zip(ov)
+                    .all(|(a, p)| fits(*a, &p.ty, self.dialect))
+            {
+                continue;
+            }
+            any = true;
+            for (i, p) in ov.iter().enumerate() {
+                let Some(role) = p.role else { continue };
+                let arg = if i < positional.len() {
+                    Some(positional[i])
+                } else {
+                    named
+                        .iter()
+                        .find(|(n, _)| !p.name.is_empty() && *n == p.name)
+                        .map(|(_, e)| *e)
+                };
+                // An argument left to its default carries nothing.
+                let Some(arg) = arg else { continue };
+                let same = |(r, e): &(Role, Option<&Expr>)| {
+                    *r == role
+                        && match (e, arg) {
+                            (Some(a), Some(b)) => std::ptr::eq(*a, b),
+                            (None, None) => true,
+                            _ => false,
+                        }
+                };
+                if !uses.iter().any(same) {
+                    uses.push((role, arg));
+                }
+            }
+        }
+        if !any {
+            self.unknown(
+                base,
+                entry.reads.role(),
+                "no known form of the function takes these arguments",
+            );
+            return;
+        }
+        for (role, arg) in uses {
+            self.hidden_arg(&base, role, arg);
+        }
+    }
+
+    fn hidden_arg(&mut self, carrier: &str, role: Role, arg: Option<&Expr>) {
+        let value = arg.map_or(ArgValue::Other, arg_value);
+        let text = match value {
+            // NULL runs and names nothing.
+            ArgValue::Null => return,
+            ArgValue::Str(s) => match self.literals {
+                Literals::Readable => s,
+                Literals::Ambiguous => {
+                    self.unknown(
+                        carrier.to_owned(),
+                        role,
+                        "a backslash makes the literal's value depend on session settings",
+                    );
+                    return;
+                }
+                Literals::Replaced => {
+                    self.unknown(
+                        carrier.to_owned(),
+                        role,
+                        "the literal was not kept for analysis",
+                    );
+                    return;
+                }
+            },
+            ArgValue::Bool | ArgValue::Number | ArgValue::Other => {
+                self.unknown(
+                    carrier.to_owned(),
+                    role,
+                    match role {
+                        Role::Relation | Role::Written => {
+                            "the relation is not named by a literal (a column, a parameter, an expression or an OID)"
+                        }
+                        _ => "the text is not a literal (a column, a parameter or an expression)",
+                    },
+                );
+                return;
+            }
+        };
+        match role {
+            Role::Sql if self.nest < HIDDEN_DEPTH_MAX => {
+                let a = analyze_text(text, self.dialect, &self.limits, self.nest + 1);
+                self.raise(a.kind);
+                for t in &a.tables {
+                    self.tables.push(t.clone());
+                }
+                for f in &a.functions {
+                    if !self.functions.contains(f) {
+                        self.functions.push(f.clone());
+                    }
+                }
+                self.flags = self.flags.union(a.flags);
+                if let Some(w) = a.has_where {
+                    self.where_and(w);
+                }
+                if self.unparsed.is_none()
+                    && let Some(why) = &a.unparsed
+                {
+                    self.unparsed = Some(format!("SQL text run by {carrier}: {why}"));
+                }
+                self.procedural |= a.procedural;
+                self.tables_unknown |= a.tables_unknown;
+                self.hidden.push(Hidden {
+                    carrier: carrier.to_owned(),
+                    role,
+                    text: Some(cut(text)),
+                    kind: Some(a.kind),
+                    tables: a.tables,
+                    functions: a.functions,
+                    flags: a.flags,
+                    unknown: None,
+                });
+                self.hidden.extend(a.hidden);
+            }
+            Role::Relation | Role::Written => {
+                let Some(name) = hidden::relation_name(text, self.dialect) else {
+                    self.unknown(
+                        carrier.to_owned(),
+                        role,
+                        "the literal is not a plain relation name",
+                    );
+                    return;
+                };
+                let written = role == Role::Written;
+                self.tables.push((name.clone(), written));
+                self.hidden.push(Hidden {
+                    carrier: carrier.to_owned(),
+                    role,
+                    text: Some(cut(text)),
+                    kind: None,
+                    tables: vec![(name, written)],
+                    functions: Vec::new(),
+                    flags: FlagSet::default(),
+                    unknown: None,
+                });
+            }
+            Role::Sql => self.unknown(
+                carrier.to_owned(),
+                role,
+                "SQL text nested deeper than the analysis follows",
+            ),
+            Role::Cursor | Role::Fragment | Role::Schema | Role::Database => {
+                self.unknown(
+                    carrier.to_owned(),
+                    role,
+                    "what it reads is not named by the statement",
+                );
+            }
+        }
+    }
+
+    fn unknown(&mut self, carrier: String, role: Role, why: &str) {
+        self.flags.insert(Flag::DynamicSql);
+        self.tables_unknown = true;
+        self.hidden.push(Hidden {
+            carrier,
+            role,
+            text: None,
+            kind: None,
+            tables: Vec::new(),
+            functions: Vec::new(),
+            flags: FlagSet::default(),
+            unknown: Some(why.to_owned()),
+        });
+    }
+
+    /// `TABLE name` bodies of a query (alone, or as operands of UNION,
+    /// EXCEPT, INTERSECT): a SELECT of that table. `own` are the query's
+    /// own CTE names, all visible to its body.
+    fn table_bodies(&mut self, body: &SetExpr, own: &[String]) {
+        match body {
+            SetExpr::Table(t) => {
+                let Some(table) = &t.table_name else { return };
+                let mut parts = Vec::new();
+                if let Some(s) = &t.schema_name {
+                    parts.push(NamePart(fold(
+                        &s.value,
+                        s.quote_style.is_some(),
+                        self.dialect,
+                    )));
+                }
+                parts.push(NamePart(fold(
+                    &table.value,
+                    table.quote_style.is_some(),
+                    self.dialect,
+                )));
+                if parts.len() == 1 && (own.contains(&parts[0].0) || self.is_cte(&parts[0].0)) {
+                    return;
+                }
+                self.tables.push((RawName(parts), false));
+            }
+            SetExpr::SetOperation { left, right, .. } => {
+                self.table_bodies(left, own);
+                self.table_bodies(right, own);
+            }
+            _ => {}
         }
     }
 
@@ -527,6 +1118,9 @@ impl Collector {
             }
             Statement::Call(f) => {
                 self.add_function(&f.name);
+                if let FunctionArguments::List(l) = &f.args {
+                    self.hidden_call(&f.name, &l.args);
+                }
                 Some(Kind::Call)
             }
             Statement::LoadData { table_name, .. } => {
@@ -646,6 +1240,16 @@ impl Visitor for Collector {
             },
         };
         self.scopes.push(scope);
+        let own: Vec<String> = q.with.as_ref().map_or_else(Vec::new, |w| {
+            w.cte_tables
+                .iter()
+                .map(|c| {
+                    let a = &c.alias.name;
+                    fold(&a.value, a.quote_style.is_some(), self.dialect)
+                })
+                .collect()
+        });
+        self.table_bodies(&q.body, &own);
         ControlFlow::Continue(())
     }
 
@@ -687,13 +1291,17 @@ impl Visitor for Collector {
         match tf {
             TableFactor::Table {
                 name,
-                args: Some(_),
+                args: Some(args),
                 ..
             } => {
                 self.skip.push(ptr(name));
                 self.add_function(name);
+                self.hidden_call(name, &args.args);
             }
-            TableFactor::Function { name, .. } => self.add_function(name),
+            TableFactor::Function { name, args, .. } => {
+                self.add_function(name);
+                self.hidden_call(name, args);
+            }
             _ => {}
         }
         ControlFlow::Continue(())
@@ -715,6 +1323,16 @@ impl Visitor for Collector {
     fn pre_visit_expr(&mut self, e: &Expr) -> ControlFlow<()> {
         if let Expr::Function(f) = e {
             self.add_function(&f.name);
+            match &f.args {
+                FunctionArguments::List(l) => self.hidden_call(&f.name, &l.args),
+                FunctionArguments::None => self.hidden_call(&f.name, &[]),
+                FunctionArguments::Subquery(_) => {
+                    if let Some(e) = hidden::lookup(self.dialect, self.raw(&f.name).last()) {
+                        let base = self.raw(&f.name).last().to_owned();
+                        self.unknown(base, e.reads.role(), "its argument is a subquery");
+                    }
+                }
+            }
         }
         ControlFlow::Continue(())
     }

@@ -729,12 +729,21 @@ fn normalize_with(
             keep = !redact_all && raw.len() <= 8 && keeps_literals(&lower[..n], dialect);
             info.literals_kept = keep;
         }
-        // set_config's arguments say what it changes: keep them.
+        // set_config's arguments say what it changes, and the arguments of
+        // a function that runs SQL text or reads a relation named by a
+        // value (`query_to_xml('select ...')`, MySQL `EXECUTE IMMEDIATE
+        // '...'`) are what it reads: keep them.
         if !keep
             && !redact_all
-            && t.kind == TokKind::Word
-            && raw.len() == 10
-            && raw.eq_ignore_ascii_case(b"set_config")
+            && match t.kind {
+                TokKind::Word => {
+                    (raw.len() == 10 && raw.eq_ignore_ascii_case(b"set_config"))
+                        || (dialect == Dialect::Mysql && raw.eq_ignore_ascii_case(b"immediate"))
+                        || super::hidden::may_name_reader(raw, false, dialect)
+                }
+                TokKind::QuotedIdent => super::hidden::may_name_reader(raw, true, dialect),
+                _ => false,
+            }
         {
             keep = true;
             info.literals_kept = true;

@@ -449,7 +449,19 @@ fn lexical_tables(t: &[T<'_>], dialect: Dialect, out: &mut Vec<(RawName, bool)>)
         let written = match w {
             "from" | "join" | "using" => first == "delete" && w == "from",
             "into" | "update" | "truncate" => true,
-            "table" => matches!(first, "create" | "alter" | "drop" | "truncate" | "lock"),
+            "table" if matches!(first, "create" | "alter" | "drop" | "truncate" | "lock") => true,
+            // `TABLE name`: a read (alone, in parentheses, after UNION).
+            "table"
+                if i == 0
+                    || t[i - 1].kind == TokKind::LParen
+                    || matches!(
+                        word(t, i - 1),
+                        "union" | "except" | "intersect" | "all" | "distinct"
+                    )
+                    || (first == "insert" && word(t, i - 1) != "into") =>
+            {
+                false
+            }
             _ => continue,
         };
         let mut j = i + 1;

@@ -11,12 +11,15 @@
 //! 3. [`analyze`]: only for a shape not seen before, sqlparser parses the
 //!    canonical text (small even for a 20 MiB `INSERT`) and a visitor collects
 //!    the facts; a lexical pass adds the flags and classifies what sqlparser
-//!    cannot parse;
+//!    cannot parse; SQL run from a string or relations named by a value
+//!    (the [`hidden`] catalogue) are analysed as part of the statement, or
+//!    make it `dynamic_sql`;
 //! 4. [`Analysis::resolve`]: table names resolved against the session's
 //!    schema or database.
 
 mod analyze;
 mod fingerprint;
+pub mod hidden;
 pub mod lexer;
 mod lexical;
 mod names;
@@ -25,11 +28,11 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
-pub use analyze::{Analysis, Effect, PreparedBody, SearchPathChange, analyze};
+pub use analyze::{Analysis, Effect, Hidden, PreparedBody, SearchPathChange, analyze};
 pub use fingerprint::Fingerprint;
 pub use lexer::{LexMode, NormInfo, Scratch, StatementSpan, normalize, redact, split, split_into};
 pub use lexical::function_flags;
-pub use names::{Resolution, StatementFacts};
+pub use names::{HiddenFacts, Resolution, StatementFacts};
 
 /// What a statement does, from its most powerful operation.
 #[derive(
@@ -136,10 +139,14 @@ pub enum Flag {
     RemoteAccess,
     SessionChange,
     Admin,
+    /// Runs SQL text or reads relations it does not name (a query in a
+    /// string, a relation named by a value, whole schemas, `PREPARE ...
+    /// FROM @var`): its tables are unknown.
+    DynamicSql,
 }
 
 impl Flag {
-    pub const ALL: [Self; 7] = [
+    pub const ALL: [Self; 8] = [
         Self::Lock,
         Self::FileAccess,
         Self::ProgramExec,
@@ -147,6 +154,7 @@ impl Flag {
         Self::RemoteAccess,
         Self::SessionChange,
         Self::Admin,
+        Self::DynamicSql,
     ];
 
     #[must_use]
@@ -159,6 +167,7 @@ impl Flag {
             Self::RemoteAccess => "remote_access",
             Self::SessionChange => "session_change",
             Self::Admin => "admin",
+            Self::DynamicSql => "dynamic_sql",
         }
     }
 }

@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use serde::Serialize;
 
-use super::{Dialect, FlagSet, Kind, analyze::Analysis};
+use super::{Dialect, FlagSet, Kind, analyze::Analysis, hidden::Role};
 
 /// One part of a name as written, already case-folded: PostgreSQL folds
 /// unquoted identifiers to lower case and keeps quoted ones; MySQL names
@@ -131,6 +131,35 @@ pub struct StatementFacts {
     pub parse_error: Option<String>,
     /// Creates or runs procedural code (functions, DO blocks, triggers).
     pub procedural: bool,
+    /// Some table it reads is unknown (SQL built at run time, a relation
+    /// named by a value, whole schemas): `tables` is only what is known,
+    /// and a rule's `tables` never allows it.
+    pub tables_unknown: bool,
+    /// SQL it runs without naming it, and what that reads.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub hidden: Vec<HiddenFacts>,
+}
+
+/// What one piece of hidden SQL reads, resolved like the statement's own
+/// names.
+#[derive(Clone, Debug, Serialize)]
+pub struct HiddenFacts {
+    /// The function (or `execute immediate`, `prepare from`) that runs it.
+    pub function: String,
+    /// What its argument is: `sql`, `relation`, `written`, `cursor`,
+    /// `fragment`, `schema`, `database`.
+    pub argument: Role,
+    /// The literal SQL text or relation name (cut at 1000 bytes).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub text: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub kind: Option<Kind>,
+    pub tables: Vec<String>,
+    pub functions: Vec<String>,
+    pub flags: FlagSet,
+    /// Why what it reads is unknown (the statement is `dynamic_sql`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dynamic: Option<String>,
 }
 
 impl Analysis {
@@ -152,6 +181,28 @@ impl Analysis {
         tables.dedup();
         written.sort();
         written.dedup();
+        let hidden = self
+            .hidden
+            .iter()
+            .map(|h| {
+                let mut tables = Vec::new();
+                for (name, _) in &h.tables {
+                    ctx.resolve(name, &mut tables);
+                }
+                tables.sort();
+                tables.dedup();
+                HiddenFacts {
+                    function: h.carrier.clone(),
+                    argument: h.role,
+                    text: h.text.clone(),
+                    kind: h.kind,
+                    tables,
+                    functions: h.functions.clone(),
+                    flags: h.flags,
+                    dynamic: h.unknown.clone(),
+                }
+            })
+            .collect();
         StatementFacts {
             kind: self.kind,
             tables: tables.into(),
@@ -163,6 +214,8 @@ impl Analysis {
             unparsed: self.unparsed.is_some(),
             parse_error: self.unparsed.clone(),
             procedural: self.procedural,
+            tables_unknown: self.tables_unknown,
+            hidden,
         }
     }
 }

@@ -517,3 +517,319 @@ fn redact_replaces_every_literal() {
         assert!(!r.contains("secret"), "{raw} -> {r}");
     }
 }
+
+// ---------------------------------------------------------------------------
+// Statements that read what they never name (issue 19).
+
+struct HiddenCase {
+    sql: &'static str,
+    dialect: Dialect,
+    kind: Kind,
+    tables: &'static [&'static str],
+    flags: &'static [Flag],
+    /// Some table is unknown (`dynamic_sql`).
+    unknown: bool,
+}
+
+const DYN: &[Flag] = &[Flag::DynamicSql];
+
+#[rustfmt::skip]
+const HIDDEN_CASES: &[HiddenCase] = &[
+    // The issue's four, and the same rule's TABLE form.
+    HiddenCase { sql: "SELECT database_to_xml(true, true, '')", dialect: PG, kind: Kind::Select, tables: &[], flags: DYN, unknown: true },
+    HiddenCase { sql: "SELECT schema_to_xml('public', true, true, '')", dialect: PG, kind: Kind::Select, tables: &[], flags: DYN, unknown: true },
+    HiddenCase { sql: "SELECT query_to_xml('select * from payroll', true, true, '')", dialect: PG, kind: Kind::Select, tables: &["public.payroll"], flags: &[], unknown: false },
+    HiddenCase { sql: "SELECT * FROM ts_stat('select to_tsvector(note) from payroll')", dialect: PG, kind: Kind::Select, tables: &["public.payroll"], flags: &[], unknown: false },
+    HiddenCase { sql: "TABLE orders", dialect: PG, kind: Kind::Select, tables: &["public.orders"], flags: &[], unknown: false },
+    HiddenCase { sql: "table sales.orders order by 1 limit 5", dialect: PG, kind: Kind::Select, tables: &["sales.orders"], flags: &[], unknown: false },
+    HiddenCase { sql: "with r as (table orders) select * from r", dialect: PG, kind: Kind::Select, tables: &["public.orders"], flags: &[], unknown: false },
+    HiddenCase { sql: "with r as (select 1) table r", dialect: PG, kind: Kind::Select, tables: &[], flags: &[], unknown: false },
+    HiddenCase { sql: "select * from customers union all table payroll", dialect: PG, kind: Kind::Select, tables: &["public.customers", "public.payroll"], flags: &[], unknown: false },
+    HiddenCase { sql: "table orders union table payroll", dialect: PG, kind: Kind::Select, tables: &["public.orders", "public.payroll"], flags: &[], unknown: false },
+    HiddenCase { sql: "(table orders) except (table payroll)", dialect: PG, kind: Kind::Select, tables: &["public.orders", "public.payroll"], flags: &[], unknown: false },
+    HiddenCase { sql: "insert into orders table payroll", dialect: PG, kind: Kind::Insert, tables: &["public.orders", "public.payroll"], flags: &[], unknown: false },
+    // Names: qualified, quoted, upper case; relation names read as regclass does.
+    HiddenCase { sql: "select pg_catalog.query_to_xml('select * from payroll', true, true, '')", dialect: PG, kind: Kind::Select, tables: &["public.payroll"], flags: &[], unknown: false },
+    HiddenCase { sql: "select \"query_to_xml\"('select * from payroll', true, true, '')", dialect: PG, kind: Kind::Select, tables: &["public.payroll"], flags: &[], unknown: false },
+    HiddenCase { sql: "SELECT QUERY_TO_XML('SELECT * FROM PayRoll', TRUE, TRUE, '')", dialect: PG, kind: Kind::Select, tables: &["public.payroll"], flags: &[], unknown: false },
+    HiddenCase { sql: "select table_to_xml('payroll', true, true, '')", dialect: PG, kind: Kind::Select, tables: &["public.payroll"], flags: &[], unknown: false },
+    HiddenCase { sql: "select table_to_xml('hr.\"PayRoll\"'::regclass, true, true, '')", dialect: PG, kind: Kind::Select, tables: &["hr.PayRoll"], flags: &[], unknown: false },
+    HiddenCase { sql: "select table_to_xml(regclass 'Payroll', true, true, '')", dialect: PG, kind: Kind::Select, tables: &["public.payroll"], flags: &[], unknown: false },
+    HiddenCase { sql: "select table_to_xml(cast('pg_authid' as regclass), true, true, '')", dialect: PG, kind: Kind::Select, tables: &["pg_catalog.pg_authid", "public.pg_authid"], flags: &[], unknown: false },
+    HiddenCase { sql: "select table_to_xml(16384, true, true, '')", dialect: PG, kind: Kind::Select, tables: &[], flags: DYN, unknown: true },
+    HiddenCase { sql: "select table_to_xml('16384', true, true, '')", dialect: PG, kind: Kind::Select, tables: &[], flags: DYN, unknown: true },
+    HiddenCase { sql: "select table_to_xml(relname::regclass, true, true, '') from pg_class", dialect: PG, kind: Kind::Select, tables: &["pg_catalog.pg_class", "public.pg_class"], flags: DYN, unknown: true },
+    // Literal forms, and what is not a literal.
+    HiddenCase { sql: "select query_to_xml(E'select * from payroll', true, true, '')", dialect: PG, kind: Kind::Select, tables: &["public.payroll"], flags: &[], unknown: false },
+    HiddenCase { sql: "select query_to_xml($q$select * from payroll where note = 'x'$q$, true, true, '')", dialect: PG, kind: Kind::Select, tables: &["public.payroll"], flags: &[], unknown: false },
+    HiddenCase { sql: "select query_to_xml('select * from payroll'::text, true, true, '')", dialect: PG, kind: Kind::Select, tables: &["public.payroll"], flags: &[], unknown: false },
+    HiddenCase { sql: "select query_to_xml('select * from ' || 'payroll', true, true, '')", dialect: PG, kind: Kind::Select, tables: &[], flags: DYN, unknown: true },
+    HiddenCase { sql: "select query_to_xml(format('select * from %I', 'payroll'), true, true, '')", dialect: PG, kind: Kind::Select, tables: &[], flags: DYN, unknown: true },
+    HiddenCase { sql: "select query_to_xml($1, true, true, '')", dialect: PG, kind: Kind::Select, tables: &[], flags: DYN, unknown: true },
+    HiddenCase { sql: "select query_to_xml(q, true, true, '') from saved_queries", dialect: PG, kind: Kind::Select, tables: &["public.saved_queries"], flags: DYN, unknown: true },
+    HiddenCase { sql: "select query_to_xml((select q from saved_queries limit 1), true, true, '')", dialect: PG, kind: Kind::Select, tables: &["public.saved_queries"], flags: DYN, unknown: true },
+    HiddenCase { sql: "select query_to_xml('select * from payroll where n = ''\\''', true, true, '')", dialect: PG, kind: Kind::Select, tables: &[], flags: DYN, unknown: true },
+    HiddenCase { sql: "select query_to_xml(null, true, true, '')", dialect: PG, kind: Kind::Select, tables: &[], flags: &[], unknown: false },
+    // Named notation.
+    HiddenCase { sql: "select query_to_xml(query => 'select * from payroll', nulls => true, tableforest => true, targetns => '')", dialect: PG, kind: Kind::Select, tables: &["public.payroll"], flags: &[], unknown: false },
+    HiddenCase { sql: "select query_to_xml(nulls => true, tableforest => true, targetns => '', query => q) from saved", dialect: PG, kind: Kind::Select, tables: &["public.saved"], flags: DYN, unknown: true },
+    // Nested: subqueries, CTEs, function arguments, INSERT ... SELECT, hidden in hidden.
+    HiddenCase { sql: "select * from (select query_to_xml('select * from payroll', true, true, '') x) s", dialect: PG, kind: Kind::Select, tables: &["public.payroll"], flags: &[], unknown: false },
+    HiddenCase { sql: "with x as (select table_to_xml('payroll', true, true, '') d) select * from x", dialect: PG, kind: Kind::Select, tables: &["public.payroll"], flags: &[], unknown: false },
+    HiddenCase { sql: "select length(query_to_xml('select * from payroll', true, true, '')::text)", dialect: PG, kind: Kind::Select, tables: &["public.payroll"], flags: &[], unknown: false },
+    HiddenCase { sql: "select * from orders where note = query_to_xml('select 1 from payroll', true, true, '')::text", dialect: PG, kind: Kind::Select, tables: &["public.orders", "public.payroll"], flags: &[], unknown: false },
+    HiddenCase { sql: "insert into orders (note) select query_to_xml('select * from payroll', true, true, '')::text", dialect: PG, kind: Kind::Insert, tables: &["public.orders", "public.payroll"], flags: &[], unknown: false },
+    HiddenCase { sql: "select query_to_xml('select query_to_xml(''select * from payroll'', true, true, '''')', true, true, '')", dialect: PG, kind: Kind::Select, tables: &["public.payroll"], flags: &[], unknown: false },
+    HiddenCase { sql: "select query_to_xml('select query_to_xml(q, true, true, '''') from saved', true, true, '')", dialect: PG, kind: Kind::Select, tables: &["public.saved"], flags: DYN, unknown: true },
+    HiddenCase { sql: "select query_to_xml('select pg_read_file(''/etc/passwd'')', true, true, '')", dialect: PG, kind: Kind::Select, tables: &[], flags: &[Flag::FileAccess], unknown: false },
+    HiddenCase { sql: "select query_to_xml('with d as (delete from payroll returning *) select * from d', true, true, '')", dialect: PG, kind: Kind::Delete, tables: &["public.payroll"], flags: &[], unknown: false },
+    HiddenCase { sql: "select query_to_xml('select 1; select * from payroll', true, true, '')", dialect: PG, kind: Kind::Select, tables: &["public.payroll"], flags: &[], unknown: false },
+    HiddenCase { sql: "prepare p as select query_to_xml('select * from payroll', true, true, '')", dialect: PG, kind: Kind::Select, tables: &["public.payroll"], flags: &[], unknown: false },
+    HiddenCase { sql: "explain analyze select query_to_xml('select * from payroll', true, true, '')", dialect: PG, kind: Kind::Select, tables: &["public.payroll"], flags: &[], unknown: false },
+    HiddenCase { sql: "copy (select table_to_xml('payroll', true, true, '')) to stdout", dialect: PG, kind: Kind::Copy, tables: &["public.payroll"], flags: &[], unknown: false },
+    HiddenCase { sql: "create table loot as select query_to_xml('select * from payroll', true, true, '')", dialect: PG, kind: Kind::Ddl, tables: &["public.loot", "public.payroll"], flags: &[], unknown: false },
+    // Whole schemas and databases, cursors, pasted fragments.
+    HiddenCase { sql: "select schema_to_xmlschema('public', true, true, '')", dialect: PG, kind: Kind::Select, tables: &[], flags: DYN, unknown: true },
+    HiddenCase { sql: "select database_to_xml_and_xmlschema(true, true, '')", dialect: PG, kind: Kind::Select, tables: &[], flags: DYN, unknown: true },
+    HiddenCase { sql: "select cursor_to_xml('c', 10, true, true, '')", dialect: PG, kind: Kind::Select, tables: &[], flags: DYN, unknown: true },
+    HiddenCase { sql: "select * from connectby('payroll', 'id', 'boss', '1', 0) as t(id int, boss int, level int)", dialect: PG, kind: Kind::Select, tables: &[], flags: DYN, unknown: true },
+    HiddenCase { sql: "select * from xpath_table('id', 'doc', 'payroll', '/a', 'true') as t(id int, a text)", dialect: PG, kind: Kind::Select, tables: &[], flags: DYN, unknown: true },
+    // Other query-text functions.
+    HiddenCase { sql: "select ts_rewrite('a & b'::tsquery, 'select t, s from aliases')", dialect: PG, kind: Kind::Select, tables: &["public.aliases"], flags: &[], unknown: false },
+    HiddenCase { sql: "select ts_rewrite('a'::tsquery, 'b'::tsquery, 'c'::tsquery)", dialect: PG, kind: Kind::Select, tables: &[], flags: &[], unknown: false },
+    HiddenCase { sql: "select * from dblink('dbname=app', 'select * from payroll') as t(a int)", dialect: PG, kind: Kind::Select, tables: &["public.payroll"], flags: &[Flag::RemoteAccess], unknown: false },
+    HiddenCase { sql: "select * from dblink('select * from payroll', true) as t(a int)", dialect: PG, kind: Kind::Select, tables: &["public.payroll"], flags: &[Flag::RemoteAccess], unknown: false },
+    HiddenCase { sql: "select dblink_exec('dbname=app', 'delete from payroll')", dialect: PG, kind: Kind::Delete, tables: &["public.payroll"], flags: &[Flag::RemoteAccess], unknown: false },
+    HiddenCase { sql: "select dblink_exec(c) from conns", dialect: PG, kind: Kind::Select, tables: &["public.conns"], flags: &[Flag::RemoteAccess, Flag::DynamicSql], unknown: true },
+    HiddenCase { sql: "select * from crosstab('select a, b, c from payroll', 'select distinct b from payroll') as t(a text)", dialect: PG, kind: Kind::Select, tables: &["public.payroll"], flags: &[], unknown: false },
+    HiddenCase { sql: "select get_raw_page('payroll', 0)", dialect: PG, kind: Kind::Select, tables: &["public.payroll"], flags: &[], unknown: false },
+    // Reviewed, reads no rows: not hidden SQL.
+    HiddenCase { sql: "select nextval('orders_id_seq'), pg_relation_size('payroll')", dialect: PG, kind: Kind::Select, tables: &[], flags: &[], unknown: false },
+    // A statement no parser reads that calls one: unknown.
+    HiddenCase { sql: "select query_to_xml('select 1', true, true, '') frobnicate frobnicate", dialect: PG, kind: Kind::Select, tables: &[], flags: DYN, unknown: true },
+    // MySQL / MariaDB.
+    HiddenCase { sql: "EXECUTE IMMEDIATE 'SELECT * FROM payroll'", dialect: MY, kind: Kind::Select, tables: &["shop.payroll"], flags: &[], unknown: false },
+    HiddenCase { sql: "execute immediate 'delete from payroll where id = ?' using 1", dialect: MY, kind: Kind::Delete, tables: &["shop.payroll"], flags: &[], unknown: false },
+    HiddenCase { sql: "EXECUTE IMMEDIATE @q", dialect: MY, kind: Kind::Other, tables: &[], flags: DYN, unknown: true },
+    HiddenCase { sql: "EXECUTE IMMEDIATE CONCAT('SELECT * FROM ', 'payroll')", dialect: MY, kind: Kind::Other, tables: &[], flags: DYN, unknown: true },
+    HiddenCase { sql: "PREPARE s FROM @q", dialect: MY, kind: Kind::Other, tables: &[], flags: DYN, unknown: true },
+    HiddenCase { sql: "PREPARE s FROM CONCAT('SELECT * FROM ', @t)", dialect: MY, kind: Kind::Other, tables: &[], flags: DYN, unknown: true },
+    HiddenCase { sql: "CALL sys.execute_prepared_stmt('SELECT * FROM payroll')", dialect: MY, kind: Kind::Call, tables: &["shop.payroll"], flags: &[], unknown: false },
+    HiddenCase { sql: "call `sys`.`EXECUTE_PREPARED_STMT`(@q)", dialect: MY, kind: Kind::Call, tables: &[], flags: DYN, unknown: true },
+    HiddenCase { sql: "CALL sys.create_synonym_db('shop', 'shop2')", dialect: MY, kind: Kind::Call, tables: &[], flags: DYN, unknown: true },
+    HiddenCase { sql: "CALL mysql.AddGeometryColumn('', 'shop', 'payroll', 'g', 0)", dialect: MY, kind: Kind::Call, tables: &[], flags: DYN, unknown: true },
+];
+
+#[test]
+fn table_of_hidden_sql() {
+    let mut failures = Vec::new();
+    for case in HIDDEN_CASES {
+        let got = facts(case.sql, case.dialect);
+        let f = got
+            .iter()
+            .map(|g| &g.0)
+            .fold(None::<StatementFacts>, |acc, f| {
+                Some(acc.map_or_else(
+                    || f.clone(),
+                    |mut a| {
+                        let mut t = a.tables.to_vec();
+                        t.extend(f.tables.iter().cloned());
+                        t.sort();
+                        t.dedup();
+                        a.tables = t.into();
+                        a.flags = a.flags.union(f.flags);
+                        a.tables_unknown |= f.tables_unknown;
+                        a
+                    },
+                ))
+            });
+        let Some(f) = f else {
+            failures.push(format!("{:?}: no statement", case.sql));
+            continue;
+        };
+        let flags: Vec<Flag> = f.flags.iter().collect();
+        let want: Vec<String> = case.tables.iter().map(|s| (*s).to_owned()).collect();
+        if f.kind != case.kind
+            || *f.tables != *want
+            || flags != case.flags
+            || f.tables_unknown != case.unknown
+        {
+            failures.push(format!(
+                "{:?} [{:?}]\n   got  {:?} {:?} {flags:?} unknown={}\n   want {:?} {want:?} {:?} unknown={}\n   {:?}",
+                case.sql, case.dialect, f.kind, f.tables, f.tables_unknown, case.kind, case.flags,
+                case.unknown, f.hidden
+            ));
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "{} failing:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
+}
+
+/// A constant of a parameter's type, for calls built from the catalogue.
+fn filler(ty: &str) -> &'static str {
+    match ty {
+        "boolean" => "true",
+        "integer" | "bigint" | "smallint" | "int" | "tinyint" | "decimal" | "oid" => "1",
+        "text[]" => "array['a']",
+        "int2vector" => "'1'::int2vector",
+        "tid[]" => "array['(0,1)'::tid]",
+        "tsquery" => "'a'::tsquery",
+        _ => "'x'",
+    }
+}
+
+/// Every catalogue entry that reads something, every overload: a literal
+/// inner query (or relation name) is analysed as part of the statement; a
+/// non-literal one, and the whole-schema, whole-database, cursor and
+/// fragment forms, make it `dynamic_sql` with its tables unknown. Entries
+/// reviewed as reading no rows stay ordinary function calls.
+#[test]
+fn every_catalogue_entry() {
+    use hidden::{Reads, Role};
+    let mut failures = Vec::new();
+    let mut checked = 0;
+    for d in [PG, MY] {
+        let (schema_t, call) = match d {
+            PG => ("public", "select"),
+            MY => ("shop", "call"),
+        };
+        let cat = hidden::entries(d);
+        assert!(!cat.is_empty());
+        for (name, entry) in cat {
+            for ov in &entry.overloads {
+                let build = |literal: bool| {
+                    let args: Vec<String> = ov
+                        .iter()
+                        .map(|p| match (p.role, literal) {
+                            (Some(Role::Sql), true) => "'select * from payroll'".to_owned(),
+                            (Some(Role::Relation | Role::Written), true) => "'payroll'".to_owned(),
+                            (Some(Role::Schema | Role::Database), true) => "'public'".to_owned(),
+                            (Some(Role::Cursor | Role::Fragment), true) => "'payroll'".to_owned(),
+                            (Some(_), false) => "c".to_owned(),
+                            (None, _) => filler(&p.ty).to_owned(),
+                        })
+                        .collect();
+                    let q = match d {
+                        PG => format!("{call} {}.{name}({}) from t", entry.schema, args.join(", ")),
+                        MY => format!("{call} {}.{name}({})", entry.schema, args.join(", ")),
+                    };
+                    // PostgreSQL: also as a table function.
+                    let q2 = format!("select * from {name}({}) as x", args.join(", "));
+                    (q, q2)
+                };
+                let has_role = ov.iter().any(|p| p.role.is_some());
+                for literal in [true, false] {
+                    let (q, q2) = build(literal);
+                    let forms: Vec<&str> = match d {
+                        PG => vec![&q, &q2],
+                        MY => vec![&q],
+                    };
+                    for sql in forms {
+                        checked += 1;
+                        let got = facts(sql, d);
+                        let Some((f, _, _)) = got.first() else {
+                            failures.push(format!("{sql}: no statement"));
+                            continue;
+                        };
+                        let dynamic = f.flags.contains(Flag::DynamicSql);
+                        let payroll = format!("{schema_t}.payroll");
+                        let ok = match entry.reads {
+                            Reads::None => !dynamic && !f.tables_unknown,
+                            Reads::Schema | Reads::Database | Reads::Cursor | Reads::Fragment => {
+                                dynamic && f.tables_unknown && !f.hidden.is_empty()
+                            }
+                            Reads::Sql | Reads::Relation if !has_role => {
+                                // An overload without the argument (e.g.
+                                // ts_rewrite(tsquery, tsquery, tsquery)).
+                                !dynamic
+                            }
+                            Reads::Sql | Reads::Relation if literal => {
+                                !dynamic
+                                    && !f.tables_unknown
+                                    && f.tables.contains(&payroll)
+                                    && f.hidden.iter().any(|h| {
+                                        h.function == name.to_lowercase()
+                                            && h.tables.contains(&payroll)
+                                    })
+                                    && (!ov.iter().any(|p| p.role == Some(Role::Written))
+                                        || f.tables_written.contains(&payroll))
+                            }
+                            Reads::Sql | Reads::Relation => {
+                                dynamic
+                                    && f.tables_unknown
+                                    && !f.tables.contains(&payroll)
+                                    && f.hidden.iter().any(|h| h.dynamic.is_some())
+                            }
+                        };
+                        // A non-literal argument may leave another
+                        // overload's literal to be read as SQL (dblink's
+                        // connection string): unparsed is fine there.
+                        if !ok || (f.unparsed && literal) {
+                            failures.push(format!(
+                                "{name} ({:?}, literal={literal}): {sql}\n   {f:?}",
+                                entry.reads
+                            ));
+                        }
+                    }
+                }
+            }
+        }
+    }
+    assert!(checked > 250, "{checked}");
+    assert!(
+        failures.is_empty(),
+        "{} failing:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
+}
+
+#[test]
+fn hidden_literals_are_part_of_the_shape() {
+    let fp = |sql: &str, d| {
+        let mut c = String::new();
+        normalize(
+            sql,
+            LexMode::default_for(d),
+            false,
+            &mut c,
+            &mut Scratch::default(),
+        );
+        Fingerprint::of(&c, d).to_string()
+    };
+    assert_ne!(
+        fp(
+            "select query_to_xml('select * from orders', true, true, '')",
+            PG
+        ),
+        fp(
+            "select query_to_xml('select * from payroll', true, true, '')",
+            PG
+        )
+    );
+    assert_ne!(
+        fp("select table_to_xml('orders', true, true, '')", PG),
+        fp("select table_to_xml('payroll', true, true, '')", PG)
+    );
+    assert_ne!(
+        fp("EXECUTE IMMEDIATE 'select * from orders'", MY),
+        fp("EXECUTE IMMEDIATE 'select * from payroll'", MY)
+    );
+    // Ordinary statements keep normalising their literals.
+    assert_eq!(
+        fp("select * from t where a = 'x'", PG),
+        fp("select * from t where a = 'y'", PG)
+    );
+    // Redaction still replaces them.
+    assert_eq!(
+        super::redact(
+            "select query_to_xml('select * from payroll', true, true, '')",
+            PG
+        ),
+        "select query_to_xml ( '' , true , true , '' )"
+    );
+}

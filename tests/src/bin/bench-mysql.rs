@@ -6,7 +6,8 @@
 //!
 //! Environment: BENCH_SECONDS (per run, default 5), BENCH_ROUNDS (default 2),
 //! BENCH_ONLY (configurations, e.g. `text:8`), BENCH_AGENT_WORKERS (worker
-//! counts to compare, one agent each, default `1,2`).
+//! counts to compare, one agent each, default `1,2`), BENCH_EXECUTIONS
+//! (`audit.executions` modes, default `summary,each`).
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::cast_precision_loss)]
 
 use std::process::Command;

@@ -1,12 +1,18 @@
 //! `cargo xtask bench postgres`: pgbench -S in simple, extended and prepared
 //! mode, direct, through PgBouncer (session mode) and through the agent
-//! (parsing and deciding every statement), interleaved in one run. Latency
+//! (parsing and deciding every statement), and the same from a network
+//! namespace of its own over a veth (direct and through the agent, which
+//! then listens inside that namespace), interleaved in one run; then mode
+//! `tls`: simple protocol with every leg over TLS (pgbench with
+//! `sslmode=require`; PgBouncer with `client_tls_sslmode`/`server_tls_sslmode`
+//! require; agents whose target says `tls.server: require`). Latency
 //! at 1 client with every process pinned to CPU 0; throughput at 8 clients
 //! unpinned. Prints a Markdown table (also written to target/bench/postgres.md).
 //!
 //! Environment: BENCH_SECONDS (per run, default 5), BENCH_ROUNDS (default 2),
 //! BENCH_ONLY (configurations, e.g. `simple:8,prepared`), BENCH_AGENT_WORKERS
-//! (worker counts to compare, one agent each, default `1,2`).
+//! (worker counts to compare, one agent each, default `1,2`), BENCH_EXECUTIONS
+//! (`audit.executions` modes, default `summary,each`).
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::cast_precision_loss)]
 
 use std::{
@@ -17,7 +23,7 @@ use std::{
     time::Duration,
 };
 
-use interceptor_tests::{PgServer, TestCgroup, bench, free_port, pg_bin, pg_policy, run_ok};
+use interceptor_tests::{PgServer, TestCgroup, bench, free_port, pg_bin, pki, run_ok};
 
 const POLICY_RULES: &str = "mode: enforce\ndefault: allow\non_parse_error: allow\nrules:\n  - name: no-secrets\n    any_tables: [public.secrets]\n    decision: deny\n  - name: dangerous\n    flags: [file_access, program_exec, role_change, remote_access, admin]\n    decision: deny\n";
 
@@ -27,6 +33,56 @@ enum Path_ {
     PgBouncer,
     /// The agent at this index of [`bench::agents`].
     Agent(usize),
+    /// pgbench in a network namespace of its own (a container's), over a
+    /// veth to the server: direct, and through an agent.
+    DirectNs,
+    AgentNs(usize),
+    /// On the host, with every leg over TLS.
+    DirectTls,
+    PgBouncerTls,
+    AgentTls(usize),
+}
+
+/// Where pgbench runs and what it connects to.
+struct Client<'a> {
+    cgroup: Option<&'a TestCgroup>,
+    netns: Option<&'a str>,
+    host: &'a str,
+    port: u16,
+    /// `sslmode=require` (else `disable`: the plain rows stay plain).
+    tls: bool,
+}
+
+/// A workload namespace joined to the host by a veth pair on
+/// 169.254.90.0/30 (host .1, namespace .2); removed on drop.
+struct BenchNs {
+    ns: interceptor_tests::netns::NetNs,
+    host_dev: String,
+}
+
+impl BenchNs {
+    const HOST_ADDR: &str = "169.254.90.1";
+
+    fn new() -> Self {
+        let ns = interceptor_tests::netns::NetNs::new("bench");
+        let host_dev = format!("ictb{}", std::process::id() % 100_000);
+        run_ok(Command::new("ip").args([
+            "link", "add", &host_dev, "type", "veth", "peer", "name", "eth0", "netns", &ns.name,
+        ]));
+        run_ok(Command::new("ip").args(["addr", "add", "169.254.90.1/30", "dev", &host_dev]));
+        run_ok(Command::new("ip").args(["link", "set", &host_dev, "up"]));
+        ns.ip(&["addr", "add", "169.254.90.2/30", "dev", "eth0"]);
+        ns.ip(&["link", "set", "eth0", "up"]);
+        Self { ns, host_dev }
+    }
+}
+
+impl Drop for BenchNs {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["link", "del", &self.host_dev])
+            .status();
+    }
 }
 
 struct PgBouncer {
@@ -36,16 +92,25 @@ struct PgBouncer {
 }
 
 impl PgBouncer {
-    fn start(pg_port: u16) -> Self {
+    /// With `tls` (certificate, key): TLS required from clients and to the
+    /// server.
+    fn start(pg_port: u16, tls: Option<&pki::Issued>) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let pw = nix::unistd::User::from_name("postgres").unwrap().unwrap();
         let port = free_port();
         let d = dir.path();
         fs::write(d.join("userlist.txt"), "\"postgres\" \"\"\n").unwrap();
+        let tls = tls.map_or_else(String::new, |t| {
+            format!(
+                "client_tls_sslmode = require\nclient_tls_cert_file = {}\nclient_tls_key_file = {}\nserver_tls_sslmode = require\n",
+                t.cert.display(),
+                t.key.display()
+            )
+        });
         fs::write(
             d.join("pgbouncer.ini"),
             format!(
-                "[databases]\npostgres = host=127.0.0.1 port={pg_port} dbname=postgres\n\n[pgbouncer]\nlisten_addr = 127.0.0.1\nlisten_port = {port}\nauth_type = trust\nauth_file = {}/userlist.txt\npool_mode = session\nmax_client_conn = 200\ndefault_pool_size = 20\nunix_socket_dir = {}\nlogfile = {}/pgbouncer.log\n",
+                "[databases]\npostgres = host=127.0.0.1 port={pg_port} dbname=postgres\n\n[pgbouncer]\nlisten_addr = 127.0.0.1\nlisten_port = {port}\nauth_type = trust\nauth_file = {}/userlist.txt\npool_mode = session\nmax_client_conn = 200\ndefault_pool_size = 20\nunix_socket_dir = {}\nlogfile = {}/pgbouncer.log\n{tls}",
                 d.display(),
                 d.display(),
                 d.display()
@@ -94,8 +159,7 @@ fn pgbouncer_bin() -> PathBuf {
 }
 
 fn run_pgbench(
-    cg: Option<&TestCgroup>,
-    port: u16,
+    client: &Client<'_>,
     mode: &str,
     clients: u32,
     secs: u64,
@@ -105,21 +169,22 @@ fn run_pgbench(
     let _ = fs::remove_dir_all(log_dir);
     fs::create_dir_all(log_dir).unwrap();
     let pgbench = pg_bin("pgbench");
-    let mut cmd = match (cg, pinned) {
-        (Some(cg), true) => {
-            let mut c = cg.command("taskset");
-            c.args(["-c", "0"]).arg(&pgbench);
-            c
-        }
-        (Some(cg), false) => cg.command(pgbench.to_str().unwrap()),
-        (None, true) => {
-            let mut c = Command::new("taskset");
-            c.args(["-c", "0"]).arg(&pgbench);
-            c
-        }
-        (None, false) => Command::new(&pgbench),
+    // [ip netns exec NS] [taskset -c 0] pgbench, inside the cgroup or not.
+    let mut argv: Vec<String> = Vec::new();
+    if let Some(ns) = client.netns {
+        argv.extend(["ip", "netns", "exec", ns].map(str::to_owned));
+    }
+    if pinned {
+        argv.extend(["taskset", "-c", "0"].map(str::to_owned));
+    }
+    argv.push(pgbench.to_str().unwrap().to_owned());
+    let mut cmd = match client.cgroup {
+        Some(cg) => cg.command(&argv[0]),
+        None => Command::new(&argv[0]),
     };
+    cmd.args(&argv[1..]);
     let jobs = clients.min(2).to_string();
+    cmd.env("PGSSLMODE", if client.tls { "require" } else { "disable" });
     cmd.args([
         "-n",
         "-S",
@@ -134,9 +199,9 @@ fn run_pgbench(
     ])
     .args([
         "-h",
-        "127.0.0.1",
+        client.host,
         "-p",
-        &port.to_string(),
+        &client.port.to_string(),
         "-U",
         "postgres",
         "-l",
@@ -178,7 +243,21 @@ fn run_pgbench(
 
 fn main() {
     let (secs, rounds) = bench::settings();
-    let pg = PgServer::start();
+    let ns = BenchNs::new();
+    let ca = pki::TestCa::new("Bench server CA");
+    let server_cert = ca.issue("pg", &["127.0.0.1"], Some(pki::ids("postgres")));
+    let bouncer_cert = ca.issue("bouncer", &["127.0.0.1"], Some(pki::ids("postgres")));
+    // TLS available, not required: the plain rows stay plain.
+    let pg = PgServer::start_full(
+        None,
+        &format!("127.0.0.1,{}", BenchNs::HOST_ADDR),
+        &[
+            "ssl=on".to_owned(),
+            format!("ssl_cert_file={}", server_cert.cert.display()),
+            format!("ssl_key_file={}", server_cert.key.display()),
+        ],
+        None,
+    );
     run_ok(Command::new(pg_bin("pgbench")).args([
         "-i",
         "-q",
@@ -193,28 +272,50 @@ fn main() {
         "postgres",
     ]));
     pg.sql("CREATE TABLE secrets (v text)");
-    let bouncer = PgBouncer::start(pg.port);
-    let agents = bench::agents(&pg_policy(pg.port, POLICY_RULES));
+    let bouncer = PgBouncer::start(pg.port, None);
+    let bouncer_tls = PgBouncer::start(pg.port, Some(&bouncer_cert));
+    // Plain server legs for the plain rows, TLS for the `tls` rows.
+    let policy = |server_tls: &str| {
+        format!(
+            "version: 1\ntargets:\n  - {{name: pg, protocol: postgres, address: '127.0.0.1:{p}', tls: {{server: {server_tls}}}}}\n  - {{name: pg-netns, protocol: postgres, address: '{}:{p}', tls: {{server: {server_tls}}}}}\n{POLICY_RULES}",
+            BenchNs::HOST_ADDR,
+            p = pg.port
+        )
+    };
+    let mut agents = bench::agents(&policy("disable"));
+    let plain_agents = agents.len();
+    agents.extend(bench::agents(&policy("require")));
     let log_dir = std::env::temp_dir().join(interceptor_tests::unique("bench-pgbench"));
-    let mut pids = vec![pg.pid(), bouncer.child.id()];
+    let mut pids = vec![pg.pid(), bouncer.child.id(), bouncer_tls.child.id()];
     pids.extend(agents.iter().map(|a| a.agent.pid().unwrap()));
 
     let mut paths = vec![Path_::Direct, Path_::PgBouncer];
-    paths.extend((0..agents.len()).map(Path_::Agent));
+    paths.extend((0..plain_agents).map(Path_::Agent));
+    paths.push(Path_::DirectNs);
+    paths.extend((0..plain_agents).map(Path_::AgentNs));
+    let mut tls_paths = vec![Path_::DirectTls, Path_::PgBouncerTls];
+    tls_paths.extend((plain_agents..agents.len()).map(Path_::AgentTls));
+    let ns_names: Vec<String> = agents
+        .iter()
+        .map(|a| format!("{} (netns)", a.name))
+        .collect();
     let name = |p: Path_| match p {
-        Path_::Direct => "direct",
-        Path_::PgBouncer => "pgbouncer",
-        Path_::Agent(i) => agents[i].name.as_str(),
+        Path_::Direct | Path_::DirectTls => "direct",
+        Path_::PgBouncer | Path_::PgBouncerTls => "pgbouncer",
+        Path_::Agent(i) | Path_::AgentTls(i) => agents[i].name.as_str(),
+        Path_::DirectNs => "direct (netns)",
+        Path_::AgentNs(i) => ns_names[i].as_str(),
     };
+    let paths_of = |mode: &str| if mode == "tls" { &tls_paths } else { &paths };
     let configs = [(1u32, true), (8u32, false)];
-    let modes = ["simple", "extended", "prepared"];
+    let modes = ["simple", "extended", "prepared", "tls"];
     let mut rows = Vec::new();
     for &mode in &modes {
         for &(clients, pinned) in &configs {
             if !bench::selected(mode, clients) {
                 continue;
             }
-            for &p in &paths {
+            for &p in paths_of(mode) {
                 rows.push(bench::Row::new(mode, clients, pinned, name(p)));
             }
         }
@@ -226,17 +327,42 @@ fn main() {
                     continue;
                 }
                 bench::pin(&pids, if pinned { "0" } else { "0-1" });
-                for &p in &paths {
-                    let (cgroup, port, proxy) = match p {
-                        Path_::Direct => (None, pg.port, None),
-                        Path_::PgBouncer => (None, bouncer.port, Some(bouncer.child.id())),
-                        Path_::Agent(i) => {
-                            (Some(&agents[i].cgroup), pg.port, agents[i].agent.pid())
+                let tls = mode == "tls";
+                for &p in paths_of(mode) {
+                    let host = |cgroup, port| Client {
+                        cgroup,
+                        netns: None,
+                        host: "127.0.0.1",
+                        port,
+                        tls,
+                    };
+                    let in_ns = |cgroup| Client {
+                        cgroup,
+                        netns: Some(ns.ns.name.as_str()),
+                        host: BenchNs::HOST_ADDR,
+                        port: pg.port,
+                        tls,
+                    };
+                    let (client, proxy) = match p {
+                        Path_::Direct | Path_::DirectTls => (host(None, pg.port), None),
+                        Path_::PgBouncer => (host(None, bouncer.port), Some(bouncer.child.id())),
+                        Path_::PgBouncerTls => {
+                            (host(None, bouncer_tls.port), Some(bouncer_tls.child.id()))
+                        }
+                        Path_::Agent(i) | Path_::AgentTls(i) => (
+                            host(Some(&agents[i].cgroup), pg.port),
+                            agents[i].agent.pid(),
+                        ),
+                        Path_::DirectNs => (in_ns(None), None),
+                        Path_::AgentNs(i) => {
+                            (in_ns(Some(&agents[i].cgroup)), agents[i].agent.pid())
                         }
                     };
                     let config = (mode, clients, name(p));
                     let (tps, avg, p99) = bench::measure(&mut rows, config, proxy, secs, || {
-                        run_pgbench(cgroup, port, mode, clients, secs, pinned, &log_dir)
+                        // The TLS rows use the simple protocol.
+                        let protocol = if tls { "simple" } else { mode };
+                        run_pgbench(&client, protocol, clients, secs, pinned, &log_dir)
                     });
                     eprintln!(
                         "round {round} {mode} c={clients} {}: tps {tps:.0} avg {avg:.3} ms p99 {p99:.3} ms",

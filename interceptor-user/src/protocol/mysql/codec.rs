@@ -439,6 +439,41 @@ pub fn adjust_greeting(payload: &mut [u8]) -> Result<Greeting, CodecError> {
     Ok(greeting)
 }
 
+/// Sets `CLIENT_SSL` in a greeting already adjusted: the agent offers TLS
+/// to the client whatever the server does (it terminates TLS itself).
+///
+/// # Errors
+/// When the payload is not a protocol-10 greeting.
+pub fn offer_ssl(payload: &mut [u8]) -> Result<(), CodecError> {
+    let (layout, _) = greeting_layout(payload)?;
+    set_bits(payload, layout.caps_low, 2, caps::SSL);
+    Ok(())
+}
+
+/// Sets `CLIENT_SSL` in a handshake response (adjusted, so cleared),
+/// for a server the agent talks TLS to.
+pub fn request_ssl(payload: &mut [u8]) {
+    set_bits(payload, 0, 4, caps::SSL);
+}
+
+/// The SSL request packet's payload for the server: the first 32 bytes of
+/// the handshake response (capabilities with `CLIENT_SSL`, max packet,
+/// charset, filler and MariaDB's extended capabilities).
+#[must_use]
+pub fn ssl_request(response_payload: &[u8]) -> Option<[u8; 32]> {
+    let mut out: [u8; 32] = response_payload.get(..32)?.try_into().ok()?;
+    set_bits(&mut out, 0, 4, caps::SSL);
+    Some(out)
+}
+
+fn set_bits(p: &mut [u8], at: usize, width: usize, mask: u64) {
+    if let Some(word) = p.get_mut(at..at + width) {
+        for (i, b) in word.iter_mut().enumerate() {
+            *b |= (mask >> (8 * i)) as u8;
+        }
+    }
+}
+
 /// Clears `mask` in the `width`-byte little-endian word at `at`.
 fn clear_bits(p: &mut [u8], at: usize, width: usize, mask: u64) {
     if let Some(word) = p.get_mut(at..at + width) {
@@ -680,6 +715,29 @@ mod tests {
     }
 
     #[test]
+    fn ssl_offer_and_request() {
+        let mut response = vec![0u8; 40];
+        response[..4].copy_from_slice(&u32::try_from(caps::PROTOCOL_41).unwrap().to_le_bytes());
+        response[28] = 0x0c;
+        request_ssl(&mut response);
+        assert_ne!(
+            u32::from_le_bytes(response[..4].try_into().unwrap()) & 0x800,
+            0
+        );
+        let req = ssl_request(&response).unwrap();
+        assert_eq!(
+            &req[..],
+            &response[..32],
+            "the response's fixed part, SSL set"
+        );
+        assert!(matches!(
+            adjust_handshake_response(&mut req.clone()),
+            Ok(ClientHello::SslRequest)
+        ));
+        assert!(ssl_request(&response[..31]).is_none());
+    }
+
+    #[test]
     fn every_prefix_of_a_message_is_incomplete() {
         let q = packet(0, b"\x03SELECT 1");
         for i in 0..q.len() {
@@ -773,6 +831,10 @@ mod tests {
             "only the cleared bits change"
         );
         assert_ne!(again.capabilities & caps::MARIADB_EXTENDED_TYPE_INFO, 0);
+        // The agent's own offer of TLS, on top.
+        offer_ssl(&mut g).unwrap();
+        let offered = adjust_greeting(&mut g.clone()).unwrap();
+        assert_eq!(offered.capabilities, again.capabilities | caps::SSL);
     }
 
     #[test]

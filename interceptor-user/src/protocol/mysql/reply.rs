@@ -7,9 +7,10 @@
 //! through unread.
 
 use super::codec::{
-    CodecError, Header, MAX_PACKET, PrepareOk, eof_status, lenenc_int, ok_status, prepare_ok,
-    status,
+    CodecError, Header, MAX_PACKET, PrepareOk, eof_status, err_fields, lenenc_int, ok_status,
+    prepare_ok, status,
 };
+use crate::proxy::{Completion, ServerError};
 
 /// The reply a command gets.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -69,6 +70,47 @@ pub struct Reply {
     /// The previous packet was 0xFFFFFF long: this one continues it.
     continuing: bool,
     prepared: Option<PrepareOk>,
+    /// Rows of the result set being read.
+    rows: u64,
+    results: Results,
+}
+
+/// How each result of a reply (result set, OK or ERR) ended: rows
+/// returned or affected, or the error. The first is kept inline, further
+/// ones (multi-statement queries, procedures) in a list.
+#[derive(Debug, Default)]
+pub struct Results {
+    first: Option<Completion>,
+    more: Vec<Completion>,
+}
+
+impl Results {
+    /// In order.
+    pub fn iter(&self) -> impl Iterator<Item = Completion> + '_ {
+        self.first.iter().chain(self.more.iter()).copied()
+    }
+
+    /// All as one: rows added up, or the first error.
+    #[must_use]
+    pub fn completion(&self) -> Completion {
+        let mut rows = None;
+        for c in self.iter() {
+            match c {
+                Completion::Done { error: Some(_), .. } => return c,
+                Completion::Done { rows: Some(n), .. } => rows = Some(rows.unwrap_or(0) + n),
+                _ => {}
+            }
+        }
+        Completion::rows(rows)
+    }
+
+    fn push(&mut self, c: Completion) {
+        if self.first.is_none() {
+            self.first = Some(c);
+        } else {
+            self.more.push(c);
+        }
+    }
 }
 
 fn malformed(what: &'static str) -> CodecError {
@@ -92,7 +134,26 @@ impl Reply {
             next_seq: seq,
             continuing: false,
             prepared: None,
+            rows: 0,
+            results: Results::default(),
         }
+    }
+
+    /// How the results read so far ended; takes them.
+    pub fn take_results(&mut self) -> Results {
+        std::mem::take(&mut self.results)
+    }
+
+    fn ended(&mut self, c: Completion) {
+        self.rows = 0;
+        self.results.push(c);
+    }
+
+    fn ended_in_error(&mut self, p: &[u8]) {
+        let e = err_fields(p).map_or(ServerError::mysql(0, None), |f| {
+            ServerError::mysql(f.code, f.sqlstate)
+        });
+        self.ended(Completion::error(e));
     }
 
     /// Sequence id the next packet must carry, from either peer.
@@ -202,13 +263,18 @@ impl Reply {
             State::ResultStart | State::LocalInfile => match first {
                 Some(0x00) => {
                     let st = ok_status(p).ok_or(malformed("OK packet"))?;
+                    let affected = p.get(1..).and_then(lenenc_int).map(|(n, _)| n);
+                    self.ended(Completion::rows(affected));
                     if st & status::MORE_RESULTS_EXISTS != 0 {
                         more(State::ResultStart)
                     } else {
                         done(true)
                     }
                 }
-                Some(0xff) => done(false),
+                Some(0xff) => {
+                    self.ended_in_error(p);
+                    done(false)
+                }
                 Some(0xfb) => Ok((State::LocalInfile, Step::LocalInfile)),
                 _ => match lenenc_int(p) {
                     Some((n, [])) if n > 0 => more(State::Columns { left: n }),
@@ -229,17 +295,24 @@ impl Reply {
                     let st = eof_status(p).ok_or(malformed("EOF packet"))?;
                     if st & status::CURSOR_EXISTS != 0 {
                         // A cursor was opened: rows come with COM_STMT_FETCH.
+                        self.ended(Completion::rows(Some(0)));
                         done(true)
                     } else {
                         more(State::Rows)
                     }
                 }
-                Some(0xff) => done(false),
+                Some(0xff) => {
+                    self.ended_in_error(p);
+                    done(false)
+                }
                 _ => Err(malformed("EOF after column definitions")),
             },
             // A row can start with 0xFE only as the 8-byte length of a value
             // of 16 MiB or more, so in a packet of 0xFFFFFF bytes.
-            State::Rows if long => more(State::Rows),
+            State::Rows if long => {
+                self.rows += 1;
+                more(State::Rows)
+            }
             State::Rows => match first {
                 Some(0xfe) => {
                     let st = if self.deprecate_eof {
@@ -248,14 +321,21 @@ impl Reply {
                         eof_status(p)
                     }
                     .ok_or(malformed("end of rows"))?;
+                    self.ended(Completion::rows(Some(self.rows)));
                     if st & status::MORE_RESULTS_EXISTS != 0 {
                         more(State::ResultStart)
                     } else {
                         done(true)
                     }
                 }
-                Some(0xff) => done(false),
-                _ => more(State::Rows),
+                Some(0xff) => {
+                    self.ended_in_error(p);
+                    done(false)
+                }
+                _ => {
+                    self.rows += 1;
+                    more(State::Rows)
+                }
             },
             State::PrepareStart => match first {
                 Some(0x00) => {
@@ -293,7 +373,12 @@ impl Reply {
                 Some(0xfe) if p.len() < 9 => Ok(self.after_defs(columns_after)),
                 _ => Err(malformed("EOF after prepared statement definitions")),
             },
-            State::OnePacket => done(first != Some(0xff)),
+            State::OnePacket => {
+                if first == Some(0xff) {
+                    self.ended_in_error(p);
+                }
+                done(first != Some(0xff))
+            }
             State::Auth => match (first, p) {
                 (Some(0x00), _) => done(true),
                 (Some(0xff), _) => done(false),

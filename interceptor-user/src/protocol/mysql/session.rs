@@ -1,4 +1,7 @@
-use std::{collections::HashSet, time::Duration};
+use std::{
+    collections::HashMap,
+    time::{Duration, Instant},
+};
 
 use bytes::{Buf as _, BytesMut};
 use tokio::{
@@ -11,9 +14,16 @@ use super::{
         self, ClientHello, CodecError, HEADER, MAX_PACKET, Message, caps, com, command_name,
         decode_header, decode_message, err_packet, quote_ident,
     },
-    reply::{Expect, Reply, Step},
+    reply::{Expect, Reply, Results, Step},
 };
-use crate::proxy::{Counted, Guard, Hold, Outcome, Refusal, SessionError, Upstream};
+use crate::{
+    policy::ServerTls,
+    proxy::{
+        Completion, Counted, ExecLog, Guard, Hold, Outcome, Prepared, Refusal, SessionError,
+        Stream, Upstream, tls_from_client, tls_to_server,
+    },
+    tls::Legs,
+};
 
 /// How long the server may take to greet, and the client to answer.
 const GREETING_TIMEOUT: Duration = Duration::from_secs(10);
@@ -45,7 +55,7 @@ const LAST_PREPARED: u32 = u32::MAX;
 /// peer (the client then gets an ERR packet where that is still possible).
 pub async fn serve(
     guard: &mut Guard,
-    client: &mut TcpStream,
+    mut client: TcpStream,
     upstream: &Upstream,
     counts: &Counted,
 ) -> Result<(), SessionError> {
@@ -59,17 +69,22 @@ pub async fn serve(
             return Err(e);
         }
     };
+    let mut client = Stream::Plain(client);
     let max = guard.max_frame();
+    let log = guard.exec_log();
     let mut session = Session {
+        log,
         guard,
-        client,
-        server,
+        client: &mut client,
+        server: Stream::Plain(server),
+        upstream,
+        seq_delta: 0,
         counts,
         cbuf: BytesMut::with_capacity(8192),
         sbuf: BytesMut::with_capacity(READ_CHUNK),
         max,
         caps: 0,
-        statements: HashSet::new(),
+        statements: HashMap::new(),
         last_prepared: None,
     };
     session.run().await
@@ -78,8 +93,14 @@ pub async fn serve(
 /// One client connection and its server connection.
 struct Session<'a> {
     guard: &'a mut Guard,
-    client: &'a mut TcpStream,
-    server: TcpStream,
+    /// Where executions of prepared statements are reported.
+    log: ExecLog,
+    client: &'a mut Stream,
+    server: Stream,
+    upstream: &'a Upstream,
+    /// During the handshake, the server's sequence ids minus the client's:
+    /// a TLS switch takes one packet (the SSL request) on its leg only.
+    seq_delta: u8,
     counts: &'a Counted,
     /// Bytes from the client not yet forwarded or refused.
     cbuf: BytesMut,
@@ -88,8 +109,9 @@ struct Session<'a> {
     max: usize,
     /// Capabilities both sides agreed on, after the agent's adjustment.
     caps: u64,
-    /// Prepared statements the agent allowed, by the server's ids.
-    statements: HashSet<u32>,
+    /// Prepared statements the agent allowed, by the server's ids, with
+    /// the decision that allowed them.
+    statements: HashMap<u32, Prepared>,
     /// The last COM_STMT_PREPARE's statement, if the agent allowed it and
     /// the server accepted it (MariaDB executes id 0xFFFFFFFF as this).
     last_prepared: Option<u32>,
@@ -99,6 +121,24 @@ struct Session<'a> {
 struct Finished {
     ok: bool,
     prepared: Option<u32>,
+    /// What each result said (rows, error).
+    results: Results,
+}
+
+/// An execution sent to the server: reported as unfinished if the
+/// session ends before its reply does.
+struct InFlight<'a> {
+    log: &'a ExecLog,
+    prepared: Prepared,
+    started: Instant,
+    done: Option<Completion>,
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        let done = self.done.unwrap_or(Completion::Unfinished);
+        self.log.executed(self.prepared, done, self.started);
+    }
 }
 
 impl Session<'_> {
@@ -112,6 +152,8 @@ impl Session<'_> {
             }
         }
         let _ = self.server.shutdown().await;
+        let _ = self.client.flush().await;
+        let _ = self.client.shutdown().await;
         Ok(())
     }
 
@@ -151,11 +193,22 @@ impl Session<'_> {
         if greeting.first_byte() == Some(0xff) {
             // "Too many connections", "Host is blocked": the server's word.
             self.client.write_all(&greeting.bytes).await?;
+            self.client.flush().await?;
             return Ok(false);
         }
         let mut bytes = BytesMut::from(&greeting.bytes[..]);
-        let server_info = match codec::adjust_greeting(bytes.get_mut(HEADER..).unwrap_or_default())
-        {
+        let payload = bytes.get_mut(HEADER..).unwrap_or_default();
+        // TLS is offered to the client only where the agent has it towards
+        // the server too (or the target says `disable`): a client that
+        // merely prefers TLS then carries on in plain text with a plain
+        // server, as it would directly.
+        let disable = self.guard.info.target.tls.server == ServerTls::Disable;
+        let server_info = match codec::adjust_greeting(payload).and_then(|g| {
+            if disable || g.capabilities & caps::SSL != 0 {
+                codec::offer_ssl(payload)?;
+            }
+            Ok(g)
+        }) {
             Ok(g) => g,
             Err(e) => return Err(self.bad_greeting(&e.to_string()).await),
         };
@@ -165,19 +218,120 @@ impl Session<'_> {
                 thread_id: server_info.connection_id,
             });
         self.client.write_all(&bytes).await?;
+        self.client.flush().await?;
 
-        let response = loop {
-            match decode_message(&mut self.cbuf, 1, MAX_HANDSHAKE) {
-                Ok(Some(m)) => break m,
-                Ok(None) => {}
-                Err(e) => return Err(self.client_violation(2, &e).await),
+        let offered = disable || server_info.capabilities & caps::SSL != 0;
+        let mut legs = Legs::default();
+        let mut expect_seq = 1u8;
+        let (response, mut bytes, hello) = loop {
+            let Some(m) = self.handshake_packet(expect_seq).await? else {
+                return Ok(false);
+            };
+            self.count_client(m.bytes.len());
+            let reply_seq = m.last_seq.wrapping_add(1);
+            let mut bytes = BytesMut::from(&m.bytes[..]);
+            let hello = if m.first_seq == m.last_seq {
+                codec::adjust_handshake_response(bytes.get_mut(HEADER..).unwrap_or_default())
+            } else {
+                Err(CodecError::Malformed("handshake response"))
+            };
+            match hello {
+                Ok(ClientHello::Response(r)) => break (m, bytes, r),
+                Ok(ClientHello::SslRequest)
+                    if offered && legs.client.is_none() && self.cbuf.is_empty() =>
+                {
+                    let Some(tcp) = self.client.take_plain() else {
+                        return Err(SessionError::client_tls("no plain socket to upgrade"));
+                    };
+                    let target = self.guard.info.target.clone();
+                    let tls = self.guard.tls_context();
+                    let (s, info) =
+                        tls_from_client(&tls, &target, self.upstream.dst, tcp, false).await?;
+                    *self.client = s;
+                    legs.client = Some(info);
+                    expect_seq = reply_seq;
+                }
+                Ok(ClientHello::SslRequest) => {
+                    // Bytes sent before the handshake would be taken as if
+                    // they had come over TLS.
+                    let e = CodecError::Malformed(
+                        "SSL request (not offered, repeated, or followed by data before the TLS handshake)",
+                    );
+                    return Err(self.client_violation(reply_seq, &e).await);
+                }
+                Err(e) => return Err(self.client_violation(reply_seq, &e).await),
             }
-            let read =
-                tokio::time::timeout(HANDSHAKE_TIMEOUT, self.client.read_buf(&mut self.cbuf));
+        };
+        let reply_seq = response.last_seq.wrapping_add(1);
+        self.caps = hello.capabilities & server_info.capabilities;
+        self.guard
+            .set_session(&hello.user, hello.database.as_deref().unwrap_or(""));
+        let server_ssl = server_info.capabilities & caps::SSL != 0;
+        if let Err(e) = self.server_leg(server_ssl, &mut bytes, &mut legs).await {
+            let msg = match &e {
+                SessionError::Refused(m) => m.clone(),
+                e => format!("interceptor: {e}"),
+            };
+            let _ = self
+                .client
+                .write_all(&err_packet(
+                    reply_seq,
+                    ER_HANDSHAKE_ERROR,
+                    Some(NET_STATE),
+                    &msg,
+                ))
+                .await;
+            let _ = self.client.flush().await;
+            return Err(e);
+        }
+        // The response goes on with the server leg's sequence id; replies
+        // come back renumbered for the client until authentication ends.
+        let server_seq = 1 + u8::from(self.server.is_tls());
+        self.seq_delta = server_seq.wrapping_sub(response.last_seq);
+        if let Some(b) = bytes.get_mut(3) {
+            *b = server_seq;
+        }
+        self.guard.set_tls(legs);
+        self.guard.record_session(hello.program_name.as_deref());
+        self.server.write_all(&bytes).await?;
+        let done = self.reply(Expect::Auth, reply_seq, None).await;
+        self.seq_delta = 0;
+        Ok(done?.ok)
+    }
+
+    /// A whole handshake packet from the client with sequence id `seq`;
+    /// `None` when the client left without sending one.
+    ///
+    /// The first packet is read exactly, never beyond its end: a client
+    /// that asks for TLS sends its ClientHello right after the SSL request
+    /// without waiting, and those bytes belong to the TLS handshake.
+    async fn handshake_packet(&mut self, seq: u8) -> Result<Option<Message>, SessionError> {
+        let exact = seq == 1;
+        loop {
+            match decode_message(&mut self.cbuf, seq, MAX_HANDSHAKE) {
+                Ok(Some(m)) => return Ok(Some(m)),
+                Ok(None) => {}
+                Err(e) => return Err(self.client_violation(seq.wrapping_add(1), &e).await),
+            }
+            let want = decode_header(&self.cbuf)
+                .map_or(HEADER, |h| HEADER + h.len)
+                .saturating_sub(self.cbuf.len())
+                .max(1);
+            let mut chunk = [0u8; 4096];
+            let limit = if exact {
+                want.min(chunk.len())
+            } else {
+                chunk.len()
+            };
+            let read = tokio::time::timeout(HANDSHAKE_TIMEOUT, async {
+                let n = self.client.read(&mut chunk[..limit]).await?;
+                self.cbuf.extend_from_slice(&chunk[..n]);
+                Ok::<usize, std::io::Error>(n)
+            });
             match read.await {
                 Ok(Ok(0)) => {
                     if self.cbuf.is_empty() {
-                        return Ok(false);
+                        return Ok(None);
                     }
                     return Err(mid_packet(&self.cbuf));
                 }
@@ -189,42 +343,62 @@ impl Session<'_> {
                     ));
                 }
             }
-        };
-        self.count_client(response.bytes.len());
-        let reply_seq = response.last_seq.wrapping_add(1);
-        let mut bytes = BytesMut::from(&response.bytes[..]);
-        let hello = if response.first_seq == response.last_seq {
-            codec::adjust_handshake_response(bytes.get_mut(HEADER..).unwrap_or_default())
-        } else {
-            Err(CodecError::Malformed("handshake response"))
-        };
-        let response = match hello {
-            Ok(ClientHello::Response(r)) => r,
-            Ok(ClientHello::SslRequest) => {
-                let msg = "interceptor: TLS between the client and the agent is not supported yet; \
-                           connect without requiring TLS (the hop to the agent stays on this host)";
-                let _ = self
-                    .client
-                    .write_all(&err_packet(
-                        reply_seq,
-                        ER_HANDSHAKE_ERROR,
-                        Some(NET_STATE),
-                        msg,
-                    ))
-                    .await;
-                return Err(SessionError::ClientProtocol(
-                    "client asked for TLS, which the agent does not offer".into(),
-                ));
+        }
+    }
+
+    /// Switches the server leg to TLS as the target's `tls.server` says
+    /// (the SSL request packet, then the handshake); `response` is the
+    /// client's handshake response, whose capabilities then say TLS too.
+    async fn server_leg(
+        &mut self,
+        server_ssl: bool,
+        response: &mut BytesMut,
+        legs: &mut Legs,
+    ) -> Result<(), SessionError> {
+        let target = self.guard.info.target.clone();
+        let mode = target.tls.server;
+        let dst = self.upstream.dst;
+        let client_tls = legs.client.is_some();
+        let use_tls = match mode {
+            ServerTls::Disable => {
+                if client_tls {
+                    legs.server_plain = Some("tls.server: disable");
+                }
+                false
             }
-            Err(e) => return Err(self.client_violation(reply_seq, &e).await),
+            _ if server_ssl => true,
+            m if m.requires_tls() => {
+                return Err(SessionError::Refused(format!(
+                    "interceptor: the server at {dst} does not offer TLS, and target {:?} has tls.server: {m}",
+                    target.name
+                )));
+            }
+            _ if client_tls => {
+                return Err(SessionError::Refused(format!(
+                    "interceptor: this connection uses TLS, but the server at {dst} does not offer TLS; \
+                     the agent does not send it on in clear (set tls.server: disable on target {:?} to allow that)",
+                    target.name
+                )));
+            }
+            _ => false,
         };
-        self.caps = response.capabilities & server_info.capabilities;
-        self.guard
-            .set_session(&response.user, response.database.as_deref().unwrap_or(""));
-        self.guard.record_session(response.program_name.as_deref());
-        self.server.write_all(&bytes).await?;
-        let done = self.reply(Expect::Auth, reply_seq, None).await?;
-        Ok(done.ok)
+        if !use_tls {
+            return Ok(());
+        }
+        let payload = response.get_mut(HEADER..).unwrap_or_default();
+        codec::request_ssl(payload);
+        let request = codec::ssl_request(payload).ok_or(SessionError::ClientProtocol(
+            "short handshake response".into(),
+        ))?;
+        self.server.write_all(&codec::packet(1, &request)).await?;
+        let Some(tcp) = self.server.take_plain() else {
+            return Err(SessionError::server_tls("no plain socket to upgrade"));
+        };
+        let tls = self.guard.tls_context();
+        let (s, info) = tls_to_server(&tls, &target, dst, tcp).await?;
+        self.server = s;
+        legs.server = Some(info);
+        Ok(())
     }
 
     /// Tells the client the server is no MySQL server, before its greeting.
@@ -237,6 +411,7 @@ impl Session<'_> {
             .client
             .write_all(&err_packet(0, ER_HANDSHAKE_ERROR, None, &msg))
             .await;
+        let _ = self.client.flush().await;
         SessionError::ServerProtocol(why.to_owned())
     }
 
@@ -252,6 +427,7 @@ impl Session<'_> {
             .client
             .write_all(&err_packet(seq, code, Some(NET_STATE), &msg))
             .await;
+        let _ = self.client.flush().await;
         SessionError::ClientProtocol(e.to_string())
     }
 
@@ -262,7 +438,15 @@ impl Session<'_> {
             .client
             .write_all(&err_packet(seq, ER_NET_READ_ERROR, Some(NET_STATE), &msg))
             .await;
+        let _ = self.client.flush().await;
         SessionError::ServerProtocol(e.to_string())
+    }
+
+    /// Pushes out what TLS buffered on either leg before waiting for input
+    /// (nothing to do on plain TCP).
+    async fn flush(&mut self) -> std::io::Result<()> {
+        self.client.flush().await?;
+        self.server.flush().await
     }
 
     fn count_client(&self, n: usize) {
@@ -291,6 +475,7 @@ impl Session<'_> {
             if self.cbuf.capacity() - self.cbuf.len() < 1024 {
                 self.cbuf.reserve(8192);
             }
+            self.flush().await?;
             tokio::select! {
                 n = self.client.read_buf(&mut self.cbuf) => {
                     if n? == 0 {
@@ -358,7 +543,14 @@ impl Session<'_> {
         sql: &str,
         expect: Expect,
     ) -> Result<Option<Finished>, SessionError> {
-        let refusal = match self.guard.check(sql) {
+        // A COM_QUERY's records wait for the server's answer to each
+        // statement.
+        let (outcome, mut records) = if msg.payload().first() == Some(&com::QUERY) {
+            self.guard.check_query(sql)
+        } else {
+            (self.guard.check(sql), None)
+        };
+        let refusal = match outcome {
             Outcome::Forward => None,
             Outcome::Refuse(r) => Some(r),
             Outcome::Hold(mut hold) => self.held(&mut hold).await?,
@@ -367,7 +559,14 @@ impl Session<'_> {
             None => {
                 self.forward(msg).await?;
                 let seq = msg.last_seq.wrapping_add(1);
-                Ok(Some(self.reply(expect, seq, Some(sql)).await?))
+                let finished = self.reply(expect, seq, Some(sql)).await?;
+                if let Some(mut r) = records.take() {
+                    for c in finished.results.iter() {
+                        r.answer(c);
+                    }
+                    r.finish();
+                }
+                Ok(Some(finished))
             }
             Some(r) => {
                 self.refuse(msg, &r).await?;
@@ -381,6 +580,7 @@ impl Session<'_> {
     /// acted on; the client hanging up ends the session (and withdraws the
     /// approval when `hold` drops).
     async fn held(&mut self, hold: &mut Hold) -> Result<Option<Refusal>, SessionError> {
+        self.flush().await?;
         loop {
             let room = self.cbuf.len() < self.max.min(MAX_HELD_INPUT);
             if room && self.cbuf.capacity() - self.cbuf.len() < 1024 {
@@ -434,18 +634,20 @@ impl Session<'_> {
 
     /// The statement a prepared-statement command names, if the agent
     /// allowed it.
-    fn allowed_statement(&self, id: u32) -> Option<u32> {
+    fn allowed_statement(&self, id: u32) -> Option<(u32, Prepared)> {
         let id = if id == LAST_PREPARED {
             self.last_prepared?
         } else {
             id
         };
-        self.statements.contains(&id).then_some(id)
+        self.statements.get(&id).map(|p| (id, *p))
     }
 
     fn forget_statements(&mut self) {
         self.statements.clear();
         self.last_prepared = None;
+        // The server deallocated them: their windows end here.
+        self.log.flush();
     }
 
     /// Handles one command. False when the session ends (COM_QUIT).
@@ -493,13 +695,36 @@ impl Session<'_> {
                 if let Some(Finished {
                     ok: true,
                     prepared: Some(id),
+                    ..
                 }) = self.decided(&msg, &sql, Expect::Prepare).await?
                 {
-                    self.statements.insert(id);
+                    let prepared = self.guard.last_decision();
+                    if let Some(old) = self.statements.insert(id, prepared) {
+                        // The server reused an id it had freed.
+                        self.log.closed(old);
+                    }
                     self.last_prepared = Some(id);
                 }
             }
-            com::STMT_EXECUTE | com::STMT_FETCH | com::STMT_RESET => {
+            com::STMT_EXECUTE => {
+                if let Some((_, prepared)) = self.allowed_statement(statement) {
+                    let log = self.log.clone();
+                    let mut flight = InFlight {
+                        log: &log,
+                        prepared,
+                        started: Instant::now(),
+                        done: None,
+                    };
+                    if let Some(f) = self.passed(&msg, Some(Expect::Results)).await? {
+                        flight.done = Some(f.results.completion());
+                    }
+                } else {
+                    let what = format!("{} of statement {statement}", command_name(cmd));
+                    self.refuse_other(&msg, &what, &unknown_statement(statement))
+                        .await?;
+                }
+            }
+            com::STMT_FETCH | com::STMT_RESET => {
                 if self.allowed_statement(statement).is_some() {
                     let expect = match cmd {
                         com::STMT_EXECUTE => Expect::Results,
@@ -525,11 +750,12 @@ impl Session<'_> {
                 }
             }
             com::STMT_CLOSE => {
-                if let Some(id) = self.allowed_statement(statement) {
+                if let Some((id, prepared)) = self.allowed_statement(statement) {
                     self.statements.remove(&id);
                     if self.last_prepared == Some(id) {
                         self.last_prepared = None;
                     }
+                    self.log.closed(prepared);
                     self.passed(&msg, None).await?;
                 } else {
                     self.count_client(msg.bytes.len());
@@ -652,9 +878,10 @@ impl Session<'_> {
                     skip -= n;
                     continue;
                 }
-                let Some(h) = decode_header(&self.sbuf[pos..]) else {
+                let Some(mut h) = decode_header(&self.sbuf[pos..]) else {
                     break;
                 };
+                h.seq = h.seq.wrapping_sub(self.seq_delta);
                 let start = pos + HEADER;
                 let end = (start + h.len).min(self.sbuf.len());
                 let step = match reply.feed(h, &self.sbuf[start..end]) {
@@ -664,6 +891,10 @@ impl Session<'_> {
                         return Err(self.server_violation(seq, &e).await);
                     }
                 };
+                if self.seq_delta != 0 && !matches!(step, Step::NeedMore) {
+                    // Renumbered once, as the header is consumed.
+                    self.sbuf[pos + 3] = h.seq;
+                }
                 match step {
                     Step::NeedMore => {
                         self.sbuf.reserve(start + h.len - self.sbuf.len());
@@ -753,16 +984,19 @@ impl Session<'_> {
                     return Ok(Finished {
                         ok: false,
                         prepared: None,
+                        results: reply.take_results(),
                     });
                 }
                 return Ok(Finished {
                     ok,
                     prepared: reply.prepared().map(|p| p.statement_id),
+                    results: reply.take_results(),
                 });
             }
             if self.sbuf.capacity() - self.sbuf.len() < 4096 {
                 self.sbuf.reserve(READ_CHUNK);
             }
+            self.flush().await?;
             if self.server.read_buf(&mut self.sbuf).await? == 0 {
                 return Err(SessionError::ServerProtocol(
                     "the server closed the connection in the middle of a reply".into(),
@@ -779,6 +1013,7 @@ impl Session<'_> {
                 Ok(None) => {}
                 Err(e) => return Err(self.client_violation(reply.next_seq(), &e).await),
             }
+            self.flush().await?;
             if self.client.read_buf(&mut self.cbuf).await? == 0 {
                 return Err(if self.cbuf.is_empty() {
                     SessionError::ClientProtocol("connection closed during authentication".into())
@@ -797,7 +1032,13 @@ impl Session<'_> {
             }
             seq = seq.wrapping_add(1);
         }
-        self.forward(&msg).await
+        if self.seq_delta == 0 {
+            return self.forward(&msg).await;
+        }
+        let bytes = renumber(&msg.bytes, self.seq_delta);
+        self.count_client(bytes.len());
+        self.server.write_all(&bytes).await?;
+        Ok(())
     }
 
     /// Streams the client's LOCAL INFILE data to the server: packets up to
@@ -836,6 +1077,7 @@ impl Session<'_> {
         if self.cbuf.capacity() - self.cbuf.len() < 4096 {
             self.cbuf.reserve(READ_CHUNK);
         }
+        self.flush().await?;
         if self.client.read_buf(&mut self.cbuf).await? == 0 {
             return Err(SessionError::ClientProtocol(format!(
                 "connection closed while {doing}"
@@ -843,6 +1085,19 @@ impl Session<'_> {
         }
         Ok(())
     }
+}
+
+/// `packets` with `delta` added to every packet's sequence id.
+fn renumber(packets: &[u8], delta: u8) -> BytesMut {
+    let mut out = BytesMut::from(packets);
+    let mut at = 0;
+    while let Some(h) = out.get(at..).and_then(decode_header) {
+        if let Some(b) = out.get_mut(at + 3) {
+            *b = b.wrapping_add(delta);
+        }
+        at += HEADER + h.len;
+    }
+    out
 }
 
 fn mid_packet(pending: &[u8]) -> SessionError {
@@ -911,6 +1166,19 @@ mod tests {
     use super::*;
 
     #[test]
+    fn renumbering_moves_every_packet() {
+        let mut two = codec::packet(2, b"abc").to_vec();
+        two.extend_from_slice(&codec::packet(3, b""));
+        let up = renumber(&two, 1);
+        assert_eq!((up[3], up[HEADER + 3 + 3]), (3, 4));
+        let down = renumber(&up, 1u8.wrapping_neg());
+        assert_eq!(&down[..], &two[..]);
+        // A truncated tail is left alone, never a panic.
+        let cut = renumber(&two[..5], 1);
+        assert_eq!(cut[3], 3);
+    }
+
+    #[test]
     fn use_statements() {
         assert_eq!(use_database("USE shop").as_deref(), Some("shop"));
         assert_eq!(use_database(" use `my db`; ").as_deref(), Some("my db"));
@@ -952,7 +1220,11 @@ mod tests {
 
         struct NoLookup;
         impl crate::proxy::OrigDstLookup for NoLookup {
-            fn take(&self, _: std::net::SocketAddr) -> Option<interceptor_common::ConnRecord> {
+            fn take(
+                &self,
+                _: u64,
+                _: std::net::SocketAddr,
+            ) -> Option<interceptor_common::ConnRecord> {
                 None
             }
         }
@@ -1058,7 +1330,7 @@ mod tests {
                     let srv = tokio::task::spawn_local(server(upstream, Rc::clone(&seen)));
                     let policy = PolicyFile::parse(
                         &format!(
-                            "version: 1\ndefault: allow\ntargets:\n  - {{name: m, protocol: mysql, address: '{dst}'}}\nrules:\n  - {{name: no-drops, kinds: [ddl], decision: deny}}\n"
+                            "version: 1\ndefault: allow\ntargets:\n  - {{name: m, protocol: mysql, address: '{dst}', tls: {{server: disable}}}}\nrules:\n  - {{name: no-drops, kinds: [ddl], decision: deny}}\n"
                         ),
                         std::path::Path::new("test"),
                     )
@@ -1082,21 +1354,23 @@ mod tests {
                     );
                     let front = TcpListener::bind("127.0.0.1:0").await.unwrap();
                     let mut client = TcpStream::connect(front.local_addr().unwrap()).await.unwrap();
-                    let (mut agent_side, _) = front.accept().await.unwrap();
+                    let (agent_side, _) = front.accept().await.unwrap();
                     let up = Upstream {
                         dst,
                         mark: 0,
                         timeout: std::time::Duration::from_secs(5),
+                        netns: Arc::new(crate::netns::Netns::home(&front).unwrap()),
                     };
                     let session = tokio::task::spawn_local(async move {
                         let counts = Counted::default();
-                        super::super::serve(&mut guard, &mut agent_side, &up, &counts).await
+                        super::super::serve(&mut guard, agent_side, &up, &counts).await
                     });
 
                     let mut buf = BytesMut::new();
                     let g = read_message(&mut client, &mut buf, 0).await.unwrap();
                     let info = codec::adjust_greeting(&mut g.payload().into_owned()).unwrap();
-                    assert_eq!(info.capabilities & (0x800 | 0x20), 0);
+                    // TLS offered by the agent, compression cleared.
+                    assert_eq!(info.capabilities & (0x800 | 0x20), 0x800);
                     let mut hello = (0x200u32 | 0x8000 | 0x80000 | 0x20).to_le_bytes().to_vec();
                     hello.extend_from_slice(&(1u32 << 24).to_le_bytes());
                     hello.push(33);

@@ -25,6 +25,8 @@ pub enum CodecError {
     UnsupportedProtocol { major: u16, minor: u16 },
     #[error("malformed {0} message")]
     Malformed(&'static str),
+    #[error("{0}")]
+    Unexpected(&'static str),
 }
 
 /// Header of a tagged message: type byte and total size on the wire

@@ -11,5 +11,6 @@
 
 pub mod codec;
 mod session;
+mod track;
 
 pub use session::serve;

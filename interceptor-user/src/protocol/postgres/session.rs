@@ -9,7 +9,15 @@ use tokio::{
 use super::codec::{
     self, CodecError, StartupPacket, decode_header, decode_startup, error_fields, error_response,
 };
-use crate::proxy::{Counted, Guard, Hold, Outcome, Refusal, SessionError, Upstream};
+use super::track::{BIND_PREFIX, Tracker};
+use crate::{
+    policy::ServerTls,
+    proxy::{
+        Counted, Guard, Hold, Outcome, Refusal, SessionError, Stream, Unanswered, Upstream,
+        tls_from_client, tls_to_server,
+    },
+    tls::Legs,
+};
 
 /// How long a client may take to send its startup packet.
 const STARTUP_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
@@ -30,7 +38,6 @@ struct Poison {
     error: Bytes,
 }
 
-#[derive(Default)]
 struct Pending {
     poisons: VecDeque<Poison>,
     /// Groups (Query, FunctionCall, Sync) sent to the server.
@@ -43,27 +50,121 @@ struct Pending {
     backend_key: Option<(u32, Bytes)>,
     /// NoticeResponses for the client about held statements.
     notices: Vec<Bytes>,
+    /// The server leg is TLS (so SCRAM channel binding cannot pass).
+    server_tls: bool,
+    /// The server asked for SASL and the client's SASLInitialResponse has
+    /// not been seen yet; true when the server offered a `-PLUS` mechanism.
+    sasl: Option<bool>,
+    /// Which answer belongs to which message, for the records of
+    /// executions and statements.
+    track: Tracker,
 }
 
-/// Serves one client: startup, authentication relayed untouched, then
-/// every Query, Parse and FunctionCall decided by the guard.
+impl Pending {
+    fn new(track: Tracker, server_tls: bool) -> Self {
+        Self {
+            poisons: VecDeque::new(),
+            groups_sent: 0,
+            groups_done: 0,
+            authenticated: false,
+            backend_key: None,
+            notices: Vec::new(),
+            server_tls,
+            sasl: None,
+            track,
+        }
+    }
+}
+
+/// Serves one client: TLS if it asks (SSLRequest, or PostgreSQL 17's
+/// direct TLS), startup, the server leg as the target's `tls.server` says,
+/// authentication relayed untouched, then every Query, Parse and
+/// FunctionCall decided by the guard.
 ///
 /// # Errors
-/// I/O failures, the upstream connect, and protocol violations by either
-/// peer (the client then gets a FATAL 08P01 where that is still possible).
+/// I/O failures, the upstream connect, TLS failures on either leg, and
+/// protocol violations by either peer (the client then gets a FATAL error
+/// where that is still possible).
 pub async fn serve(
     guard: &mut Guard,
-    client: &mut TcpStream,
+    client: TcpStream,
     upstream: &Upstream,
     counts: &Counted,
 ) -> Result<(), SessionError> {
     let mut cbuf = BytesMut::with_capacity(8192);
+    let mut legs = Legs::default();
+    let tls = guard.tls_context();
+    let target = guard.info.target.clone();
+    // PostgreSQL 17's sslnegotiation=direct starts with a TLS handshake
+    // record instead of an SSLRequest.
+    let mut first = [0u8; 1];
+    let peeked = tokio::time::timeout(STARTUP_TIMEOUT, client.peek(&mut first))
+        .await
+        .map_err(|_| SessionError::ClientProtocol("no startup packet within 60s".into()))??;
+    if peeked == 0 {
+        return Ok(());
+    }
+    let mut client = if first[0] == TLS_HANDSHAKE_RECORD {
+        let (s, info) = tls_from_client(&tls, &target, upstream.dst, client, true).await?;
+        legs.client = Some(info);
+        s
+    } else {
+        Stream::Plain(client)
+    };
+    // Set up early when the client asks for TLS: it gets TLS only where
+    // the agent has it towards the server (or the target says `disable`),
+    // so a client that merely prefers TLS carries on in plain text with a
+    // plain server, as it would directly.
+    let mut early_server = None;
     let startup = loop {
         match decode_startup(&mut cbuf) {
-            Ok(Some(StartupPacket::Ssl | StartupPacket::GssEnc)) => {
-                // The workload-to-agent hop never leaves the host: no TLS
-                // here, the client carries on in plain text (sslmode=prefer).
+            Ok(Some(StartupPacket::Ssl)) => {
+                client = match client {
+                    Stream::Plain(mut tcp) if cbuf.is_empty() => {
+                        // libpq does not show an error sent in answer to
+                        // SSLRequest; one that the server leg cannot be set
+                        // up waits for the startup packet, inside TLS.
+                        let offer =
+                            match connect_server(&tls, &target, upstream, &mut legs, false).await {
+                                Ok(server) => {
+                                    let offer =
+                                        server.is_tls() || target.tls.server == ServerTls::Disable;
+                                    early_server = Some(Ok(server));
+                                    offer
+                                }
+                                Err(e) => {
+                                    early_server = Some(Err(e));
+                                    true
+                                }
+                            };
+                        if offer {
+                            tcp.write_all(b"S").await?;
+                            let (s, info) =
+                                tls_from_client(&tls, &target, upstream.dst, tcp, false).await?;
+                            legs.client = Some(info);
+                            s
+                        } else {
+                            tcp.write_all(b"N").await?;
+                            Stream::Plain(tcp)
+                        }
+                    }
+                    mut other => {
+                        // Bytes sent before the handshake would be taken as
+                        // if they had come over TLS (CVE-2021-23222).
+                        let why = if other.is_tls() {
+                            "SSLRequest inside TLS"
+                        } else {
+                            "data after SSLRequest, before the TLS handshake"
+                        };
+                        let e = CodecError::Unexpected(why);
+                        return Err(fatal(&mut other, &e).await);
+                    }
+                };
+            }
+            Ok(Some(StartupPacket::GssEnc)) => {
+                // No GSSAPI encryption; the client goes on with TLS or plain.
                 client.write_all(b"N").await?;
+                client.flush().await?;
             }
             Ok(Some(packet)) => break packet,
             Ok(None) => {
@@ -76,26 +177,48 @@ pub async fn serve(
                     return Ok(());
                 }
             }
-            Err(e) => return Err(fatal(client, &e).await),
+            Err(e) => return Err(fatal(&mut client, &e).await),
         }
     };
     let startup = match startup {
         StartupPacket::Cancel { pid, secret } => {
+            drop(early_server);
             return cancel(guard, upstream, pid, &secret).await;
         }
         StartupPacket::Startup(m) => m,
         StartupPacket::Ssl | StartupPacket::GssEnc => return Ok(()),
     };
     guard.set_session(&startup.user, &startup.database);
-    guard.record_session(startup.application_name.as_deref());
 
-    let mut server = upstream.connect().await?;
+    let mut server = match early_server {
+        Some(Ok(s)) => s,
+        Some(Err(e)) => {
+            send_fatal(&mut client, "08001", &refusal_text(&e)).await;
+            return Err(e);
+        }
+        None => {
+            let client_tls = legs.client.is_some();
+            match connect_server(&tls, &target, upstream, &mut legs, client_tls).await {
+                Ok(s) => s,
+                Err(e) => {
+                    send_fatal(&mut client, "08001", &refusal_text(&e)).await;
+                    return Err(e);
+                }
+            }
+        }
+    };
+    if legs.client.is_some() && !server.is_tls() {
+        legs.server_plain = Some("tls.server: disable");
+    }
+    let server_tls = server.is_tls();
+    guard.set_tls(legs);
+    guard.record_session(startup.application_name.as_deref());
     server.write_all(&startup.bytes).await?;
     counts
         .from_client
         .set(counts.from_client.get() + startup.bytes.len() as u64);
 
-    let pending = RefCell::new(Pending::default());
+    let pending = RefCell::new(Pending::new(Tracker::new(guard.exec_log()), server_tls));
     let max = guard.max_frame();
     let live = guard.live();
     let result = {
@@ -107,30 +230,107 @@ pub async fn serve(
         )
     };
     match result {
-        Ok(_) => Ok(()),
+        Ok(_) => {
+            let _ = client.shutdown().await;
+            Ok(())
+        }
         Err(SessionError::ClientProtocol(e)) => {
             let msg = format!("interceptor: invalid message from client: {e}");
-            let _ = client
-                .write_all(&error_response(b'E', "FATAL", "08P01", &msg, None, None))
-                .await;
+            send_fatal(&mut client, "08P01", &msg).await;
             Err(SessionError::ClientProtocol(e))
         }
         Err(SessionError::ServerProtocol(e)) => {
             let msg = format!("interceptor: invalid message from server: {e}");
-            let _ = client
-                .write_all(&error_response(b'E', "FATAL", "08P01", &msg, None, None))
-                .await;
+            send_fatal(&mut client, "08P01", &msg).await;
             Err(SessionError::ServerProtocol(e))
+        }
+        Err(SessionError::Refused(msg)) => {
+            send_fatal(&mut client, "28000", &msg).await;
+            Err(SessionError::Refused(msg))
         }
         Err(e) => Err(e),
     }
 }
 
-async fn fatal(client: &mut TcpStream, e: &CodecError) -> SessionError {
-    let msg = format!("interceptor: invalid startup packet: {e}");
+/// First byte of a TLS handshake record.
+const TLS_HANDSHAKE_RECORD: u8 = 0x16;
+
+/// The agent's connection to the server as `tls.server` says: SSLRequest
+/// first unless `disable`; TLS when the server answers `S`. With
+/// `client_tls` (the workload is on TLS already) a server without TLS is
+/// refused rather than sent the workload's traffic in clear, unless the
+/// target says `disable`.
+async fn connect_server(
+    tls: &crate::tls::TlsContext,
+    target: &crate::policy::TargetSpec,
+    upstream: &Upstream,
+    legs: &mut Legs,
+    client_tls: bool,
+) -> Result<Stream, SessionError> {
+    let mut tcp = upstream.connect().await?;
+    let mode = target.tls.server;
+    if mode == ServerTls::Disable {
+        return Ok(Stream::Plain(tcp));
+    }
+    let mut request = Vec::with_capacity(8);
+    request.extend_from_slice(&8u32.to_be_bytes());
+    request.extend_from_slice(&codec::SSL_REQUEST.to_be_bytes());
+    tcp.write_all(&request).await?;
+    let mut answer = [0u8; 1];
+    let read = tokio::time::timeout(crate::tls::HANDSHAKE_TIMEOUT, tcp.read(&mut answer))
+        .await
+        .map_err(|_| {
+            SessionError::server_tls(format!(
+                "the server at {} did not answer the SSLRequest within {}s",
+                upstream.dst,
+                crate::tls::HANDSHAKE_TIMEOUT.as_secs()
+            ))
+        })??;
+    match (read, answer[0]) {
+        (1, b'S') => {
+            let (s, info) = tls_to_server(tls, target, upstream.dst, tcp).await?;
+            legs.server = Some(info);
+            Ok(s)
+        }
+        (1, b'N') if mode.requires_tls() => Err(SessionError::Refused(format!(
+            "interceptor: the server at {} does not accept TLS, and target {:?} has tls.server: {mode}",
+            upstream.dst, target.name
+        ))),
+        (1, b'N') if client_tls => Err(SessionError::Refused(format!(
+            "interceptor: this connection uses TLS, but the server at {} does not accept TLS; \
+             the agent does not send it on in clear (set tls.server: disable on target {:?} to allow that)",
+            upstream.dst, target.name
+        ))),
+        (1, b'N') => Ok(Stream::Plain(tcp)),
+        (0, _) => Err(SessionError::ServerProtocol(
+            "the server closed the connection after SSLRequest".into(),
+        )),
+        (_, other) => Err(SessionError::ServerProtocol(format!(
+            "the server answered SSLRequest with {other:#04x}"
+        ))),
+    }
+}
+
+/// What the client is told when the server leg cannot be set up.
+fn refusal_text(e: &SessionError) -> String {
+    match e {
+        SessionError::Refused(m) => m.clone(),
+        e => format!("interceptor: {e}"),
+    }
+}
+
+/// Sends a FATAL ErrorResponse and flushes it (a TLS leg buffers).
+async fn send_fatal(client: &mut Stream, code: &str, msg: &str) {
     let _ = client
-        .write_all(&error_response(b'E', "FATAL", "08P01", &msg, None, None))
+        .write_all(&error_response(b'E', "FATAL", code, msg, None, None))
         .await;
+    let _ = client.flush().await;
+    let _ = client.shutdown().await;
+}
+
+async fn fatal(client: &mut Stream, e: &CodecError) -> SessionError {
+    let msg = format!("interceptor: invalid startup packet: {e}");
+    send_fatal(client, "08P01", &msg).await;
     SessionError::ClientProtocol(e.to_string())
 }
 
@@ -258,10 +458,25 @@ where
                 Ok(Step::Message(h)) => h,
                 Err(e) => return Err(SessionError::ClientProtocol(e.to_string())),
             };
-            if !matches!(h.tag, b'Q' | b'P' | b'F') {
-                if h.tag == b'S' {
-                    pending.borrow_mut().groups_sent += 1;
+            let sasl_initial = h.tag == b'p' && pending.borrow().sasl.is_some();
+            if !matches!(h.tag, b'Q' | b'P' | b'F') && !sasl_initial {
+                // Bind, Execute and Close are read for the names at their
+                // start (Bind only that far: its values stream through).
+                let need = match h.tag {
+                    b'B' => h.total.min(5 + BIND_PREFIX),
+                    b'E' | b'C' => h.total,
+                    _ => 5,
+                };
+                if buf.len() - pos < need {
+                    buf.reserve(need - (buf.len() - pos));
+                    break;
                 }
+                let mut p = pending.borrow_mut();
+                if h.tag == b'S' {
+                    p.groups_sent += 1;
+                }
+                p.track.client(h.tag, &buf[pos + 5..pos + need]);
+                drop(p);
                 scan.pass(h);
                 continue;
             }
@@ -269,7 +484,20 @@ where
                 buf.reserve(h.total - (buf.len() - pos));
                 break;
             }
-            let refusal = match decide(guard, h.tag, &buf[pos + 5..pos + h.total])? {
+            if sasl_initial {
+                let mut p = pending.borrow_mut();
+                let plus_offered = p.sasl.take().unwrap_or(false);
+                if p.server_tls
+                    && let Some(why) = channel_binding(&buf[pos + 5..pos + h.total], plus_offered)
+                {
+                    return Err(SessionError::Refused(channel_binding_message(why)));
+                }
+                drop(p);
+                scan.pass(h);
+                continue;
+            }
+            let (outcome, records) = decide(guard, h.tag, &buf[pos + 5..pos + h.total])?;
+            let refusal = match outcome {
                 Outcome::Forward => None,
                 Outcome::Refuse(r) => Some(r),
                 Outcome::Hold(mut hold) => {
@@ -288,11 +516,13 @@ where
                         None,
                     );
                     pending.borrow_mut().notices.push(notice);
+                    w.flush().await?;
                     // Let server_to_client (same task) see the notice now.
                     tokio::task::yield_now().await;
                     held(r, &mut buf, &mut hold, pos + h.total + MAX_HELD_INPUT).await?
                 }
             };
+            let refused = refusal.is_some();
             if let Some(refusal) = refusal {
                 let body = &buf[pos + 5..pos + h.total];
                 w.write_all(&buf[out..pos]).await?;
@@ -317,13 +547,27 @@ where
                 w.write_all(&stand_in).await?;
                 out = pos + h.total;
             }
-            if h.tag != b'P' {
-                // Query and FunctionCall each end a group (one ReadyForQuery).
-                pending.borrow_mut().groups_sent += 1;
+            {
+                let mut p = pending.borrow_mut();
+                match h.tag {
+                    b'P' => {
+                        let statement = codec::parse_message(&buf[pos + 5..pos + h.total])
+                            .map_or("", |m| m.name);
+                        let allowed = (!refused).then(|| guard.last_decision());
+                        p.track.parse(statement.as_bytes(), allowed);
+                    }
+                    b'Q' => p.track.query(records),
+                    _ => p.track.function_call(),
+                }
+                if h.tag != b'P' {
+                    // Query and FunctionCall each end a group (one ReadyForQuery).
+                    p.groups_sent += 1;
+                }
             }
             pos += h.total;
         }
         w.write_all(&buf[out..pos]).await?;
+        w.flush().await?;
         if refill(r, &mut buf, pos, &counts.from_client).await? == 0 {
             if !scan.at_boundary(buf.len()) {
                 return Err(SessionError::ClientProtocol(
@@ -370,15 +614,23 @@ where
     }
 }
 
-/// Decides one Query, Parse or FunctionCall.
-fn decide(guard: &mut Guard, tag: u8, body: &[u8]) -> Result<Outcome, SessionError> {
+/// Decides one Query, Parse or FunctionCall; a Query on its way to the
+/// server comes with its records, which wait for the server's answer.
+fn decide(
+    guard: &mut Guard,
+    tag: u8,
+    body: &[u8],
+) -> Result<(Outcome, Option<Unanswered>), SessionError> {
     let bad = |e: CodecError| SessionError::ClientProtocol(e.to_string());
     match tag {
-        b'Q' => Ok(guard.check(codec::query_sql(body).map_err(bad)?)),
-        b'P' => Ok(guard.check(codec::parse_message(body).map_err(bad)?.sql)),
+        b'Q' => Ok(guard.check_query(codec::query_sql(body).map_err(bad)?)),
+        b'P' => Ok((
+            guard.check(codec::parse_message(body).map_err(bad)?.sql),
+            None,
+        )),
         _ => {
             let oid = codec::function_call_oid(body).map_err(bad)?;
-            Ok(guard.check_call(&format!("oid:{oid}")))
+            Ok((guard.check_call(&format!("oid:{oid}")), None))
         }
     }
 }
@@ -422,11 +674,19 @@ where
             };
             let inspect = match h.tag {
                 b'Z' => true,
+                b'R' => !pending.borrow().authenticated,
                 b'K' => !pending.borrow().authenticated,
-                b'E' => !pending.borrow().poisons.is_empty(),
+                // CommandComplete and ErrorResponse end executions; their
+                // tag and code are read.
+                b'C' => h.total <= MAX_INSPECTED_SERVER_FRAME,
+                b'E' => {
+                    let p = pending.borrow();
+                    !p.poisons.is_empty() || h.total <= MAX_INSPECTED_SERVER_FRAME
+                }
                 _ => false,
             };
             if !inspect {
+                pending.borrow_mut().track.server(h.tag, None);
                 scan.pass(h);
                 continue;
             }
@@ -441,7 +701,12 @@ where
                 break;
             }
             let body = &buf[pos + 5..pos + h.total];
-            if h.tag == b'K' {
+            pending.borrow_mut().track.server(h.tag, Some(body));
+            if h.tag == b'R' {
+                if let Some(plus) = sasl_offers_plus(body) {
+                    pending.borrow_mut().sasl = Some(plus);
+                }
+            } else if h.tag == b'K' {
                 pending.borrow_mut().backend_key = codec::backend_key(body);
             } else if h.tag == b'Z' {
                 let mut p = pending.borrow_mut();
@@ -466,6 +731,7 @@ where
             pos += h.total;
         }
         w.write_all(&buf[out..pos]).await?;
+        w.flush().await?;
         // Notices of held statements go out between whole messages.
         if scan.skip == 0 && !pending.borrow().notices.is_empty() {
             let notices = std::mem::take(&mut pending.borrow_mut().notices);
@@ -513,4 +779,111 @@ fn take_poison(pending: &RefCell<Pending>, body: &[u8]) -> Option<Bytes> {
     let mut p = pending.borrow_mut();
     let i = p.poisons.iter().position(|x| message.contains(&x.token))?;
     p.poisons.remove(i).map(|x| x.error)
+}
+
+/// For an AuthenticationSASL message: whether the server offers a
+/// channel-binding (`-PLUS`) mechanism. `None` for other Authentication
+/// messages.
+fn sasl_offers_plus(body: &[u8]) -> Option<bool> {
+    const AUTH_SASL: u32 = 10;
+    let code = u32::from_be_bytes(body.get(..4)?.try_into().ok()?);
+    if code != AUTH_SASL {
+        return None;
+    }
+    Some(body[4..].split(|&b| b == 0).any(|m| m.ends_with(b"-PLUS")))
+}
+
+/// Why a SASLInitialResponse cannot succeed across the agent's two TLS
+/// sessions, if it cannot. The client binds to the certificate it saw (the
+/// agent's), the server checks against its own, and the downgrade flag
+/// (`y`) is covered by the client's proof, so the agent cannot rewrite it.
+fn channel_binding(body: &[u8], plus_offered: bool) -> Option<&'static str> {
+    let nul = body.iter().position(|&b| b == 0)?;
+    let mechanism = &body[..nul];
+    let data = body.get(nul + 5..).unwrap_or_default();
+    if mechanism.ends_with(b"-PLUS") || data.starts_with(b"p=") {
+        Some("the client chose SCRAM channel binding (SCRAM-SHA-256-PLUS)")
+    } else if data.starts_with(b"y") && plus_offered {
+        Some(
+            "the client supports channel binding but sees no -PLUS mechanism, which the server takes for a downgrade attack",
+        )
+    } else {
+        None
+    }
+}
+
+fn channel_binding_message(why: &str) -> String {
+    format!(
+        "interceptor: SCRAM channel binding cannot pass through the agent: {why}, and the binding \
+         covers the TLS certificate this client saw, which is the agent's, not the server's. \
+         Connect with channel_binding=disable, or set tls.server: disable on this target \
+         (a plain server leg), or let the agent log in to the server for this workload (policy logins)"
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sasl(mechanisms: &[&str]) -> Vec<u8> {
+        let mut body = 10u32.to_be_bytes().to_vec();
+        for m in mechanisms {
+            body.extend_from_slice(m.as_bytes());
+            body.push(0);
+        }
+        body.push(0);
+        body
+    }
+
+    fn initial(mechanism: &str, data: &str) -> Vec<u8> {
+        let mut body = mechanism.as_bytes().to_vec();
+        body.push(0);
+        body.extend_from_slice(&u32::try_from(data.len()).unwrap().to_be_bytes());
+        body.extend_from_slice(data.as_bytes());
+        body
+    }
+
+    #[test]
+    fn sasl_mechanism_lists() {
+        assert_eq!(
+            sasl_offers_plus(&sasl(&["SCRAM-SHA-256-PLUS", "SCRAM-SHA-256"])),
+            Some(true)
+        );
+        assert_eq!(sasl_offers_plus(&sasl(&["SCRAM-SHA-256"])), Some(false));
+        // AuthenticationOk, MD5 and a short message are not SASL.
+        assert_eq!(sasl_offers_plus(&0u32.to_be_bytes()), None);
+        assert_eq!(sasl_offers_plus(&[0, 0, 0, 5, 1, 2, 3, 4]), None);
+        assert_eq!(sasl_offers_plus(&[0, 0]), None);
+    }
+
+    #[test]
+    fn channel_binding_choices() {
+        let n = "n,,n=,r=abc";
+        assert_eq!(channel_binding(&initial("SCRAM-SHA-256", n), true), None);
+        assert!(
+            channel_binding(
+                &initial("SCRAM-SHA-256-PLUS", "p=tls-server-end-point,,n=,r=abc"),
+                true
+            )
+            .unwrap()
+            .contains("SCRAM-SHA-256-PLUS")
+        );
+        // Binding flag without the -PLUS name (a confused client) too.
+        assert!(channel_binding(&initial("SCRAM-SHA-256", "p=tls-unique,,n=,r=x"), true).is_some());
+        // "y": fine unless the server offered -PLUS (it would call that a
+        // downgrade).
+        assert_eq!(
+            channel_binding(&initial("SCRAM-SHA-256", "y,,n=,r=x"), false),
+            None
+        );
+        assert!(
+            channel_binding(&initial("SCRAM-SHA-256", "y,,n=,r=x"), true)
+                .unwrap()
+                .contains("downgrade")
+        );
+        // Malformed: no mechanism terminator, nothing to say.
+        assert_eq!(channel_binding(b"SCRAM", true), None);
+        let msg = channel_binding_message("why");
+        assert!(msg.contains("channel_binding=disable") && msg.contains("tls.server: disable"));
+    }
 }
