@@ -66,6 +66,20 @@ pub fn free_port() -> u16 {
         .port()
 }
 
+/// `GET /metrics` from an agent's metrics address on loopback: the whole
+/// answer, which must be a 200.
+#[must_use]
+pub fn scrape(port: u16) -> String {
+    use std::io::{Read as _, Write as _};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        .unwrap();
+    let mut text = String::new();
+    s.read_to_string(&mut text).unwrap();
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    text
+}
+
 /// A cgroup made for one test; only the test's own clients go in it.
 pub struct TestCgroup {
     pub path: PathBuf,

@@ -16,7 +16,7 @@ use std::{
 use interceptor_tests::{
     Agent, PgServer, TestCgroup,
     mysql::{MariaDb, mysql_policy, start_agent_with, sysbench_args, sysbench_in},
-    pg_bin, pg_policy, run_any, run_ok,
+    pg_bin, pg_policy, run_any, run_ok, scrape,
 };
 use serde_json::Value;
 
@@ -261,15 +261,6 @@ fn pgbench_prepared_executions_counted_exactly_per_connection() {
     }
 }
 
-fn scrape(port: u16) -> String {
-    use std::io::{Read as _, Write as _};
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
-    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\n\r\n")
-        .unwrap();
-    let mut text = String::new();
-    s.read_to_string(&mut text).unwrap();
-    text
-}
 
 /// Records of one connection of the `pg-exec cases` run, by the text of
 /// the statement their decision was about.

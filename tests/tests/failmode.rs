@@ -9,7 +9,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use interceptor_tests::{Agent, PgServer, TestCgroup, pg_bin, pg_policy, run_any, run_ok, unique};
+use interceptor_tests::{Agent, PgServer, TestCgroup, pg_bin, pg_policy, run_any, run_ok, scrape, unique, free_port};
 
 fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
@@ -187,11 +187,22 @@ fn a_new_agent_takes_over_under_load_without_a_failed_connection() {
     let state_arg = state.path().to_str().unwrap().to_owned();
     let pin = std::path::PathBuf::from("/sys/fs/bpf").join(unique("interceptor-test"));
     let pin_arg = pin.to_str().unwrap().to_owned();
+    // Both agents serve metrics on the same address, as a DaemonSet's
+    // host-network pods do during a surge.
+    let metrics_port = free_port();
+    let metrics = format!("127.0.0.1:{metrics_port}");
     let mut first = Agent::start_with(
         &policy,
         &cg,
         false,
-        &["--pin-dir", &pin_arg, "--state-dir", &state_arg],
+        &[
+            "--pin-dir",
+            &pin_arg,
+            "--state-dir",
+            &state_arg,
+            "--metrics",
+            &metrics,
+        ],
     );
     let listen = format!("127.0.0.1:{}", first.listen_port);
     // A new connection per transaction, for the whole handover.
@@ -230,6 +241,8 @@ fn a_new_agent_takes_over_under_load_without_a_failed_connection() {
             &listen,
             "--audit-log",
             first.audit_log.to_str().unwrap(),
+            "--metrics",
+            &metrics,
         ],
     );
     // The old agent drains and exits by itself.
@@ -246,6 +259,7 @@ fn a_new_agent_takes_over_under_load_without_a_failed_connection() {
         sleep(Duration::from_millis(50));
     };
     assert!(status.success(), "old agent: {status}\n{}", first.log());
+    assert!(scrape(metrics_port).contains("interceptor_"));
     let out = bench.wait_with_output().unwrap();
     let report = text(&out.stdout);
     assert!(

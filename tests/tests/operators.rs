@@ -9,7 +9,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use interceptor_tests::{Agent, PgServer, TestCgroup, agent_bin, pg_policy, run_any};
+use interceptor_tests::{Agent, PgServer, TestCgroup, agent_bin, pg_policy, run_any, scrape};
 use serde_json::Value;
 
 const RULES: &str = "mode: enforce\ndefault: allow\non_parse_error: allow\nidentities:\n  shell-tools:\n    comm: psql\nrules:\n  - name: no-drops\n    kinds: [ddl]\n    decision: deny\n";
@@ -193,16 +193,6 @@ fn identities_lists_live_workloads_with_their_decisions() {
     let _ = sleeper.wait();
 }
 
-fn scrape(port: u16) -> String {
-    use std::io::{Read as _, Write as _};
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
-    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\n\r\n")
-        .unwrap();
-    let mut text = String::new();
-    s.read_to_string(&mut text).unwrap();
-    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
-    text
-}
 
 fn wait_metric(port: u16, want: &str) -> String {
     let start = Instant::now();

@@ -400,7 +400,14 @@ fn run_inner(args: &RunArgs, control_socket: &Path) -> Result<(), String> {
     let metrics = control::metrics::Metrics::new();
     let metrics_listener = match args.metrics {
         Some(addr) => Some(
-            rt.block_on(control::metrics::bind(addr))
+            // SO_REUSEPORT, like the data listeners: during a handover (a
+            // DaemonSet surge on a host-network port) the old agent still
+            // holds the address until it exits.
+            proxy::bind_listener(addr)
+                .map_err(|e| e.to_string())
+                .and_then(|l| {
+                    tokio::net::TcpListener::from_std(l).map_err(|e| e.to_string())
+                })
                 .map_err(|e| format!("cannot serve metrics on {addr}: {e}"))?,
         ),
         None => None,

@@ -12,7 +12,6 @@
 use std::{
     collections::BTreeMap,
     fmt::Write as _,
-    net::SocketAddr,
     sync::{Arc, Mutex, PoisonError},
     time::Duration,
 };
@@ -258,14 +257,6 @@ pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>, gauges: Arc<dyn
             .await;
         });
     }
-}
-
-/// Binds the metrics address.
-///
-/// # Errors
-/// When it cannot be bound.
-pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
-    TcpListener::bind(addr).await
 }
 
 async fn answer(
