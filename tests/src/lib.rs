@@ -66,6 +66,47 @@ pub fn free_port() -> u16 {
         .port()
 }
 
+/// Output bytes as text.
+#[must_use]
+pub fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+/// A command's status and both streams, for assertion messages.
+#[must_use]
+pub fn show(out: &Output) -> String {
+    format!(
+        "status {}\nstdout:\n{}\nstderr:\n{}",
+        out.status,
+        text(&out.stdout),
+        text(&out.stderr)
+    )
+}
+
+/// Polls `cond` every 50 ms until it holds; panics naming `what` after
+/// `limit`.
+pub fn wait_for(what: &str, limit: Duration, mut cond: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !cond() {
+        assert!(start.elapsed() < limit, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Waits for a spawned client to exit (panics after `limit`) and collects
+/// its output.
+pub fn wait_exit(mut child: std::process::Child, limit: Duration) -> Output {
+    let start = Instant::now();
+    while child.try_wait().unwrap().is_none() {
+        assert!(
+            start.elapsed() < limit,
+            "client still running after {limit:?}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.wait_with_output().unwrap()
+}
+
 /// `GET /metrics` from an agent's metrics address on loopback: the whole
 /// answer, which must be a 200.
 #[must_use]
@@ -420,13 +461,15 @@ impl Drop for PgServer {
 
 /// A tokio-postgres client for the driver binaries run inside a test
 /// cgroup: `HOST PORT` from the command line (returned with the remaining
-/// arguments), user and database `postgres`, the connection driven on a
+/// arguments), database `postgres`, user `$PGUSER` or `postgres`, the connection driven on a
 /// task of its own.
 pub async fn pg_client_from_args() -> (tokio_postgres::Client, Vec<String>) {
     let mut args = std::env::args().skip(1);
     let host = args.next().expect("usage: HOST PORT ...");
     let port = args.next().expect("usage: HOST PORT ...");
-    let conninfo = format!("host={host} port={port} user=postgres dbname=postgres");
+    // PGUSER names another user (no password: the agent may log in for it).
+    let user = std::env::var("PGUSER").unwrap_or_else(|_| "postgres".into());
+    let conninfo = format!("host={host} port={port} user={user} dbname=postgres");
     let (client, conn) = tokio_postgres::connect(&conninfo, tokio_postgres::NoTls)
         .await
         .expect("connect");

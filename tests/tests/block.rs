@@ -292,6 +292,12 @@ fn mysql_block_kills_the_query_closes_and_refuses() {
     let secrets = tempfile::tempdir().unwrap();
     let pw_file = secrets.path().join("admin-password");
     std::fs::write(&pw_file, format!("{APP_PASSWORD}\n")).unwrap();
+    // A secret file must be the agent's alone.
+    std::fs::set_permissions(
+        &pw_file,
+        std::os::unix::fs::PermissionsExt::from_mode(0o600),
+    )
+    .unwrap();
     let policy = format!(
         "version: 1\ntargets:\n  - name: maria\n    protocol: mysql\n    address: 127.0.0.1:{}\n    admin: {{user: {APP_USER}, password_file: '{}'}}\n{ALLOW}",
         db.port,

@@ -7,9 +7,8 @@
 
 use std::{
     os::unix::fs::PermissionsExt as _,
-    process::{Child, Command, Output, Stdio},
-    thread::sleep,
-    time::{Duration, Instant},
+    process::{Command, Output, Stdio},
+    time::Duration,
 };
 
 use interceptor_tests::{
@@ -19,25 +18,12 @@ use interceptor_tests::{
     },
     pg_bin, pg_policy,
     pki::{TestCa, ids},
-    run_any, run_ok,
+    run_any, run_ok, show, text, wait_exit, wait_for,
 };
 use serde_json::Value;
 
 const SCRAM_USER: &str = "scram";
 const SCRAM_PASSWORD: &str = "scram-Secret-3";
-
-fn text(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
-}
-
-fn show(out: &Output) -> String {
-    format!(
-        "status {}\nstdout:\n{}\nstderr:\n{}",
-        out.status,
-        text(&out.stdout),
-        text(&out.stderr)
-    )
-}
 
 /// A PostgreSQL server with TLS whose TCP logins must use TLS; `scram`
 /// logs in with SCRAM-SHA-256, everyone else by trust.
@@ -107,26 +93,6 @@ fn sessions(agent: &Agent) -> Vec<Value> {
         .into_iter()
         .filter(|e| e["event"] == "session")
         .collect()
-}
-
-fn wait_for(what: &str, limit: Duration, mut cond: impl FnMut() -> bool) {
-    let start = Instant::now();
-    while !cond() {
-        assert!(start.elapsed() < limit, "timed out waiting for {what}");
-        sleep(Duration::from_millis(50));
-    }
-}
-
-fn wait_exit(mut child: Child, limit: Duration) -> Output {
-    let start = Instant::now();
-    while child.try_wait().unwrap().is_none() {
-        assert!(
-            start.elapsed() < limit,
-            "client still running after {limit:?}"
-        );
-        sleep(Duration::from_millis(20));
-    }
-    child.wait_with_output().unwrap()
 }
 
 #[test]

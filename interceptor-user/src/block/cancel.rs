@@ -46,7 +46,8 @@ pub fn cancel(to: &Server, key: &CancelKey, admin: Option<&AdminSpec>) -> Result
                 "no admin credentials for this target: the statement was not cancelled on the server",
             )?;
             let password = admin.password()?;
-            mysql_kill_query(to, &admin.user, &password, *thread_id)
+            let password = password.expose();
+            mysql_kill_query(to, &admin.user, password, *thread_id)
         }
     }
 }

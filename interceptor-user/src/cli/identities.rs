@@ -58,13 +58,14 @@ fn render(workloads: &[Value]) -> String {
         return "no workload has a live connection\n".to_owned();
     }
     let mut out = format!(
-        "{:<16} {:<10} {:<8} {:<16} {:<5} {:<14} {:>6} {:>6} {:>7} {:>9} {:>6}  {}\n",
+        "{:<16} {:<10} {:<8} {:<16} {:<5} {:<14} {:<20} {:>6} {:>6} {:>7} {:>9} {:>6}  {}\n",
         "IDENTITIES",
         "USER",
         "PIDS",
         "COMM",
         "CONNS",
         "TARGETS",
+        "DB USERS",
         "ALLOW",
         "DENY",
         "APPROVE",
@@ -84,14 +85,32 @@ fn render(workloads: &[Value]) -> String {
             .collect::<Vec<_>>()
             .join("  ");
         let since = s(&w["since"]);
+        // `etl_rw (brokered)`: the agent logs in as that user for it.
+        let logins: Vec<String> = w["logins"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .map(|l| match l["login"].as_str() {
+                        Some("brokered") => format!("{} (brokered)", s(&l["db_user"])),
+                        _ => s(&l["db_user"]),
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        let logins = if logins.is_empty() {
+            "-".to_owned()
+        } else {
+            logins.join(",")
+        };
         out.push_str(&format!(
-            "{:<16} {:<10} {:<8} {:<16} {:<5} {:<14} {:>6} {:>6} {:>7} {:>9} {:>6}  {}\n",
+            "{:<16} {:<10} {:<8} {:<16} {:<5} {:<14} {:<20} {:>6} {:>6} {:>7} {:>9} {:>6}  {}\n",
             join(&w["identities"]),
             user,
             join(&w["pids"]),
             s(&w["comm"]),
             s(&w["connections"]),
             join(&w["targets"]),
+            logins,
             s(&st["allow"]),
             s(&st["deny"]),
             s(&st["approve"]),
@@ -111,7 +130,8 @@ mod tests {
     fn renders_a_row_per_workload() {
         let w = serde_json::json!([{"identities": ["batch"], "user": "app", "uid": 1000, "pids": [7, 9],
             "comm": "pgbench", "connections": 2, "targets": ["pg"], "exe": "/usr/bin/pgbench",
-            "statements": {"allow": 5, "deny": 1, "approve": 0}, "executions": 4321, "since": "2026-11-28T00:01:02.000000Z"}]);
+            "statements": {"allow": 5, "deny": 1, "approve": 0}, "executions": 4321, "since": "2026-11-28T00:01:02.000000Z",
+            "logins": [{"db_user": "etl_rw", "login": "brokered"}, {"db_user": "app", "login": "passthrough"}]}]);
         let text = render(w.as_array().unwrap());
         let row = text.lines().nth(1).unwrap();
         assert!(row.starts_with("batch"), "{text}");
@@ -122,6 +142,7 @@ mod tests {
             "/usr/bin/pgbench",
             "00:01:02",
             "4321",
+            "etl_rw (brokered),app",
         ] {
             assert!(row.contains(part), "{part}: {text}");
         }

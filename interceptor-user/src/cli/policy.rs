@@ -479,6 +479,8 @@ fn suggest(
     // pinned by fingerprint whatever `by` says.
     let mut groups: BTreeMap<(String, Kind), Group> = BTreeMap::new();
     let mut held: BTreeMap<String, Held> = BTreeMap::new();
+    // (target, db_user) → whether the agent already logs in for it.
+    let mut logins: BTreeMap<(String, String), bool> = BTreeMap::new();
     let (mut events, mut matched) = (0usize, 0usize);
     let mut scratch = Scratch::default();
     for path in from {
@@ -492,7 +494,19 @@ fn suggest(
                 eprintln!("{}:{}: not JSON, skipped", path.display(), lineno + 1);
                 continue;
             };
-            if ev.get("event").and_then(Value::as_str) != Some("query") {
+            let event = ev.get("event").and_then(Value::as_str);
+            if event == Some("session") {
+                let id = identity_from_json(ev.get("identity").unwrap_or(&Value::Null));
+                let field = |k: &str| ev.get(k).and_then(Value::as_str).map(ToOwned::to_owned);
+                if engine.identity_matches(identity, &id) == Some(true)
+                    && let (Some(target), Some(db_user)) = (field("target"), field("db_user"))
+                {
+                    let brokered = field("login").as_deref() == Some("brokered");
+                    logins.insert((target, db_user), brokered);
+                }
+                continue;
+            }
+            if event != Some("query") {
                 continue;
             }
             events += 1;
@@ -569,7 +583,7 @@ fn suggest(
             }
         }
     }
-    Ok(render_suggestion(
+    let mut out = render_suggestion(
         identity,
         from,
         events,
@@ -577,7 +591,45 @@ fn suggest(
         &groups,
         &held,
         by_fingerprint,
-    ))
+    );
+    out.push_str(&render_logins(identity, &logins));
+    Ok(out)
+}
+
+/// The `logins:` entries that would let the agent log in for this
+/// identity's database users, so the workload holds no password: as
+/// comments, since they belong under each target.
+fn render_logins(identity: &str, logins: &BTreeMap<(String, String), bool>) -> String {
+    let mut o = String::new();
+    let wanted: Vec<_> = logins.iter().filter(|(_, brokered)| !**brokered).collect();
+    if wanted.is_empty() {
+        return o;
+    }
+    let _ = writeln!(o, "#");
+    let _ = writeln!(
+        o,
+        "# Logins seen: add under each target so the agent logs in for {identity:?}"
+    );
+    let _ = writeln!(
+        o,
+        "# and the workload needs no password (the file: the user's password, mode 0600)."
+    );
+    let mut last_target = None;
+    for ((target, db_user), _) in wanted {
+        if last_target != Some(target) {
+            let _ = writeln!(o, "#   target {}:", yaml_str(target));
+            let _ = writeln!(o, "#     logins:");
+            last_target = Some(target);
+        }
+        let _ = writeln!(o, "#       - db_user: {}", yaml_str(db_user));
+        let _ = writeln!(o, "#         identities: [{}]", yaml_str(identity));
+        let _ = writeln!(
+            o,
+            "#         password_file: /etc/interceptor/secrets/{}",
+            db_user.replace(['/', ' '], "_")
+        );
+    }
+    o
 }
 
 fn reanalyse(query: &str, dialect: Dialect, scratch: &mut Scratch) -> sql::StatementFacts {
@@ -763,6 +815,12 @@ identities:
                 "v1:0000000000000005",
             ),
             "not json".to_owned(),
+            serde_json::json!({"event": "session", "conn": 3, "target": "app-db", "db_user": "app",
+                "login": "passthrough", "identity": {"uid": 1000, "comm": "python3", "cgroup": "/reporting/a"}})
+            .to_string(),
+            serde_json::json!({"event": "session", "conn": 4, "target": "app-db", "db_user": "admin",
+                "login": "passthrough", "identity": {"uid": 0, "comm": "psql", "cgroup": "/other"}})
+            .to_string(),
         ];
         std::fs::write(&log, lines.join("\n")).unwrap();
         let out = suggest(std::slice::from_ref(&log), &policy, "reporting", false).unwrap();
@@ -776,6 +834,13 @@ identities:
         assert!(!out.contains("kinds: [delete]"), "{out}");
         assert!(out.contains("v1:0000000000000003 x1 (ddl)"), "{out}");
         assert!(out.contains("(flags file_access)"), "{out}");
+        // The identity's database user, as a logins entry; not another's.
+        assert!(out.contains("#       - db_user: \"app\""), "{out}");
+        assert!(
+            out.contains("#         identities: [\"reporting\"]"),
+            "{out}"
+        );
+        assert!(!out.contains("\"admin\""), "{out}");
         // The suggestion is a valid rule list once put in a policy.
         let rules = out
             .lines()

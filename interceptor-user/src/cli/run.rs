@@ -405,9 +405,7 @@ fn run_inner(args: &RunArgs, control_socket: &Path) -> Result<(), String> {
             // holds the address until it exits.
             proxy::bind_listener(addr)
                 .map_err(|e| e.to_string())
-                .and_then(|l| {
-                    tokio::net::TcpListener::from_std(l).map_err(|e| e.to_string())
-                })
+                .and_then(|l| tokio::net::TcpListener::from_std(l).map_err(|e| e.to_string()))
                 .map_err(|e| format!("cannot serve metrics on {addr}: {e}"))?,
         ),
         None => None,

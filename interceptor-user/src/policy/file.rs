@@ -277,6 +277,10 @@ pub struct TargetSpec {
     /// TLS towards workloads and towards the server.
     #[serde(default)]
     pub tls: super::TlsSpec,
+    /// Database users the agent logs in as itself, for the workloads each
+    /// entry names (they then hold no password).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub logins: Vec<super::LoginSpec>,
 }
 
 /// A database account for the agent's own side connections.
@@ -297,17 +301,15 @@ impl AdminSpec {
     ///
     /// # Errors
     /// When the variable is unset or the file unreadable.
-    pub fn password(&self) -> Result<String, String> {
-        if let Some(var) = &self.password_env {
-            return std::env::var(var)
-                .map_err(|_| format!("environment variable {var} is not set"));
+    pub fn password(&self) -> Result<super::Secret, String> {
+        self.source().read()
+    }
+
+    fn source(&self) -> super::logins::SecretSource<'_> {
+        super::logins::SecretSource {
+            env: self.password_env.as_deref(),
+            file: self.password_file.as_deref(),
         }
-        if let Some(path) = &self.password_file {
-            return std::fs::read_to_string(path)
-                .map(|s| s.trim_end_matches(['\n', '\r']).to_owned())
-                .map_err(|e| format!("cannot read {}: {e}", path.display()));
-        }
-        Ok(String::new())
     }
 }
 
@@ -619,12 +621,9 @@ impl PolicyFile {
                 return Err(format!("target {:?} is defined twice", t.name));
             }
             if let Some(a) = &t.admin {
-                if a.password_env.is_some() && a.password_file.is_some() {
-                    return Err(format!(
-                        "target {:?}: admin has both password_env and password_file",
-                        t.name
-                    ));
-                }
+                a.source()
+                    .validate(false)
+                    .map_err(|e| format!("target {:?}: admin {e}", t.name))?;
                 if t.protocol != Protocol::Mysql {
                     return Err(format!(
                         "target {:?}: admin credentials are only used for mysql targets",
@@ -632,6 +631,9 @@ impl PolicyFile {
                     ));
                 }
             }
+        }
+        for t in &self.targets {
+            self.validate_logins(t)?;
         }
         for (i, a) in self.targets.iter().enumerate() {
             for b in &self.targets[i + 1..] {
@@ -668,6 +670,36 @@ impl PolicyFile {
                 a.validate()
                     .map_err(|e| format!("rule {:?}: approval: {e}", r.name))?;
             }
+        }
+        Ok(())
+    }
+
+    /// A target's `logins:`: one entry per user, known identities, and a
+    /// secret that can be read now, from a file only the agent can read.
+    fn validate_logins(&self, t: &TargetSpec) -> Result<(), String> {
+        if !t.logins.is_empty() && t.protocol != Protocol::Postgres {
+            return Err(format!(
+                "target {:?}: logins are brokered for postgres targets only so far",
+                t.name
+            ));
+        }
+        let mut users = HashSet::new();
+        for l in &t.logins {
+            let at = || format!("target {:?}: logins entry for {:?}", t.name, l.db_user);
+            if !users.insert(l.db_user.as_str()) {
+                return Err(format!("{}: the user has two entries", at()));
+            }
+            if l.identities.is_empty() {
+                return Err(format!("{}: names no identities", at()));
+            }
+            for id in &l.identities {
+                if !self.identities.contains_key(id) {
+                    return Err(format!("{}: unknown identity {id:?}", at()));
+                }
+            }
+            l.source()
+                .validate(true)
+                .map_err(|e| format!("{}: {e}", at()))?;
         }
         Ok(())
     }

@@ -3,6 +3,7 @@
 
 mod engine;
 mod file;
+mod logins;
 mod names;
 mod tls;
 
@@ -16,6 +17,7 @@ pub use file::{
     OnTimeout, PolicyError, PolicyFile, Protocol, RuleSpec, TargetAddress, TargetSpec,
     WherePresence, parse_duration,
 };
+pub use logins::{Login, LoginSpec, Secret, login_for, refusal_message as login_refusal};
 pub use names::{NameChange, NameState, NamedAddress, TargetDest, diff as names_diff};
 pub use tls::{ServerTls, TlsMaterial, TlsSpec};
 

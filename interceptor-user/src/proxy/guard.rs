@@ -89,6 +89,17 @@ pub struct Refusal {
     pub message: String,
 }
 
+/// How a session logs in (see [`Guard::plan_login`]).
+#[derive(Debug)]
+pub enum LoginPlan {
+    /// The workload authenticates with the server itself.
+    Passthrough,
+    /// The agent logs in with this entry's secret.
+    Brokered(crate::policy::LoginSpec),
+    /// Refused; the message for the workload.
+    Refused(String),
+}
+
 /// Per-connection decision state.
 pub struct Guard {
     shared: Arc<Shared>,
@@ -104,6 +115,10 @@ pub struct Guard {
     next_decision: u64,
     /// What each leg negotiated, for `session` events.
     tls: crate::tls::Legs,
+    /// The `logins:` entry the agent logs in with, once planned, and the
+    /// method the server asked for.
+    login: Option<crate::policy::LoginSpec>,
+    login_method: Option<&'static str>,
     /// The last message decided, as a statement the protocol may prepare.
     last: Prepared,
     /// While deciding a simple-protocol message: its `query` records wait
@@ -136,6 +151,8 @@ impl Guard {
             id_prefix,
             next_decision: 1,
             tls: crate::tls::Legs::default(),
+            login: None,
+            login_method: None,
             last: Prepared::UNKNOWN,
             deferring: false,
             deferred: Vec::new(),
@@ -222,15 +239,80 @@ impl Guard {
         self.shared.max_frame
     }
 
+    /// How a workload asking to log in as `db_user` logs in: through to
+    /// the server, by the agent (the target's `logins:` entry names one of
+    /// its identities), or not at all (an entry exists and names none of
+    /// them: audited as `login_refused`).
+    pub fn plan_login(&mut self, db_user: &str) -> LoginPlan {
+        use crate::policy::{Login, login_for, login_refusal};
+        match login_for(&self.info.target.logins, db_user, &self.info.identities) {
+            Login::Passthrough => LoginPlan::Passthrough,
+            Login::Brokered(entry) => {
+                self.login = Some(entry.clone());
+                self.live.update(|s| s.brokered = true);
+                LoginPlan::Brokered(entry.clone())
+            }
+            Login::Refused(entry) => {
+                let message = login_refusal(entry, &self.info.identities);
+                self.shared.audit.record(
+                    self.info
+                        .event("login_refused")
+                        .with("db_user", db_user)
+                        .with("database", &self.database)
+                        .with("allowed", &entry.identities)
+                        .with("message", &message),
+                );
+                LoginPlan::Refused(message)
+            }
+        }
+    }
+
+    /// The method of a brokered login that succeeded (`SCRAM-SHA-256-PLUS`,
+    /// `md5`, `mysql_native_password`, ...), for the `session` record.
+    pub fn set_login_method(&mut self, method: &'static str) {
+        self.login_method = Some(method);
+    }
+
+    /// Audits a brokered login that did not succeed: the secret could not
+    /// be read (`stage` `secret`) or the server refused the agent
+    /// (`server`, with its SQLSTATE or MySQL error code).
+    pub fn record_login_failed(&self, stage: &str, code: Option<&str>, error: &str) {
+        let entry = self.login.as_ref();
+        self.shared.audit.record(
+            self.info
+                .event("login_failed")
+                .with("db_user", &self.db_user)
+                .with("database", &self.database)
+                .with("stage", stage)
+                .with("code", code)
+                .with("error", error)
+                .with("secret", entry.map(crate::policy::LoginSpec::secret_source)),
+        );
+    }
+
     /// Audits the session facts once the protocol's startup is read.
     pub fn record_session(&self, application_name: Option<&str>) {
+        let (login, entry) = match &self.login {
+            Some(l) => (
+                "brokered",
+                Some(serde_json::json!({
+                    "db_user": l.db_user,
+                    "identities": l.identities,
+                    "secret": l.secret_source(),
+                    "method": self.login_method,
+                })),
+            ),
+            None => ("passthrough", None),
+        };
         self.shared.audit.record(
             self.info
                 .event("session")
                 .with("db_user", &self.db_user)
                 .with("database", &self.database)
                 .with("application_name", application_name)
-                .with("tls", &self.tls),
+                .with("tls", &self.tls)
+                .with("login", login)
+                .with("login_entry", entry),
         );
     }
 

@@ -37,7 +37,7 @@ mod registry;
 mod stream;
 
 pub use executions::{Completion, ExecLog, Prepared, ServerError, Tally, command_tag_rows};
-pub use guard::{Guard, Hold, Outcome, Refusal, Unanswered, truncate};
+pub use guard::{Guard, Hold, LoginPlan, Outcome, Refusal, Unanswered, truncate};
 pub use registry::{
     CancelKey, DecisionCounts, LiveConn, Registered, Registry, SessionFacts, workloads,
 };

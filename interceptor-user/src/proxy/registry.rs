@@ -77,6 +77,8 @@ pub struct SessionFacts {
     pub db_user: String,
     pub database: String,
     pub cancel: Option<CancelKey>,
+    /// The agent logged in for the workload (a `logins:` entry).
+    pub brokered: bool,
 }
 
 impl LiveConn {
@@ -229,6 +231,26 @@ pub fn workloads(
                 }
             }
             let executions: u64 = members.iter().map(|c| c.executions.total()).sum();
+            // Database users, each with how the workload logs in as it.
+            let mut logins: Vec<(String, &str)> = members
+                .iter()
+                .map(|c| c.session())
+                .filter(|s| !s.db_user.is_empty())
+                .map(|s| {
+                    let how = if s.brokered {
+                        "brokered"
+                    } else {
+                        "passthrough"
+                    };
+                    (s.db_user, how)
+                })
+                .collect();
+            logins.sort_unstable();
+            logins.dedup();
+            let logins: Vec<serde_json::Value> = logins
+                .into_iter()
+                .map(|(db_user, how)| serde_json::json!({"db_user": db_user, "login": how}))
+                .collect();
             let since = members.iter().map(|c| c.opened).min()?;
             Some(serde_json::json!({
                 "identities": engine.bind_identity(id).names,
@@ -247,6 +269,7 @@ pub fn workloads(
                 "connections": members.len(),
                 "statements": {"allow": totals[0], "approve": totals[1], "deny": totals[2]},
                 "executions": executions,
+                "logins": logins,
                 "since": crate::audit::format_ts(since),
             }))
         })

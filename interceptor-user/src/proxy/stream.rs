@@ -75,6 +75,20 @@ impl Stream {
     pub fn is_tls(&self) -> bool {
         matches!(self, Self::Tls(_))
     }
+
+    /// The peer's end-entity certificate (DER), on a TLS leg.
+    #[must_use]
+    pub fn peer_certificate(&self) -> Option<&[u8]> {
+        match self {
+            Self::Tls(t) => t
+                .get_ref()
+                .1
+                .peer_certificates()
+                .and_then(|c| c.first())
+                .map(AsRef::as_ref),
+            _ => None,
+        }
+    }
 }
 
 impl From<TcpStream> for Stream {

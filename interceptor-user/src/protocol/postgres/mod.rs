@@ -10,6 +10,7 @@
 //! the denial (SQLSTATE 42501) on its way back.
 
 pub mod codec;
+mod login;
 mod session;
 mod track;
 

@@ -9,12 +9,13 @@ use tokio::{
 use super::codec::{
     self, CodecError, StartupPacket, decode_header, decode_startup, error_fields, error_response,
 };
+use super::login::{self, LoginError, ServerCert};
 use super::track::{BIND_PREFIX, Tracker};
 use crate::{
-    policy::ServerTls,
+    policy::{LoginSpec, Secret, ServerTls},
     proxy::{
-        Counted, Guard, Hold, Outcome, Refusal, SessionError, Stream, Unanswered, Upstream,
-        tls_from_client, tls_to_server,
+        Counted, Guard, Hold, LoginPlan, Outcome, Refusal, SessionError, Stream, Unanswered,
+        Upstream, tls_from_client, tls_to_server,
     },
     tls::Legs,
 };
@@ -189,6 +190,15 @@ pub async fn serve(
         StartupPacket::Ssl | StartupPacket::GssEnc => return Ok(()),
     };
     guard.set_session(&startup.user, &startup.database);
+    let broker = match guard.plan_login(&startup.user) {
+        LoginPlan::Passthrough => None,
+        LoginPlan::Brokered(entry) => Some(entry),
+        LoginPlan::Refused(msg) => {
+            drop(early_server);
+            send_fatal(&mut client, "28000", &msg).await;
+            return Err(SessionError::Refused(msg));
+        }
+    };
 
     let mut server = match early_server {
         Some(Ok(s)) => s,
@@ -212,11 +222,50 @@ pub async fn serve(
     }
     let server_tls = server.is_tls();
     guard.set_tls(legs);
-    guard.record_session(startup.application_name.as_deref());
+    let secret = match broker.as_ref().map(LoginSpec::password) {
+        None => None,
+        Some(Ok(secret)) => Some(secret),
+        Some(Err(e)) => {
+            guard.record_login_failed("secret", None, &e);
+            let msg = format!(
+                "interceptor: the agent cannot log in as {:?} for this workload: its secret: {e}",
+                startup.user
+            );
+            send_fatal(&mut client, "28000", &msg).await;
+            return Err(SessionError::Refused(msg));
+        }
+    };
+    // A brokered session's record waits for the login's outcome.
+    if secret.is_none() {
+        guard.record_session(startup.application_name.as_deref());
+    }
     server.write_all(&startup.bytes).await?;
     counts
         .from_client
         .set(counts.from_client.get() + startup.bytes.len() as u64);
+    let from_server = match secret {
+        None => BytesMut::with_capacity(READ_CHUNK),
+        Some(secret) => match broker_login(&mut server, &startup.user, &secret).await {
+            Ok((buf, method)) => {
+                guard.set_login_method(method);
+                guard.record_session(startup.application_name.as_deref());
+                buf
+            }
+            Err(e) => {
+                let (code, error) = match &e {
+                    LoginError::Refused { code, message } => (Some(code.as_str()), message.clone()),
+                    other => (None, other.to_string()),
+                };
+                guard.record_login_failed("server", code, &error);
+                let msg = format!(
+                    "interceptor: the server refused the agent's login as {:?}: {error}",
+                    startup.user
+                );
+                send_fatal(&mut client, code.unwrap_or("28000"), &msg).await;
+                return Err(SessionError::Refused(msg));
+            }
+        },
+    };
 
     let pending = RefCell::new(Pending::new(Tracker::new(guard.exec_log()), server_tls));
     let max = guard.max_frame();
@@ -226,7 +275,7 @@ pub async fn serve(
         let (mut sr, mut sw) = server.split();
         tokio::try_join!(
             client_to_server(&mut cr, &mut sw, cbuf, guard, &pending, max, counts),
-            server_to_client(&mut sr, &mut cw, &pending, &live, counts),
+            server_to_client(&mut sr, &mut cw, from_server, &pending, &live, counts),
         )
     };
     match result {
@@ -250,6 +299,27 @@ pub async fn serve(
         }
         Err(e) => Err(e),
     }
+}
+
+/// The agent's own login on `server` (startup sent), within the startup
+/// timeout; what the server sent from its `AuthenticationOk` on.
+async fn broker_login(
+    server: &mut Stream,
+    user: &str,
+    secret: &Secret,
+) -> Result<(BytesMut, &'static str), LoginError> {
+    let cert = server.peer_certificate().map(<[u8]>::to_vec);
+    tokio::time::timeout(
+        STARTUP_TIMEOUT,
+        login::login(server, user, secret, &ServerCert(cert.as_deref())),
+    )
+    .await
+    .unwrap_or_else(|_| {
+        Err(LoginError::Protocol(format!(
+            "no answer to the login within {}s",
+            STARTUP_TIMEOUT.as_secs()
+        )))
+    })
 }
 
 /// First byte of a TLS handshake record.
@@ -646,9 +716,12 @@ fn stand_in(tag: u8, body: &[u8], sql: &str) -> Bytes {
     }
 }
 
+/// Relays the server's messages, starting with what `buf` holds already
+/// (a brokered login's `AuthenticationOk` and what came with it).
 async fn server_to_client<R, W>(
     r: &mut R,
     w: &mut W,
+    mut buf: BytesMut,
     pending: &RefCell<Pending>,
     live: &crate::proxy::LiveConn,
     counts: &Counted,
@@ -657,7 +730,6 @@ where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
-    let mut buf = BytesMut::with_capacity(READ_CHUNK);
     let mut scan = Scanner::default();
     loop {
         let mut pos = 0usize;
