@@ -6,6 +6,7 @@ pub mod approval;
 pub mod audit;
 pub mod block;
 pub mod cli;
+pub mod conn;
 pub mod control;
 pub mod ebpf;
 pub mod handover;

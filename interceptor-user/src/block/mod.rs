@@ -68,7 +68,7 @@ pub use selector::{CompiledFields, Fields, Selector, SelectorError};
 
 use crate::{
     audit::AuditEvent,
-    control::Caller,
+    conn::Caller,
     identity::{Identity, IdentityResolver, parse_cgroup_path},
     policy::Engine,
     proxy::{LiveConn, Shared},

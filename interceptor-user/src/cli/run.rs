@@ -17,10 +17,11 @@ use tokio::sync::watch;
 use crate::{
     audit::{AuditConfig, AuditEvent, AuditSettings, AuditWriter},
     block::{KillSwitch, Scope},
-    control::{self, Caller, Handler, Reply, Request},
+    conn::{self, Caller, Netns},
+    control::{self, Handler, Reply, Request},
     ebpf::{ListenerConfig, Redirector},
     identity::{IdentityResolver, cgroup2_mount},
-    netns::{Netns, NetnsManager},
+    netns::NetnsManager,
     notify,
     policy::{EMBEDDED_DEFAULT, Engine, PolicyFile},
     proxy::{self, Limits, Shared, WorkerListeners},
@@ -131,7 +132,7 @@ impl Handler for Agent {
             | Request::Deny { .. }
             | Request::GrantsList
             | Request::GrantRevoke { .. }) => {
-                crate::approval::handle(&self.shared.approvals, caller, req).map(Reply::from)
+                control::approvals::handle(&self.shared.approvals, caller, req).map(Reply::from)
             }
             Request::Tail {
                 filter,
@@ -289,14 +290,14 @@ fn listen_addrs(listen: SocketAddr) -> (Option<SocketAddr>, Option<SocketAddr>) 
             let v6 = v4
                 .is_loopback()
                 .then(|| SocketAddr::new(Ipv6Addr::LOCALHOST.into(), port))
-                .filter(|a| proxy::bind_listener(*a).is_ok());
+                .filter(|a| conn::bind_listener(*a).is_ok());
             (Some(listen), v6)
         }
         IpAddr::V6(v6) => {
             let v4 = v6
                 .is_loopback()
                 .then(|| SocketAddr::new(Ipv4Addr::LOCALHOST.into(), port))
-                .filter(|a| proxy::bind_listener(*a).is_ok());
+                .filter(|a| conn::bind_listener(*a).is_ok());
             (v4, Some(listen))
         }
     }
@@ -363,7 +364,7 @@ fn run_inner(args: &RunArgs, control_socket: &Path) -> Result<(), String> {
         for _ in 0..workers.max(1) {
             let set = addrs
                 .iter()
-                .map(|a| proxy::bind_listener(*a))
+                .map(|a| conn::bind_listener(*a))
                 .collect::<Result<Vec<_>, _>>()
                 .map_err(|e| e.to_string())?;
             listeners.push(set);
