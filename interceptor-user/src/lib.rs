@@ -5,6 +5,7 @@
 pub mod approval;
 pub mod audit;
 pub mod block;
+pub mod blocklist;
 pub mod cli;
 pub mod conn;
 pub mod control;

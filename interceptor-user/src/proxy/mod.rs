@@ -25,6 +25,7 @@ use tokio::{
 use crate::{
     approval::ApprovalStore,
     audit::{AuditEvent, AuditLog},
+    blocklist::BlockList,
     conn::{ConnInfo, Netns, OrigDstLookup},
     identity::{IdentityResolver, KernelFacts},
     netns::ServeListener,
@@ -86,7 +87,7 @@ pub struct Shared {
     /// The live connections.
     pub registry: Arc<Registry>,
     /// Active kill-switch blocks, checked once per connection.
-    pub blocks: crate::block::BlockList,
+    pub blocks: BlockList,
     pub mark: u32,
     pub connect_timeout: Duration,
     pub max_frame: usize,
@@ -126,7 +127,7 @@ impl Shared {
             identities,
             stats: Stats::default(),
             registry: Arc::default(),
-            blocks: crate::block::BlockList::default(),
+            blocks: BlockList::default(),
             mark,
             connect_timeout: Duration::from_secs(10),
             max_frame: limits.max_frame,
