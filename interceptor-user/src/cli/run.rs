@@ -15,7 +15,7 @@ use serde_json::{Value, json};
 use tokio::sync::watch;
 
 use crate::{
-    audit::{AuditConfig, AuditEvent, AuditSettings, AuditWriter},
+    audit::{AuditConfig, AuditEvent, AuditWriter},
     block::{KillSwitch, Scope},
     conn::{self, Caller, Netns},
     control::{self, Handler, Reply, Request},
@@ -23,7 +23,7 @@ use crate::{
     identity::{IdentityResolver, cgroup2_mount},
     netns::NetnsManager,
     notify,
-    policy::{EMBEDDED_DEFAULT, Engine, PolicyFile},
+    policy::{AuditSettings, EMBEDDED_DEFAULT, Engine, PolicyFile},
     proxy::{self, Limits, Shared, WorkerListeners},
 };
 

@@ -99,7 +99,7 @@ pub struct Shared {
     /// The agent's CA and the TLS configurations of both legs.
     pub tls: Arc<TlsContext>,
     next_conn: AtomicU64,
-    /// The policy's `audit.executions` ([`crate::audit::Executions`] as a
+    /// The policy's `audit.executions` ([`crate::policy::Executions`] as a
     /// number), read once per execution.
     executions: AtomicU8,
 }
@@ -142,8 +142,8 @@ impl Shared {
 
     /// What the log keeps of executions now.
     #[must_use]
-    pub fn executions_mode(&self) -> crate::audit::Executions {
-        crate::audit::Executions::from_u8(self.executions.load(Ordering::Relaxed))
+    pub fn executions_mode(&self) -> crate::policy::Executions {
+        crate::policy::Executions::from_u8(self.executions.load(Ordering::Relaxed))
     }
 
     /// Puts a policy in force: the engine, and the audit settings read on
