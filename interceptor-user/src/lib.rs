@@ -19,3 +19,4 @@ pub mod protocol;
 pub mod proxy;
 pub mod sql;
 pub mod tls;
+pub mod worker;

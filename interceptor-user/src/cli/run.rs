@@ -24,7 +24,8 @@ use crate::{
     netns::NetnsManager,
     notify,
     policy::{AuditSettings, EMBEDDED_DEFAULT, Engine, PolicyFile},
-    proxy::{self, Limits, Shared, WorkerListeners},
+    proxy::{self, Limits, Shared},
+    worker::{self, WorkerListeners},
 };
 
 const SYSTEM_POLICY: &str = "/etc/interceptor/policy.yaml";
@@ -512,7 +513,7 @@ fn run_inner(args: &RunArgs, control_socket: &Path) -> Result<(), String> {
                 .map(|w| w.heartbeat(&format!("worker-{i}"))),
         });
     }
-    let handles = proxy::spawn_workers(&shared, worker_sets, &shutdown_rx, drain)
+    let handles = worker::spawn_workers(&shared, worker_sets, &shutdown_rx, drain)
         .map_err(|e| e.to_string())?;
     let netns = Arc::new(NetnsManager::new(
         (v4, v6),
