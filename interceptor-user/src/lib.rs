@@ -12,6 +12,8 @@ pub mod control;
 pub mod ebpf;
 pub mod handover;
 pub mod identity;
+#[cfg(test)]
+mod layers;
 pub mod netns;
 pub mod notify;
 pub mod policy;

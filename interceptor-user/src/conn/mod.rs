@@ -6,22 +6,25 @@
 //! eBPF loader, the namespace manager, the proxy and the kill switch all
 //! use.
 //!
-//! Layering: the modules of this crate import only downward, bottom to top
+//! Layering: a module of this crate imports only modules of lower layers,
+//! never one of its own layer or above. Bottom to top:
 //!
 //! 1. `handover`, `notify`, `identity`, `sql`: leaves;
-//! 2. `policy`, then `audit` (records the policy's decisions), `tls`;
-//! 3. `conn` (this module: it carries a connection's identity, target and
-//!    audit members);
-//! 4. `ebpf`, `netns`, `blocklist`, `approval`;
-//! 5. `proxy` (the shared state and the statement guard), `protocol` (the
-//!    sessions, driven through the guard), `worker` (accepts connections and
-//!    runs a protocol's session);
-//! 6. `block` (the kill switch: acts on the live connections), `control`;
-//! 7. `cli`.
+//! 2. `policy` (its file format includes the `audit:` and `tls:` sections);
+//! 3. `audit` (records the policy's decisions), `tls`;
+//! 4. `conn`, this module (a connection's info carries its identity, target
+//!    and audit members);
+//! 5. `ebpf` (the loader), `netns` (the namespace manager), `blocklist`
+//!    (the active blocks), `approval`;
+//! 6. `proxy`: the state, statement guard and live registry sessions share;
+//! 7. `protocol`: the sessions, which ask the guard;
+//! 8. `worker` (accepts connections and runs their sessions), `block` (the
+//!    kill switch: closes live connections), `control` (the control socket);
+//! 9. `cli`.
 //!
-//! A type two modules of one layer, or a lower and a higher one, both need
-//! moves down here rather than making either import the other. The
-//! `layers` test checks the order.
+//! A type that modules of one layer, or a lower and a higher one, both need
+//! moves down here rather than making either import the other. The test in
+//! `layers.rs` keeps this order.
 
 mod info;
 mod netns;
