@@ -9,9 +9,10 @@ use std::{hint::black_box, net::SocketAddr, path::Path, sync::Arc, time::Duratio
 use criterion::{Criterion, criterion_group, criterion_main};
 use interceptor::{
     audit::{AuditConfig, AuditWriter},
+    conn::{ConnInfo, OrigDstLookup},
     identity::{Identity, IdentityResolver},
     policy::{DecisionRequest, Engine, PolicyFile, SessionState},
-    proxy::{ConnInfo, Guard, OrigDstLookup, Outcome, Shared},
+    proxy::{Guard, Outcome, Shared},
     sql::{self, Dialect, Fingerprint, LexMode, Limits, Resolution, Scratch},
 };
 

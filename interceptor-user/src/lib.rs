@@ -5,11 +5,15 @@
 pub mod approval;
 pub mod audit;
 pub mod block;
+pub mod blocklist;
 pub mod cli;
+pub mod conn;
 pub mod control;
 pub mod ebpf;
 pub mod handover;
 pub mod identity;
+#[cfg(test)]
+mod layers;
 pub mod netns;
 pub mod notify;
 pub mod policy;
@@ -17,3 +21,4 @@ pub mod protocol;
 pub mod proxy;
 pub mod sql;
 pub mod tls;
+pub mod worker;

@@ -11,7 +11,7 @@ use std::{
 
 use serde::{Deserialize, Serialize};
 
-use crate::identity::Identity;
+use crate::{conn::Caller, identity::Identity};
 
 /// How far an approval reaches.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
@@ -63,8 +63,8 @@ pub struct Actor {
     pub user: Option<String>,
 }
 
-impl From<&crate::control::Caller> for Actor {
-    fn from(c: &crate::control::Caller) -> Self {
+impl From<&Caller> for Actor {
+    fn from(c: &Caller) -> Self {
         Self {
             uid: c.uid,
             gid: c.gid,

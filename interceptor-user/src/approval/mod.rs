@@ -29,8 +29,8 @@ use notify::{Message, Notifier};
 
 use crate::{
     audit::{AuditEvent, AuditLog, format_ts},
+    conn::{ConnInfo, truncate},
     policy::{ApprovalSpec, OnTimeout},
-    proxy::{ConnInfo, truncate},
 };
 
 /// Largest statement text kept for approvers to read.
@@ -627,44 +627,6 @@ impl ApprovalStore {
                 .with("actor", actor),
         );
         Ok(json!({"id": id, "state": "revoked"}))
-    }
-}
-
-/// Serves the approval requests of the control socket. The caller's
-/// identity and groups come from `SO_PEERCRED` and the group database.
-///
-/// # Errors
-/// The caller's mistake or lack of rights, for the caller.
-pub fn handle(
-    store: &ApprovalStore,
-    caller: &crate::control::Caller,
-    req: crate::control::Request,
-) -> Result<Value, String> {
-    use crate::control::Request;
-    let actor = Actor::from(caller);
-    let now = OffsetDateTime::now_utc();
-    match req {
-        Request::ApprovalsList => Ok(Value::Array(store.list())),
-        Request::Approve {
-            id,
-            reason,
-            grant,
-            for_secs,
-        } => store.approve(
-            &actor,
-            &caller.groups(),
-            &id,
-            reason.as_deref(),
-            grant.unwrap_or(GrantScope::Once),
-            for_secs.map(Duration::from_secs),
-            now,
-        ),
-        Request::Deny { id, reason } => {
-            store.deny(&actor, &caller.groups(), &id, reason.as_deref())
-        }
-        Request::GrantsList => Ok(json!(store.grants(now))),
-        Request::GrantRevoke { id } => store.revoke(&actor, &id),
-        other => Err(format!("not an approval request: {other:?}")),
     }
 }
 

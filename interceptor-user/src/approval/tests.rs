@@ -6,9 +6,9 @@ use time::OffsetDateTime;
 use super::*;
 use crate::{
     audit::{AuditConfig, AuditWriter},
+    conn::ConnInfo,
     identity::Identity,
     policy::ApprovalSpec,
-    proxy::ConnInfo,
 };
 
 const WORKLOAD_UID: u32 = 1500;

@@ -26,7 +26,10 @@ use std::{
 use sha1::{Digest as _, Sha1};
 use socket2::{Domain, Socket, Type};
 
-use crate::{policy::AdminSpec, proxy::CancelKey};
+use crate::{
+    conn::{CancelKey, Netns},
+    policy::AdminSpec,
+};
 
 /// Connect, read and write timeout of each side connection.
 pub const TIMEOUT: Duration = Duration::from_millis(1000);
@@ -58,7 +61,7 @@ pub struct Server {
     pub mark: u32,
     /// The workload's network namespace: the side connection takes the
     /// same route as the connection it cancels.
-    pub netns: Option<std::sync::Arc<crate::netns::Netns>>,
+    pub netns: Option<std::sync::Arc<Netns>>,
 }
 
 fn connect(to: &Server) -> Result<TcpStream, String> {

@@ -43,9 +43,13 @@
 //! connection, and re-audited on load. A state file that cannot be read
 //! stops the agent from starting: starting without its blocks would
 //! silently lift them.
+//!
+//! The selectors, the stored entries and the list the agent checks (2.)
+//! are in [`crate::blocklist`], below the proxy that reads them; this
+//! module changes them and sits above the proxy, whose live connections it
+//! closes (3.).
 
 pub mod cancel;
-pub mod selector;
 
 use std::{
     collections::{HashMap, HashSet},
@@ -56,7 +60,6 @@ use std::{
     time::{Duration, Instant},
 };
 
-use arc_swap::ArcSwap;
 use interceptor_common::{
     BLOCK_CGROUP, BLOCK_CGROUP_TREE, BLOCK_COMM, BLOCK_TGID, BLOCK_UID, BlockKey, MAX_BLOCKED,
     comm_words,
@@ -64,13 +67,11 @@ use interceptor_common::{
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
-pub use selector::{CompiledFields, Fields, Selector, SelectorError};
-
 use crate::{
     audit::AuditEvent,
-    control::Caller,
+    blocklist::{Actor, BlockEntry, CompiledFields, Fields, Selector, selector},
+    conn::Caller,
     identity::{Identity, IdentityResolver, parse_cgroup_path},
-    policy::Engine,
     proxy::{LiveConn, Shared},
 };
 
@@ -83,43 +84,6 @@ pub const STATE_FILE: &str = "blocks.json";
 /// Bounds of the cgroup walk.
 const MAX_WALK_DEPTH: u32 = 16;
 const MAX_WALK_DIRS: u32 = 20_000;
-
-/// Who ran a command, as the audit records it.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Actor {
-    pub uid: u32,
-    pub gid: u32,
-    #[serde(default)]
-    pub pid: Option<i32>,
-    #[serde(default)]
-    pub user: Option<String>,
-}
-
-impl From<&Caller> for Actor {
-    fn from(c: &Caller) -> Self {
-        Self {
-            uid: c.uid,
-            gid: c.gid,
-            pid: c.pid,
-            user: c.user.clone(),
-        }
-    }
-}
-
-/// One block, as stored.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct BlockEntry {
-    /// Canonical selector text.
-    pub selector: String,
-    #[serde(default)]
-    pub reason: Option<String>,
-    #[serde(default)]
-    pub actor: Option<Actor>,
-    /// When it was set (RFC 3339).
-    pub since: String,
-}
 
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -185,62 +149,6 @@ pub fn save_state(path: &Path, blocks: &[BlockEntry]) -> Result<(), String> {
         let _ = std::fs::remove_file(&tmp);
         err(e)
     })
-}
-
-/// An active block.
-#[derive(Debug)]
-pub struct Active {
-    pub entry: BlockEntry,
-    pub selector: Selector,
-}
-
-/// The active blocks as the connection path sees them: one atomic load,
-/// nothing when there are none.
-pub struct BlockList {
-    active: ArcSwap<Vec<Arc<Active>>>,
-}
-
-impl Default for BlockList {
-    fn default() -> Self {
-        Self {
-            active: ArcSwap::from_pointee(Vec::new()),
-        }
-    }
-}
-
-impl std::fmt::Debug for BlockList {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("BlockList")
-            .field("active", &self.active.load().len())
-            .finish()
-    }
-}
-
-impl BlockList {
-    /// The first active block covering `id`.
-    #[must_use]
-    pub fn matching(&self, id: &Identity, engine: &Engine) -> Option<Arc<Active>> {
-        let active = self.active.load();
-        active
-            .iter()
-            .find(|a| a.selector.matches(id, engine))
-            .cloned()
-    }
-
-    fn publish(&self, entries: &[BlockEntry]) {
-        let v = entries
-            .iter()
-            .filter_map(|e| {
-                Selector::parse(&e.selector).ok().map(|selector| {
-                    Arc::new(Active {
-                        entry: e.clone(),
-                        selector,
-                    })
-                })
-            })
-            .collect();
-        self.active.store(Arc::new(v));
-    }
 }
 
 /// Where blocked keys go: the kernel map (or a table in tests).

@@ -1,8 +1,9 @@
 use super::*;
 use crate::{
+    conn::OrigDstLookup,
     identity::IdentityResolver,
     policy::{Engine, PolicyFile},
-    proxy::{Limits, OrigDstLookup},
+    proxy::Limits,
 };
 
 struct NoLookup;

@@ -15,15 +15,17 @@ use serde_json::{Value, json};
 use tokio::sync::watch;
 
 use crate::{
-    audit::{AuditConfig, AuditEvent, AuditSettings, AuditWriter},
+    audit::{AuditConfig, AuditEvent, AuditWriter},
     block::{KillSwitch, Scope},
-    control::{self, Caller, Handler, Reply, Request},
+    conn::{self, Caller, Netns},
+    control::{self, Handler, Reply, Request},
     ebpf::{ListenerConfig, Redirector},
     identity::{IdentityResolver, cgroup2_mount},
-    netns::{Netns, NetnsManager},
+    netns::NetnsManager,
     notify,
-    policy::{EMBEDDED_DEFAULT, Engine, PolicyFile},
-    proxy::{self, Limits, Shared, WorkerListeners},
+    policy::{AuditSettings, EMBEDDED_DEFAULT, Engine, PolicyFile},
+    proxy::{self, Limits, Shared},
+    worker::{self, WorkerListeners},
 };
 
 const SYSTEM_POLICY: &str = "/etc/interceptor/policy.yaml";
@@ -131,7 +133,7 @@ impl Handler for Agent {
             | Request::Deny { .. }
             | Request::GrantsList
             | Request::GrantRevoke { .. }) => {
-                crate::approval::handle(&self.shared.approvals, caller, req).map(Reply::from)
+                control::approvals::handle(&self.shared.approvals, caller, req).map(Reply::from)
             }
             Request::Tail {
                 filter,
@@ -289,14 +291,14 @@ fn listen_addrs(listen: SocketAddr) -> (Option<SocketAddr>, Option<SocketAddr>) 
             let v6 = v4
                 .is_loopback()
                 .then(|| SocketAddr::new(Ipv6Addr::LOCALHOST.into(), port))
-                .filter(|a| proxy::bind_listener(*a).is_ok());
+                .filter(|a| conn::bind_listener(*a).is_ok());
             (Some(listen), v6)
         }
         IpAddr::V6(v6) => {
             let v4 = v6
                 .is_loopback()
                 .then(|| SocketAddr::new(Ipv4Addr::LOCALHOST.into(), port))
-                .filter(|a| proxy::bind_listener(*a).is_ok());
+                .filter(|a| conn::bind_listener(*a).is_ok());
             (v4, Some(listen))
         }
     }
@@ -363,7 +365,7 @@ fn run_inner(args: &RunArgs, control_socket: &Path) -> Result<(), String> {
         for _ in 0..workers.max(1) {
             let set = addrs
                 .iter()
-                .map(|a| proxy::bind_listener(*a))
+                .map(|a| conn::bind_listener(*a))
                 .collect::<Result<Vec<_>, _>>()
                 .map_err(|e| e.to_string())?;
             listeners.push(set);
@@ -403,7 +405,7 @@ fn run_inner(args: &RunArgs, control_socket: &Path) -> Result<(), String> {
             // SO_REUSEPORT, like the data listeners: during a handover (a
             // DaemonSet surge on a host-network port) the old agent still
             // holds the address until it exits.
-            proxy::bind_listener(addr)
+            conn::bind_listener(addr)
                 .map_err(|e| e.to_string())
                 .and_then(|l| tokio::net::TcpListener::from_std(l).map_err(|e| e.to_string()))
                 .map_err(|e| format!("cannot serve metrics on {addr}: {e}"))?,
@@ -516,7 +518,7 @@ fn run_inner(args: &RunArgs, control_socket: &Path) -> Result<(), String> {
                 .map(|w| w.heartbeat(&format!("worker-{i}"))),
         });
     }
-    let handles = proxy::spawn_workers(&shared, worker_sets, &shutdown_rx, drain)
+    let handles = worker::spawn_workers(&shared, worker_sets, &shutdown_rx, drain)
         .map_err(|e| e.to_string())?;
     let netns = Arc::new(NetnsManager::new(
         (v4, v6),

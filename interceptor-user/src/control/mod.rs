@@ -22,6 +22,9 @@ use tokio::{
     net::{UnixListener, UnixStream},
 };
 
+use crate::{approval::GrantScope, conn::Caller};
+
+pub mod approvals;
 pub mod metrics;
 pub mod tail;
 
@@ -84,7 +87,7 @@ pub enum Request {
         #[serde(default)]
         reason: Option<String>,
         #[serde(default)]
-        grant: Option<crate::approval::GrantScope>,
+        grant: Option<GrantScope>,
         /// Grant length in seconds.
         #[serde(default)]
         for_secs: Option<u64>,
@@ -105,54 +108,6 @@ pub enum Request {
 
 const fn ten() -> usize {
     10
-}
-
-/// Who sent a request, as the kernel reports it (`SO_PEERCRED`).
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
-pub struct Caller {
-    pub uid: u32,
-    pub gid: u32,
-    pub pid: Option<i32>,
-    /// The uid's user name, when it has one.
-    pub user: Option<String>,
-}
-
-impl Caller {
-    /// The caller as recorded in audit events (`actor`).
-    #[must_use]
-    pub fn from_ids(uid: u32, gid: u32, pid: Option<i32>) -> Self {
-        let user = nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(uid))
-            .ok()
-            .flatten()
-            .map(|u| u.name);
-        Self {
-            uid,
-            gid,
-            pid,
-            user,
-        }
-    }
-
-    /// Names of every group the caller belongs to (primary and
-    /// supplementary, from the group database).
-    #[must_use]
-    pub fn groups(&self) -> Vec<String> {
-        let mut gids = vec![nix::unistd::Gid::from_raw(self.gid)];
-        if let Some(name) = &self.user
-            && let Ok(cname) = std::ffi::CString::new(name.as_str())
-            && let Ok(all) = nix::unistd::getgrouplist(&cname, gids[0])
-        {
-            gids = all;
-        }
-        let mut names: Vec<String> = gids
-            .into_iter()
-            .filter_map(|g| nix::unistd::Group::from_gid(g).ok().flatten())
-            .map(|g| g.name)
-            .collect();
-        names.sort();
-        names.dedup();
-        names
-    }
 }
 
 /// What a handler answers.

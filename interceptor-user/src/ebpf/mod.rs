@@ -25,9 +25,8 @@ use interceptor_common::{
 };
 
 use crate::{
-    netns::{NetnsMap, monotonic_ns},
+    conn::{NetnsMap, OrigDstLookup, monotonic_ns},
     policy::TargetSpec,
-    proxy::OrigDstLookup,
 };
 
 /// The kernel object built by build.rs (aya-build) from `interceptor-ebpf`.

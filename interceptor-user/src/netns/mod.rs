@@ -18,10 +18,10 @@
 use std::{
     collections::{HashMap, HashSet},
     net::SocketAddr,
-    os::fd::{AsFd as _, AsRawFd as _, OwnedFd},
+    os::fd::{AsFd as _, OwnedFd},
     os::unix::fs::MetadataExt as _,
     sync::{
-        Arc, Mutex, OnceLock,
+        Arc, Mutex,
         atomic::{AtomicBool, AtomicUsize, Ordering},
     },
     time::{Duration, Instant},
@@ -33,7 +33,10 @@ use interceptor_common::{
 use serde::Serialize;
 use tokio::sync::{mpsc, oneshot};
 
-use crate::audit::{AuditEvent, AuditLog};
+use crate::{
+    audit::{AuditEvent, AuditLog},
+    conn::{Netns, NetnsMap, bind_listener, monotonic_ns, netns_cookie, open_ns},
+};
 
 /// A failed namespace is retried after this long.
 const FAILED_RETRY: Duration = Duration::from_secs(5);
@@ -64,111 +67,6 @@ pub enum NetnsError {
     Moved,
     #[error("kernel map: {0}")]
     Map(String),
-}
-
-/// A network namespace, held open by the agent (or the agent's own).
-#[derive(Debug)]
-pub struct Netns {
-    /// The kernel's netns cookie (`SO_NETNS_COOKIE`, `bpf_get_netns_cookie`).
-    pub cookie: u64,
-    /// The namespace file's inode, as `ls -l /proc/PID/ns/net` shows it.
-    pub inode: u64,
-    /// `None` for the agent's own namespace: no `setns` needed.
-    fd: Option<OwnedFd>,
-}
-
-/// The agent's own namespace, opened once at start so threads can return to it.
-static HOME: OnceLock<OwnedFd> = OnceLock::new();
-
-fn open_ns(path: &str) -> std::io::Result<OwnedFd> {
-    Ok(std::fs::File::open(path)?.into())
-}
-
-impl Netns {
-    /// The agent's own namespace, identified by one of its sockets.
-    ///
-    /// # Errors
-    /// When the namespace file cannot be opened or the cookie read.
-    pub fn home(sock: &impl std::os::fd::AsFd) -> std::io::Result<Self> {
-        let fd = open_ns("/proc/thread-self/ns/net")?;
-        let inode = std::fs::File::from(fd.try_clone()?).metadata()?.ino();
-        let _ = HOME.set(fd);
-        Ok(Self {
-            cookie: netns_cookie(sock)?,
-            inode,
-            fd: None,
-        })
-    }
-
-    /// Whether this is the agent's own namespace.
-    #[must_use]
-    pub fn is_home(&self) -> bool {
-        self.fd.is_none()
-    }
-
-    /// Runs `f` with the calling thread in this namespace, then returns the
-    /// thread to the agent's own. Sockets made by `f` stay in this
-    /// namespace.
-    ///
-    /// # Errors
-    /// When the namespace cannot be entered, or `f` fails.
-    pub fn enter<T>(&self, f: impl FnOnce() -> std::io::Result<T>) -> std::io::Result<T> {
-        let Some(fd) = &self.fd else {
-            return f();
-        };
-        let home = HOME
-            .get()
-            .ok_or_else(|| std::io::Error::other("agent namespace not recorded"))?;
-        nix::sched::setns(fd.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET)
-            .map_err(std::io::Error::from)?;
-        let r = f();
-        if let Err(e) = nix::sched::setns(home.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET) {
-            // A thread stuck in a workload's namespace would open the next
-            // connection's sockets there: nothing safe is left to do.
-            tracing::error!("cannot return to the agent's network namespace: {e}; aborting");
-            std::process::abort();
-        }
-        r
-    }
-}
-
-/// `SO_NETNS_COOKIE` of a socket (kernel >= 5.14).
-///
-/// # Errors
-/// When the kernel does not report it.
-pub fn netns_cookie(sock: &impl std::os::fd::AsFd) -> std::io::Result<u64> {
-    let mut cookie: u64 = 0;
-    let mut len = libc::socklen_t::try_from(std::mem::size_of::<u64>()).unwrap_or(8);
-    // SAFETY: getsockopt writes at most `len` bytes into `cookie`, which is
-    // a live u64 of that size; the fd is borrowed for the call.
-    let rc = unsafe {
-        libc::getsockopt(
-            sock.as_fd().as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_NETNS_COOKIE,
-            (&raw mut cookie).cast(),
-            &raw mut len,
-        )
-    };
-    if rc == 0 {
-        Ok(cookie)
-    } else {
-        Err(std::io::Error::last_os_error())
-    }
-}
-
-/// The kernel's netns map, behind a trait so the manager runs without eBPF
-/// in unit tests.
-pub trait NetnsMap: Send + Sync {
-    /// Sets a namespace's state.
-    ///
-    /// # Errors
-    /// When the kernel refuses the update.
-    fn set_netns(&self, cookie: u64, state: NetnsState) -> Result<(), String>;
-    /// Forgets a namespace.
-    fn remove_netns(&self, cookie: u64);
-    /// Every entry.
-    fn netns_entries(&self) -> Vec<(u64, NetnsState)>;
 }
 
 /// A listener for a worker to serve, until `stop` fires or is dropped.
@@ -402,17 +300,13 @@ impl NetnsManager {
             .metadata()
             .map_err(open_err)?
             .ino();
-        let mut netns = Netns {
-            cookie,
-            inode,
-            fd: Some(fd),
-        };
+        let mut netns = Netns::guest(cookie, inode, fd);
         let mut listeners = Vec::new();
         let mut families = 0;
         let mut last_err = None;
         for (addr, bit) in [(self.v4, NETNS_HAS_V4), (self.v6, NETNS_HAS_V6)] {
             let Some(addr) = addr else { continue };
-            match netns.enter(|| crate::proxy::bind_listener(addr).map_err(std::io::Error::other)) {
+            match netns.enter(|| bind_listener(addr).map_err(std::io::Error::other)) {
                 Ok(l) => {
                     families |= bit;
                     listeners.push((addr, l));
@@ -509,7 +403,7 @@ impl NetnsManager {
         let guests = served
             .values()
             .filter_map(|s| {
-                let fd = s.netns.fd.as_ref()?;
+                let fd = s.netns.fd()?;
                 Some((
                     crate::handover::GuestOffer {
                         cookie: s.netns.cookie,
@@ -529,11 +423,7 @@ impl NetnsManager {
     /// kernel's entries for any it served that did not come along.
     pub fn adopt(&self, guests: Vec<crate::handover::GuestSockets>) {
         for g in guests {
-            let netns = Arc::new(Netns {
-                cookie: g.cookie,
-                inode: g.inode,
-                fd: Some(g.ns),
-            });
+            let netns = Arc::new(Netns::guest(g.cookie, g.inode, g.ns));
             let worker =
                 self.next_worker.fetch_add(1, Ordering::Relaxed) % self.workers.len().max(1);
             let mut stops = Vec::new();
@@ -662,15 +552,6 @@ fn ready(families: u32) -> NetnsState {
         tgid: 0,
         pid: 0,
     }
-}
-
-/// CLOCK_MONOTONIC in ns, the clock of `bpf_ktime_get_ns`.
-#[must_use]
-pub fn monotonic_ns() -> u64 {
-    nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC).map_or(0, |t| {
-        u64::try_from(t.tv_sec()).unwrap_or(0) * 1_000_000_000
-            + u64::try_from(t.tv_nsec()).unwrap_or(0)
-    })
 }
 
 fn parse_event(item: &[u8]) -> Option<NetnsEvent> {

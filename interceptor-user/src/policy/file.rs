@@ -12,10 +12,8 @@ use std::{
 
 use serde::{Deserialize, Deserializer, Serialize};
 
-use crate::{
-    audit::AuditSettings,
-    sql::{Dialect, Fingerprint, Flag, Kind, Limits},
-};
+use super::AuditSettings;
+use crate::sql::{Dialect, Fingerprint, Flag, Kind, Limits};
 
 #[derive(Debug, thiserror::Error)]
 pub enum PolicyError {
@@ -462,8 +460,7 @@ impl ApprovalSpec {
             return Err("escalation_timeout needs escalate_to".into());
         }
         for n in self.notify.iter().flatten() {
-            crate::approval::notify::HttpUrl::parse(&n.url)
-                .map_err(|e| format!("notify url {:?}: {e}", n.url))?;
+            super::HttpUrl::parse(&n.url).map_err(|e| format!("notify url {:?}: {e}", n.url))?;
             match n.format.as_deref() {
                 None | Some("json" | "slack") => {}
                 Some(other) => {
@@ -812,7 +809,7 @@ mod tests {
             "version: 1\naudit:\n  overflow: drop\n  queue: 4\n  flush: every\n  fsync: true\n  rotate_bytes: 1000\n  retain: 2\n  redact_literals: true\n",
         )
         .unwrap();
-        assert_eq!(p.audit.overflow, crate::audit::Overflow::Drop);
+        assert_eq!(p.audit.overflow, crate::policy::Overflow::Drop);
         assert_eq!(
             (p.audit.queue, p.audit.rotate_bytes, p.audit.retain),
             (4, 1000, 2)
@@ -834,7 +831,7 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("later"), "{err}");
-        use crate::audit::Executions;
+        use crate::policy::Executions;
         assert_eq!(
             parse("version: 1\n").unwrap().audit.executions,
             Executions::Summary

@@ -1,12 +1,15 @@
 //! Policy: the file format, its validation, and (later) decisions. Knows
 //! statement facts and identities, not protocol bytes.
 
+mod audit;
 mod engine;
 mod file;
 mod logins;
 mod names;
 mod tls;
+mod url;
 
+pub use audit::{AuditSettings, Executions, FlushPolicy, MAX_QUEUE, Overflow};
 pub use engine::{
     DecisionRequest, EffectiveMode, Engine, IdentityBinding, SessionState, StatementDetails,
     StatementVerdict, Verdict,
@@ -20,6 +23,7 @@ pub use file::{
 pub use logins::{Login, LoginSpec, Secret, login_for, refusal_message as login_refusal};
 pub use names::{NameChange, NameState, NamedAddress, TargetDest, diff as names_diff};
 pub use tls::{ServerTls, TlsMaterial, TlsSpec};
+pub use url::HttpUrl;
 
 /// The policy shipped inside the binary, used when no file is given and
 /// `/etc/interceptor/policy.yaml` does not exist.

@@ -25,8 +25,8 @@ use time::OffsetDateTime;
 
 use super::{LiveConn, Shared};
 use crate::{
-    audit::{EventBody, Executions, json},
-    policy::Decision,
+    audit::{EventBody, json},
+    policy::{Decision, Executions},
 };
 
 /// A prepared statement as the protocols know it: the decision that let it

@@ -5,11 +5,12 @@
 use std::sync::{Arc, atomic::Ordering};
 
 use super::{
-    ConnInfo, LiveConn, Shared,
+    LiveConn, Shared,
     executions::{Completion, ExecLog, Prepared},
 };
 use crate::{
     approval::{NewApproval, Resolution, Ticket},
+    conn::{ConnInfo, truncate},
     policy::{Decision, DecisionRequest, Engine, IdentityBinding, SessionState, Verdict},
     sql::Kind,
 };
@@ -664,19 +665,6 @@ impl crate::audit::EventBody for QueryEvent {
     }
 }
 
-/// At most `max` bytes of `s`, cut on a character boundary.
-#[must_use]
-pub fn truncate(s: &str, max: usize) -> &str {
-    if s.len() <= max {
-        return s;
-    }
-    let mut end = max;
-    while !s.is_char_boundary(end) {
-        end -= 1;
-    }
-    &s[..end]
-}
-
 /// What the MySQL protocol needs beyond deciding statements: the current
 /// database changing mid-session, session resets, refusals of messages
 /// that are not statements, and the server's LOCAL INFILE requests.
@@ -841,7 +829,7 @@ fn asks_for_local_file(sql: &str) -> bool {
 mod tests {
     use std::sync::Arc;
 
-    use super::{QueryEvent, truncate};
+    use super::QueryEvent;
     use crate::{audit::EventBody as _, policy::Decision, sql::Kind};
 
     #[test]
@@ -934,12 +922,5 @@ mod tests {
         assert!(!f("LOAD DATA INFILE '/tmp/x' INTO TABLE t"));
         assert!(!f("SELECT 'local infile'"));
         assert!(!f("SELECT 1"));
-    }
-
-    #[test]
-    fn truncates_on_char_boundaries() {
-        assert_eq!(truncate("héllo", 2), "h");
-        assert_eq!(truncate("héllo", 3), "hé");
-        assert_eq!(truncate("abc", 10), "abc");
     }
 }

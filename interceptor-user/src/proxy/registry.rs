@@ -11,22 +11,13 @@ use std::{
     },
 };
 
-use serde::Serialize;
 use time::OffsetDateTime;
 use tokio::sync::Notify;
 
-use super::ConnInfo;
-use crate::policy::Decision;
-
-/// How the server can be told to stop what a connection is running.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
-#[serde(tag = "protocol", rename_all = "snake_case")]
-pub enum CancelKey {
-    /// From the server's BackendKeyData; used in a CancelRequest.
-    Postgres { pid: u32, secret: Vec<u8> },
-    /// The server's connection (thread) id, for `KILL QUERY`.
-    Mysql { thread_id: u32 },
-}
+use crate::{
+    conn::{CancelKey, ConnInfo},
+    policy::Decision,
+};
 
 /// Statements decided on one connection, by decision.
 #[derive(Debug, Default)]

@@ -214,7 +214,7 @@ impl Session<'_> {
         };
         self.guard
             .live()
-            .set_cancel_key(crate::proxy::CancelKey::Mysql {
+            .set_cancel_key(crate::conn::CancelKey::Mysql {
                 thread_id: server_info.connection_id,
             });
         self.client.write_all(&bytes).await?;
@@ -1208,10 +1208,11 @@ mod tests {
         };
 
         use crate::{
+            conn::ConnInfo,
             identity::Identity,
             policy::{Engine, PolicyFile},
             protocol::mysql::codec::{self, Message, decode_message, err_fields, packet},
-            proxy::{ConnInfo, Counted, Guard, Limits, Shared, Upstream},
+            proxy::{Counted, Guard, Limits, Shared, Upstream},
         };
 
         const OK: &[u8] = &[0, 0, 0, 2, 0, 0, 0];
@@ -1219,7 +1220,7 @@ mod tests {
         const COLDEF: &[u8] = b"\x03def\0\0\0\x01a\0\x0c\x3f\0\x01\0\0\0\x08\x81\0\0\0\0";
 
         struct NoLookup;
-        impl crate::proxy::OrigDstLookup for NoLookup {
+        impl crate::conn::OrigDstLookup for NoLookup {
             fn take(
                 &self,
                 _: u64,
@@ -1359,7 +1360,7 @@ mod tests {
                         dst,
                         mark: 0,
                         timeout: std::time::Duration::from_secs(5),
-                        netns: Arc::new(crate::netns::Netns::home(&front).unwrap()),
+                        netns: Arc::new(crate::conn::Netns::home(&front).unwrap()),
                     };
                     let session = tokio::task::spawn_local(async move {
                         let counts = Counted::default();

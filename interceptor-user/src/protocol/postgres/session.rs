@@ -789,7 +789,7 @@ where
                 } else {
                     p.authenticated = true;
                     if let Some((pid, secret)) = p.backend_key.take() {
-                        live.set_cancel_key(crate::proxy::CancelKey::Postgres {
+                        live.set_cancel_key(crate::conn::CancelKey::Postgres {
                             pid,
                             secret: secret.to_vec(),
                         });

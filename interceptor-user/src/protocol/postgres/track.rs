@@ -292,9 +292,10 @@ mod tests {
 
     use super::*;
     use crate::{
+        conn::{ConnInfo, OrigDstLookup},
         identity::IdentityResolver,
         policy::{Engine, PolicyFile},
-        proxy::{ConnInfo, Guard, Limits, OrigDstLookup, Outcome, Shared},
+        proxy::{Guard, Limits, Outcome, Shared},
     };
 
     struct NoLookup;

@@ -1,0 +1,165 @@
+//! A redirected connection's facts, rendered once for all its audit events.
+
+use std::{net::SocketAddr, sync::Arc};
+
+use serde::Serialize;
+
+use super::Netns;
+use crate::{
+    audit::{AuditEvent, DecisionFacts, ExecutionFacts},
+    identity::Identity,
+    policy::{Decision, TargetSpec},
+};
+
+/// Where a redirected connection was going, and on whose behalf.
+#[derive(Clone, Debug)]
+pub struct ConnInfo {
+    pub id: u64,
+    pub target: TargetSpec,
+    pub dst: SocketAddr,
+    pub identity: Arc<Identity>,
+    /// Names of the policy's identities this workload matched at connect.
+    pub identities: Arc<[String]>,
+    /// The members above as JSON, rendered once for all of this
+    /// connection's events.
+    members: Arc<str>,
+    /// The same with a short identity, for the records of executions
+    /// (the whole identity is in the connection's `connect` record).
+    short: Arc<str>,
+    /// Metric labels: the target's name and the identity names joined.
+    labels: (Arc<str>, Arc<str>),
+    /// The workload's network namespace, where side connections (cancels)
+    /// are made from; `None` in unit tests.
+    pub netns: Option<Arc<Netns>>,
+}
+
+impl ConnInfo {
+    #[must_use]
+    pub fn new(id: u64, target: TargetSpec, dst: SocketAddr, identity: Identity) -> Self {
+        Self::named(id, target, dst, identity, Vec::new())
+    }
+
+    /// With the names of the policy identities the workload matched.
+    #[must_use]
+    pub fn named(
+        id: u64,
+        target: TargetSpec,
+        dst: SocketAddr,
+        identity: Identity,
+        identities: Vec<String>,
+    ) -> Self {
+        #[derive(Serialize)]
+        struct Members<'a> {
+            conn: u64,
+            target: &'a str,
+            protocol: &'a str,
+            dst: String,
+            identities: &'a [String],
+            identity: &'a Identity,
+        }
+        let json = serde_json::to_string(&Members {
+            conn: id,
+            target: &target.name,
+            protocol: target.protocol.as_str(),
+            dst: dst.to_string(),
+            identities: &identities,
+            identity: &identity,
+        })
+        .unwrap_or_default();
+        #[derive(Serialize)]
+        struct ShortIdentity<'a> {
+            pid: u32,
+            tgid: u32,
+            uid: u32,
+            gid: u32,
+            user: Option<&'a str>,
+            comm: &'a str,
+            exe: Option<&'a str>,
+            unit: Option<&'a str>,
+            container: Option<&'a str>,
+        }
+        #[derive(Serialize)]
+        struct Short<'a> {
+            conn: u64,
+            target: &'a str,
+            protocol: &'a str,
+            identities: &'a [String],
+            identity: ShortIdentity<'a>,
+        }
+        let short = serde_json::to_string(&Short {
+            conn: id,
+            target: &target.name,
+            protocol: target.protocol.as_str(),
+            identities: &identities,
+            identity: ShortIdentity {
+                pid: identity.pid,
+                tgid: identity.tgid,
+                uid: identity.uid,
+                gid: identity.gid,
+                user: identity.user.as_deref(),
+                comm: &identity.comm,
+                exe: identity.exe.as_deref(),
+                unit: identity.unit.as_deref(),
+                container: identity.container.as_deref(),
+            },
+        })
+        .unwrap_or_default();
+        Self {
+            id,
+            members: Arc::from(crate::audit::members(&json)),
+            short: Arc::from(crate::audit::members(&short)),
+            labels: (
+                Arc::from(target.name.as_str()),
+                Arc::from(identities.join(",")),
+            ),
+            target,
+            dst,
+            identity: Arc::new(identity),
+            identities: Arc::from(identities),
+            netns: None,
+        }
+    }
+
+    /// The same, reached from the workload's network namespace `netns`.
+    #[must_use]
+    pub fn in_netns(mut self, netns: Arc<Netns>) -> Self {
+        self.netns = Some(netns);
+        self
+    }
+
+    /// An audit event carrying this connection's fields.
+    #[must_use]
+    pub fn event(&self, event: &'static str) -> AuditEvent {
+        AuditEvent::new(event).with_conn(Arc::clone(&self.members))
+    }
+
+    /// An audit event carrying this connection's id, target and a short
+    /// identity (records of executions).
+    #[must_use]
+    pub fn short_event(&self, event: &'static str) -> AuditEvent {
+        AuditEvent::new(event).with_conn(Arc::clone(&self.short))
+    }
+
+    /// What metrics count of `count` executions of a statement decided
+    /// `decision`.
+    #[must_use]
+    pub fn execution_facts(&self, decision: Decision, count: u64) -> ExecutionFacts {
+        ExecutionFacts {
+            target: Arc::clone(&self.labels.0),
+            identities: Arc::clone(&self.labels.1),
+            decision,
+            count,
+        }
+    }
+
+    /// A `query` event of this connection, with what metrics count.
+    #[must_use]
+    pub fn query_event(&self, decision: Decision, eval_us: u64) -> AuditEvent {
+        self.event("query").with_decision(DecisionFacts {
+            target: Arc::clone(&self.labels.0),
+            identities: Arc::clone(&self.labels.1),
+            decision,
+            eval_us,
+        })
+    }
+}
