@@ -86,8 +86,8 @@ rules:
     any_tables: [public.secrets]
     decision: deny
   - name: ddl-approval
+    identities: [etl]
     kinds: [ddl]
-    statements: ['create table held_*']
     decision: approve
     approval: {{approvers: [root], timeout: 60s}}
 ",
@@ -208,10 +208,14 @@ fn brokered_logins_need_no_password_and_only_the_named_identities_get_them() {
     assert!(!text(&out.stdout).contains("s3cr3t"), "{}", show(&out));
 
     // An approval on a brokered session: the statement waits until root
-    // approves it.
+    // approves it (the workload runs as nobody: nobody approves their own
+    // statements).
     let waiting = cg
-        .command(psql.to_str().unwrap())
+        .command("setpriv")
+        .env("HOME", "/nonexistent")
         .env("PGPASSFILE", "/nonexistent")
+        .args(["--reuid=nobody", "--regid=nogroup", "--clear-groups"])
+        .arg(&psql)
         .args(["-X", "-At", "-d"])
         .arg(format!(
             "host=127.0.0.1 port={} user={USER} dbname=postgres",
@@ -400,12 +404,17 @@ fn brokered_logins_need_no_password_and_only_the_named_identities_get_them() {
     assert!(out.status.success(), "{}", show(&out));
     assert!(text(&out.stdout).contains("ok"), "{}", show(&out));
 
-    // The kill switch refuses brokered logins at once.
+    // The kill switch refuses brokered logins at once, in the kernel
+    // (EPERM at connect).
     let out = agent.cli(&["block", "comm=psql", "--reason", "login test"]);
     assert!(out.status.success(), "{}", show(&out));
     let out = psql_as(&cg, pg.port, &psql, USER, "", "select 1");
     assert!(!out.status.success(), "{}", show(&out));
-    assert!(text(&out.stderr).contains("refused"), "{}", show(&out));
+    assert!(
+        text(&out.stderr).contains("Operation not permitted"),
+        "{}",
+        show(&out)
+    );
     assert!(agent.cli(&["unblock", "comm=psql"]).status.success());
 
     // The secrets appear nowhere: not in the audit log, the agent's
