@@ -372,7 +372,7 @@ mod tests {
 
     #[tokio::test]
     async fn serves_http() {
-        let listener = bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let task = tokio::spawn(serve(listener, Metrics::new(), Arc::new(Fixed)));
         for (req, want) in [
