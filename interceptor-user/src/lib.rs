@@ -10,6 +10,7 @@ pub mod control;
 pub mod ebpf;
 pub mod handover;
 pub mod identity;
+pub mod kube;
 pub mod netns;
 pub mod notify;
 pub mod policy;

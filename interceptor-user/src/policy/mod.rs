@@ -16,7 +16,10 @@ pub use file::{
     OnTimeout, PolicyError, PolicyFile, Protocol, RuleSpec, TargetAddress, TargetSpec,
     WherePresence, parse_duration,
 };
-pub use names::{NameChange, NameState, NamedAddress, TargetDest, diff as names_diff};
+pub use names::{
+    NameChange, NameState, NamedAddress, ServiceAddress, TargetDest, diff as names_diff,
+    parse_service,
+};
 pub use tls::{ServerTls, TlsMaterial, TlsSpec};
 
 /// The policy shipped inside the binary, used when no file is given and
