@@ -261,7 +261,6 @@ fn pgbench_prepared_executions_counted_exactly_per_connection() {
     }
 }
 
-
 /// Records of one connection of the `pg-exec cases` run, by the text of
 /// the statement their decision was about.
 fn by_statement<'a>(evs: &'a [Value], event: &str) -> HashMap<String, Vec<&'a Value>> {

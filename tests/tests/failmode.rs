@@ -9,7 +9,9 @@ use std::{
     time::{Duration, Instant},
 };
 
-use interceptor_tests::{Agent, PgServer, TestCgroup, pg_bin, pg_policy, run_any, run_ok, scrape, unique, free_port};
+use interceptor_tests::{
+    Agent, PgServer, TestCgroup, free_port, pg_bin, pg_policy, run_any, run_ok, scrape, unique,
+};
 
 fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()

@@ -193,7 +193,6 @@ fn identities_lists_live_workloads_with_their_decisions() {
     let _ = sleeper.wait();
 }
 
-
 fn wait_metric(port: u16, want: &str) -> String {
     let start = Instant::now();
     loop {
