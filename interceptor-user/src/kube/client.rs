@@ -108,10 +108,7 @@ fn tls_config(ca: &Path) -> Result<Arc<ClientConfig>, KubeError> {
     let mut config =
         ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
             .with_safe_default_protocol_versions()
-            .map_err(|e| KubeError::Connect {
-                addr: String::new(),
-                message: e.to_string(),
-            })?
+            .map_err(|e| KubeError::Tls(e.to_string()))?
             .with_root_certificates(roots)
             .with_no_client_auth();
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
@@ -255,6 +252,7 @@ impl Client {
         Ok(WatchStream {
             body: resp.into_body(),
             buf: Vec::new(),
+            addr: self.cluster.authority(),
         })
     }
 }
@@ -264,6 +262,8 @@ impl Client {
 pub struct WatchStream {
     body: Incoming,
     buf: Vec<u8>,
+    /// The API server, for errors.
+    addr: String,
 }
 
 impl WatchStream {
@@ -291,7 +291,7 @@ impl WatchStream {
                 Ok(None) => return Ok(Some(std::mem::take(&mut self.buf))),
                 Ok(Some(Err(e))) => {
                     return Err(KubeError::Connect {
-                        addr: String::new(),
+                        addr: self.addr.clone(),
                         message: format!("watch broken: {e}"),
                     });
                 }

@@ -38,6 +38,8 @@ pub enum KubeError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error("TLS configuration: {0}")]
+    Tls(String),
     #[error("the cluster CA {path} holds no usable certificate")]
     BadCa { path: PathBuf },
     #[error("API server {addr}: {message}")]
