@@ -8,7 +8,7 @@ use std::path::Path;
 const LAYERS: &[&[&str]] = &[
     &["handover", "notify", "identity", "sql"],
     &["policy"],
-    &["audit", "tls"],
+    &["audit", "tls", "kube"],
     &["conn"],
     &["ebpf", "netns", "blocklist", "approval"],
     &["proxy"],

@@ -12,6 +12,7 @@ pub mod control;
 pub mod ebpf;
 pub mod handover;
 pub mod identity;
+pub mod kube;
 #[cfg(test)]
 mod layers;
 pub mod netns;

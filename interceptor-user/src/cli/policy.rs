@@ -73,7 +73,15 @@ pub enum PolicyCommand {
 
 pub fn policy(cmd: PolicyCommand) -> i32 {
     match cmd {
-        PolicyCommand::Check { file } => match Engine::load(&file) {
+        PolicyCommand::Check { file } => match Engine::load(&file).and_then(|e| {
+            // A Service target can only be watched from inside a cluster.
+            crate::kube::check_policy(e.file())
+                .map(|()| e)
+                .map_err(|message| crate::policy::PolicyError::Invalid {
+                    path: file.clone(),
+                    message,
+                })
+        }) {
             Ok(e) => {
                 let p = e.file();
                 println!(
@@ -88,8 +96,13 @@ pub fn policy(cmd: PolicyCommand) -> i32 {
                 for (_, t, name) in p.named_targets() {
                     match name.lookup() {
                         Ok(addrs) => {
+                            let addrs: Vec<std::net::SocketAddr> = addrs
+                                .into_iter()
+                                .map(|ip| std::net::SocketAddr::new(ip, name.port))
+                                .collect();
                             let (addrs, _) = crate::policy::names_diff(&[], &addrs);
-                            let list: Vec<String> = addrs.iter().map(ToString::to_string).collect();
+                            let list: Vec<String> =
+                                addrs.iter().map(|a| a.ip().to_string()).collect();
                             println!(
                                 "target {:?}: {} resolves to {}",
                                 t.name,

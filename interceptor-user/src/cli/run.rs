@@ -23,7 +23,7 @@ use crate::{
     identity::{IdentityResolver, cgroup2_mount},
     netns::NetnsManager,
     notify,
-    policy::{AuditSettings, EMBEDDED_DEFAULT, Engine, PolicyFile},
+    policy::{AuditSettings, EMBEDDED_DEFAULT, Engine, NameChange, PolicyFile, TargetDest},
     proxy::{self, Limits, Shared},
     worker::{self, WorkerListeners},
 };
@@ -322,7 +322,8 @@ pub fn run(args: &RunArgs, control_socket: &Path) -> i32 {
 }
 
 fn run_inner(args: &RunArgs, control_socket: &Path) -> Result<(), String> {
-    let (policy, policy_source) = load_policy(args.policy.as_deref())?;
+    let (mut policy, policy_source) = load_policy(args.policy.as_deref())?;
+    crate::kube::check_policy(&policy).map_err(|e| format!("{policy_source}: {e}"))?;
     let cgroup_root = cgroup2_mount();
     let cgroup = match &args.cgroup {
         Some(c) => c.clone(),
@@ -425,8 +426,12 @@ fn run_inner(args: &RunArgs, control_socket: &Path) -> Result<(), String> {
         None => AuditWriter::start(audit_config),
     }
     .map_err(|e| e.to_string())?;
-    // Names resolve before the programs attach, so the kernel starts with
-    // their addresses.
+    // Names resolve and Services are listed before the programs attach, so
+    // the kernel starts with their addresses.
+    let (watchers, service_reports) = crate::kube::Watchers::new(args.mark);
+    let watchers = Arc::new(watchers);
+    rt.block_on(watchers.prepare(&mut policy))
+        .map_err(|e| e.to_string())?;
     resolve_names(&policy, &audit);
     let redirector = Arc::new(
         Redirector::attach(
@@ -600,9 +605,15 @@ fn run_inner(args: &RunArgs, control_socket: &Path) -> Result<(), String> {
         reload_path,
         Arc::clone(&shared),
         Arc::clone(&redirector),
+        Arc::clone(&watchers),
         audit_settings,
     ));
     let resolver = rt.spawn(resolve_loop(Arc::clone(&shared), Arc::clone(&redirector)));
+    let services = rt.spawn(service_loop(
+        Arc::clone(&shared),
+        Arc::clone(&redirector),
+        service_reports,
+    ));
     let rescanner = rt.spawn(Arc::clone(&kill_switch).rescan_loop());
     let heart = {
         let redirector = Arc::clone(&redirector);
@@ -667,6 +678,8 @@ fn run_inner(args: &RunArgs, control_socket: &Path) -> Result<(), String> {
     reloader.abort();
     rescanner.abort();
     resolver.abort();
+    services.abort();
+    drop(watchers);
     heart.abort();
     deadlines.abort();
     tracing::info!("{signal}: detaching and shutting down");
@@ -720,18 +733,22 @@ fn run_inner(args: &RunArgs, control_socket: &Path) -> Result<(), String> {
     Ok(())
 }
 
-/// A target as `status` shows it: a DNS-named one with its addresses now
-/// and when they were resolved.
+/// A target as `status` shows it: a DNS-named or Service one with its
+/// addresses now and when they were resolved (a name's as IP addresses, a
+/// Service's as ip:port, its endpoints' port being their own).
 fn target_status(t: &crate::policy::TargetSpec) -> Value {
     let mut v = json!({
         "name": t.name,
         "protocol": t.protocol.as_str(),
         "address": t.address.to_string(),
     });
-    if let Some(n) = t.address.name() {
-        let s = n.state();
+    if let Some(svc) = t.address.service() {
+        v["service"] = json!(svc.key());
+        v["port"] = json!(svc.port);
+    }
+    if let Some(s) = t.address.watched() {
         v["resolved"] = json!({
-            "addresses": s.current.iter().map(ToString::to_string).collect::<Vec<_>>(),
+            "addresses": address_strings(&t.address, &s.current),
             "resolved_at": s.resolved_at.map(|at| humantime::format_rfc3339_millis(at).to_string()),
             "last_error": s.last_error,
         });
@@ -739,55 +756,140 @@ fn target_status(t: &crate::policy::TargetSpec) -> Value {
     v
 }
 
+/// Addresses as audit records and `status` show them: a DNS name's as IP
+/// addresses (they all carry its port), a Service's as ip:port.
+fn address_strings(dest: &TargetDest, addrs: &[SocketAddr]) -> Vec<String> {
+    match dest {
+        TargetDest::Service(_) => addrs.iter().map(ToString::to_string).collect(),
+        _ => addrs.iter().map(|a| a.ip().to_string()).collect(),
+    }
+}
+
+/// Audits what one resolution of a name, or one watch event of a Service,
+/// did: a change (`target_resolved`) or a failure (`target_resolve_failed`,
+/// the last good addresses staying in force).
+fn audit_addresses(
+    audit: &crate::audit::AuditLog,
+    target: &str,
+    dest: &TargetDest,
+    outcome: Result<&NameChange, &str>,
+) {
+    let Some(state) = dest.watched() else { return };
+    let (subject_key, subject) = match dest {
+        TargetDest::Service(s) => ("service", s.key()),
+        TargetDest::Name(n) => ("name", n.host.clone()),
+        TargetDest::Net(_) => return,
+    };
+    let strings = |v: &[SocketAddr]| address_strings(dest, v);
+    let now = strings(&state.current);
+    match outcome {
+        Ok(change) => {
+            tracing::info!(
+                target_name = %target,
+                "{subject_key} {subject} resolved: added {:?}, removed {:?}",
+                strings(&change.added),
+                strings(&change.removed),
+            );
+            audit.record(
+                AuditEvent::new("target_resolved")
+                    .with("target", target)
+                    .with(subject_key, &subject)
+                    .with("port", dest.port())
+                    .with("added", strings(&change.added))
+                    .with("removed", strings(&change.removed))
+                    .with("addresses", now),
+            );
+        }
+        Err(error) => {
+            tracing::warn!(
+                target_name = %target,
+                "{subject_key} {subject} does not resolve, last addresses {now:?} stay: {error}"
+            );
+            audit.record(
+                AuditEvent::new("target_resolve_failed")
+                    .with("target", target)
+                    .with(subject_key, &subject)
+                    .with("port", dest.port())
+                    .with("error", error)
+                    .with("addresses", now),
+            );
+        }
+    }
+}
+
 /// Resolves every DNS-named target of `file` now (blocking: the system
-/// resolver) and audits each change (`target_resolved`) and each failure
-/// (`target_resolve_failed`, the last good addresses staying in force).
-/// Returns whether any name's addresses changed.
+/// resolver) and audits each change and each failure. Returns whether any
+/// name's addresses changed.
 fn resolve_names(file: &PolicyFile, audit: &crate::audit::AuditLog) -> bool {
-    let strings = |v: &[IpAddr]| v.iter().map(ToString::to_string).collect::<Vec<_>>();
     let mut changed = false;
     for (_, t, name) in file.named_targets() {
         match name.refresh() {
             Ok(change) if change.is_empty() => {}
             Ok(change) => {
                 changed = true;
-                let now = name.state().current;
-                tracing::info!(
-                    target_name = %t.name,
-                    name = %name.host,
-                    added = ?change.added,
-                    removed = ?change.removed,
-                    "target name resolved"
-                );
-                audit.record(
-                    AuditEvent::new("target_resolved")
-                        .with("target", &t.name)
-                        .with("name", &name.host)
-                        .with("port", name.port)
-                        .with("added", strings(&change.added))
-                        .with("removed", strings(&change.removed))
-                        .with("addresses", strings(&now)),
-                );
+                audit_addresses(audit, &t.name, &t.address, Ok(&change));
             }
-            Err(error) => {
-                let kept = name.state().current;
-                tracing::warn!(
-                    target_name = %t.name,
-                    name = %name.host,
-                    "target name does not resolve, last addresses {kept:?} stay: {error}"
-                );
-                audit.record(
-                    AuditEvent::new("target_resolve_failed")
-                        .with("target", &t.name)
-                        .with("name", &name.host)
-                        .with("port", name.port)
-                        .with("error", error)
-                        .with("addresses", strings(&kept)),
-                );
-            }
+            Err(error) => audit_addresses(audit, &t.name, &t.address, Err(&error)),
         }
     }
     changed
+}
+
+/// Audits what the Service watchers report and puts changed addresses in
+/// the kernel's targets map (the policy in force holds them: its Service
+/// targets share the watchers' state).
+async fn service_loop(
+    shared: Arc<Shared>,
+    redirector: Arc<Redirector>,
+    mut reports: tokio::sync::mpsc::UnboundedReceiver<crate::kube::Report>,
+) {
+    use crate::kube::Report;
+    while let Some(first) = reports.recv().await {
+        let mut changed = false;
+        let mut next = Some(first);
+        while let Some(r) = next {
+            match r {
+                Report::Changed {
+                    target,
+                    service,
+                    change,
+                } => {
+                    changed = true;
+                    audit_addresses(
+                        &shared.audit,
+                        &target,
+                        &TargetDest::Service(service),
+                        Ok(&change),
+                    );
+                }
+                Report::Failed {
+                    target,
+                    service,
+                    error,
+                } => audit_addresses(
+                    &shared.audit,
+                    &target,
+                    &TargetDest::Service(service),
+                    Err(&error),
+                ),
+            }
+            next = reports.try_recv().ok();
+        }
+        if !changed {
+            continue;
+        }
+        // No await between reading the policy in force and setting its
+        // targets: a reload (on this runtime) cannot slip in between.
+        let engine = shared.engine.load();
+        if let Err(e) = redirector.set_targets(&engine.file().targets) {
+            tracing::error!("cannot update the kernel's targets after a Service change: {e}");
+            shared.audit.record(
+                AuditEvent::new("target_resolve_failed")
+                    .with("stage", "map")
+                    .with("error", e.to_string()),
+            );
+        }
+    }
 }
 
 /// Resolves the policy's DNS-named targets every `resolve_every` and puts
@@ -834,6 +936,7 @@ async fn reload_loop(
     path: Option<PathBuf>,
     shared: Arc<Shared>,
     redirector: Arc<Redirector>,
+    watchers: Arc<crate::kube::Watchers>,
     audit_in_force: AuditSettings,
 ) {
     use tokio::signal::unix::{SignalKind, signal};
@@ -859,18 +962,30 @@ async fn reload_loop(
                 "file change"
             }
         };
-        let result = match PolicyFile::load(&path) {
-            Ok(file) => {
-                // A reload resolves its names at once, before it takes effect.
-                let audit = shared.audit.clone();
-                tokio::task::spawn_blocking(move || {
-                    resolve_names(&file, &audit);
-                    file
-                })
-                .await
-                .map_err(|e| e.to_string())
+        let result = match PolicyFile::load(&path)
+            .map_err(|e| e.to_string())
+            .and_then(|f| {
+                crate::kube::check_policy(&f)
+                    .map(|()| f)
+                    .map_err(|e| format!("{}: {e}", path.display()))
+            }) {
+            Ok(mut file) => {
+                // A reload lists its Services and resolves its names at
+                // once, before it takes effect.
+                match watchers.prepare(&mut file).await {
+                    Err(e) => Err(e.to_string()),
+                    Ok(()) => {
+                        let audit = shared.audit.clone();
+                        tokio::task::spawn_blocking(move || {
+                            resolve_names(&file, &audit);
+                            file
+                        })
+                        .await
+                        .map_err(|e| e.to_string())
+                    }
+                }
             }
-            Err(e) => Err(e.to_string()),
+            Err(e) => Err(e),
         };
         let result = result
             .and_then(|file| Engine::new(file).map_err(|e| e.to_string()))
@@ -898,11 +1013,14 @@ async fn reload_loop(
                     ev = ev.with("audit_restart_required", pending);
                 }
                 shared.publish(engine);
+                watchers.retain(shared.engine.load().file());
                 tracing::info!("policy reloaded from {} ({trigger})", path.display());
                 shared.audit.record(ev);
             }
             Err(e) => {
                 tracing::error!("policy reload rejected, previous policy stays in force: {e}");
+                // Watchers started for the rejected file stop.
+                watchers.retain(shared.engine.load().file());
                 shared
                     .audit
                     .record(ev.with("status", "rejected").with("error", e));

@@ -174,18 +174,17 @@ fn prog_err(name: &'static str) -> impl FnOnce(aya::programs::ProgramError) -> E
 }
 
 /// The LPM keys for a target: port, then the (IPv4-mapped) address prefix;
-/// one per address a DNS-named target resolves to now.
+/// one per address a DNS-named or Service target has now.
 #[must_use]
 pub fn target_keys(spec: &TargetSpec) -> Vec<Key<TargetKey>> {
-    let port_be = spec.address.port().to_be();
     spec.address
         .prefixes()
         .into_iter()
-        .map(|(net, bits)| {
+        .map(|(net, bits, port)| {
             Key::new(
                 TARGET_KEY_PORT_BITS + u32::from(bits),
                 TargetKey {
-                    port_be,
+                    port_be: port.to_be(),
                     _pad: 0,
                     addr: net.octets(),
                 },

@@ -257,11 +257,12 @@ fn fingerprints<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Vec<String>>, 
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
+#[serde(try_from = "TargetSpecText", into = "TargetSpecText")]
 pub struct TargetSpec {
     pub name: String,
     pub protocol: Protocol,
-    /// An address, CIDR block or DNS name, with the port.
+    /// An address, CIDR block or DNS name, with the port; or a Kubernetes
+    /// Service with its Service port (`service:` and `port:` in the file).
     pub address: super::TargetDest,
     /// Schema unqualified PostgreSQL names resolve to (default `public`).
     #[serde(default)]
@@ -279,6 +280,99 @@ pub struct TargetSpec {
     /// entry names (they then hold no password).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub logins: Vec<super::LoginSpec>,
+}
+
+/// A target as written: `address:`, or `service:` with `port:`.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+struct TargetSpecText {
+    name: String,
+    protocol: Protocol,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    address: Option<super::TargetDest>,
+    /// `NAMESPACE/NAME` of a Kubernetes Service.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    service: Option<String>,
+    /// The Service port of `service:`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    port: Option<u16>,
+    #[serde(default)]
+    default_schema: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    admin: Option<AdminSpec>,
+    #[serde(default)]
+    tls: super::TlsSpec,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    logins: Vec<super::LoginSpec>,
+}
+
+impl TryFrom<TargetSpecText> for TargetSpec {
+    type Error = String;
+
+    fn try_from(t: TargetSpecText) -> Result<Self, String> {
+        let name = &t.name;
+        let address = match (t.address, t.service, t.port) {
+            (Some(_), Some(_), _) => {
+                return Err(format!(
+                    "target {name:?}: give either address or service, not both"
+                ));
+            }
+            (Some(_), None, Some(_)) => {
+                return Err(format!(
+                    "target {name:?}: port goes with service; an address carries its own port (ip:port)"
+                ));
+            }
+            (Some(a), None, None) => a,
+            (None, Some(svc), port) => {
+                let (ns, svc_name) = super::names::parse_service(&svc)
+                    .map_err(|e| format!("target {name:?}: {e}"))?;
+                let port = match port {
+                    Some(0) => return Err(format!("target {name:?}: port 0")),
+                    Some(p) => p,
+                    None => {
+                        return Err(format!(
+                            "target {name:?}: service {svc} needs port: (the Service port, as in the Service's spec.ports)"
+                        ));
+                    }
+                };
+                super::TargetDest::Service(super::ServiceAddress::new(ns, svc_name, port))
+            }
+            (None, None, _) => {
+                return Err(format!(
+                    "target {name:?}: missing address (ip:port, cidr:port or name:port) or service (NAMESPACE/NAME with port)"
+                ));
+            }
+        };
+        Ok(Self {
+            name: t.name,
+            protocol: t.protocol,
+            address,
+            default_schema: t.default_schema,
+            admin: t.admin,
+            tls: t.tls,
+            logins: t.logins,
+        })
+    }
+}
+
+impl From<TargetSpec> for TargetSpecText {
+    fn from(t: TargetSpec) -> Self {
+        let (address, service, port) = match t.address {
+            super::TargetDest::Service(s) => (None, Some(s.key()), Some(s.port)),
+            a => (Some(a), None, None),
+        };
+        Self {
+            name: t.name,
+            protocol: t.protocol,
+            address,
+            service,
+            port,
+            default_schema: t.default_schema,
+            admin: t.admin,
+            tls: t.tls,
+            logins: t.logins,
+        }
+    }
 }
 
 /// A database account for the agent's own side connections.
@@ -723,6 +817,16 @@ impl PolicyFile {
             .filter_map(|(i, t)| t.address.name().map(|n| (i, t, n)))
     }
 
+    /// The targets given by Kubernetes Service, with their positions.
+    pub fn service_targets(
+        &self,
+    ) -> impl Iterator<Item = (usize, &TargetSpec, &super::ServiceAddress)> {
+        self.targets
+            .iter()
+            .enumerate()
+            .filter_map(|(i, t)| t.address.service().map(|s| (i, t, s)))
+    }
+
     /// The target a concrete destination belongs to: the most specific
     /// (longest prefix) match, as the kernel's LPM trie picks it.
     #[must_use]
@@ -801,6 +905,66 @@ mod tests {
         // serde_yaml_ng places a value's custom error at its entry.
         assert!(err.starts_with("test.yaml:3:"), "{err}");
         assert!(err.contains("nope"), "{err}");
+    }
+
+    #[test]
+    fn service_targets() {
+        let p = parse(
+            "version: 1\ntargets:\n  - {name: a, protocol: postgres, service: prod/pg, port: 5432}\n  - {name: b, protocol: postgres, address: 10.0.0.1:5432}\n",
+        )
+        .unwrap();
+        let svc = p.targets[0].address.service().unwrap();
+        assert_eq!((svc.key().as_str(), svc.port), ("prod/pg", 5432));
+        assert_eq!(p.service_targets().count(), 1);
+        // Nothing is redirected before the Service is watched.
+        assert!(p.targets[0].address.prefixes().is_empty());
+        let dst: SocketAddr = "10.244.1.5:5433".parse().unwrap();
+        svc.apply(
+            &[dst, "10.96.0.10:5432".parse().unwrap()],
+            std::time::SystemTime::now(),
+        );
+        assert_eq!(p.target_for(dst).map(|(_, t)| t.name.as_str()), Some("a"));
+        assert_eq!(p.targets[0].address.prefixes().len(), 2);
+        // Written back the way it was given.
+        let text = serde_yaml_ng::to_string(&p.targets[0]).unwrap();
+        assert!(
+            text.contains("service: prod/pg") && text.contains("port: 5432"),
+            "{text}"
+        );
+        assert!(!text.contains("address"), "{text}");
+        for (target, want) in [
+            (
+                "service: prod/pg, address: 10.0.0.1:5432, port: 1",
+                "not both",
+            ),
+            ("service: prod/pg", "needs port"),
+            ("service: prod/pg, port: 0", "port 0"),
+            (
+                "address: 10.0.0.1:5432, port: 5432",
+                "port goes with service",
+            ),
+            ("service: pg, port: 5432", "NAMESPACE/NAME"),
+            ("service: Prod/pg, port: 5432", "namespace \"Prod\""),
+            ("service: prod/9pg, port: 5432", "name \"9pg\""),
+            ("service: prod/pg-, port: 5432", "name \"pg-\""),
+            ("service: prod/pg/x, port: 5432", "name \"pg/x\""),
+            ("service: prod/pg, port: 70000", "70000"),
+            ("port: 5432", "missing address"),
+        ] {
+            let err = parse(&format!(
+                "version: 1\ntargets:\n  - {{name: a, protocol: postgres, {target}}}\n"
+            ))
+            .unwrap_err()
+            .to_string();
+            assert!(err.contains(want), "{target}: {err}");
+            assert!(err.starts_with("test.yaml:3:"), "{target}: {err}");
+        }
+        let err = parse(
+            "version: 1\ntargets:\n  - {name: a, protocol: postgres, service: prod/pg, port: 5432}\n  - {name: b, protocol: postgres, service: prod/pg, port: 5432}\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("same address"), "{err}");
     }
 
     #[test]

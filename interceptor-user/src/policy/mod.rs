@@ -21,7 +21,10 @@ pub use file::{
     WherePresence, parse_duration,
 };
 pub use logins::{Login, LoginSpec, Secret, login_for, refusal_message as login_refusal};
-pub use names::{NameChange, NameState, NamedAddress, TargetDest, diff as names_diff};
+pub use names::{
+    NameChange, NameState, NamedAddress, ServiceAddress, TargetDest, diff as names_diff,
+    parse_service,
+};
 pub use tls::{ServerTls, TlsMaterial, TlsSpec};
 pub use url::HttpUrl;
 

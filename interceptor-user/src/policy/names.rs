@@ -1,9 +1,16 @@
-//! Target destinations given by DNS name (`db.internal:5432`): the name, its
-//! addresses as last resolved, and the diff between two resolutions.
+//! Target destinations given by DNS name (`db.internal:5432`) or by
+//! Kubernetes Service (`service: NAMESPACE/NAME`, `port:`): the name, its
+//! addresses as last resolved or watched, and the diff between two
+//! resolutions.
 //!
 //! The system resolver (`getaddrinfo`, so `/etc/hosts`, search domains and
 //! nsswitch apply as for the workloads) reports no TTL, so a name is
-//! resolved again every `resolve_every` and at once on each policy load.
+//! resolved again every `resolve_every` and at once on each policy load. A
+//! Service is watched through the Kubernetes API (`crate::kube`).
+//!
+//! Both keep socket addresses: a DNS name's all carry its port, while a
+//! Service's ClusterIPs carry the Service port and its endpoints the
+//! endpoint (target) port, which may differ per EndpointSlice.
 
 use std::{
     fmt,
@@ -17,11 +24,13 @@ use serde::{Deserialize, Deserializer, Serialize};
 
 use super::TargetAddress;
 
-/// Where a target is: an address or CIDR block, or a DNS name kept resolved.
+/// Where a target is: an address or CIDR block, a DNS name kept resolved,
+/// or a Kubernetes Service kept watched.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum TargetDest {
     Net(TargetAddress),
     Name(NamedAddress),
+    Service(ServiceAddress),
 }
 
 /// A DNS name and port, with its addresses as last resolved (shared by all
@@ -41,14 +50,37 @@ impl PartialEq for NamedAddress {
 
 impl Eq for NamedAddress {}
 
-/// What the agent knows of a name now.
+/// A Kubernetes Service and its Service port: the ClusterIPs at that port
+/// and its ready endpoints at the matching endpoint port are redirected.
+/// The addresses are shared by all clones of the policy that carries it,
+/// and by the next policy naming the same Service and port (so a reload
+/// neither forgets nor re-learns them).
+#[derive(Clone, Debug)]
+pub struct ServiceAddress {
+    pub namespace: String,
+    pub name: String,
+    /// The Service port (`spec.ports[].port`), not the endpoint port.
+    pub port: u16,
+    state: Arc<RwLock<NameState>>,
+}
+
+impl PartialEq for ServiceAddress {
+    fn eq(&self, other: &Self) -> bool {
+        self.namespace == other.namespace && self.name == other.name && self.port == other.port
+    }
+}
+
+impl Eq for ServiceAddress {}
+
+/// What the agent knows of a name or Service now.
 #[derive(Clone, Debug, Default)]
 pub struct NameState {
     /// The addresses redirected now (sorted).
-    pub current: Vec<IpAddr>,
-    /// Every address the name has had since this policy loaded: live
-    /// connections to an address that left the name keep their target.
-    pub known: Vec<IpAddr>,
+    pub current: Vec<SocketAddr>,
+    /// Every address the name has had since this policy loaded (a
+    /// Service's: since the agent began watching it): live connections to
+    /// an address that left keep their target.
+    pub known: Vec<SocketAddr>,
     /// When `current` was last confirmed by a successful resolution.
     pub resolved_at: Option<SystemTime>,
     /// The last failure, cleared by the next success.
@@ -58,8 +90,8 @@ pub struct NameState {
 /// The difference one resolution made.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct NameChange {
-    pub added: Vec<IpAddr>,
-    pub removed: Vec<IpAddr>,
+    pub added: Vec<SocketAddr>,
+    pub removed: Vec<SocketAddr>,
 }
 
 impl NameChange {
@@ -70,17 +102,21 @@ impl NameChange {
 }
 
 /// Plain IPv4 for IPv4-mapped IPv6, so both spellings compare equal.
-fn canonical(ip: IpAddr) -> IpAddr {
+fn canonical_ip(ip: IpAddr) -> IpAddr {
     match ip {
         IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
         IpAddr::V4(_) => ip,
     }
 }
 
+fn canonical(a: SocketAddr) -> SocketAddr {
+    SocketAddr::new(canonical_ip(a.ip()), a.port())
+}
+
 /// Sorted, deduplicated addresses and the diff against `old` (sorted).
 #[must_use]
-pub fn diff(old: &[IpAddr], new: &[IpAddr]) -> (Vec<IpAddr>, NameChange) {
-    let mut new: Vec<IpAddr> = new.iter().copied().map(canonical).collect();
+pub fn diff(old: &[SocketAddr], new: &[SocketAddr]) -> (Vec<SocketAddr>, NameChange) {
+    let mut new: Vec<SocketAddr> = new.iter().copied().map(canonical).collect();
     new.sort_unstable();
     new.dedup();
     let change = NameChange {
@@ -88,6 +124,43 @@ pub fn diff(old: &[IpAddr], new: &[IpAddr]) -> (Vec<IpAddr>, NameChange) {
         removed: old.iter().filter(|a| !new.contains(a)).copied().collect(),
     };
     (new, change)
+}
+
+/// The shared addresses of a name or Service, and how they change.
+type Shared = Arc<RwLock<NameState>>;
+
+fn read(state: &Shared) -> NameState {
+    state.read().unwrap_or_else(PoisonError::into_inner).clone()
+}
+
+/// Records a success: `addrs` become current (and known); returns what
+/// changed.
+fn apply(state: &Shared, addrs: &[SocketAddr], at: SystemTime) -> NameChange {
+    let mut s = state.write().unwrap_or_else(PoisonError::into_inner);
+    let (current, change) = diff(&s.current, addrs);
+    for a in &current {
+        if !s.known.contains(a) {
+            s.known.push(*a);
+        }
+    }
+    s.current = current;
+    s.resolved_at = Some(at);
+    s.last_error = None;
+    change
+}
+
+/// Records a failure: the last good addresses stay.
+fn fail(state: &Shared, error: String) {
+    state
+        .write()
+        .unwrap_or_else(PoisonError::into_inner)
+        .last_error = Some(error);
+}
+
+fn has(state: &Shared, dst: SocketAddr, known: bool) -> bool {
+    let dst = canonical(dst);
+    let s = state.read().unwrap_or_else(PoisonError::into_inner);
+    if known { &s.known } else { &s.current }.contains(&dst)
 }
 
 impl NamedAddress {
@@ -103,10 +176,7 @@ impl NamedAddress {
     /// A copy of what is known now.
     #[must_use]
     pub fn state(&self) -> NameState {
-        self.state
-            .read()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clone()
+        read(&self.state)
     }
 
     /// Asks the system resolver for every A and AAAA record (blocking).
@@ -127,25 +197,16 @@ impl NamedAddress {
 
     /// Records a successful resolution; returns what changed.
     pub fn apply(&self, addrs: &[IpAddr], at: SystemTime) -> NameChange {
-        let mut s = self.state.write().unwrap_or_else(PoisonError::into_inner);
-        let (current, change) = diff(&s.current, addrs);
-        for a in &current {
-            if !s.known.contains(a) {
-                s.known.push(*a);
-            }
-        }
-        s.current = current;
-        s.resolved_at = Some(at);
-        s.last_error = None;
-        change
+        let addrs: Vec<SocketAddr> = addrs
+            .iter()
+            .map(|ip| SocketAddr::new(*ip, self.port))
+            .collect();
+        apply(&self.state, &addrs, at)
     }
 
     /// Records a failed resolution: the last good addresses stay.
     pub fn fail(&self, error: String) {
-        self.state
-            .write()
-            .unwrap_or_else(PoisonError::into_inner)
-            .last_error = Some(error);
+        fail(&self.state, error);
     }
 
     /// Resolves now and records the outcome.
@@ -161,11 +222,56 @@ impl NamedAddress {
             }
         }
     }
+}
 
-    fn has(&self, ip: IpAddr, known: bool) -> bool {
-        let ip = canonical(ip);
-        let s = self.state.read().unwrap_or_else(PoisonError::into_inner);
-        if known { &s.known } else { &s.current }.contains(&ip)
+impl ServiceAddress {
+    #[must_use]
+    pub fn new(namespace: String, name: String, port: u16) -> Self {
+        Self {
+            namespace,
+            name,
+            port,
+            state: Arc::default(),
+        }
+    }
+
+    /// `NAMESPACE/NAME`.
+    #[must_use]
+    pub fn key(&self) -> String {
+        format!("{}/{}", self.namespace, self.name)
+    }
+
+    /// A copy of what is known now.
+    #[must_use]
+    pub fn state(&self) -> NameState {
+        read(&self.state)
+    }
+
+    /// Records what the API says now (ClusterIPs at the Service port,
+    /// endpoints at theirs); returns what changed.
+    pub fn apply(&self, addrs: &[SocketAddr], at: SystemTime) -> NameChange {
+        apply(&self.state, addrs, at)
+    }
+
+    /// Records a failure to learn the Service's addresses: the last good
+    /// ones stay.
+    pub fn fail(&self, error: String) {
+        fail(&self.state, error);
+    }
+
+    /// Shares `other`'s addresses (the same Service and port in the policy
+    /// in force) instead of starting empty.
+    pub fn adopt(&mut self, other: &Self) {
+        if self == other {
+            self.state = Arc::clone(&other.state);
+        }
+    }
+
+    /// Whether `other` holds the very same addresses (not just an equal
+    /// Service).
+    #[must_use]
+    pub fn shares(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.state, &other.state)
     }
 }
 
@@ -177,22 +283,25 @@ fn mapped(ip: IpAddr) -> Ipv6Addr {
 }
 
 impl TargetDest {
+    /// The port of an address or name, or a Service's Service port.
     #[must_use]
     pub fn port(&self) -> u16 {
         match self {
             Self::Net(n) => n.port,
             Self::Name(n) => n.port,
+            Self::Service(s) => s.port,
         }
     }
 
     /// Whether a destination belongs to this target: inside the block, or
-    /// any address the name has had (so connections made before the name
-    /// moved keep their target).
+    /// any address the name or Service has had (so connections made before
+    /// it moved keep their target).
     #[must_use]
     pub fn contains(&self, dst: SocketAddr) -> bool {
         match self {
             Self::Net(n) => n.contains(dst),
-            Self::Name(n) => dst.port() == n.port && n.has(dst.ip(), true),
+            Self::Name(n) => has(&n.state, dst, true),
+            Self::Service(s) => has(&s.state, dst, true),
         }
     }
 
@@ -201,7 +310,8 @@ impl TargetDest {
     pub fn routes(&self, dst: SocketAddr) -> bool {
         match self {
             Self::Net(n) => n.contains(dst),
-            Self::Name(n) => dst.port() == n.port && n.has(dst.ip(), false),
+            Self::Name(n) => has(&n.state, dst, false),
+            Self::Service(s) => has(&s.state, dst, false),
         }
     }
 
@@ -210,21 +320,27 @@ impl TargetDest {
     pub fn specificity(&self) -> u8 {
         match self {
             Self::Net(n) => n.mapped().1,
-            Self::Name(_) => 128,
+            Self::Name(_) | Self::Service(_) => 128,
         }
     }
 
-    /// The (IPv4-mapped) prefixes the kernel redirects now.
+    /// The (IPv4-mapped) prefixes the kernel redirects now, each with its
+    /// port.
     #[must_use]
-    pub fn prefixes(&self) -> Vec<(Ipv6Addr, u8)> {
-        match self {
-            Self::Net(n) => vec![n.mapped()],
-            Self::Name(n) => n
-                .state()
-                .current
+    pub fn prefixes(&self) -> Vec<(Ipv6Addr, u8, u16)> {
+        let exact = |s: NameState| {
+            s.current
                 .into_iter()
-                .map(|ip| (mapped(ip), 128))
-                .collect(),
+                .map(|a| (mapped(a.ip()), 128, a.port()))
+                .collect()
+        };
+        match self {
+            Self::Net(n) => {
+                let (net, bits) = n.mapped();
+                vec![(net, bits, n.port)]
+            }
+            Self::Name(n) => exact(n.state()),
+            Self::Service(s) => exact(s.state()),
         }
     }
 
@@ -232,7 +348,25 @@ impl TargetDest {
     pub fn name(&self) -> Option<&NamedAddress> {
         match self {
             Self::Name(n) => Some(n),
+            Self::Net(_) | Self::Service(_) => None,
+        }
+    }
+
+    #[must_use]
+    pub fn service(&self) -> Option<&ServiceAddress> {
+        match self {
+            Self::Service(s) => Some(s),
+            Self::Net(_) | Self::Name(_) => None,
+        }
+    }
+
+    /// The shared addresses of a name or Service, if this is one.
+    #[must_use]
+    pub fn watched(&self) -> Option<NameState> {
+        match self {
             Self::Net(_) => None,
+            Self::Name(n) => Some(n.state()),
+            Self::Service(s) => Some(s.state()),
         }
     }
 }
@@ -242,6 +376,7 @@ impl fmt::Display for TargetDest {
         match self {
             Self::Net(n) => n.fmt(f),
             Self::Name(n) => write!(f, "{}:{}", n.host, n.port),
+            Self::Service(s) => write!(f, "service {}/{} port {}", s.namespace, s.name, s.port),
         }
     }
 }
@@ -261,6 +396,40 @@ fn is_dns_name(s: &str) -> bool {
         })
         // All-numeric dotted text is a (bad) IPv4 address, not a name.
         && !s.bytes().all(|b| b.is_ascii_digit() || b == b'.')
+}
+
+/// A DNS-1123 label (a namespace); with `letter_first`, a DNS-1035 label
+/// (a Service name), as the API server validates them.
+fn is_label(s: &str, letter_first: bool) -> bool {
+    let b = s.as_bytes();
+    !b.is_empty()
+        && b.len() <= 63
+        && b.iter()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
+        && b.first()
+            .is_some_and(|c| c.is_ascii_lowercase() || (!letter_first && c.is_ascii_digit()))
+        && b.last().is_some_and(|c| *c != b'-')
+}
+
+/// `NAMESPACE/NAME` of a `service:` target.
+///
+/// # Errors
+/// When either half is not a name the API server would accept.
+pub fn parse_service(s: &str) -> Result<(String, String), String> {
+    let (ns, name) = s.split_once('/').ok_or_else(|| {
+        format!("invalid service {s:?}: expected NAMESPACE/NAME, such as prod/postgres")
+    })?;
+    if !is_label(ns, false) {
+        return Err(format!(
+            "invalid service {s:?}: namespace {ns:?} is not a DNS label (a-z, 0-9 and '-', at most 63, starting and ending alphanumeric)"
+        ));
+    }
+    if !is_label(name, true) {
+        return Err(format!(
+            "invalid service {s:?}: name {name:?} is not a Service name (a-z, 0-9 and '-', at most 63, starting with a letter, not ending with '-')"
+        ));
+    }
+    Ok((ns.to_owned(), name.to_owned()))
 }
 
 impl FromStr for TargetDest {
@@ -321,6 +490,14 @@ mod tests {
         v.iter().map(|s| s.parse().unwrap()).collect()
     }
 
+    /// The addresses at port 5432.
+    fn at(v: &[&str]) -> Vec<SocketAddr> {
+        ips(v)
+            .into_iter()
+            .map(|ip| SocketAddr::new(ip, 5432))
+            .collect()
+    }
+
     #[test]
     fn parses_names_and_addresses() {
         assert!(matches!("127.0.0.1:5432".parse(), Ok(TargetDest::Net(_))));
@@ -359,14 +536,14 @@ mod tests {
 
     #[test]
     fn diff_reports_added_and_removed() {
-        let (cur, ch) = diff(&[], &ips(&["10.0.0.2", "10.0.0.1", "10.0.0.1"]));
-        assert_eq!(cur, ips(&["10.0.0.1", "10.0.0.2"]));
+        let (cur, ch) = diff(&[], &at(&["10.0.0.2", "10.0.0.1", "10.0.0.1"]));
+        assert_eq!(cur, at(&["10.0.0.1", "10.0.0.2"]));
         assert_eq!(ch.added, cur);
         assert!(ch.removed.is_empty());
-        let (cur2, ch) = diff(&cur, &ips(&["10.0.0.2", "::ffff:10.0.0.3", "fd00::1"]));
-        assert_eq!(cur2, ips(&["10.0.0.2", "10.0.0.3", "fd00::1"]));
-        assert_eq!(ch.added, ips(&["10.0.0.3", "fd00::1"]));
-        assert_eq!(ch.removed, ips(&["10.0.0.1"]));
+        let (cur2, ch) = diff(&cur, &at(&["10.0.0.2", "::ffff:10.0.0.3", "fd00::1"]));
+        assert_eq!(cur2, at(&["10.0.0.2", "10.0.0.3", "fd00::1"]));
+        assert_eq!(ch.added, at(&["10.0.0.3", "fd00::1"]));
+        assert_eq!(ch.removed, at(&["10.0.0.1"]));
         assert!(diff(&cur2, &cur2).1.is_empty());
     }
 
@@ -382,16 +559,72 @@ mod tests {
         n.apply(&ips(&["10.0.0.1"]), SystemTime::now());
         assert!(dest.routes(old) && dest.contains(old));
         let ch = n.apply(&ips(&["10.0.0.2"]), SystemTime::now());
-        assert_eq!(ch.removed, ips(&["10.0.0.1"]));
+        assert_eq!(ch.removed, at(&["10.0.0.1"]));
         assert!(!dest.routes(old) && dest.contains(old));
         assert!(dest.routes(new));
         assert!(!dest.contains("10.0.0.2:5433".parse().unwrap()));
         n.fail("gone".into());
-        assert_eq!(n.state().current, ips(&["10.0.0.2"]));
+        assert_eq!(n.state().current, at(&["10.0.0.2"]));
         assert_eq!(
             dest.prefixes(),
-            vec![("::ffff:10.0.0.2".parse().unwrap(), 128)]
+            vec![("::ffff:10.0.0.2".parse().unwrap(), 128, 5432)]
         );
+    }
+
+    #[test]
+    fn service_keeps_endpoint_ports_and_shares_state_across_loads() {
+        let svc = ServiceAddress::new("prod".into(), "pg".into(), 5432);
+        let dest = TargetDest::Service(svc.clone());
+        let cluster: SocketAddr = "10.96.0.10:5432".parse().unwrap();
+        let ep: SocketAddr = "10.244.1.5:5433".parse().unwrap();
+        let ch = svc.apply(&[ep, cluster], SystemTime::now());
+        assert_eq!(ch.added, vec![cluster, ep]);
+        assert!(dest.routes(cluster) && dest.routes(ep));
+        // The endpoint's address at the Service port is not the endpoint.
+        assert!(!dest.routes("10.244.1.5:5432".parse().unwrap()));
+        assert_eq!(
+            dest.prefixes(),
+            vec![
+                ("::ffff:10.96.0.10".parse().unwrap(), 128, 5432),
+                ("::ffff:10.244.1.5".parse().unwrap(), 128, 5433)
+            ]
+        );
+        // A reloaded policy naming the same Service shares the addresses.
+        let mut again = ServiceAddress::new("prod".into(), "pg".into(), 5432);
+        assert!(again.state().current.is_empty() && !again.shares(&svc));
+        again.adopt(&svc);
+        assert!(again.shares(&svc));
+        let moved: SocketAddr = "10.244.2.7:5433".parse().unwrap();
+        let ch = again.apply(&[cluster, moved], SystemTime::now());
+        assert_eq!((ch.added, ch.removed), (vec![moved], vec![ep]));
+        assert!(!dest.routes(ep) && dest.contains(ep) && dest.routes(moved));
+        let mut other = ServiceAddress::new("prod".into(), "pg".into(), 5433);
+        other.adopt(&svc);
+        assert!(!other.shares(&svc));
+        assert_eq!(dest.to_string(), "service prod/pg port 5432");
+    }
+
+    #[test]
+    fn service_names() {
+        assert_eq!(
+            parse_service("prod/pg-main").unwrap(),
+            ("prod".to_owned(), "pg-main".to_owned())
+        );
+        assert!(parse_service("0ns/a1").is_ok());
+        let long = "a".repeat(64);
+        for bad in [
+            "pg",
+            "/pg",
+            "prod/",
+            "prod/Pg",
+            "prod/1pg",
+            "-prod/pg",
+            "prod/pg_x",
+            "prod/pg.x",
+            &format!("prod/{long}"),
+        ] {
+            assert!(parse_service(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]
