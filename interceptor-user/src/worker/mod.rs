@@ -139,6 +139,21 @@ fn worker(
         for a in accepts {
             a.abort();
         }
+        // Connections accepted before the stop (still in the channel when
+        // the select above took the shutdown) are served, not dropped:
+        // during a handover their clients would see the agent hang up.
+        rx.close();
+        while let Some((stream, peer, netns)) = rx.recv().await {
+            let shared = Arc::clone(&shared);
+            conns.spawn_local(handle(
+                shared,
+                stream,
+                peer,
+                netns,
+                handler_shutdown.clone(),
+                drain,
+            ));
+        }
         if let Some(h) = heartbeat {
             h.abort();
         }
