@@ -707,6 +707,29 @@ impl Agent {
     }
 
     /// Waits for an audit event matching `pred` and returns it.
+    /// Waits (15 s at most) until the agent holds a statement for approval
+    /// and returns the first pending approval's id.
+    #[must_use]
+    pub fn wait_pending_approval(&self) -> String {
+        let mut id = String::new();
+        wait_for(
+            "the approval to be pending",
+            Duration::from_secs(15),
+            || {
+                let out = self.cli(&["approvals", "list", "--json"]);
+                let list: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
+                match list.as_array().and_then(|a| a.first()) {
+                    Some(a) => {
+                        id = a["id"].as_str().unwrap().to_owned();
+                        true
+                    }
+                    None => false,
+                }
+            },
+        );
+        id
+    }
+
     pub fn wait_event(&self, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
         let mut found = None;
         let start = Instant::now();

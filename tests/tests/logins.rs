@@ -182,6 +182,10 @@ fn brokered_logins_need_no_password_and_only_the_named_identities_get_them() {
         "select 'both-legs'",
     );
     assert_eq!(text(&out.stdout).trim(), "both-legs", "{}", show(&out));
+    // The audit writer is asynchronous: wait for both records.
+    wait_for("two session records", Duration::from_secs(5), || {
+        events(&agent, "session").len() >= 2
+    });
     let sessions = events(&agent, "session");
     let brokered: Vec<&Value> = sessions
         .iter()
@@ -226,21 +230,7 @@ fn brokered_logins_need_no_password_and_only_the_named_identities_get_them() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let mut id = String::new();
-    wait_for(
-        "the approval to be pending",
-        Duration::from_secs(15),
-        || {
-            let out = agent.cli(&["approvals", "list", "--json"]);
-            let list: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
-            if let Some(a) = list.as_array().and_then(|a| a.first()) {
-                id = a["id"].as_str().unwrap().to_owned();
-                true
-            } else {
-                false
-            }
-        },
-    );
+    let id = agent.wait_pending_approval();
     let out = agent.cli(&["approvals", "approve", &id, "--reason", "login test"]);
     assert!(out.status.success(), "{}", show(&out));
     let out = wait_exit(waiting, Duration::from_secs(10));

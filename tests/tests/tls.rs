@@ -178,21 +178,7 @@ fn tls_postgres_require_verify_full_plain_workload_denial_and_kill_switch() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let mut id = String::new();
-    wait_for(
-        "the approval to be pending",
-        Duration::from_secs(15),
-        || {
-            let out = agent.cli(&["approvals", "list", "--json"]);
-            let list: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
-            if let Some(a) = list.as_array().and_then(|a| a.first()) {
-                id = a["id"].as_str().unwrap().to_owned();
-                true
-            } else {
-                false
-            }
-        },
-    );
+    let id = agent.wait_pending_approval();
     let out = agent.cli(&["approvals", "approve", &id, "--reason", "tls test"]);
     assert!(out.status.success(), "{}", show(&out));
     let out = wait_exit(waiting, Duration::from_secs(10));
