@@ -430,3 +430,348 @@ fn write_policy(dir: &Path, policy: &str) -> PathBuf {
     std::fs::write(&p, policy).unwrap();
     p
 }
+
+const MY_USER: &str = "etl_rw";
+const MY_ED_USER: &str = "ed_rw";
+const MY_ED_PASSWORD: &str = "ed-Pass-7";
+
+fn mysql_logins_policy(port: u16, secret: &Path) -> String {
+    format!(
+        "version: 1
+mode: enforce
+default: allow
+on_parse_error: allow
+identities:
+  etl: {{comm: mariadb}}
+  bench: {{comm: sysbench}}
+  driver: {{comm: mysql-driver}}
+targets:
+  - name: maria
+    protocol: mysql
+    address: 127.0.0.1:{port}
+    logins:
+      - db_user: {MY_USER}
+        identities: [etl, bench, driver]
+        password_file: {}
+      - db_user: {MY_ED_USER}
+        identities: [etl]
+        password_env: INTERCEPTOR_TEST_ED_PASSWORD
+rules:
+  - name: no-secrets
+    any_tables: [shop.secrets]
+    decision: deny
+  - name: ddl-approval
+    identities: [etl]
+    kinds: [ddl]
+    decision: approve
+    approval: {{approvers: [root], timeout: 60s}}
+",
+        secret.display()
+    )
+}
+
+/// `mariadb` (or a copy under another name) in `cg` as `user`, with no
+/// password: no `-p`, no option files.
+fn mariadb_as(
+    cg: &TestCgroup,
+    port: u16,
+    program: &Path,
+    user: &str,
+    extra: &[&str],
+    sql: &str,
+) -> Output {
+    run_any(
+        cg.command(program.to_str().unwrap())
+            .args(["--no-defaults", "--protocol=tcp", "-h127.0.0.1"])
+            .arg(format!("-P{port}"))
+            .arg(format!("-u{user}"))
+            .args(extra)
+            .args(["-N", "-B", "-e", sql]),
+    )
+}
+
+/// MariaDB: the agent logs in with mysql_native_password and ed25519
+/// (an AuthSwitchRequest), over TLS and not; COM_CHANGE_USER is brokered
+/// too; the same refusals, rotation and secrecy as PostgreSQL's.
+#[test]
+#[allow(clippy::too_many_lines)]
+fn mysql_brokered_logins_native_ed25519_change_user_and_refusals() {
+    use interceptor_tests::mysql::{MariaDb, sysbench_args};
+    let ca = TestCa::new("Login test MariaDB CA");
+    let cert = ca.issue("maria", &["127.0.0.1", "localhost"], Some(ids("mysql")));
+    let db = MariaDb::start_with(&[
+        format!("--ssl-cert={}", cert.cert.display()),
+        format!("--ssl-key={}", cert.key.display()),
+        format!("--ssl-ca={}", ca.cert.display()),
+    ]);
+    db.sql(&format!(
+        "CREATE USER '{MY_USER}'@'%' IDENTIFIED BY '{FIRST}';
+         GRANT ALL ON *.* TO '{MY_USER}'@'%';
+         CREATE USER '{MY_ED_USER}'@'%' IDENTIFIED VIA ed25519 USING PASSWORD('{MY_ED_PASSWORD}');
+         GRANT SELECT ON shop.* TO '{MY_ED_USER}'@'%';"
+    ));
+    let cg = TestCgroup::new();
+    let secrets = tempfile::tempdir().unwrap();
+    let secret = secrets.path().join(MY_USER);
+    write_secret(&secret, FIRST, 0o600);
+    let policy = mysql_logins_policy(db.port, &secret);
+    let agent = Agent::start_wrapped(
+        &policy,
+        &cg,
+        &[],
+        &[],
+        &[("INTERCEPTOR_TEST_ED_PASSWORD", MY_ED_PASSWORD.as_ref())],
+    );
+    let mariadb = PathBuf::from(
+        run_ok(Command::new("sh").args(["-c", "command -v mariadb"]))
+            .trim()
+            .to_owned(),
+    );
+
+    // Directly, without a password: 1045.
+    let direct = run_any(
+        Command::new(&mariadb)
+            .args(["--no-defaults", "--protocol=tcp", "-h127.0.0.1"])
+            .arg(format!("-P{}", db.port))
+            .arg(format!("-u{MY_USER}"))
+            .args(["-e", "select 1"]),
+    );
+    assert!(text(&direct.stderr).contains("1045"), "{}", show(&direct));
+
+    // Through the agent, no password: native, then ed25519, each plain
+    // and with TLS on both legs.
+    let check = "select current_user(); show session status like 'Ssl_version'";
+    for (user, extra) in [
+        (MY_USER, &[][..]),
+        (MY_USER, &["--ssl"][..]),
+        (MY_ED_USER, &[][..]),
+        (MY_ED_USER, &["--ssl"][..]),
+    ] {
+        let out = mariadb_as(&cg, db.port, &mariadb, user, extra, check);
+        assert!(out.status.success(), "{user} {extra:?}: {}", show(&out));
+        let stdout = text(&out.stdout);
+        assert!(stdout.starts_with(&format!("{user}@%")), "{}", show(&out));
+        // The server leg is TLS either way (tls.server: prefer).
+        assert!(stdout.contains("TLSv1.3"), "{}", show(&out));
+    }
+    wait_for("four session records", Duration::from_secs(5), || {
+        events(&agent, "session").len() >= 4
+    });
+    let sessions = events(&agent, "session");
+    let methods: Vec<&str> = sessions
+        .iter()
+        .map(|s| {
+            assert_eq!(s["login"], "brokered", "{s}");
+            s["login_entry"]["method"].as_str().unwrap()
+        })
+        .collect();
+    assert_eq!(
+        methods,
+        [
+            "mysql_native_password",
+            "mysql_native_password",
+            "client_ed25519",
+            "client_ed25519"
+        ],
+        "{sessions:?}"
+    );
+    assert!(sessions[1]["tls"]["client"].is_object(), "{}", sessions[1]);
+    assert!(
+        sessions[2]["login_entry"]["secret"]
+            .as_str()
+            .unwrap()
+            .starts_with("env:"),
+        "{}",
+        sessions[2]
+    );
+
+    // A denial on a brokered session.
+    let out = mariadb_as(
+        &cg,
+        db.port,
+        &mariadb,
+        MY_USER,
+        &[],
+        "select secret from shop.secrets",
+    );
+    assert!(!out.status.success(), "{}", show(&out));
+    assert!(
+        text(&out.stderr).contains("1142") && text(&out.stderr).contains("no-secrets"),
+        "{}",
+        show(&out)
+    );
+    assert!(!text(&out.stdout).contains("hunter2"), "{}", show(&out));
+
+    // An approval on a brokered session, from a workload running as nobody.
+    let waiting = cg
+        .command("setpriv")
+        .args(["--reuid=nobody", "--regid=nogroup", "--clear-groups"])
+        .arg(&mariadb)
+        .args(["--no-defaults", "--protocol=tcp", "-h127.0.0.1"])
+        .arg(format!("-P{}", db.port))
+        .arg(format!("-u{MY_USER}"))
+        .args(["-e", "create table shop.held_one (v int)"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let id = agent.wait_pending_approval();
+    let out = agent.cli(&["approvals", "approve", &id, "--reason", "login test"]);
+    assert!(out.status.success(), "{}", show(&out));
+    let out = wait_exit(waiting, Duration::from_secs(10));
+    assert!(out.status.success(), "{}", show(&out));
+    assert_eq!(
+        db.sql("select count(*) from information_schema.tables where table_name = 'held_one'")
+            .trim(),
+        "1"
+    );
+
+    // Another binary asking for the same user: 1045, audited.
+    let bin = tempfile::tempdir().unwrap();
+    let rogue = bin.path().join("rogue");
+    std::fs::copy(&mariadb, &rogue).unwrap();
+    let out = mariadb_as(&cg, db.port, &rogue, MY_USER, &[], "select 1");
+    assert!(!out.status.success(), "{}", show(&out));
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("1045")
+            && err.contains(MY_USER)
+            && err.contains("only for identity etl, bench, driver"),
+        "{}",
+        show(&out)
+    );
+    let refused = agent.wait_event("login_refused", |e| e["event"] == "login_refused");
+    assert_eq!(refused["db_user"], MY_USER, "{refused}");
+    assert_eq!(refused["identity"]["comm"], "rogue", "{refused}");
+    // Even with the right password: the entry binds the user to identities.
+    let out = mariadb_as(
+        &cg,
+        db.port,
+        &rogue,
+        MY_USER,
+        &[&format!("-p{FIRST}")],
+        "select 1",
+    );
+    assert!(text(&out.stderr).contains("1045"), "{}", show(&out));
+
+    // Rotation: a wrong secret is the server's 1045, said and audited;
+    // the rotated file is used by the next login.
+    db.sql(&format!(
+        "ALTER USER '{MY_USER}'@'%' IDENTIFIED BY '{SECOND}'"
+    ));
+    let out = mariadb_as(&cg, db.port, &mariadb, MY_USER, &[], "select 'stale'");
+    assert!(!out.status.success(), "{}", show(&out));
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("1045")
+            && err.contains("the server refused the agent's login as \"etl_rw\"")
+            && err.contains("Access denied"),
+        "{}",
+        show(&out)
+    );
+    let failed = agent.wait_event("login_failed", |e| e["event"] == "login_failed");
+    assert_eq!(failed["stage"], "server", "{failed}");
+    assert_eq!(failed["code"], "1045", "{failed}");
+    write_secret(&secret, SECOND, 0o600);
+    let out = mariadb_as(&cg, db.port, &mariadb, MY_USER, &[], "select 'rotated'");
+    assert_eq!(text(&out.stdout).trim(), "rotated", "{}", show(&out));
+
+    // A secret file others can read is not used.
+    write_secret(&secret, SECOND, 0o644);
+    let out = mariadb_as(&cg, db.port, &mariadb, MY_USER, &[], "select 1");
+    assert!(
+        text(&out.stderr).contains("readable by group or others"),
+        "{}",
+        show(&out)
+    );
+    write_secret(&secret, SECOND, 0o600);
+
+    // mysql_async with an empty password: prepared statements, 16 MiB
+    // payloads, COM_RESET_CONNECTION and a brokered COM_CHANGE_USER.
+    let driver = PathBuf::from(env!("CARGO_BIN_EXE_mysql-driver"));
+    let out =
+        run_any(
+            cg.command(driver.to_str().unwrap())
+                .args([&db.port.to_string(), MY_USER, ""]),
+        );
+    assert!(out.status.success(), "{}", show(&out));
+    assert!(
+        text(&out.stdout).contains("ok reset-and-change-user"),
+        "{}",
+        show(&out)
+    );
+    // Its login and its COM_CHANGE_USER were both the agent's.
+    wait_for(
+        "the driver's two session records",
+        Duration::from_secs(5),
+        || {
+            events(&agent, "session")
+                .iter()
+                .filter(|s| s["identity"]["comm"] == "mysql-driver")
+                .count()
+                >= 2
+        },
+    );
+    for s in events(&agent, "session")
+        .iter()
+        .filter(|s| s["identity"]["comm"] == "mysql-driver")
+    {
+        assert_eq!(s["login"], "brokered", "{s}");
+        assert_eq!(s["login_entry"]["method"], "mysql_native_password", "{s}");
+    }
+
+    // sysbench, no password: zero errors.
+    run_ok(
+        Command::new("sysbench")
+            .arg("oltp_point_select")
+            .args(sysbench_args(&db))
+            .args(["--tables=1", "--table-size=1000", "prepare"]),
+    );
+    let out =
+        run_ok(
+            cg.command("sysbench")
+                .arg("oltp_point_select")
+                .args(sysbench_args(&db).into_iter().filter(|a| {
+                    !a.starts_with("--mysql-user") && !a.starts_with("--mysql-password")
+                }))
+                .arg(format!("--mysql-user={MY_USER}"))
+                .args([
+                    "--tables=1",
+                    "--table-size=1000",
+                    "--threads=2",
+                    "--events=2000",
+                    "--time=0",
+                    "run",
+                ]),
+        );
+    let line = |key: &str| {
+        out.lines()
+            .find(|l| l.trim_start().starts_with(key))
+            .unwrap_or_else(|| panic!("no {key:?} in sysbench output:\n{out}"))
+            .to_owned()
+    };
+    assert!(line("ignored errors:").contains(" 0 "), "{out}");
+    assert!(line("reconnects:").contains(" 0 "), "{out}");
+
+    // The kill switch refuses brokered logins at once, in the kernel.
+    let out = agent.cli(&["block", "comm=mariadb", "--reason", "login test"]);
+    assert!(out.status.success(), "{}", show(&out));
+    let out = mariadb_as(&cg, db.port, &mariadb, MY_USER, &[], "select 1");
+    assert!(!out.status.success(), "{}", show(&out));
+    assert!(
+        text(&out.stderr).contains("2002") || text(&out.stderr).contains("Can't connect"),
+        "{}",
+        show(&out)
+    );
+    assert!(agent.cli(&["unblock", "comm=mariadb"]).status.success());
+
+    // The secrets appear nowhere.
+    let log = std::fs::read_to_string(&agent.audit_log).unwrap();
+    let status = text(&agent.status().stdout);
+    let diagnostics = agent.log();
+    for secret in [FIRST, SECOND, MY_ED_PASSWORD] {
+        assert!(!log.contains(secret), "secret in the audit log");
+        assert!(!diagnostics.contains(secret), "secret in the diagnostics");
+        assert!(!status.contains(secret), "secret in status");
+    }
+}

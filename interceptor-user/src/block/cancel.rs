@@ -23,12 +23,12 @@ use std::{
     time::Duration,
 };
 
-use sha1::{Digest as _, Sha1};
 use socket2::{Domain, Socket, Type};
 
 use crate::{
     conn::{CancelKey, Netns},
     policy::AdminSpec,
+    protocol::mysql::login::native_scramble,
 };
 
 /// Connect, read and write timeout of each side connection.
@@ -108,21 +108,6 @@ fn postgres_cancel(to: &Server, pid: u32, secret: &[u8]) -> Result<(), String> {
     let mut sink = [0u8; 64];
     let _ = s.read(&mut sink);
     Ok(())
-}
-
-/// `mysql_native_password`: SHA1(pw) XOR SHA1(nonce + SHA1(SHA1(pw))).
-#[must_use]
-pub fn native_scramble(password: &str, nonce: &[u8]) -> Vec<u8> {
-    if password.is_empty() {
-        return Vec::new();
-    }
-    let h1 = Sha1::digest(password.as_bytes());
-    let h2 = Sha1::digest(h1);
-    let mut h = Sha1::new();
-    h.update(nonce);
-    h.update(h2);
-    let h3 = h.finalize();
-    h1.iter().zip(h3.iter()).map(|(a, b)| a ^ b).collect()
 }
 
 fn read_packet(s: &mut TcpStream) -> Result<(u8, Vec<u8>), String> {
@@ -263,24 +248,6 @@ fn mysql_kill_query(to: &Server, user: &str, password: &str, thread_id: u32) -> 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn scramble_matches_the_reference() {
-        // The reference implementation's value for password "secret" and
-        // nonce 1..=20.
-        let nonce: Vec<u8> = (1..=20).collect();
-        let s = native_scramble("secret", &nonce);
-        assert_eq!(s.len(), 20);
-        // Verify as the server does: SHA1(nonce + stored) XOR scramble = SHA1(pw),
-        // and SHA1 of that is the stored hash.
-        let stored = Sha1::digest(Sha1::digest(b"secret"));
-        let mut h = Sha1::new();
-        h.update(&nonce);
-        h.update(stored);
-        let x: Vec<u8> = h.finalize().iter().zip(&s).map(|(a, b)| a ^ b).collect();
-        assert_eq!(Sha1::digest(&x).as_slice(), stored.as_slice());
-        assert!(native_scramble("", &nonce).is_empty());
-    }
 
     fn greeting() -> Vec<u8> {
         let mut g = vec![10];

@@ -768,12 +768,6 @@ impl PolicyFile {
     /// A target's `logins:`: one entry per user, known identities, and a
     /// secret that can be read now, from a file only the agent can read.
     fn validate_logins(&self, t: &TargetSpec) -> Result<(), String> {
-        if !t.logins.is_empty() && t.protocol != Protocol::Postgres {
-            return Err(format!(
-                "target {:?}: logins are brokered for postgres targets only so far",
-                t.name
-            ));
-        }
         let mut users = HashSet::new();
         for l in &t.logins {
             let at = || format!("target {:?}: logins entry for {:?}", t.name, l.db_user);

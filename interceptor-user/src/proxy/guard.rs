@@ -246,8 +246,15 @@ impl Guard {
     /// them: audited as `login_refused`).
     pub fn plan_login(&mut self, db_user: &str) -> LoginPlan {
         use crate::policy::{Login, login_for, login_refusal};
+        // A MySQL COM_CHANGE_USER plans again: what held for the previous
+        // user goes.
+        self.login = None;
+        self.login_method = None;
         match login_for(&self.info.target.logins, db_user, &self.info.identities) {
-            Login::Passthrough => LoginPlan::Passthrough,
+            Login::Passthrough => {
+                self.live.update(|s| s.brokered = false);
+                LoginPlan::Passthrough
+            }
             Login::Brokered(entry) => {
                 self.login = Some(entry.clone());
                 self.live.update(|s| s.brokered = true);

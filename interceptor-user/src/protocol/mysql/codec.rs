@@ -363,6 +363,9 @@ pub struct Greeting {
     /// the high 32 bits).
     pub capabilities: u64,
     pub auth_plugin: Option<String>,
+    /// The nonce (both parts, 20 bytes from MySQL and MariaDB): what a
+    /// brokered login's first answer is computed with.
+    pub scramble: Vec<u8>,
 }
 
 /// Offsets of the capability words in a greeting.
@@ -394,6 +397,7 @@ fn greeting_layout(p: &[u8]) -> Result<(GreetingLayout, Greeting), CodecError> {
         ext: None,
     };
     let mut auth_plugin = None;
+    let mut scramble = fixed[4..12].to_vec();
     // charset (1), status (2), caps high (2), scramble length (1),
     // reserved (10; MariaDB's extended capabilities in its last 4)
     if let Some(more) = rest.get(15..31) {
@@ -404,8 +408,13 @@ fn greeting_layout(p: &[u8]) -> Result<(GreetingLayout, Greeting), CodecError> {
             capabilities |=
                 u64::from(u32::from_le_bytes([more[12], more[13], more[14], more[15]])) << 32;
         }
+        let scramble2 = usize::from(more[5]).saturating_sub(8).max(13);
+        if capabilities & caps::SECURE_CONNECTION != 0
+            && let Some(part) = rest.get(31..31 + scramble2)
+        {
+            scramble.extend_from_slice(part.strip_suffix(&[0]).unwrap_or(part));
+        }
         if capabilities & caps::PLUGIN_AUTH != 0 {
-            let scramble2 = usize::from(more[5]).saturating_sub(8).max(13);
             if let Some((name, _)) = rest.get(31 + scramble2..).and_then(cstr) {
                 auth_plugin = Some(String::from_utf8_lossy(name).into_owned());
             }
@@ -418,6 +427,7 @@ fn greeting_layout(p: &[u8]) -> Result<(GreetingLayout, Greeting), CodecError> {
             connection_id: u32::from_le_bytes([fixed[0], fixed[1], fixed[2], fixed[3]]),
             capabilities,
             auth_plugin,
+            scramble,
         },
     ))
 }
@@ -532,14 +542,7 @@ pub fn adjust_handshake_response(payload: &mut [u8]) -> Result<ClientHello, Code
     let capabilities = capabilities & !caps::CLEARED;
     let rest = payload.get(32..).ok_or(bad.clone())?;
     let (user, rest) = cstr(rest).ok_or(bad.clone())?;
-    let rest = if capabilities & caps::PLUGIN_AUTH_LENENC_DATA != 0 {
-        lenenc_bytes(rest).ok_or(bad.clone())?.1
-    } else if capabilities & caps::SECURE_CONNECTION != 0 {
-        let (&n, tail) = rest.split_first().ok_or(bad.clone())?;
-        tail.get(usize::from(n)..).ok_or(bad.clone())?
-    } else {
-        cstr(rest).ok_or(bad.clone())?.1
-    };
+    let rest = after_auth(rest, capabilities).ok_or(bad.clone())?;
     let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
     let (database, rest) = if capabilities & caps::CONNECT_WITH_DB != 0 {
         // Some clients end the packet right after the database.
@@ -566,6 +569,123 @@ pub fn adjust_handshake_response(payload: &mut [u8]) -> Result<ClientHello, Code
         auth_plugin,
         program_name,
     }))
+}
+
+/// What follows a handshake response's auth data (lenenc, one length byte,
+/// or NUL-terminated, as the capabilities say).
+fn after_auth(rest: &[u8], capabilities: u64) -> Option<&[u8]> {
+    if capabilities & caps::PLUGIN_AUTH_LENENC_DATA != 0 {
+        Some(lenenc_bytes(rest)?.1)
+    } else if capabilities & caps::SECURE_CONNECTION != 0 {
+        let (&n, tail) = rest.split_first()?;
+        tail.get(usize::from(n)..)
+    } else {
+        Some(cstr(rest)?.1)
+    }
+}
+
+/// Writes auth data with a one-byte length (a lenenc integer below 251
+/// is the same byte).
+fn put_auth(out: &mut Vec<u8>, auth: &[u8]) -> Result<(), CodecError> {
+    let n = u8::try_from(auth.len())
+        .ok()
+        .filter(|n| *n < 251)
+        .ok_or(CodecError::Malformed("auth data longer than 250 bytes"))?;
+    out.push(n);
+    out.extend_from_slice(auth);
+    Ok(())
+}
+
+/// The handshake response `payload` (adjusted) with its auth data replaced
+/// by `auth`, an answer in `plugin`: `CLIENT_PLUGIN_AUTH` is set and the
+/// plugin named, so the server reads it as such. Everything else (user,
+/// database, connection attributes) stays the client's.
+///
+/// # Errors
+/// A malformed response, or a client too old to carry auth data with a
+/// length (no `CLIENT_SECURE_CONNECTION`).
+pub fn response_with_auth(
+    payload: &[u8],
+    plugin: &str,
+    auth: &[u8],
+) -> Result<Vec<u8>, CodecError> {
+    let bad = CodecError::Malformed("handshake response");
+    let fixed = payload.get(..32).ok_or(bad.clone())?;
+    let capabilities = u64::from(u32::from_le_bytes([fixed[0], fixed[1], fixed[2], fixed[3]]));
+    if capabilities & (caps::SECURE_CONNECTION | caps::PLUGIN_AUTH_LENENC_DATA) == 0 {
+        return Err(CodecError::Unsupported(
+            "a client without CLIENT_SECURE_CONNECTION (pre-4.1 auth)",
+        ));
+    }
+    let (user, rest) = cstr(&payload[32..]).ok_or(bad.clone())?;
+    let rest = after_auth(rest, capabilities).ok_or(bad.clone())?;
+    let (database, rest) = if capabilities & caps::CONNECT_WITH_DB != 0 {
+        cstr(rest).map_or((Some(rest), &[][..]), |(d, t)| (Some(d), t))
+    } else {
+        (None, rest)
+    };
+    let attrs = if capabilities & caps::PLUGIN_AUTH != 0 {
+        cstr(rest).map_or(&[][..], |(_, t)| t)
+    } else {
+        rest
+    };
+    let mut out = Vec::with_capacity(payload.len() + auth.len() + plugin.len() + 2);
+    out.extend_from_slice(fixed);
+    set_bits(&mut out, 0, 4, caps::PLUGIN_AUTH);
+    out.extend_from_slice(user);
+    out.push(0);
+    put_auth(&mut out, auth)?;
+    if let Some(db) = database {
+        out.extend_from_slice(db);
+        out.push(0);
+    }
+    out.extend_from_slice(plugin.as_bytes());
+    out.push(0);
+    out.extend_from_slice(attrs);
+    Ok(out)
+}
+
+/// COM_CHANGE_USER `payload` with its auth data replaced by `auth`, an
+/// answer in `plugin` (named when the client sent the fields up to it).
+///
+/// # Errors
+/// A malformed command, or a session without `CLIENT_SECURE_CONNECTION`.
+pub fn change_user_with_auth(
+    payload: &[u8],
+    capabilities: u64,
+    plugin: &str,
+    auth: &[u8],
+) -> Result<Vec<u8>, CodecError> {
+    let bad = CodecError::Malformed("COM_CHANGE_USER");
+    if capabilities & caps::SECURE_CONNECTION == 0 {
+        return Err(CodecError::Unsupported(
+            "COM_CHANGE_USER without CLIENT_SECURE_CONNECTION (pre-4.1 auth)",
+        ));
+    }
+    let (user, rest) = payload.get(1..).and_then(cstr).ok_or(bad.clone())?;
+    let (&n, tail) = rest.split_first().ok_or(bad.clone())?;
+    let rest = tail.get(usize::from(n)..).ok_or(bad.clone())?;
+    let (database, rest) = cstr(rest).unwrap_or((rest, &[]));
+    let mut out = Vec::with_capacity(payload.len() + auth.len() + plugin.len() + 2);
+    out.push(com::CHANGE_USER);
+    out.extend_from_slice(user);
+    out.push(0);
+    put_auth(&mut out, auth)?;
+    out.extend_from_slice(database);
+    out.push(0);
+    // charset (2), then the plugin name and attributes.
+    if let Some(charset) = rest.get(..2) {
+        out.extend_from_slice(charset);
+        if capabilities & caps::PLUGIN_AUTH != 0 {
+            let attrs = cstr(&rest[2..]).map_or(&[][..], |(_, t)| t);
+            out.extend_from_slice(plugin.as_bytes());
+            out.push(0);
+            out.extend_from_slice(attrs);
+        } else {
+            out.extend_from_slice(&rest[2..]);
+        }
+    }
+    Ok(out)
 }
 
 /// One connection attribute's value, from the lenenc-prefixed list.

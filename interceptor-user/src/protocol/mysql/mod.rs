@@ -10,6 +10,7 @@
 //! the server gave to prepared statements it allowed.
 
 pub mod codec;
+pub mod login;
 pub mod reply;
 mod session;
 

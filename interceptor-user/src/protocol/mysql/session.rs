@@ -14,13 +14,15 @@ use super::{
         self, ClientHello, CodecError, HEADER, MAX_PACKET, Message, caps, com, command_name,
         decode_header, decode_message, err_packet, quote_ident,
     },
+    login::{self, LoggedIn},
     reply::{Expect, Reply, Results, Step},
 };
 use crate::{
-    policy::ServerTls,
+    policy::{LoginSpec, ServerTls},
+    protocol::LoginError,
     proxy::{
-        Completion, Counted, ExecLog, Guard, Hold, Outcome, Prepared, Refusal, SessionError,
-        Stream, Upstream, tls_from_client, tls_to_server,
+        Completion, Counted, ExecLog, Guard, Hold, LoginPlan, Outcome, Prepared, Refusal,
+        SessionError, Stream, Upstream, tls_from_client, tls_to_server,
     },
     tls::Legs,
 };
@@ -39,6 +41,10 @@ const MAX_HELD_INPUT: usize = 1024 * 1024;
 const ER_DENIED: u16 = 1142;
 const DENIED_STATE: &str = "42000";
 const ER_HANDSHAKE_ERROR: u16 = 1043;
+/// ER_ACCESS_DENIED_ERROR: a login refused (by the agent or, for a
+/// brokered one, the server).
+const ER_ACCESS_DENIED: u16 = 1045;
+const ACCESS_STATE: &str = "28000";
 const ER_NET_PACKET_TOO_LARGE: u16 = 1153;
 const ER_NET_PACKETS_OUT_OF_ORDER: u16 = 1156;
 const ER_NET_READ_ERROR: u16 = 1158;
@@ -84,6 +90,8 @@ pub async fn serve(
         sbuf: BytesMut::with_capacity(READ_CHUNK),
         max,
         caps: 0,
+        scramble: Vec::new(),
+        server_plugin: None,
         statements: HashMap::new(),
         last_prepared: None,
     };
@@ -109,6 +117,10 @@ struct Session<'a> {
     max: usize,
     /// Capabilities both sides agreed on, after the agent's adjustment.
     caps: u64,
+    /// The greeting's nonce and default plugin: a brokered login answers
+    /// them (COM_CHANGE_USER too).
+    scramble: Vec<u8>,
+    server_plugin: Option<String>,
     /// Prepared statements the agent allowed, by the server's ids, with
     /// the decision that allowed them.
     statements: HashMap<u32, Prepared>,
@@ -264,8 +276,18 @@ impl Session<'_> {
         };
         let reply_seq = response.last_seq.wrapping_add(1);
         self.caps = hello.capabilities & server_info.capabilities;
+        self.scramble = server_info.scramble;
+        self.server_plugin = server_info.auth_plugin;
         self.guard
             .set_session(&hello.user, hello.database.as_deref().unwrap_or(""));
+        let broker = match self.guard.plan_login(&hello.user) {
+            LoginPlan::Passthrough => None,
+            LoginPlan::Brokered(entry) => Some(entry),
+            LoginPlan::Refused(msg) => {
+                self.access_denied(reply_seq, &msg).await;
+                return Err(SessionError::Refused(msg));
+            }
+        };
         let server_ssl = server_info.capabilities & caps::SSL != 0;
         if let Err(e) = self.server_leg(server_ssl, &mut bytes, &mut legs).await {
             let msg = match &e {
@@ -292,11 +314,113 @@ impl Session<'_> {
             *b = server_seq;
         }
         self.guard.set_tls(legs);
+        if let Some(entry) = broker {
+            self.seq_delta = 0;
+            let response = bytes.get(HEADER..).unwrap_or_default().to_vec();
+            let first =
+                |plugin: &str, auth: &[u8]| codec::response_with_auth(&response, plugin, auth);
+            self.broker(&entry, server_seq, reply_seq, first).await?;
+            self.guard.record_session(hello.program_name.as_deref());
+            return Ok(true);
+        }
         self.guard.record_session(hello.program_name.as_deref());
         self.server.write_all(&bytes).await?;
         let done = self.reply(Expect::Auth, reply_seq, None).await;
         self.seq_delta = 0;
         Ok(done?.ok)
+    }
+
+    /// The agent's own login as `entry`'s user: `first` builds the packet
+    /// carrying its first answer (the handshake response or COM_CHANGE_USER,
+    /// sent with sequence id `seq`), the exchange runs to the server's OK,
+    /// and the client gets that OK with `reply_seq`. Whatever the client
+    /// answered itself is never sent. A failure is audited and the client
+    /// told (error 1045, or the server's own error number); the session
+    /// then ends.
+    async fn broker(
+        &mut self,
+        entry: &LoginSpec,
+        seq: u8,
+        reply_seq: u8,
+        first: impl FnOnce(&str, &[u8]) -> Result<Vec<u8>, CodecError>,
+    ) -> Result<(), SessionError> {
+        let user = entry.db_user.clone();
+        let secret = match entry.password() {
+            Ok(s) => s,
+            Err(e) => {
+                self.guard.record_login_failed("secret", None, &e);
+                let msg = format!(
+                    "interceptor: the agent cannot log in as {user:?} for this workload: its secret: {e}"
+                );
+                self.access_denied(reply_seq, &msg).await;
+                return Err(SessionError::Refused(msg));
+            }
+        };
+        let tls = self.server.is_tls();
+        let plugin = login::first_plugin(self.server_plugin.as_deref(), tls);
+        let scramble = self.scramble.clone();
+        let attempt = async {
+            let auth = login::answer(plugin, &scramble, &secret, tls)?;
+            let payload = first(plugin, &auth)
+                .map_err(|e| LoginError::Unsupported(format!("the client's packet: {e}")))?;
+            self.server.write_all(&codec::packet(seq, &payload)).await?;
+            self.server.flush().await?;
+            let exchange = login::login(
+                &mut self.server,
+                &mut self.sbuf,
+                seq.wrapping_add(1),
+                plugin,
+                scramble.clone(),
+                &secret,
+                tls,
+            );
+            tokio::time::timeout(HANDSHAKE_TIMEOUT, exchange)
+                .await
+                .unwrap_or_else(|_| {
+                    Err(LoginError::Protocol(format!(
+                        "no answer to the login within {}s",
+                        HANDSHAKE_TIMEOUT.as_secs()
+                    )))
+                })
+        };
+        match attempt.await {
+            Ok(LoggedIn { ok, method }) => {
+                self.guard.set_login_method(method);
+                let ok = codec::packet(reply_seq, &ok);
+                self.count_server(ok.len());
+                self.client.write_all(&ok).await?;
+                self.client.flush().await?;
+                Ok(())
+            }
+            Err(e) => {
+                let (code, error) = match &e {
+                    LoginError::Refused { code, message } => (Some(code.as_str()), message.clone()),
+                    other => (None, other.to_string()),
+                };
+                self.guard.record_login_failed("server", code, &error);
+                let msg = format!(
+                    "interceptor: the server refused the agent's login as {user:?}: {error}"
+                );
+                let number = code
+                    .and_then(|c| c.parse().ok())
+                    .unwrap_or(ER_ACCESS_DENIED);
+                let _ = self
+                    .client
+                    .write_all(&err_packet(reply_seq, number, Some(ACCESS_STATE), &msg))
+                    .await;
+                let _ = self.client.flush().await;
+                Err(SessionError::Refused(msg))
+            }
+        }
+    }
+
+    /// Error 1045 to the client: a login the agent refuses.
+    async fn access_denied(&mut self, seq: u8, msg: &str) {
+        let _ = self
+            .client
+            .write_all(&err_packet(seq, ER_ACCESS_DENIED, Some(ACCESS_STATE), msg))
+            .await;
+        let _ = self.client.flush().await;
     }
 
     /// A whole handshake packet from the client with sequence id `seq`;
@@ -650,6 +774,14 @@ impl Session<'_> {
         self.log.flush();
     }
 
+    /// After COM_CHANGE_USER succeeded: a fresh session as the new user.
+    fn changed_user(&mut self, change: &codec::ChangeUser) {
+        self.forget_statements();
+        self.guard
+            .reset_session(&change.user, change.database.as_deref().unwrap_or(""));
+        self.guard.record_session(None);
+    }
+
     /// Handles one command. False when the session ends (COM_QUIT).
     #[allow(clippy::too_many_lines)]
     async fn command(&mut self, msg: Message) -> Result<bool, SessionError> {
@@ -825,13 +957,29 @@ impl Session<'_> {
                             .await);
                     }
                 };
-                if let Some(Finished { ok: true, .. }) =
-                    self.passed(&msg, Some(Expect::Auth)).await?
-                {
-                    self.forget_statements();
-                    self.guard
-                        .reset_session(&change.user, change.database.as_deref().unwrap_or(""));
-                    self.guard.record_session(None);
+                let reply_seq = msg.last_seq.wrapping_add(1);
+                match self.guard.plan_login(&change.user) {
+                    LoginPlan::Passthrough => {
+                        if let Some(Finished { ok: true, .. }) =
+                            self.passed(&msg, Some(Expect::Auth)).await?
+                        {
+                            self.changed_user(&change);
+                        }
+                    }
+                    // The server never saw the command; the session ends
+                    // rather than leave the client unsure who it is.
+                    LoginPlan::Refused(reason) => {
+                        self.access_denied(reply_seq, &reason).await;
+                        return Err(SessionError::Refused(reason));
+                    }
+                    LoginPlan::Brokered(entry) => {
+                        let caps = self.caps;
+                        let first = |plugin: &str, auth: &[u8]| {
+                            codec::change_user_with_auth(&payload, caps, plugin, auth)
+                        };
+                        self.broker(&entry, 0, reply_seq, first).await?;
+                        self.changed_user(&change);
+                    }
                 }
             }
             com::RESET_CONNECTION => {

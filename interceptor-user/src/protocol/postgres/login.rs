@@ -19,20 +19,7 @@ use crate::policy::Secret;
 /// Largest message the server may send while authenticating.
 const MAX_AUTH_FRAME: usize = 64 * 1024;
 
-/// Why the agent's login failed.
-#[derive(Debug, thiserror::Error)]
-pub enum LoginError {
-    /// The server refused it (its ErrorResponse: code and message).
-    #[error("{message}")]
-    Refused { code: String, message: String },
-    /// The server asked for something the agent cannot answer.
-    #[error("{0}")]
-    Unsupported(String),
-    #[error("server protocol violation: {0}")]
-    Protocol(String),
-    #[error("{0}")]
-    Io(#[from] std::io::Error),
-}
+pub use crate::protocol::LoginError;
 
 /// The server's certificate, for SCRAM-SHA-256-PLUS (`tls-server-end-point`).
 pub struct ServerCert<'a>(pub Option<&'a [u8]>);
