@@ -1034,7 +1034,34 @@ fn exercise_ai_agent() {
 }
 
 fn exercise_demo() {
-    let e = load("demo.yaml");
+    // The demo's secret file stands in for the one the policy names.
+    let dir = tempfile::tempdir().unwrap();
+    let secret = dir.path().join("demo-app");
+    std::fs::write(&secret, "pw\n").unwrap();
+    std::fs::set_permissions(&secret, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    let text = std::fs::read_to_string(policy_file("demo.yaml"))
+        .unwrap()
+        .replace(
+            "/etc/interceptor/secrets/demo-app",
+            secret.to_str().unwrap(),
+        );
+    let path = dir.path().join("demo.yaml");
+    std::fs::write(&path, text).unwrap();
+    let e = Engine::load(&path).unwrap_or_else(|err| panic!("{err}"));
+    let maria = e
+        .file()
+        .targets
+        .iter()
+        .find(|t| t.name == "demo-mariadb")
+        .unwrap();
+    assert_eq!(maria.logins.len(), 1);
+    assert_eq!(
+        (
+            maria.logins[0].db_user.as_str(),
+            maria.logins[0].identities.as_slice()
+        ),
+        ("app", &["batch-mariadb".to_owned()][..])
+    );
     let job = Identity {
         cgroup: Some("/interceptor-demo-42-0".into()),
         ..anyone()

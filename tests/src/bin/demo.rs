@@ -3,11 +3,14 @@
 //! own with `policies/demo.yaml`, and runs a short scripted batch job in
 //! that cgroup while the live tail shows every decision: allowed reads and
 //! writes, a refused DROP, a refused unbounded DELETE, and a schema change
-//! held until it is approved. Then it verifies the audit log, says where a
-//! copy is kept, and cleans everything up, also on Ctrl-C.
+//! held until it is approved. Its MariaDB steps hold no password: the agent
+//! logs in for the job, and a copy of `mariadb` under another name asking
+//! for the same user is refused. Then it verifies the audit log, says where
+//! a copy is kept, and cleans everything up, also on Ctrl-C.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::{
+    os::unix::fs::PermissionsExt as _,
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     sync::atomic::{AtomicBool, Ordering},
@@ -18,7 +21,7 @@ use std::{
 use interceptor_tests::{
     Agent, PgServer, TestCgroup, agent_bin,
     mysql::{APP_PASSWORD, APP_USER, MariaDb},
-    pg_bin, run_any,
+    pg_bin, run_any, unique,
 };
 
 static STOP: AtomicBool = AtomicBool::new(false);
@@ -76,6 +79,7 @@ fn expect(out: &std::process::Output, want: Want) -> bool {
     let ok = match want {
         Want::Runs => out.status.success(),
         Want::Refused => !out.status.success() && text.contains("interceptor: denied"),
+        Want::LoginRefused => !out.status.success() && text.contains("ERROR 1045"),
     };
     if !ok {
         eprintln!("   \x1b[31munexpected: this step should have {want:?}\x1b[0m");
@@ -87,6 +91,7 @@ fn expect(out: &std::process::Output, want: Want) -> bool {
 enum Want {
     Runs,
     Refused,
+    LoginRefused,
 }
 
 fn show(out: &std::process::Output) {
@@ -196,10 +201,22 @@ fn demo() -> i32 {
         return 130;
     }
 
+    // The secret only the agent reads (mode 0600, root's), and a directory
+    // for the impostor binary that the job's user can reach.
+    let scratch = std::env::temp_dir().join(unique("interceptor-demo"));
+    std::fs::create_dir_all(&scratch).unwrap();
+    std::fs::set_permissions(&scratch, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let secret = scratch.join("demo-app");
+    std::fs::write(&secret, format!("{APP_PASSWORD}\n")).unwrap();
+    std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600)).unwrap();
     let policy = std::fs::read_to_string(root.join("policies/demo.yaml"))
         .unwrap()
         .replace("127.0.0.1:5432", &format!("127.0.0.1:{}", pg.port))
-        .replace("127.0.0.1:3306", &format!("127.0.0.1:{}", my.port));
+        .replace("127.0.0.1:3306", &format!("127.0.0.1:{}", my.port))
+        .replace(
+            "/etc/interceptor/secrets/demo-app",
+            secret.to_str().unwrap(),
+        );
     let cg = TestCgroup::with_prefix("interceptor-demo");
     say(&format!(
         "agent attached to cgroup {} only, with policies/demo.yaml",
@@ -222,6 +239,8 @@ fn demo() -> i32 {
             "approval_requested",
             "--event",
             "approval_granted",
+            "--event",
+            "login_refused",
             "--color",
             "always",
         ])
@@ -269,13 +288,31 @@ fn demo() -> i32 {
             ),
         );
     }
-    let my_args = my.client_args(APP_USER, APP_PASSWORD, "shop");
-    for (what, sql, want) in [
-        ("allowed read", "SELECT count(*) FROM orders", Want::Runs),
+    // No -p: the job has no password for `app`; the agent logs in for it.
+    let mut my_args = my.client_args(APP_USER, APP_PASSWORD, "shop");
+    my_args.retain(|a| !a.starts_with("-p"));
+    let impostor = scratch.join("exfil");
+    let mariadb = run_any(Command::new("sh").args(["-c", "command -v mariadb"]));
+    let _ = std::fs::copy(String::from_utf8_lossy(&mariadb.stdout).trim(), &impostor);
+    let impostor = impostor.to_string_lossy().into_owned();
+    for (what, program, sql, want) in [
+        (
+            "a job with no password (the agent logs in as app for it), allowed read",
+            "mariadb",
+            "SELECT current_user(), count(*) FROM orders",
+            Want::Runs,
+        ),
         (
             "a DROP of a core table: refused",
+            "mariadb",
             "DROP TABLE orders",
             Want::Refused,
+        ),
+        (
+            "another program (a copy of mariadb named exfil) asking to be app: refused",
+            impostor.as_str(),
+            "SELECT * FROM orders",
+            Want::LoginRefused,
         ),
     ] {
         if stopped() {
@@ -289,7 +326,7 @@ fn demo() -> i32 {
             "-e".to_owned(),
             sql.to_owned(),
         ]);
-        all_ok &= expect(&run_any(&mut job(&cg, "mariadb", &args)), want);
+        all_ok &= expect(&run_any(&mut job(&cg, program, &args)), want);
         sleep(Duration::from_millis(400));
     }
     sleep(Duration::from_millis(500));
@@ -319,6 +356,7 @@ fn demo() -> i32 {
         copy.display(),
         copy.display()
     );
+    let _ = std::fs::remove_dir_all(&scratch);
     say("cleaning up: agent stopped, servers stopped, cgroup removed");
     if stopped() {
         130

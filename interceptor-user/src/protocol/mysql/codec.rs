@@ -414,10 +414,10 @@ fn greeting_layout(p: &[u8]) -> Result<(GreetingLayout, Greeting), CodecError> {
         {
             scramble.extend_from_slice(part.strip_suffix(&[0]).unwrap_or(part));
         }
-        if capabilities & caps::PLUGIN_AUTH != 0 {
-            if let Some((name, _)) = rest.get(31 + scramble2..).and_then(cstr) {
-                auth_plugin = Some(String::from_utf8_lossy(name).into_owned());
-            }
+        if capabilities & caps::PLUGIN_AUTH != 0
+            && let Some((name, _)) = rest.get(31 + scramble2..).and_then(cstr)
+        {
+            auth_plugin = Some(String::from_utf8_lossy(name).into_owned());
         }
     }
     Ok((

@@ -158,7 +158,7 @@ where
                     |f| {
                         (
                             f.code.to_string(),
-                            String::from_utf8_lossy(&f.message).into_owned(),
+                            String::from_utf8_lossy(f.message).into_owned(),
                         )
                     },
                 );
