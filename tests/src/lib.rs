@@ -694,11 +694,13 @@ impl Agent {
         )
     }
 
-    /// Every audit event so far.
+    /// Every audit event so far. A last line without its newline is one
+    /// the writer is still writing: left for the next look.
     #[must_use]
     pub fn events(&self) -> Vec<Value> {
-        fs::read_to_string(&self.audit_log)
-            .unwrap_or_default()
+        let log = fs::read_to_string(&self.audit_log).unwrap_or_default();
+        let whole = log.rfind('\n').map_or("", |end| &log[..end]);
+        whole
             .lines()
             .map(|l| {
                 serde_json::from_str(l).unwrap_or_else(|e| panic!("bad audit line {l:?}: {e}"))
