@@ -32,6 +32,14 @@ pub const MAP_EXEMPT_TGIDS: &str = "EXEMPT_TGIDS";
 /// refused with EPERM instead of being redirected.
 pub const MAP_BLOCKED: &str = "BLOCKED";
 
+/// Hash: [`UnixPath`] `path` (zero-padded) -> [`UnixTarget`]; the unix
+/// socket paths that are targets, and the agent's listener for each.
+pub const MAP_UNIX_TARGETS: &str = "UNIX_TARGETS";
+/// LRU hash: [`UnixKey`] -> [`ConnRecord`], written by connect_unix; the
+/// agent looks up its accepted unix connection by the peer's tgid
+/// (`SO_PEERCRED`) and the listener it came in on.
+pub const MAP_UNIX_CONNS: &str = "UNIX_CONNS";
+
 /// Program names, as the agent looks them up in the object file.
 pub const PROG_CONNECT4: &str = "interceptor_connect4";
 pub const PROG_CONNECT6: &str = "interceptor_connect6";
@@ -39,6 +47,21 @@ pub const PROG_GETPEERNAME4: &str = "interceptor_getpeername4";
 pub const PROG_GETPEERNAME6: &str = "interceptor_getpeername6";
 pub const PROG_SOCK_OPS: &str = "interceptor_sock_ops";
 pub const PROG_EGRESS: &str = "interceptor_egress";
+/// `cgroup/connect_unix` (kernel >= 6.7). aya cannot load or attach this
+/// attach type, so the agent loads it itself (`ebpf::unix`); in the object
+/// it sits in a section aya parses.
+pub const PROG_CONNECT_UNIX: &str = "interceptor_connect_unix";
+/// Stand-in helper numbers for the two kfuncs the unix program calls; the
+/// agent rewrites each such call into a kfunc call by BTF id before loading.
+pub const KFUNC_CAST_TO_KERN_CTX: u32 = 0x7e5c_0001;
+pub const KFUNC_SET_SUN_PATH: u32 = 0x7e5c_0002;
+/// Offsets in the kernel's `struct bpf_sock_addr_kern` (checked against
+/// the running kernel's BTF before loading).
+pub const SOCK_ADDR_KERN_UADDR: usize = 8;
+pub const SOCK_ADDR_KERN_UADDRLEN: usize = 32;
+/// `sun_path`'s size in `struct sockaddr_un`.
+pub const SUN_PATH_MAX: usize = 108;
+pub const MAX_UNIX_TARGETS: u32 = 256;
 
 /// Bounds of the maps (LRU maps evict the oldest entry beyond this).
 /// Targets: one entry per CIDR or address and one per address a DNS name
@@ -99,6 +122,49 @@ pub const PROTOCOL_MYSQL: u32 = 2;
 
 pub const FAMILY_V4: u16 = 4;
 pub const FAMILY_V6: u16 = 6;
+/// A unix-domain socket ([`ConnRecord`]'s address fields unused).
+pub const FAMILY_UNIX: u16 = 1;
+
+/// A unix socket path as in `sun_path`, zero-padded; `len` bytes used
+/// (without a terminating NUL).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct UnixPath {
+    pub len: u32,
+    pub path: [u8; SUN_PATH_MAX],
+}
+
+impl UnixPath {
+    pub const ZERO: Self = Self {
+        len: 0,
+        path: [0; SUN_PATH_MAX],
+    };
+}
+
+/// What a unix target redirects to.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct UnixTarget {
+    pub target: TargetValue,
+    /// Stable id of the agent's listener for this path (the agent's own
+    /// numbering; part of [`UnixKey`]).
+    pub listen_id: u32,
+    pub _pad: u32,
+    /// The only network namespace the agent serves unix targets in (its
+    /// own): connects from any other are refused.
+    pub home_netns: u64,
+    /// The agent's listener: a pathname socket.
+    pub listen: UnixPath,
+}
+
+/// Key of a redirected unix connection's record.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct UnixKey {
+    pub netns_cookie: u64,
+    pub tgid: u32,
+    pub listen_id: u32,
+}
 
 /// Data part of the targets LPM trie key. The prefix length always covers
 /// the port and padding (`TARGET_KEY_PORT_BITS`) plus the address prefix.
@@ -338,6 +404,9 @@ const _: () = assert!(core::mem::size_of::<NetnsState>() == 24);
 const _: () = assert!(core::mem::size_of::<NetnsEvent>() == 16);
 const _: () = assert!(core::mem::size_of::<BlockKey>() == 24);
 const _: () = assert!(core::mem::size_of::<ConnRecord>() == 88);
+const _: () = assert!(core::mem::size_of::<UnixPath>() == 112);
+const _: () = assert!(core::mem::size_of::<UnixTarget>() == 136);
+const _: () = assert!(core::mem::size_of::<UnixKey>() == 16);
 
 #[cfg(feature = "user")]
 mod pod {
@@ -359,6 +428,12 @@ mod pod {
     unsafe impl aya::Pod for super::NetnsState {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::NetnsEvent {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::UnixPath {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::UnixTarget {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::UnixKey {}
 }
 
 #[cfg(test)]

@@ -21,10 +21,19 @@
 //!   (kernel >= 5.1 for `skb->sk`) holds that socket's SYN while the agent
 //!   opens its listener there; `sock_ops`' TIMEOUT_INIT shortens the SYN's
 //!   first retransmission so the held connect completes a few ms later.
+//! - `cgroup/connect_unix` (kernel >= 6.7): a connect to a unix socket path
+//!   that is a target is recorded and rewritten to the agent's own unix
+//!   listener for it (only in the agent's network namespace; elsewhere
+//!   refused). No getpeername_unix: the kernel runs that hook on the peer's
+//!   socket (the agent's), in the agent's cgroup, never the workload's.
+//!   aya can neither load this attach type nor call kfuncs,
+//!   so it sits in a section aya parses and never loads (`cgroup/connect6`)
+//!   and calls stand-in helper numbers that the agent's own loader turns into
+//!   kfunc calls (`bpf_cast_to_kern_ctx`, `bpf_sock_addr_set_sun_path`).
 #![no_std]
 #![no_main]
 
-use core::ptr::read_volatile;
+use core::{ffi::c_void, ptr::read_volatile};
 
 use aya_ebpf::{
     EbpfContext,
@@ -36,7 +45,7 @@ use aya_ebpf::{
         bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_uid_gid, bpf_ktime_get_ns,
         generated::{
             bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_get_netns_cookie,
-            bpf_get_socket_cookie,
+            bpf_get_socket_cookie, bpf_probe_read_kernel_str,
         },
     },
     macros::{cgroup_skb, cgroup_sock_addr, map, sock_ops},
@@ -45,11 +54,13 @@ use aya_ebpf::{
 };
 use interceptor_common::{
     AgentConfig, BLOCK_CGROUP, BLOCK_CGROUP_LEVELS, BLOCK_CGROUP_TREE, BLOCK_COMM, BLOCK_TGID,
-    BLOCK_UID, BlockKey, ConnRecord, FAMILY_V4, FAMILY_V6, HEARTBEAT_STALE_NS, MAX_BLOCKED,
-    MAX_CONNS, MAX_EXEMPT, MAX_NETNS, MAX_TARGETS, NETNS_EVENTS_BYTES, NETNS_FAILED, NETNS_HAS_V4,
-    NETNS_HAS_V6, NETNS_PENDING, NETNS_PENDING_NS, NETNS_READY, NETNS_SYN_RTO_JIFFIES, NetnsEvent,
-    NetnsState, SockKey, TARGET_KEY_PORT_BITS, TargetKey, TargetValue, comm_words, is_v4_mapped,
-    v4_mapped, v6_bytes, v6_words,
+    BLOCK_UID, BlockKey, ConnRecord, FAMILY_UNIX, FAMILY_V4, FAMILY_V6, HEARTBEAT_STALE_NS,
+    KFUNC_CAST_TO_KERN_CTX, KFUNC_SET_SUN_PATH, MAX_BLOCKED, MAX_CONNS, MAX_EXEMPT, MAX_NETNS,
+    MAX_TARGETS, MAX_UNIX_TARGETS, NETNS_EVENTS_BYTES, NETNS_FAILED, NETNS_HAS_V4, NETNS_HAS_V6,
+    NETNS_PENDING, NETNS_PENDING_NS, NETNS_READY, NETNS_SYN_RTO_JIFFIES, NetnsEvent, NetnsState,
+    SOCK_ADDR_KERN_UADDR, SOCK_ADDR_KERN_UADDRLEN, SUN_PATH_MAX, SockKey, TARGET_KEY_PORT_BITS,
+    TargetKey, TargetValue, UnixKey, UnixPath, UnixTarget, comm_words, is_v4_mapped, v4_mapped,
+    v6_bytes, v6_words,
 };
 
 const AF_INET: u32 = 2;
@@ -77,6 +88,11 @@ static BLOCKED: HashMap<BlockKey, u32> = HashMap::with_max_entries(MAX_BLOCKED, 
 static NETNS: HashMap<u64, NetnsState> = HashMap::with_max_entries(MAX_NETNS, 0);
 #[map]
 static NETNS_EVENTS: RingBuf = RingBuf::with_byte_size(NETNS_EVENTS_BYTES, 0);
+#[map]
+static UNIX_TARGETS: HashMap<[u8; SUN_PATH_MAX], UnixTarget> =
+    HashMap::with_max_entries(MAX_UNIX_TARGETS, 0);
+#[map]
+static UNIX_CONNS: LruHashMap<UnixKey, ConnRecord> = LruHashMap::with_max_entries(MAX_CONNS, 0);
 
 /// `BPF_NOEXIST`: insert only if absent.
 const NOEXIST: u64 = 1;
@@ -96,6 +112,142 @@ pub fn interceptor_connect6(ctx: SockAddrContext) -> i32 {
         Err(Skip::Blocked | Skip::Unserved) => REFUSE,
         _ => PROCEED,
     }
+}
+
+/// Loaded by the agent as `cgroup/connect_unix` (see the module header).
+#[cgroup_sock_addr(connect6)]
+pub fn interceptor_connect_unix(ctx: SockAddrContext) -> i32 {
+    match try_connect_unix(&ctx) {
+        Err(Skip::Blocked | Skip::Unserved | Skip::MapFull) => REFUSE,
+        _ => PROCEED,
+    }
+}
+
+/// A path length clamped to `sun_path`'s size on the register the kfunc
+/// gets (a range check folded into one comparison on a copy would leave
+/// the verifier without a bound).
+#[inline(always)]
+fn bounded_len(len: u32) -> u32 {
+    len.min(SUN_PATH_MAX as u32)
+}
+
+/// `bpf_cast_to_kern_ctx`: the `struct bpf_sock_addr_kern` behind the
+/// context (a stand-in helper number; the agent's loader makes it the kfunc).
+fn kern_ctx(ctx: &SockAddrContext) -> *mut u8 {
+    // SAFETY: the call is rewritten into the kfunc, which takes the
+    // program's context and returns the kernel's view of it.
+    unsafe {
+        let f: unsafe extern "C" fn(*mut c_void) -> *mut u8 =
+            core::mem::transmute(KFUNC_CAST_TO_KERN_CTX as usize);
+        f(ctx.as_ptr())
+    }
+}
+
+/// `bpf_sock_addr_set_sun_path`: rewrites the address of a unix sock_addr
+/// hook to `len` bytes at `path` (the kfunc checks `len` <= 108).
+///
+/// # Safety
+/// `kern` from [`kern_ctx`]; `path` readable for `len` bytes.
+unsafe fn set_sun_path(kern: *mut u8, path: *const u8, len: u32) -> i32 {
+    // SAFETY: as the caller promises; rewritten into the kfunc.
+    unsafe {
+        let f: unsafe extern "C" fn(*mut u8, *const u8, u32) -> i32 =
+            core::mem::transmute(KFUNC_SET_SUN_PATH as usize);
+        f(kern, path, len)
+    }
+}
+
+fn try_connect_unix(ctx: &SockAddrContext) -> Result<(), Skip> {
+    config()?;
+    let kern = kern_ctx(ctx);
+    // SAFETY: verifier-checked reads of `struct bpf_sock_addr_kern` fields
+    // at their offsets (checked against the kernel's BTF by the loader).
+    let (uaddr, uaddrlen) = unsafe {
+        (
+            read_volatile(kern.add(SOCK_ADDR_KERN_UADDR).cast::<*const u8>()),
+            read_volatile(kern.add(SOCK_ADDR_KERN_UADDRLEN).cast::<u32>()),
+        )
+    };
+    // sun_family (2 bytes), then the path; the kernel ends a pathname at
+    // the given length or its first NUL, and so does the read.
+    if uaddrlen <= 2 {
+        return Ok(());
+    }
+    // At most sun_path's size, NUL included.
+    let room = bounded_len(uaddrlen - 2);
+    let mut asked = UnixPath::ZERO;
+    // SAFETY: reads at most `room` bytes of the kernel's copy of the
+    // address into the zeroed buffer, NUL-terminated within its size.
+    let n = unsafe {
+        bpf_probe_read_kernel_str(
+            asked.path.as_mut_ptr().cast(),
+            bounded_len(room + 1),
+            uaddr.add(2).cast(),
+        )
+    };
+    // n counts the NUL: an empty read is an abstract socket (first byte 0),
+    // never a target.
+    if n <= 1 {
+        return Ok(());
+    }
+    asked.len = (n - 1) as u32;
+    let target = UNIX_TARGETS.get_ptr(&asked.path).ok_or(Skip::NotTarget)?;
+    // SAFETY: a map value pointer, valid for the program's run; fields are
+    // copied out.
+    let (value, listen_id, home, listen_len) = unsafe {
+        (
+            (*target).target,
+            (*target).listen_id,
+            (*target).home_netns,
+            (*target).listen.len,
+        )
+    };
+    check_exempt()?;
+    check_blocked()?;
+    // SAFETY: helpers allowed for cgroup sock_addr programs, on our own context.
+    let (socket_cookie, netns_cookie, cgroup_id) = unsafe {
+        (
+            bpf_get_socket_cookie(ctx.as_ptr()),
+            bpf_get_netns_cookie(ctx.as_ptr()),
+            bpf_get_current_cgroup_id(),
+        )
+    };
+    let listen_len = bounded_len(listen_len);
+    if netns_cookie != home || listen_len == 0 {
+        return Err(Skip::Unserved);
+    }
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let uid_gid = bpf_get_current_uid_gid();
+    let rec = ConnRecord {
+        orig_addr: [0; 16],
+        orig_port_be: 0,
+        family: FAMILY_UNIX,
+        target_id: value.target_id,
+        protocol: value.protocol,
+        pid: pid_tgid as u32,
+        tgid: (pid_tgid >> 32) as u32,
+        uid: uid_gid as u32,
+        gid: (uid_gid >> 32) as u32,
+        _pad: 0,
+        cgroup_id,
+        netns_cookie,
+        socket_cookie,
+        comm: bpf_get_current_comm().unwrap_or([0; 16]),
+    };
+    let key = UnixKey {
+        netns_cookie,
+        tgid: rec.tgid,
+        listen_id,
+    };
+    UNIX_CONNS
+        .insert(&key, &rec, 0)
+        .map_err(|_| Skip::MapFull)?;
+    // SAFETY: the listener path lies in the map value; its length is
+    // bounded above.
+    if unsafe { set_sun_path(kern, (*target).listen.path.as_ptr(), listen_len) } != 0 {
+        return Err(Skip::Unserved);
+    }
+    Ok(())
 }
 
 /// Return value of a cgroup_skb program that lets the packet go.

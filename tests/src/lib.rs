@@ -387,6 +387,12 @@ impl PgServer {
         server
     }
 
+    /// The directory of the server's unix socket (`.s.PGSQL.PORT`).
+    #[must_use]
+    pub fn socket_dir(&self) -> &Path {
+        &self.dir
+    }
+
     /// The postmaster's pid.
     #[must_use]
     pub fn pid(&self) -> u32 {
@@ -508,6 +514,9 @@ pub struct Agent {
     /// The agent's pin dir under /sys/fs/bpf, its own unless the test
     /// passed `--pin-dir`; detached when the agent is dropped.
     pub pin_dir: PathBuf,
+    /// The agent's unix listeners (outside its private temp dir, so that
+    /// workloads of any user reach them); removed when it is dropped.
+    pub unix_dir: PathBuf,
 }
 
 impl Agent {
@@ -636,6 +645,14 @@ impl Agent {
                 p
             }
         };
+        let unix_dir = match extra.iter().position(|a| *a == "--unix-dir") {
+            Some(i) => PathBuf::from(extra[i + 1]),
+            None => {
+                let p = std::env::temp_dir().join(unique("interceptor-unix"));
+                cmd.arg("--unix-dir").arg(&p);
+                p
+            }
+        };
         cmd.stdout(Stdio::null())
             .stderr(fs::File::create(dir.path().join("agent.log")).unwrap());
         let child = cmd.spawn().unwrap();
@@ -647,6 +664,7 @@ impl Agent {
             audit_log,
             policy: policy_path,
             pin_dir,
+            unix_dir,
         };
         let start = Instant::now();
         loop {
@@ -800,6 +818,7 @@ impl Drop for Agent {
         }
         // Fail closed leaves the programs pinned: a test leaves nothing.
         let _ = self.detach();
+        let _ = fs::remove_dir_all(&self.unix_dir);
     }
 }
 

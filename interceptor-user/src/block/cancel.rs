@@ -18,7 +18,7 @@
 //! error value, not a panic.
 
 use std::{
-    io::{Read as _, Write as _},
+    io::{Read, Write},
     net::{SocketAddr, TcpStream},
     time::Duration,
 };
@@ -62,9 +62,51 @@ pub struct Server {
     /// The workload's network namespace: the side connection takes the
     /// same route as the connection it cancels.
     pub netns: Option<std::sync::Arc<Netns>>,
+    /// A unix target's socket path (then `dst` is unused).
+    pub unix: Option<std::path::PathBuf>,
 }
 
-fn connect(to: &Server) -> Result<TcpStream, String> {
+/// A side connection to the server.
+enum Side {
+    Tcp(TcpStream),
+    Unix(std::os::unix::net::UnixStream),
+}
+
+impl Read for Side {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        match self {
+            Self::Tcp(s) => s.read(buf),
+            Self::Unix(s) => s.read(buf),
+        }
+    }
+}
+
+impl Write for Side {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        match self {
+            Self::Tcp(s) => s.write(buf),
+            Self::Unix(s) => s.write(buf),
+        }
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        match self {
+            Self::Tcp(s) => s.flush(),
+            Self::Unix(s) => s.flush(),
+        }
+    }
+}
+
+fn connect(to: &Server) -> Result<Side, String> {
+    if let Some(path) = &to.unix {
+        // The agent's own connect: exempt from the unix hook by its tgid.
+        let e = |err: std::io::Error| format!("connect to unix:{}: {err}", path.display());
+        let s = std::os::unix::net::UnixStream::connect(path).map_err(e)?;
+        s.set_read_timeout(Some(TIMEOUT))
+            .and_then(|()| s.set_write_timeout(Some(TIMEOUT)))
+            .map_err(e)?;
+        return Ok(Side::Unix(s));
+    }
     let (dst, mark) = (to.dst, to.mark);
     let e = |what: &str, err: std::io::Error| format!("{what} {dst}: {err}");
     let make = || Socket::new(Domain::for_address(dst), Type::STREAM, None);
@@ -83,7 +125,7 @@ fn connect(to: &Server) -> Result<TcpStream, String> {
         .and_then(|()| s.set_write_timeout(Some(TIMEOUT)))
         .and_then(|()| s.set_nodelay(true))
         .map_err(|err| e("socket options for", err))?;
-    Ok(s)
+    Ok(Side::Tcp(s))
 }
 
 /// The CancelRequest packet (protocol 3.2 keys may be longer than 4 bytes).
@@ -110,7 +152,7 @@ fn postgres_cancel(to: &Server, pid: u32, secret: &[u8]) -> Result<(), String> {
     Ok(())
 }
 
-fn read_packet(s: &mut TcpStream) -> Result<(u8, Vec<u8>), String> {
+fn read_packet(s: &mut Side) -> Result<(u8, Vec<u8>), String> {
     let mut head = [0u8; 4];
     s.read_exact(&mut head)
         .map_err(|e| format!("reading from the server: {e}"))?;
@@ -124,7 +166,7 @@ fn read_packet(s: &mut TcpStream) -> Result<(u8, Vec<u8>), String> {
     Ok((head[3], body))
 }
 
-fn write_packet(s: &mut TcpStream, seq: u8, body: &[u8]) -> Result<(), String> {
+fn write_packet(s: &mut Side, seq: u8, body: &[u8]) -> Result<(), String> {
     let len = u32::try_from(body.len()).unwrap_or(u32::MAX).to_le_bytes();
     let mut p = Vec::with_capacity(4 + body.len());
     p.extend_from_slice(&[len[0], len[1], len[2], seq]);

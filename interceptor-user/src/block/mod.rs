@@ -715,6 +715,7 @@ impl KillSwitch {
                     dst: c.info.dst,
                     mark: self.shared.mark,
                     netns: c.info.netns.clone(),
+                    unix: c.info.target.address.unix().map(std::path::Path::to_owned),
                 },
                 c.info.target.admin.clone(),
             );

@@ -30,6 +30,8 @@ use crate::{
 
 const SYSTEM_POLICY: &str = "/etc/interceptor/policy.yaml";
 pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/interceptor";
+/// Where the agent's unix listeners (for unix socket targets) live.
+pub const DEFAULT_UNIX_DIR: &str = "/run/interceptor/unix";
 
 /// What workloads get while no agent serves.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -105,6 +107,11 @@ pub struct RunArgs {
     /// there (no second set of programs).
     #[arg(long, default_value = DEFAULT_PIN_DIR)]
     pub pin_dir: PathBuf,
+    /// Directory of the agent's unix listeners, one per unix socket target
+    /// (`address: unix:/path`): the kernel redirects a workload's connect to
+    /// the target's path to its listener here.
+    #[arg(long, default_value = DEFAULT_UNIX_DIR)]
+    pub unix_dir: PathBuf,
     /// Log filter for the agent's own diagnostics on stderr (tracing syntax).
     #[arg(long, env = "INTERCEPTOR_LOG", default_value = "info")]
     pub log: String,
@@ -433,6 +440,12 @@ fn run_inner(args: &RunArgs, control_socket: &Path) -> Result<(), String> {
     rt.block_on(watchers.prepare(&mut policy))
         .map_err(|e| e.to_string())?;
     resolve_names(&policy, &audit);
+    // Unix listeners exist before the kernel redirects to them.
+    let unix_listeners = Arc::new(worker::unix::UnixListeners::new(&args.unix_dir));
+    unix_listeners.sync(&policy.targets).map_err(|e| {
+        let _ = std::fs::remove_file(control_socket);
+        e
+    })?;
     let redirector = Arc::new(
         Redirector::attach(
             &cgroup,
@@ -458,6 +471,7 @@ fn run_inner(args: &RunArgs, control_socket: &Path) -> Result<(), String> {
                 dir: args.pin_dir.clone(),
                 fail_open: args.fail_mode == FailMode::Open,
                 handover: taken.is_some(),
+                unix_dir: args.unix_dir.clone(),
             },
         )
         .map_err(|e| {
@@ -465,6 +479,11 @@ fn run_inner(args: &RunArgs, control_socket: &Path) -> Result<(), String> {
             e.to_string()
         })?,
     );
+    if let Err(e) = unix_supported(&redirector, &policy) {
+        let _ = std::fs::remove_file(control_socket);
+        redirector.release();
+        return Err(e);
+    }
     let targets: Vec<Value> = policy
         .targets
         .iter()
@@ -522,6 +541,9 @@ fn run_inner(args: &RunArgs, control_socket: &Path) -> Result<(), String> {
                 .as_mut()
                 .map(|w| w.heartbeat(&format!("worker-{i}"))),
         });
+    }
+    if let Some(first) = senders.first() {
+        unix_listeners.serve_with(first.clone(), Arc::clone(&home));
     }
     let handles = worker::spawn_workers(&shared, worker_sets, &shutdown_rx, drain)
         .map_err(|e| e.to_string())?;
@@ -605,6 +627,7 @@ fn run_inner(args: &RunArgs, control_socket: &Path) -> Result<(), String> {
         reload_path,
         Arc::clone(&shared),
         Arc::clone(&redirector),
+        Arc::clone(&unix_listeners),
         Arc::clone(&watchers),
         audit_settings,
     ));
@@ -778,7 +801,7 @@ fn audit_addresses(
     let (subject_key, subject) = match dest {
         TargetDest::Service(s) => ("service", s.key()),
         TargetDest::Name(n) => ("name", n.host.clone()),
-        TargetDest::Net(_) => return,
+        TargetDest::Net(_) | TargetDest::Unix(_) => return,
     };
     let strings = |v: &[SocketAddr]| address_strings(dest, v);
     let now = strings(&state.current);
@@ -892,6 +915,20 @@ async fn service_loop(
     }
 }
 
+/// A policy naming unix socket targets needs the kernel's unix hooks.
+fn unix_supported(redirector: &Redirector, policy: &PolicyFile) -> Result<(), String> {
+    let Some(why) = redirector.unix_unsupported() else {
+        return Ok(());
+    };
+    match policy.targets.iter().find(|t| t.address.unix().is_some()) {
+        Some(t) => Err(format!(
+            "target {:?} is a unix socket ({}), which this agent cannot guard here: {why}",
+            t.name, t.address
+        )),
+        None => Ok(()),
+    }
+}
+
 /// Resolves the policy's DNS-named targets every `resolve_every` and puts
 /// their addresses in the kernel's targets map when they change.
 async fn resolve_loop(shared: Arc<Shared>, redirector: Arc<Redirector>) {
@@ -936,6 +973,7 @@ async fn reload_loop(
     path: Option<PathBuf>,
     shared: Arc<Shared>,
     redirector: Arc<Redirector>,
+    unix_listeners: Arc<worker::unix::UnixListeners>,
     watchers: Arc<crate::kube::Watchers>,
     audit_in_force: AuditSettings,
 ) {
@@ -990,6 +1028,8 @@ async fn reload_loop(
         let result = result
             .and_then(|file| Engine::new(file).map_err(|e| e.to_string()))
             .and_then(|engine| {
+                unix_supported(&redirector, engine.file())?;
+                unix_listeners.sync(&engine.file().targets)?;
                 redirector
                     .set_targets(&engine.file().targets)
                     .map_err(|e| e.to_string())?;

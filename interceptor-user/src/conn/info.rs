@@ -61,7 +61,10 @@ impl ConnInfo {
             conn: id,
             target: &target.name,
             protocol: target.protocol.as_str(),
-            dst: dst.to_string(),
+            dst: target
+                .address
+                .unix()
+                .map_or_else(|| dst.to_string(), |p| format!("unix:{}", p.display())),
             identities: &identities,
             identity: &identity,
         })

@@ -92,6 +92,55 @@ pub trait OrigDstLookup: Send + Sync {
     /// Returns and forgets the record for `peer` in the network namespace
     /// `netns_cookie` (peer addresses repeat across namespaces).
     fn take(&self, netns_cookie: u64, peer: SocketAddr) -> Option<ConnRecord>;
+
+    /// Returns and forgets the record of a unix connection by the
+    /// connecting process (`SO_PEERCRED`'s pid, the kernel's tgid) and the
+    /// agent's listener it arrived on.
+    fn take_unix(&self, _netns_cookie: u64, _tgid: u32, _listen_id: u32) -> Option<ConnRecord> {
+        None
+    }
+}
+
+/// The agent's listener for the unix target `path`: a stable id (the
+/// first four bytes of the path's SHA-256, the same in every agent) and
+/// the socket path in `dir` the kernel redirects to.
+#[must_use]
+pub fn unix_listener(dir: &std::path::Path, path: &std::path::Path) -> (u32, std::path::PathBuf) {
+    let id = unix_listen_id(path);
+    (id, dir.join(format!("{id:08x}.sock")))
+}
+
+/// The id of [`unix_listener`].
+#[must_use]
+pub fn unix_listen_id(path: &std::path::Path) -> u32 {
+    use sha2::Digest as _;
+    use std::os::unix::ffi::OsStrExt as _;
+    let h = sha2::Sha256::digest(path.as_os_str().as_bytes());
+    u32::from_be_bytes([h[0], h[1], h[2], h[3]])
+}
+
+/// Binds the unix listener at `at`, reachable by every workload (mode
+/// 0666: who may connect is the policy's business), replacing an older
+/// one atomically (bound under a temporary name, then renamed over it):
+/// a predecessor's listener keeps what it accepted, new connects come here.
+///
+/// # Errors
+/// When the directory or socket cannot be made.
+pub fn bind_unix_listener(
+    at: &std::path::Path,
+) -> std::io::Result<std::os::unix::net::UnixListener> {
+    use std::os::unix::fs::PermissionsExt as _;
+    if let Some(dir) = at.parent() {
+        std::fs::create_dir_all(dir)?;
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755))?;
+    }
+    let tmp = at.with_extension(format!("tmp{}", std::process::id()));
+    let _ = std::fs::remove_file(&tmp);
+    let l = std::os::unix::net::UnixListener::bind(&tmp)?;
+    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o666))?;
+    std::fs::rename(&tmp, at)?;
+    l.set_nonblocking(true)?;
+    Ok(l)
 }
 
 /// How the server can be told to stop what a connection is running.

@@ -19,15 +19,18 @@ use aya::{
 };
 use interceptor_common::{
     AgentConfig, BlockKey, ConnRecord, MAP_BLOCKED, MAP_CONFIG, MAP_CONN_BY_ADDR,
-    MAP_CONN_BY_COOKIE, MAP_EXEMPT_TGIDS, MAP_NETNS, MAP_NETNS_EVENTS, MAP_TARGETS, NetnsState,
-    PROG_CONNECT4, PROG_CONNECT6, PROG_EGRESS, PROG_GETPEERNAME4, PROG_GETPEERNAME6, PROG_SOCK_OPS,
-    SockKey, TARGET_KEY_PORT_BITS, TargetKey, TargetValue, v6_words,
+    MAP_CONN_BY_COOKIE, MAP_EXEMPT_TGIDS, MAP_NETNS, MAP_NETNS_EVENTS, MAP_TARGETS, MAP_UNIX_CONNS,
+    MAP_UNIX_TARGETS, NetnsState, PROG_CONNECT4, PROG_CONNECT6, PROG_EGRESS, PROG_GETPEERNAME4,
+    PROG_GETPEERNAME6, PROG_SOCK_OPS, SUN_PATH_MAX, SockKey, TARGET_KEY_PORT_BITS, TargetKey,
+    TargetValue, UnixKey, UnixPath, UnixTarget, v6_words,
 };
 
 use crate::{
     conn::{NetnsMap, OrigDstLookup, monotonic_ns},
     policy::TargetSpec,
 };
+
+mod unix;
 
 /// The kernel object built by build.rs (aya-build) from `interceptor-ebpf`.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/interceptor"));
@@ -111,10 +114,14 @@ pub struct Pinning {
     pub fail_open: bool,
     /// A running agent hands its sockets over: its namespaces stay served.
     pub handover: bool,
+    /// Directory of the agent's unix listeners (unix targets).
+    pub unix_dir: PathBuf,
 }
 
 /// Every map, pinned by name in the pin dir.
-const MAPS: [&str; 8] = [
+const MAPS: [&str; 10] = [
+    MAP_UNIX_TARGETS,
+    MAP_UNIX_CONNS,
     MAP_TARGETS,
     MAP_CONFIG,
     MAP_CONN_BY_COOKIE,
@@ -155,6 +162,13 @@ pub struct Redirector {
     netns: Mutex<HashMap<MapData, u64, NetnsState>>,
     netns_events: Mutex<Option<RingBuf<MapData>>>,
     cgroup: PathBuf,
+    unix_targets: Mutex<HashMap<MapData, [u8; SUN_PATH_MAX], UnixTarget>>,
+    unix_conns: Mutex<HashMap<MapData, UnixKey, ConnRecord>>,
+    /// Why unix targets cannot be served here (`None`: they can).
+    unix_unsupported: Option<String>,
+    /// Where the agent's unix listeners are.
+    unix_dir: PathBuf,
+    home_netns: u64,
 }
 
 impl std::fmt::Debug for Redirector {
@@ -391,6 +405,29 @@ impl Redirector {
             links.push(link);
         }
 
+        // The unix hooks, where the kernel has them (6.7+); loaded by hand.
+        let unix_unsupported = unix::kfuncs()
+            .and_then(|k| unix::load(OBJECT, dir, k))
+            .and_then(|progs| {
+                progs.iter().try_for_each(|p| {
+                    unix::attach(
+                        p,
+                        std::os::fd::AsRawFd::as_raw_fd(&fd),
+                        &link_pin(dir, p.name),
+                    )
+                })
+            })
+            .err();
+        if let Some(why) = &unix_unsupported {
+            tracing::info!("unix socket targets unavailable: {why}");
+        }
+        let take = |ebpf: &mut Ebpf, name: &'static str| {
+            ebpf.take_map(name).ok_or(EbpfError::Missing(name))
+        };
+        let unix_targets = HashMap::try_from(take(&mut ebpf, MAP_UNIX_TARGETS)?)
+            .map_err(map_err(MAP_UNIX_TARGETS))?;
+        let unix_conns =
+            HashMap::try_from(take(&mut ebpf, MAP_UNIX_CONNS)?).map_err(map_err(MAP_UNIX_CONNS))?;
         let by_addr_map = ebpf
             .take_map(MAP_CONN_BY_ADDR)
             .ok_or(EbpfError::Missing(MAP_CONN_BY_ADDR))?;
@@ -414,6 +451,11 @@ impl Redirector {
             netns: Mutex::new(netns),
             netns_events: Mutex::new(Some(netns_events)),
             cgroup: cgroup.to_owned(),
+            unix_targets: Mutex::new(unix_targets),
+            unix_conns: Mutex::new(unix_conns),
+            unix_unsupported,
+            unix_dir: pinning.unix_dir.clone(),
+            home_netns: listener.home.0,
         };
         me.set_targets(targets)?;
         Ok(me)
@@ -462,6 +504,55 @@ impl Redirector {
         }
         for (key, value) in &wanted {
             trie.insert(key, *value, 0).map_err(map_err(MAP_TARGETS))?;
+        }
+        drop(trie);
+        self.set_unix_targets(targets)
+    }
+
+    /// Why unix socket targets cannot be served on this kernel, if so.
+    #[must_use]
+    pub fn unix_unsupported(&self) -> Option<&str> {
+        self.unix_unsupported.as_deref()
+    }
+
+    /// The agent's unix listener for each unix target, in the kernel's map.
+    fn set_unix_targets(&self, targets: &[TargetSpec]) -> Result<(), EbpfError> {
+        let mut map = self
+            .unix_targets
+            .lock()
+            .map_err(|_| EbpfError::Missing("unix targets lock"))?;
+        let mut wanted = Vec::new();
+        for (i, t) in targets.iter().enumerate() {
+            let Some(path) = t.address.unix() else {
+                continue;
+            };
+            let (listen_id, listen) = crate::conn::unix_listener(&self.unix_dir, path);
+            let (Some(key), Some(listen)) = (unix_path(path), unix_path(&listen)) else {
+                tracing::warn!("unix target {}: path too long", path.display());
+                continue;
+            };
+            let value = UnixTarget {
+                target: TargetValue {
+                    target_id: u32::try_from(i).unwrap_or(u32::MAX),
+                    protocol: t.protocol.wire_id(),
+                },
+                listen_id,
+                _pad: 0,
+                home_netns: self.home_netns,
+                listen,
+            };
+            wanted.push((key.path, value));
+        }
+        let stale: Vec<[u8; SUN_PATH_MAX]> = map
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| !wanted.iter().any(|(w, _)| w == k))
+            .collect();
+        for k in stale {
+            map.remove(&k).map_err(map_err(MAP_UNIX_TARGETS))?;
+        }
+        for (k, v) in &wanted {
+            map.insert(k, v, 0).map_err(map_err(MAP_UNIX_TARGETS))?;
         }
         Ok(())
     }
@@ -623,6 +714,19 @@ impl NetnsMap for Redirector {
     }
 }
 
+/// `path` as the kernel programs hold it; `None` when it does not fit.
+fn unix_path(path: &Path) -> Option<UnixPath> {
+    use std::os::unix::ffi::OsStrExt as _;
+    let bytes = path.as_os_str().as_bytes();
+    if bytes.is_empty() || bytes.len() >= SUN_PATH_MAX {
+        return None;
+    }
+    let mut p = UnixPath::ZERO;
+    p.path[..bytes.len()].copy_from_slice(bytes);
+    p.len = u32::try_from(bytes.len()).ok()?;
+    Some(p)
+}
+
 impl OrigDstLookup for Redirector {
     fn take(&self, netns_cookie: u64, peer: SocketAddr) -> Option<ConnRecord> {
         let key = sock_key(netns_cookie, peer);
@@ -630,6 +734,18 @@ impl OrigDstLookup for Redirector {
         let rec = map.get(&key, 0).ok()?;
         // The entry has served its purpose; the kernel drops its cookie twin
         // when the socket closes.
+        let _ = map.remove(&key);
+        Some(rec)
+    }
+
+    fn take_unix(&self, netns_cookie: u64, tgid: u32, listen_id: u32) -> Option<ConnRecord> {
+        let key = UnixKey {
+            netns_cookie,
+            tgid,
+            listen_id,
+        };
+        let mut map = self.unix_conns.lock().ok()?;
+        let rec = map.get(&key, 0).ok()?;
         let _ = map.remove(&key);
         Some(rec)
     }
@@ -665,7 +781,7 @@ fn update_link(path: &Path, prog: &aya::programs::ProgramFd) -> Result<PinnedLin
 }
 
 /// `BPF_OBJ_GET`: an fd of a pinned object.
-fn bpf_obj_get(path: &Path) -> std::io::Result<std::os::fd::OwnedFd> {
+pub(crate) fn bpf_obj_get(path: &Path) -> std::io::Result<std::os::fd::OwnedFd> {
     use std::os::{fd::FromRawFd as _, unix::ffi::OsStrExt as _};
     #[repr(C)]
     struct ObjGet {
@@ -701,7 +817,7 @@ fn bpf_obj_get(path: &Path) -> std::io::Result<std::os::fd::OwnedFd> {
 }
 
 /// `BPF_LINK_UPDATE`: swaps the program behind a link atomically.
-fn bpf_link_update(link_fd: i32, prog_fd: i32) -> std::io::Result<()> {
+pub(crate) fn bpf_link_update(link_fd: i32, prog_fd: i32) -> std::io::Result<()> {
     #[repr(C)]
     struct LinkUpdate {
         link_fd: u32,
@@ -742,6 +858,7 @@ pub fn unpin_all(dir: &Path) -> Result<Vec<PathBuf>, EbpfError> {
     let mut removed = Vec::new();
     let names = PROGRAMS
         .iter()
+        .chain(unix::PROGRAMS.iter().map(|(p, _)| p))
         .map(|p| link_pin(dir, p))
         .chain(MAPS.iter().map(|m| dir.join(m)));
     for path in names {

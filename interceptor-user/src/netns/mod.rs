@@ -71,9 +71,20 @@ pub enum NetnsError {
 
 /// A listener for a worker to serve, until `stop` fires or is dropped.
 pub struct ServeListener {
-    pub listener: std::net::TcpListener,
+    pub listener: Listener,
     pub netns: Arc<Netns>,
     pub stop: oneshot::Receiver<()>,
+}
+
+/// A listening socket a worker accepts on.
+pub enum Listener {
+    Tcp(std::net::TcpListener),
+    /// The agent's listener for one unix target (see
+    /// [`crate::conn::unix_listener`]).
+    Unix {
+        listener: std::os::unix::net::UnixListener,
+        listen_id: u32,
+    },
 }
 
 struct Served {
@@ -338,7 +349,7 @@ impl NetnsManager {
                 return Err(NetnsError::Map("no worker".into()));
             };
             if w.send(ServeListener {
-                listener,
+                listener: Listener::Tcp(listener),
                 netns: Arc::clone(&netns),
                 stop: rx,
             })
@@ -435,7 +446,7 @@ impl NetnsManager {
                 let (tx, rx) = oneshot::channel();
                 if let Some(w) = self.workers.get(worker)
                     && w.send(ServeListener {
-                        listener,
+                        listener: Listener::Tcp(listener),
                         netns: Arc::clone(&netns),
                         stop: rx,
                     })

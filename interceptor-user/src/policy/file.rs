@@ -343,13 +343,30 @@ impl TryFrom<TargetSpecText> for TargetSpec {
                 ));
             }
         };
+        let mut tls = t.tls;
+        if address.unix().is_some() {
+            // A local socket: nothing to encrypt, and no client asks.
+            if !matches!(
+                tls.server,
+                super::ServerTls::Prefer | super::ServerTls::Disable
+            ) || tls.server_ca.is_some()
+                || tls.server_name.is_some()
+                || tls.cert.is_some()
+                || tls.key.is_some()
+            {
+                return Err(format!(
+                    "target {name:?}: a unix socket target takes no tls: settings (neither leg of a local socket uses TLS)"
+                ));
+            }
+            tls.server = super::ServerTls::Disable;
+        }
         Ok(Self {
             name: t.name,
             protocol: t.protocol,
             address,
             default_schema: t.default_schema,
             admin: t.admin,
-            tls: t.tls,
+            tls,
             logins: t.logins,
         })
     }

@@ -31,7 +31,12 @@ pub enum TargetDest {
     Net(TargetAddress),
     Name(NamedAddress),
     Service(ServiceAddress),
+    /// A unix-domain socket path (`unix:/var/run/postgresql/.s.PGSQL.5432`).
+    Unix(std::path::PathBuf),
 }
+
+/// Longest unix socket path (`sun_path` holds 108 bytes with its NUL).
+pub const MAX_UNIX_PATH: usize = 107;
 
 /// A DNS name and port, with its addresses as last resolved (shared by all
 /// clones of the policy that carries it).
@@ -290,6 +295,16 @@ impl TargetDest {
             Self::Net(n) => n.port,
             Self::Name(n) => n.port,
             Self::Service(s) => s.port,
+            Self::Unix(_) => 0,
+        }
+    }
+
+    /// The socket path of a unix target.
+    #[must_use]
+    pub fn unix(&self) -> Option<&std::path::Path> {
+        match self {
+            Self::Unix(p) => Some(p),
+            _ => None,
         }
     }
 
@@ -302,6 +317,7 @@ impl TargetDest {
             Self::Net(n) => n.contains(dst),
             Self::Name(n) => has(&n.state, dst, true),
             Self::Service(s) => has(&s.state, dst, true),
+            Self::Unix(_) => false,
         }
     }
 
@@ -312,6 +328,7 @@ impl TargetDest {
             Self::Net(n) => n.contains(dst),
             Self::Name(n) => has(&n.state, dst, false),
             Self::Service(s) => has(&s.state, dst, false),
+            Self::Unix(_) => false,
         }
     }
 
@@ -320,7 +337,7 @@ impl TargetDest {
     pub fn specificity(&self) -> u8 {
         match self {
             Self::Net(n) => n.mapped().1,
-            Self::Name(_) | Self::Service(_) => 128,
+            Self::Name(_) | Self::Service(_) | Self::Unix(_) => 128,
         }
     }
 
@@ -341,6 +358,7 @@ impl TargetDest {
             }
             Self::Name(n) => exact(n.state()),
             Self::Service(s) => exact(s.state()),
+            Self::Unix(_) => Vec::new(),
         }
     }
 
@@ -348,7 +366,7 @@ impl TargetDest {
     pub fn name(&self) -> Option<&NamedAddress> {
         match self {
             Self::Name(n) => Some(n),
-            Self::Net(_) | Self::Service(_) => None,
+            Self::Net(_) | Self::Service(_) | Self::Unix(_) => None,
         }
     }
 
@@ -356,7 +374,7 @@ impl TargetDest {
     pub fn service(&self) -> Option<&ServiceAddress> {
         match self {
             Self::Service(s) => Some(s),
-            Self::Net(_) | Self::Name(_) => None,
+            Self::Net(_) | Self::Name(_) | Self::Unix(_) => None,
         }
     }
 
@@ -364,7 +382,7 @@ impl TargetDest {
     #[must_use]
     pub fn watched(&self) -> Option<NameState> {
         match self {
-            Self::Net(_) => None,
+            Self::Net(_) | Self::Unix(_) => None,
             Self::Name(n) => Some(n.state()),
             Self::Service(s) => Some(s.state()),
         }
@@ -377,8 +395,43 @@ impl fmt::Display for TargetDest {
             Self::Net(n) => n.fmt(f),
             Self::Name(n) => write!(f, "{}:{}", n.host, n.port),
             Self::Service(s) => write!(f, "service {}/{} port {}", s.namespace, s.name, s.port),
+            Self::Unix(p) => write!(f, "unix:{}", p.display()),
         }
     }
+}
+
+/// The path of a `unix:` target: absolute, without NUL or `..`, short
+/// enough for `sun_path`.
+fn parse_unix(path: &str) -> Result<std::path::PathBuf, String> {
+    let bad = |why: &str| format!("invalid unix target {path:?}: {why}");
+    if !path.starts_with('/') {
+        return Err(bad(
+            "the socket path must be absolute, such as unix:/var/run/postgresql/.s.PGSQL.5432",
+        ));
+    }
+    if path.contains('\0') {
+        return Err(bad("NUL in the path"));
+    }
+    if path.len() > MAX_UNIX_PATH {
+        return Err(bad(&format!(
+            "{} bytes, longer than a unix socket path can be ({MAX_UNIX_PATH})",
+            path.len()
+        )));
+    }
+    let p = std::path::Path::new(path);
+    if p.components().any(|c| {
+        matches!(
+            c,
+            std::path::Component::ParentDir | std::path::Component::CurDir
+        )
+    }) || path.contains("//")
+        || path.ends_with('/')
+    {
+        return Err(bad(
+            "write the path as the server creates it: no '.', '..', '//' or trailing '/' (the kernel compares the text a workload connects to)",
+        ));
+    }
+    Ok(p.to_owned())
 }
 
 /// A DNS name as RFC 1123 allows it (plus `_`, which internal zones use).
@@ -435,8 +488,11 @@ pub fn parse_service(s: &str) -> Result<(String, String), String> {
 impl FromStr for TargetDest {
     type Err = String;
 
-    /// What [`TargetAddress`] takes, or `name:port`.
+    /// What [`TargetAddress`] takes, `name:port`, or `unix:/path`.
     fn from_str(s: &str) -> Result<Self, Self::Err> {
+        if let Some(path) = s.strip_prefix("unix:") {
+            return parse_unix(path).map(Self::Unix);
+        }
         let net_err = match s.parse::<TargetAddress>() {
             Ok(n) => return Ok(Self::Net(n)),
             Err(e) => e,

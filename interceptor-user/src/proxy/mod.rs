@@ -194,6 +194,11 @@ pub enum SessionError {
         dst: SocketAddr,
         source: std::io::Error,
     },
+    #[error("upstream connect to unix:{} failed: {source}", path.display())]
+    ConnectUnix {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
     #[error("{0}")]
     Io(#[from] std::io::Error),
     #[error("client protocol violation: {0}")]
@@ -238,14 +243,33 @@ pub struct Upstream {
     pub mark: u32,
     pub timeout: Duration,
     pub netns: Arc<Netns>,
+    /// A unix target's socket path: connected to instead of `dst`.
+    pub unix: Option<std::path::PathBuf>,
 }
 
 impl Upstream {
-    /// Connects, marked so the kernel programs let it go direct.
+    /// Connects, marked so the kernel programs let it go direct (a unix
+    /// connect goes direct because the agent makes it: its tgid is exempt).
     ///
     /// # Errors
     /// When the connect fails or times out.
-    pub async fn connect(&self) -> Result<TcpStream, SessionError> {
+    pub async fn connect(&self) -> Result<Stream, SessionError> {
+        if let Some(path) = &self.unix {
+            let connect = tokio::net::UnixStream::connect(path);
+            let s = tokio::time::timeout(self.timeout, connect)
+                .await
+                .unwrap_or_else(|_| {
+                    Err(std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        "connect timed out",
+                    ))
+                })
+                .map_err(|source| SessionError::ConnectUnix {
+                    path: path.clone(),
+                    source,
+                })?;
+            return Ok(Stream::Unix(s));
+        }
         let s = connect_upstream(self.dst, self.mark, self.timeout, &self.netns)
             .await
             .map_err(|source| SessionError::Connect {
@@ -253,7 +277,7 @@ impl Upstream {
                 source,
             })?;
         let _ = s.set_nodelay(true);
-        Ok(s)
+        Ok(Stream::Plain(s))
     }
 }
 

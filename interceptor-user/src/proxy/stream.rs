@@ -15,12 +15,14 @@ use std::{
 
 use tokio::{
     io::{AsyncRead, AsyncWrite, ReadBuf},
-    net::{TcpStream, tcp},
+    net::{TcpStream, UnixStream, tcp, unix},
 };
 use tokio_rustls::TlsStream;
 
 pub enum Stream {
     Plain(TcpStream),
+    /// A unix-domain socket (unix targets: never TLS).
+    Unix(UnixStream),
     Tls(Box<TlsStream<TcpStream>>),
     /// Only between [`Stream::take_plain`] and the TLS stream replacing
     /// it; every operation fails.
@@ -29,12 +31,14 @@ pub enum Stream {
 
 pub enum ReadHalf<'a> {
     Plain(tcp::ReadHalf<'a>),
+    Unix(unix::ReadHalf<'a>),
     Tls(tokio::io::ReadHalf<&'a mut TlsStream<TcpStream>>),
     Upgrading,
 }
 
 pub enum WriteHalf<'a> {
     Plain(tcp::WriteHalf<'a>),
+    Unix(unix::WriteHalf<'a>),
     Tls(tokio::io::WriteHalf<&'a mut TlsStream<TcpStream>>),
     Upgrading,
 }
@@ -50,6 +54,10 @@ impl Stream {
             Self::Plain(s) => {
                 let (r, w) = s.split();
                 (ReadHalf::Plain(r), WriteHalf::Plain(w))
+            }
+            Self::Unix(s) => {
+                let (r, w) = s.split();
+                (ReadHalf::Unix(r), WriteHalf::Unix(w))
             }
             Self::Tls(s) => {
                 let (r, w) = tokio::io::split(&mut **s);
@@ -69,6 +77,11 @@ impl Stream {
                 None
             }
         }
+    }
+
+    #[must_use]
+    pub fn is_unix(&self) -> bool {
+        matches!(self, Self::Unix(_))
     }
 
     #[must_use]
@@ -107,6 +120,7 @@ macro_rules! delegate_read {
             ) -> Poll<io::Result<()>> {
                 match self.get_mut() {
                     Self::Plain(s) => Pin::new(s).poll_read(cx, buf),
+                    Self::Unix(s) => Pin::new(s).poll_read(cx, buf),
                     Self::Tls(s) => Pin::new(s).poll_read(cx, buf),
                     Self::Upgrading => Poll::Ready(Err(upgrading())),
                 }
@@ -125,6 +139,7 @@ macro_rules! delegate_write {
             ) -> Poll<io::Result<usize>> {
                 match self.get_mut() {
                     Self::Plain(s) => Pin::new(s).poll_write(cx, buf),
+                    Self::Unix(s) => Pin::new(s).poll_write(cx, buf),
                     Self::Tls(s) => Pin::new(s).poll_write(cx, buf),
                     Self::Upgrading => Poll::Ready(Err(upgrading())),
                 }
@@ -133,6 +148,7 @@ macro_rules! delegate_write {
             fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
                 match self.get_mut() {
                     Self::Plain(s) => Pin::new(s).poll_flush(cx),
+                    Self::Unix(s) => Pin::new(s).poll_flush(cx),
                     Self::Tls(s) => Pin::new(s).poll_flush(cx),
                     Self::Upgrading => Poll::Ready(Err(upgrading())),
                 }
@@ -141,6 +157,7 @@ macro_rules! delegate_write {
             fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
                 match self.get_mut() {
                     Self::Plain(s) => Pin::new(s).poll_shutdown(cx),
+                    Self::Unix(s) => Pin::new(s).poll_shutdown(cx),
                     Self::Tls(s) => Pin::new(s).poll_shutdown(cx),
                     Self::Upgrading => Poll::Ready(Err(upgrading())),
                 }

@@ -17,7 +17,7 @@ use std::{
 use interceptor_common::ConnRecord;
 use serde::Serialize;
 use tokio::{
-    net::{TcpListener, TcpStream},
+    net::{TcpListener, TcpStream, UnixListener, UnixStream},
     sync::watch,
 };
 
@@ -25,10 +25,12 @@ use crate::{
     audit::AuditEvent,
     conn::{ConnInfo, Netns},
     identity::KernelFacts,
-    netns::ServeListener,
+    netns::{Listener, ServeListener},
     policy::Protocol,
-    proxy::{Counted, ExecLog, Guard, SessionError, Shared, Stats, Upstream},
+    proxy::{Counted, ExecLog, Guard, SessionError, Shared, Stats, Stream, Upstream},
 };
+
+pub mod unix;
 
 #[derive(Debug, thiserror::Error)]
 pub enum WorkerError {
@@ -69,7 +71,14 @@ pub fn spawn_workers(
     Ok(handles)
 }
 
-type Accepted = (TcpStream, SocketAddr, Arc<Netns>);
+/// An accepted connection: TCP with its peer address, or unix with the
+/// listener it came in on.
+enum Client {
+    Tcp(TcpStream, SocketAddr),
+    Unix(UnixStream, u32),
+}
+
+type Accepted = (Client, Arc<Netns>);
 
 fn worker(
     shared: Arc<Shared>,
@@ -101,7 +110,7 @@ fn worker(
         for l in home {
             match TcpListener::from_std(l) {
                 Ok(l) => accepts.push(tokio::task::spawn_local(accept_loop(
-                    l,
+                    Accepting::Tcp(l),
                     tx.clone(),
                     Arc::clone(&home_netns),
                     None,
@@ -114,22 +123,27 @@ fn worker(
         loop {
             tokio::select! {
                 conn = rx.recv() => match conn {
-                    Some((stream, peer, netns)) => {
+                    Some((client, netns)) => {
                         let shared = Arc::clone(&shared);
                         let stop = handler_shutdown.clone();
-                        conns.spawn_local(handle(shared, stream, peer, netns, stop, drain));
+                        conns.spawn_local(handle(shared, client, netns, stop, drain));
                     }
                     None => break,
                 },
                 Some(l) = more.recv() => {
-                    match TcpListener::from_std(l.listener) {
+                    let listener = match l.listener {
+                        Listener::Tcp(t) => TcpListener::from_std(t).map(Accepting::Tcp),
+                        Listener::Unix { listener, listen_id } => UnixListener::from_std(listener)
+                            .map(|u| Accepting::Unix(u, listen_id)),
+                    };
+                    match listener {
                         Ok(listener) => accepts.push(tokio::task::spawn_local(accept_loop(
                             listener,
                             tx.clone(),
                             l.netns,
                             Some(l.stop),
                         ))),
-                        Err(e) => tracing::error!("namespace listener: {e}"),
+                        Err(e) => tracing::error!("listener: {e}"),
                     }
                 },
                 Some(_) = conns.join_next(), if !conns.is_empty() => {}
@@ -143,12 +157,11 @@ fn worker(
         // the select above took the shutdown) are served, not dropped:
         // during a handover their clients would see the agent hang up.
         rx.close();
-        while let Some((stream, peer, netns)) = rx.recv().await {
+        while let Some((client, netns)) = rx.recv().await {
             let shared = Arc::clone(&shared);
             conns.spawn_local(handle(
                 shared,
-                stream,
-                peer,
+                client,
                 netns,
                 handler_shutdown.clone(),
                 drain,
@@ -168,8 +181,22 @@ fn worker(
 
 /// Accepts on one listener until the worker stops or, for a namespace's
 /// listener, the namespace manager lets it go (`stop` fires or is dropped).
+enum Accepting {
+    Tcp(TcpListener),
+    Unix(UnixListener, u32),
+}
+
+impl Accepting {
+    async fn accept(&self) -> std::io::Result<Client> {
+        match self {
+            Self::Tcp(l) => l.accept().await.map(|(s, peer)| Client::Tcp(s, peer)),
+            Self::Unix(l, id) => l.accept().await.map(|(s, _)| Client::Unix(s, *id)),
+        }
+    }
+}
+
 async fn accept_loop(
-    listener: TcpListener,
+    listener: Accepting,
     tx: tokio::sync::mpsc::Sender<Accepted>,
     netns: Arc<Netns>,
     stop: Option<tokio::sync::oneshot::Receiver<()>>,
@@ -189,8 +216,8 @@ async fn accept_loop(
             () = &mut stopped => return,
         };
         match accepted {
-            Ok((stream, peer)) => {
-                if tx.send((stream, peer, Arc::clone(&netns))).await.is_err() {
+            Ok(client) => {
+                if tx.send((client, Arc::clone(&netns))).await.is_err() {
                     return;
                 }
             }
@@ -242,23 +269,57 @@ struct Bytes {
     from_server: u64,
 }
 
+/// The kernel's record of an accepted connection, and the client as a
+/// stream; for a unix connection, the listener's id.
+fn lookup(
+    shared: &Shared,
+    client: Client,
+    netns: &Netns,
+) -> (Option<ConnRecord>, String, Stream, Option<u32>) {
+    match client {
+        Client::Tcp(s, peer) => {
+            let _ = s.set_nodelay(true);
+            (
+                shared.lookup.take(netns.cookie, peer),
+                peer.to_string(),
+                Stream::Plain(s),
+                None,
+            )
+        }
+        Client::Unix(s, listen_id) => {
+            // The connecting process, as the kernel recorded it at connect.
+            let tgid = s
+                .peer_cred()
+                .ok()
+                .and_then(|c| c.pid())
+                .and_then(|p| u32::try_from(p).ok());
+            let rec = tgid.and_then(|t| shared.lookup.take_unix(netns.cookie, t, listen_id));
+            let peer = format!(
+                "unix pid {}",
+                tgid.map_or_else(|| "?".into(), |t| t.to_string())
+            );
+            (rec, peer, Stream::Unix(s), Some(listen_id))
+        }
+    }
+}
+
 async fn handle(
     shared: Arc<Shared>,
-    client: TcpStream,
-    peer: SocketAddr,
+    client: Client,
     netns: Arc<Netns>,
     mut shutdown: watch::Receiver<bool>,
     drain: Duration,
 ) {
     let id = shared.next_conn_id();
-    let Some(rec) = shared.lookup.take(netns.cookie, peer) else {
+    let (rec, peer, client, unix_listener) = lookup(&shared, client, &netns);
+    let Some(rec) = rec else {
         // Someone connected to the listener directly: there is no original
         // destination to relay to.
         shared.stats.rejected.fetch_add(1, Ordering::Relaxed);
         shared.audit.record(
             AuditEvent::new("reject")
                 .with("conn", id)
-                .with("peer", peer.to_string())
+                .with("peer", peer)
                 .with("netns_cookie", netns.cookie)
                 .with(
                     "reason",
@@ -274,12 +335,29 @@ async fn handle(
     let dst = orig_dst(&rec);
     let engine = shared.engine.load_full();
     let policy = engine.file();
-    let target = policy
-        .targets
-        .get(rec.target_id as usize)
-        .filter(|t| t.address.contains(dst))
-        .or_else(|| policy.target_for(dst).map(|(_, t)| t))
-        .cloned();
+    let target = match unix_listener {
+        // The target whose path this listener serves (the record's index
+        // first: a reload may have moved it).
+        Some(listen_id) => {
+            let serves = |t: &&crate::policy::TargetSpec| {
+                t.address
+                    .unix()
+                    .is_some_and(|p| crate::conn::unix_listen_id(p) == listen_id)
+            };
+            policy
+                .targets
+                .get(rec.target_id as usize)
+                .filter(serves)
+                .or_else(|| policy.targets.iter().find(serves))
+                .cloned()
+        }
+        None => policy
+            .targets
+            .get(rec.target_id as usize)
+            .filter(|t| t.address.contains(dst))
+            .or_else(|| policy.target_for(dst).map(|(_, t)| t))
+            .cloned(),
+    };
     let facts = kernel_facts(&rec);
     let mut identity = {
         let shared = Arc::clone(&shared);
@@ -335,8 +413,14 @@ async fn handle(
         mark: shared.mark,
         timeout: shared.connect_timeout,
         netns,
+        unix: registered
+            .live
+            .info
+            .target
+            .address
+            .unix()
+            .map(std::path::Path::to_owned),
     };
-    let _ = client.set_nodelay(true);
     let mut guard = Guard::with_live(Arc::clone(&shared), Arc::clone(&registered.live));
     // Summary windows are written when the connection ends, however it
     // ends (a handler dropped at the agent's exit included).

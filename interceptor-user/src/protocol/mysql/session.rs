@@ -4,10 +4,7 @@ use std::{
 };
 
 use bytes::{Buf as _, BytesMut};
-use tokio::{
-    io::{AsyncReadExt as _, AsyncWriteExt as _},
-    net::TcpStream,
-};
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
 use super::{
     codec::{
@@ -61,7 +58,7 @@ const LAST_PREPARED: u32 = u32::MAX;
 /// peer (the client then gets an ERR packet where that is still possible).
 pub async fn serve(
     guard: &mut Guard,
-    mut client: TcpStream,
+    mut client: Stream,
     upstream: &Upstream,
     counts: &Counted,
 ) -> Result<(), SessionError> {
@@ -75,14 +72,13 @@ pub async fn serve(
             return Err(e);
         }
     };
-    let mut client = Stream::Plain(client);
     let max = guard.max_frame();
     let log = guard.exec_log();
     let mut session = Session {
         log,
         guard,
         client: &mut client,
-        server: Stream::Plain(server),
+        server,
         upstream,
         seq_delta: 0,
         counts,
@@ -215,8 +211,10 @@ impl Session<'_> {
         // merely prefers TLS then carries on in plain text with a plain
         // server, as it would directly.
         let disable = self.guard.info.target.tls.server == ServerTls::Disable;
+        // Never on a unix socket: the agent has no TLS there.
+        let unix = self.client.is_unix();
         let server_info = match codec::adjust_greeting(payload).and_then(|g| {
-            if disable || g.capabilities & caps::SSL != 0 {
+            if !unix && (disable || g.capabilities & caps::SSL != 0) {
                 codec::offer_ssl(payload)?;
             }
             Ok(g)
@@ -232,7 +230,7 @@ impl Session<'_> {
         self.client.write_all(&bytes).await?;
         self.client.flush().await?;
 
-        let offered = disable || server_info.capabilities & caps::SSL != 0;
+        let offered = !unix && (disable || server_info.capabilities & caps::SSL != 0);
         let mut legs = Legs::default();
         let mut expect_seq = 1u8;
         let (response, mut bytes, hello) = loop {

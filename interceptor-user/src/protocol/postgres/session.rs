@@ -1,10 +1,7 @@
 use std::{cell::RefCell, collections::VecDeque};
 
 use bytes::{Buf as _, Bytes, BytesMut};
-use tokio::{
-    io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _},
-    net::TcpStream,
-};
+use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
 
 use super::codec::{
     self, CodecError, StartupPacket, decode_header, decode_startup, error_fields, error_response,
@@ -88,7 +85,7 @@ impl Pending {
 /// where that is still possible).
 pub async fn serve(
     guard: &mut Guard,
-    client: TcpStream,
+    client: Stream,
     upstream: &Upstream,
     counts: &Counted,
 ) -> Result<(), SessionError> {
@@ -96,21 +93,28 @@ pub async fn serve(
     let mut legs = Legs::default();
     let tls = guard.tls_context();
     let target = guard.info.target.clone();
-    // PostgreSQL 17's sslnegotiation=direct starts with a TLS handshake
-    // record instead of an SSLRequest.
-    let mut first = [0u8; 1];
-    let peeked = tokio::time::timeout(STARTUP_TIMEOUT, client.peek(&mut first))
-        .await
-        .map_err(|_| SessionError::ClientProtocol("no startup packet within 60s".into()))??;
-    if peeked == 0 {
-        return Ok(());
-    }
-    let mut client = if first[0] == TLS_HANDSHAKE_RECORD {
-        let (s, info) = tls_from_client(&tls, &target, upstream.dst, client, true).await?;
-        legs.client = Some(info);
-        s
-    } else {
-        Stream::Plain(client)
+    let mut client = match client {
+        // PostgreSQL 17's sslnegotiation=direct starts with a TLS handshake
+        // record instead of an SSLRequest (TCP only).
+        Stream::Plain(client) => {
+            let mut first = [0u8; 1];
+            let peeked = tokio::time::timeout(STARTUP_TIMEOUT, client.peek(&mut first))
+                .await
+                .map_err(|_| {
+                    SessionError::ClientProtocol("no startup packet within 60s".into())
+                })??;
+            if peeked == 0 {
+                return Ok(());
+            }
+            if first[0] == TLS_HANDSHAKE_RECORD {
+                let (s, info) = tls_from_client(&tls, &target, upstream.dst, client, true).await?;
+                legs.client = Some(info);
+                s
+            } else {
+                Stream::Plain(client)
+            }
+        }
+        other => other,
     };
     // Set up early when the client asks for TLS: it gets TLS only where
     // the agent has it towards the server (or the target says `disable`),
@@ -148,6 +152,11 @@ pub async fn serve(
                             tcp.write_all(b"N").await?;
                             Stream::Plain(tcp)
                         }
+                    }
+                    // No TLS on a unix socket (libpq never asks there).
+                    Stream::Unix(mut unix) if cbuf.is_empty() => {
+                        unix.write_all(b"N").await?;
+                        Stream::Unix(unix)
                     }
                     mut other => {
                         // Bytes sent before the handshake would be taken as
@@ -337,11 +346,12 @@ async fn connect_server(
     legs: &mut Legs,
     client_tls: bool,
 ) -> Result<Stream, SessionError> {
-    let mut tcp = upstream.connect().await?;
+    let stream = upstream.connect().await?;
     let mode = target.tls.server;
-    if mode == ServerTls::Disable {
-        return Ok(Stream::Plain(tcp));
-    }
+    let mut tcp = match stream {
+        Stream::Plain(tcp) if mode != ServerTls::Disable => tcp,
+        other => return Ok(other),
+    };
     let mut request = Vec::with_capacity(8);
     request.extend_from_slice(&8u32.to_be_bytes());
     request.extend_from_slice(&codec::SSL_REQUEST.to_be_bytes());
