@@ -442,9 +442,8 @@ fn run_inner(args: &RunArgs, control_socket: &Path) -> Result<(), String> {
     resolve_names(&policy, &audit);
     // Unix listeners exist before the kernel redirects to them.
     let unix_listeners = Arc::new(worker::unix::UnixListeners::new(&args.unix_dir));
-    unix_listeners.sync(&policy.targets).map_err(|e| {
+    unix_listeners.sync(&policy.targets).inspect_err(|_| {
         let _ = std::fs::remove_file(control_socket);
-        e
     })?;
     let redirector = Arc::new(
         Redirector::attach(

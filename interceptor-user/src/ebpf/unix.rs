@@ -275,10 +275,11 @@ mod tests {
 
     #[test]
     fn stand_in_calls_become_kfunc_calls() {
-        let mut call = |imm: u32| {
-            let mut i = bpf_insn::default();
+        let call = |imm: u32| {
+            // SAFETY: bpf_insn is plain integers; all zeroes is a valid value.
+            let mut i: bpf_insn = unsafe { std::mem::zeroed() };
             i.code = CALL;
-            i.imm = imm as i32;
+            i.imm = i32::try_from(imm).unwrap();
             i
         };
         let mut insns = vec![

@@ -632,7 +632,7 @@ mod tests {
                 rec.tgid = std::process::id();
                 rec.pid = rec.tgid;
                 table.0.lock().unwrap().insert(peer, rec);
-                let task = tokio::task::spawn_local(handle(Arc::clone(&shared), stream, peer, Arc::clone(&home), stop.clone(), Duration::ZERO));
+                let task = tokio::task::spawn_local(handle(Arc::clone(&shared), Client::Tcp(stream, peer), Arc::clone(&home), stop.clone(), Duration::ZERO));
 
                 let mut startup = 196_608u32.to_be_bytes().to_vec();
                 startup.extend_from_slice(b"user\0app\0\0");
@@ -655,7 +655,7 @@ mod tests {
                 // A connection nobody recorded is turned away.
                 let _stray = TcpStream::connect(agent_addr).await.unwrap();
                 let (stream, peer) = listener.accept().await.unwrap();
-                handle(Arc::clone(&shared), stream, peer, home, stop, Duration::ZERO).await;
+                handle(Arc::clone(&shared), Client::Tcp(stream, peer), home, stop, Duration::ZERO).await;
                 assert_eq!(shared.stats.rejected.load(Ordering::Relaxed), 1);
                 assert_eq!(shared.stats.denied.load(Ordering::Relaxed), 1);
                 drop(shared);

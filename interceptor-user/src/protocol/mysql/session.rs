@@ -1507,10 +1507,12 @@ mod tests {
                         mark: 0,
                         timeout: std::time::Duration::from_secs(5),
                         netns: Arc::new(crate::conn::Netns::home(&front).unwrap()),
+                        unix: None,
                     };
                     let session = tokio::task::spawn_local(async move {
                         let counts = Counted::default();
-                        super::super::serve(&mut guard, agent_side, &up, &counts).await
+                        super::super::serve(&mut guard, crate::proxy::Stream::Plain(agent_side), &up, &counts)
+                            .await
                     });
 
                     let mut buf = BytesMut::new();
