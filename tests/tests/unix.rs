@@ -93,11 +93,15 @@ rules:
     // psql -h DIR: the server's own socket, decided by the agent.
     let out = psql_at("select count(*) from items");
     assert_eq!(text(&out.stdout).trim(), "2", "{}", show(&out));
-    let connect = agent.wait_event("connect", |e| e["target"] == "pg-local");
+    let connect = agent.wait_event("connect", |e| {
+        e["event"] == "connect" && e["target"] == "pg-local"
+    });
     assert_eq!(connect["dst"], format!("unix:{pg_path}"), "{connect}");
     assert_eq!(connect["identity"]["comm"], "psql", "{connect}");
     let q = agent.wait_event("query", |e| {
-        e["target"] == "pg-local" && e["query"] == "select count(*) from items"
+        e["event"] == "query"
+            && e["target"] == "pg-local"
+            && e["query"] == "select count(*) from items"
     });
     assert_eq!(q["decision"], "allow", "{q}");
 
@@ -151,7 +155,9 @@ rules:
     let out = raw_unix(&cg, &pg_path, b"\x00\x00\x00\x08garbage!");
     let stdout = text(&out.stdout);
     assert!(stdout.contains("got 45"), "{}", show(&out));
-    agent.wait_event("protocol_error", |e| e["target"] == "pg-local");
+    agent.wait_event("protocol_error", |e| {
+        e["event"] == "protocol_error" && e["target"] == "pg-local"
+    });
     let out = psql_at("select 'still serving'");
     assert_eq!(text(&out.stdout).trim(), "still serving", "{}", show(&out));
 
@@ -172,7 +178,9 @@ rules:
         "{}",
         show(&out)
     );
-    let connect = agent.wait_event("connect", |e| e["target"] == "maria-local");
+    let connect = agent.wait_event("connect", |e| {
+        e["event"] == "connect" && e["target"] == "maria-local"
+    });
     assert_eq!(connect["dst"], format!("unix:{my_path}"), "{connect}");
 
     // Outside the cgroup, the same socket is untouched (the test process).

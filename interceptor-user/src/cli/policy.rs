@@ -71,6 +71,52 @@ pub enum PolicyCommand {
     },
 }
 
+/// Loopback targets that leave other loopback addresses of the same port
+/// unguarded: a server bound to `0.0.0.0` or `::` answers on all of them
+/// (and on the host's own addresses), so a workload could pick one the
+/// policy does not redirect.
+#[must_use]
+pub fn loopback_gaps(p: &crate::policy::PolicyFile) -> Vec<String> {
+    use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+    let probes: [IpAddr; 4] = [
+        Ipv4Addr::new(127, 0, 0, 1).into(),
+        Ipv4Addr::new(127, 0, 0, 2).into(),
+        Ipv4Addr::new(127, 255, 255, 254).into(),
+        Ipv6Addr::LOCALHOST.into(),
+    ];
+    let mut ports: Vec<u16> = p
+        .targets
+        .iter()
+        .filter(|t| t.address.name().is_none() && t.address.service().is_none())
+        .map(|t| t.address.port())
+        .filter(|port| *port != 0)
+        .collect();
+    ports.sort_unstable();
+    ports.dedup();
+    let mut out = Vec::new();
+    for port in ports {
+        let covered = |ip: IpAddr| {
+            p.targets
+                .iter()
+                .any(|t| t.address.contains(SocketAddr::new(ip, port)))
+        };
+        let (hit, missed): (Vec<IpAddr>, Vec<IpAddr>) =
+            probes.iter().copied().partition(|ip| covered(*ip));
+        if hit.is_empty() || missed.is_empty() {
+            continue;
+        }
+        let missed: Vec<String> = missed
+            .iter()
+            .map(|ip| SocketAddr::new(*ip, port).to_string())
+            .collect();
+        out.push(format!(
+            "port {port}: loopback is only partly a target ({} not redirected). A server listening on 0.0.0.0 or :: answers on every loopback address and on this host's own addresses: target 127.0.0.0/8:{port} and [::1]:{port}, and add the host's addresses (and the server's unix socket, unix:/path) to close the gap",
+            missed.join(", ")
+        ));
+    }
+    out
+}
+
 pub fn policy(cmd: PolicyCommand) -> i32 {
     match cmd {
         PolicyCommand::Check { file } => match Engine::load(&file).and_then(|e| {
@@ -91,6 +137,9 @@ pub fn policy(cmd: PolicyCommand) -> i32 {
                     p.identities.len(),
                     p.rules.len()
                 );
+                for warning in loopback_gaps(p) {
+                    eprintln!("warning: {warning}");
+                }
                 // A name that does not resolve now is not an error (it may
                 // resolve where the agent runs), but it redirects nothing.
                 for (_, t, name) in p.named_targets() {
@@ -782,6 +831,33 @@ identities:
             "fingerprint": fp, "kind": kind, "tables": tables, "db_user": "app", "database": "orders", "eval_us": 3
         })
         .to_string()
+    }
+
+    #[test]
+    fn partial_loopback_targets_are_warned_about() {
+        let parse = |targets: &str| {
+            PolicyFile::parse(
+                &format!("version: 1\ntargets:\n{targets}"),
+                std::path::Path::new("p.yaml"),
+            )
+            .unwrap()
+        };
+        let one = parse("  - {name: a, protocol: postgres, address: 127.0.0.1:5432}\n");
+        let w = loopback_gaps(&one);
+        assert_eq!(w.len(), 1, "{w:?}");
+        assert!(
+            w[0].contains("127.0.0.2:5432")
+                && w[0].contains("[::1]:5432")
+                && w[0].contains("127.0.0.0/8:5432"),
+            "{w:?}"
+        );
+        let whole = parse(
+            "  - {name: a, protocol: postgres, address: 127.0.0.0/8:5432}\n  - {name: b, protocol: postgres, address: '[::1]:5432'}\n",
+        );
+        assert!(loopback_gaps(&whole).is_empty());
+        // Not loopback at all: nothing to say.
+        let remote = parse("  - {name: a, protocol: postgres, address: 10.0.0.5:5432}\n");
+        assert!(loopback_gaps(&remote).is_empty());
     }
 
     #[test]
