@@ -241,3 +241,101 @@ fn unix_targets_fail_closed_when_the_agent_dies() {
     assert!(!out.status.success(), "{}", show(&out));
     assert!(!text(&out.stdout).contains("through"), "{}", show(&out));
 }
+
+/// A handover with a unix target: the successor binds its listener over the
+/// same path, the old agent drains, and a pgbench opening a connection per
+/// transaction over the socket sees no failure; tail shows the unix
+/// connections.
+#[test]
+fn unix_targets_survive_a_handover() {
+    use interceptor_tests::unique;
+    let pg = PgServer::start();
+    let dir = pg.socket_dir().display().to_string();
+    let path = format!("{dir}/.s.PGSQL.{}", pg.port);
+    let policy = format!(
+        "version: 1\ndefault: allow\ntargets:\n  - name: pg-local\n    protocol: postgres\n    address: unix:{path}\n"
+    );
+    let cg = TestCgroup::new();
+    let state = tempfile::tempdir().unwrap();
+    let state_arg = state.path().to_str().unwrap().to_owned();
+    let pin = std::path::PathBuf::from("/sys/fs/bpf").join(unique("interceptor-test"));
+    let pin_arg = pin.to_str().unwrap().to_owned();
+    let unix_dir = std::env::temp_dir().join(unique("interceptor-unix"));
+    let unix_arg = unix_dir.to_str().unwrap().to_owned();
+    let mut first = Agent::start_with(
+        &policy,
+        &cg,
+        false,
+        &[
+            "--pin-dir",
+            &pin_arg,
+            "--state-dir",
+            &state_arg,
+            "--unix-dir",
+            &unix_arg,
+        ],
+    );
+    let listen = format!("127.0.0.1:{}", first.listen_port);
+    // pgbench -S needs its tables: made directly (not redirected).
+    interceptor_tests::run_ok(
+        std::process::Command::new(pg_bin("pgbench"))
+            .args(["-i", "-q", "-s", "1", "-h", &dir, "-p"])
+            .arg(pg.port.to_string())
+            .args(["-U", "postgres", "postgres"]),
+    );
+    let bench = cg
+        .command(pg_bin("pgbench").to_str().unwrap())
+        .args([
+            "-n", "-S", "-C", "-c", "2", "-j", "2", "-T", "6", "-h", &dir, "-p",
+        ])
+        .arg(pg.port.to_string())
+        .args(["-U", "postgres", "postgres"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_secs(2));
+    let second = Agent::start_with(
+        &policy,
+        &cg,
+        false,
+        &[
+            "--pin-dir",
+            &pin_arg,
+            "--state-dir",
+            &state_arg,
+            "--unix-dir",
+            &unix_arg,
+            "--listen",
+            &listen,
+            "--audit-log",
+            first.audit_log.to_str().unwrap(),
+        ],
+    );
+    let old = first.child.take().unwrap();
+    let out = wait_exit(old, Duration::from_secs(20));
+    assert!(out.status.success(), "old agent: {}", first.log());
+    let out = bench.wait_with_output().unwrap();
+    let report = text(&out.stdout);
+    let odd: Vec<Value> = second
+        .events()
+        .into_iter()
+        .filter(|e| e["event"] == "reject" || (e["event"] == "disconnect" && !e["error"].is_null()))
+        .collect();
+    assert!(
+        out.status.success(),
+        "pgbench: {report}{}\nodd events: {odd:?}",
+        text(&out.stderr)
+    );
+    assert!(
+        report.contains("number of failed transactions: 0"),
+        "{report}"
+    );
+    let tail = text(&second.cli(&["tail", "-n", "50"]).stdout);
+    assert!(tail.contains("pg-local"), "{tail}");
+    let connects = events(&second, "connect")
+        .into_iter()
+        .filter(|e| e["dst"] == format!("unix:{path}"))
+        .count();
+    assert!(connects > 10, "{connects} connects over the socket");
+}

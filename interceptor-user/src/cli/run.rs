@@ -352,6 +352,11 @@ fn run_inner(args: &RunArgs, control_socket: &Path) -> Result<(), String> {
     // attaching so no redirected connect is refused.
     let handover_path = args.state_dir.join("handover.sock");
     let _ = std::fs::create_dir_all(&args.state_dir);
+    // Unix listeners exist before the kernel redirects to them, and before
+    // a running agent is asked to hand over: from here new unix connects
+    // queue on ours, and it serves what queued on its own.
+    let unix_listeners = Arc::new(worker::unix::UnixListeners::new(&args.unix_dir));
+    unix_listeners.sync(&policy.targets)?;
     let mut taken = crate::handover::take(&handover_path).map_err(|e| e.to_string())?;
     let mut listeners: Vec<Vec<std::net::TcpListener>> = Vec::new();
     if let Some(t) = taken.as_mut() {
@@ -440,11 +445,6 @@ fn run_inner(args: &RunArgs, control_socket: &Path) -> Result<(), String> {
     rt.block_on(watchers.prepare(&mut policy))
         .map_err(|e| e.to_string())?;
     resolve_names(&policy, &audit);
-    // Unix listeners exist before the kernel redirects to them.
-    let unix_listeners = Arc::new(worker::unix::UnixListeners::new(&args.unix_dir));
-    unix_listeners.sync(&policy.targets).inspect_err(|_| {
-        let _ = std::fs::remove_file(control_socket);
-    })?;
     let redirector = Arc::new(
         Redirector::attach(
             &cgroup,

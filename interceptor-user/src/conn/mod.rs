@@ -93,9 +93,11 @@ pub trait OrigDstLookup: Send + Sync {
     /// `netns_cookie` (peer addresses repeat across namespaces).
     fn take(&self, netns_cookie: u64, peer: SocketAddr) -> Option<ConnRecord>;
 
-    /// Returns and forgets the record of a unix connection by the
-    /// connecting process (`SO_PEERCRED`'s pid, the kernel's tgid) and the
-    /// agent's listener it arrived on.
+    /// The record of a unix connection, by the connecting process
+    /// (`SO_PEERCRED`'s pid, the kernel's tgid) and the agent's listener it
+    /// arrived on: the latest connect of that process to that target, made
+    /// before this accept (threads connecting at once share it; what
+    /// differs between them is the thread's pid and comm).
     fn take_unix(&self, _netns_cookie: u64, _tgid: u32, _listen_id: u32) -> Option<ConnRecord> {
         None
     }

@@ -744,10 +744,11 @@ impl OrigDstLookup for Redirector {
             tgid,
             listen_id,
         };
-        let mut map = self.unix_conns.lock().ok()?;
-        let rec = map.get(&key, 0).ok()?;
-        let _ = map.remove(&key);
-        Some(rec)
+        // Left in place: threads of one process connecting at once share
+        // the key, and each connect rewrote it before its accept; the LRU
+        // map ages entries out.
+        let map = self.unix_conns.lock().ok()?;
+        map.get(&key, 0).ok()
     }
 }
 

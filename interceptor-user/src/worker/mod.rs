@@ -114,6 +114,7 @@ fn worker(
                     tx.clone(),
                     Arc::clone(&home_netns),
                     None,
+                    shutdown.clone(),
                 ))),
                 Err(e) => tracing::error!("listener: {e}"),
             }
@@ -142,6 +143,7 @@ fn worker(
                             tx.clone(),
                             l.netns,
                             Some(l.stop),
+                            handler_shutdown.clone(),
                         ))),
                         Err(e) => tracing::error!("listener: {e}"),
                     }
@@ -150,8 +152,29 @@ fn worker(
                 _ = shutdown.wait_for(|s| *s) => break,
             }
         }
+        // Accept loops end by themselves on the stop: TCP ones at once (a
+        // successor has the listening sockets), unix ones once their
+        // backlog is empty (a successor has its own listener on the path
+        // by then). What they hand over meanwhile is served.
+        drop(tx);
+        let mut ending = tokio::task::JoinSet::new();
         for a in accepts {
-            a.abort();
+            ending.spawn_local(a);
+        }
+        let deadline = tokio::time::sleep(Duration::from_secs(2));
+        tokio::pin!(deadline);
+        loop {
+            tokio::select! {
+                Some((client, netns)) = rx.recv() => {
+                    let shared = Arc::clone(&shared);
+                    conns.spawn_local(handle(shared, client, netns, handler_shutdown.clone(), drain));
+                }
+                r = ending.join_next() => if r.is_none() { break },
+                () = &mut deadline => {
+                    ending.abort_all();
+                    break;
+                }
+            }
         }
         // Connections accepted before the stop (still in the channel when
         // the select above took the shutdown) are served, not dropped:
@@ -187,6 +210,24 @@ enum Accepting {
 }
 
 impl Accepting {
+    /// At the stop: a unix listener's queued connections are accepted and
+    /// handed on (nothing new reaches it once a successor renamed its own
+    /// listener over the path); a TCP listener's stay queued for the
+    /// successor that holds the same socket.
+    async fn drain(&self, tx: &tokio::sync::mpsc::Sender<Accepted>, netns: &Arc<Netns>) {
+        let Self::Unix(l, id) = self else { return };
+        while let Ok(Ok((s, _))) = tokio::time::timeout(Duration::from_millis(5), l.accept()).await
+        {
+            if tx
+                .send((Client::Unix(s, *id), Arc::clone(netns)))
+                .await
+                .is_err()
+            {
+                return;
+            }
+        }
+    }
+
     async fn accept(&self) -> std::io::Result<Client> {
         match self {
             Self::Tcp(l) => l.accept().await.map(|(s, peer)| Client::Tcp(s, peer)),
@@ -200,6 +241,7 @@ async fn accept_loop(
     tx: tokio::sync::mpsc::Sender<Accepted>,
     netns: Arc<Netns>,
     stop: Option<tokio::sync::oneshot::Receiver<()>>,
+    mut shutdown: watch::Receiver<bool>,
 ) {
     let stopped = async {
         match stop {
@@ -214,6 +256,10 @@ async fn accept_loop(
         let accepted = tokio::select! {
             r = listener.accept() => r,
             () = &mut stopped => return,
+            _ = shutdown.wait_for(|s| *s) => {
+                listener.drain(&tx, &netns).await;
+                return;
+            }
         };
         match accepted {
             Ok(client) => {
