@@ -39,6 +39,10 @@ pub const MAP_UNIX_TARGETS: &str = "UNIX_TARGETS";
 /// agent looks up its accepted unix connection by the peer's tgid
 /// (`SO_PEERCRED`) and the listener it came in on.
 pub const MAP_UNIX_CONNS: &str = "UNIX_CONNS";
+/// Hash: the agent's listener's bound path ([`UnixPath`] `path`,
+/// zero-padded) -> the target path ([`UnixPath`]) it stands in for; what
+/// getpeername_unix shows instead.
+pub const MAP_UNIX_LISTENERS: &str = "UNIX_LISTENERS";
 
 /// Program names, as the agent looks them up in the object file.
 pub const PROG_CONNECT4: &str = "interceptor_connect4";
@@ -51,7 +55,9 @@ pub const PROG_EGRESS: &str = "interceptor_egress";
 /// attach type, so the agent loads it itself (`ebpf::unix`); in the object
 /// it sits in a section aya parses.
 pub const PROG_CONNECT_UNIX: &str = "interceptor_connect_unix";
-/// Stand-in helper numbers for the two kfuncs the unix program calls; the
+/// `cgroup/getpeername_unix` (kernel >= 6.7), loaded the same way.
+pub const PROG_GETPEERNAME_UNIX: &str = "interceptor_getpeername_unix";
+/// Stand-in helper numbers for the two kfuncs the unix programs call; the
 /// agent rewrites each such call into a kfunc call by BTF id before loading.
 pub const KFUNC_CAST_TO_KERN_CTX: u32 = 0x7e5c_0001;
 pub const KFUNC_SET_SUN_PATH: u32 = 0x7e5c_0002;

@@ -24,11 +24,10 @@
 //! - `cgroup/connect_unix` (kernel >= 6.7): a connect to a unix socket path
 //!   that is a target is recorded and rewritten to the agent's own unix
 //!   listener for it (only in the agent's network namespace; elsewhere
-//!   refused). No getpeername_unix: the kernel runs that hook on the peer's
-//!   socket (the agent's), in the agent's cgroup, never the workload's.
-//!   aya can neither load this attach type nor call kfuncs,
-//!   so it sits in a section aya parses and never loads (`cgroup/connect6`)
-//!   and calls stand-in helper numbers that the agent's own loader turns into
+//!   refused). `cgroup/getpeername_unix` shows the path asked for. aya can
+//!   neither load these attach types nor call kfuncs, so they sit in a
+//!   section aya parses and never loads (`cgroup/connect6`) and call
+//!   stand-in helper numbers that the agent's own loader turns into
 //!   kfunc calls (`bpf_cast_to_kern_ctx`, `bpf_sock_addr_set_sun_path`).
 #![no_std]
 #![no_main]
@@ -93,6 +92,9 @@ static UNIX_TARGETS: HashMap<[u8; SUN_PATH_MAX], UnixTarget> =
     HashMap::with_max_entries(MAX_UNIX_TARGETS, 0);
 #[map]
 static UNIX_CONNS: LruHashMap<UnixKey, ConnRecord> = LruHashMap::with_max_entries(MAX_CONNS, 0);
+#[map]
+static UNIX_LISTENERS: HashMap<[u8; SUN_PATH_MAX], UnixPath> =
+    HashMap::with_max_entries(MAX_UNIX_TARGETS, 0);
 
 /// `BPF_NOEXIST`: insert only if absent.
 const NOEXIST: u64 = 1;
@@ -121,6 +123,27 @@ pub fn interceptor_connect_unix(ctx: SockAddrContext) -> i32 {
         Err(Skip::Blocked | Skip::Unserved | Skip::MapFull) => REFUSE,
         _ => PROCEED,
     }
+}
+
+/// Loaded by the agent as `cgroup/getpeername_unix`. The kernel runs it on
+/// the peer's socket: the agent's end of a redirected connection, which
+/// the workload's connect created (so in the workload's cgroup), bound to
+/// the agent's listener. That address is shown as the target's path the
+/// workload asked for, so the redirect stays invisible.
+#[cgroup_sock_addr(connect6)]
+pub fn interceptor_getpeername_unix(ctx: SockAddrContext) -> i32 {
+    let kern = kern_ctx(&ctx);
+    if let Some(bound) = sun_path(kern)
+        && let Some(orig) = UNIX_LISTENERS.get_ptr(&bound.path)
+    {
+        // SAFETY: a map value pointer, valid for the program's run.
+        let len = bounded_len(unsafe { (*orig).len });
+        if len != 0 {
+            // SAFETY: the path lies in the map value; `len` is bounded by it.
+            let _ = unsafe { set_sun_path(kern, (*orig).path.as_ptr(), len) };
+        }
+    }
+    PROCEED
 }
 
 /// A path length clamped to `sun_path`'s size on the register the kfunc
@@ -157,9 +180,10 @@ unsafe fn set_sun_path(kern: *mut u8, path: *const u8, len: u32) -> i32 {
     }
 }
 
-fn try_connect_unix(ctx: &SockAddrContext) -> Result<(), Skip> {
-    config()?;
-    let kern = kern_ctx(ctx);
+/// The pathname of a unix sock_addr hook's address (`kern` from
+/// [`kern_ctx`]); `None` for an unnamed or abstract one.
+#[inline(always)]
+fn sun_path(kern: *mut u8) -> Option<UnixPath> {
     // SAFETY: verifier-checked reads of `struct bpf_sock_addr_kern` fields
     // at their offsets (checked against the kernel's BTF by the loader).
     let (uaddr, uaddrlen) = unsafe {
@@ -171,26 +195,34 @@ fn try_connect_unix(ctx: &SockAddrContext) -> Result<(), Skip> {
     // sun_family (2 bytes), then the path; the kernel ends a pathname at
     // the given length or its first NUL, and so does the read.
     if uaddrlen <= 2 {
-        return Ok(());
+        return None;
     }
     // At most sun_path's size, NUL included.
     let room = bounded_len(uaddrlen - 2);
-    let mut asked = UnixPath::ZERO;
+    let mut path = UnixPath::ZERO;
     // SAFETY: reads at most `room` bytes of the kernel's copy of the
     // address into the zeroed buffer, NUL-terminated within its size.
     let n = unsafe {
         bpf_probe_read_kernel_str(
-            asked.path.as_mut_ptr().cast(),
+            path.path.as_mut_ptr().cast(),
             bounded_len(room + 1),
             uaddr.add(2).cast(),
         )
     };
-    // n counts the NUL: an empty read is an abstract socket (first byte 0),
-    // never a target.
+    // n counts the NUL: an empty read is an abstract socket (first byte 0).
     if n <= 1 {
-        return Ok(());
+        return None;
     }
-    asked.len = (n - 1) as u32;
+    path.len = (n - 1) as u32;
+    Some(path)
+}
+
+fn try_connect_unix(ctx: &SockAddrContext) -> Result<(), Skip> {
+    config()?;
+    let kern = kern_ctx(ctx);
+    let Some(asked) = sun_path(kern) else {
+        return Ok(());
+    };
     let target = UNIX_TARGETS.get_ptr(&asked.path).ok_or(Skip::NotTarget)?;
     // SAFETY: a map value pointer, valid for the program's run; fields are
     // copied out.

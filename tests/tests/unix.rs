@@ -21,13 +21,14 @@ fn events(agent: &Agent, event: &str) -> Vec<Value> {
 }
 
 /// A python3 one-off inside `cg`: connects to the unix socket `path`,
-/// sends `send` and prints what comes back (until the peer closes or 5 s
-/// pass).
+/// prints what getpeername says, sends `send` and prints what comes back
+/// (until the peer closes or 5 s pass).
 fn raw_unix(cg: &TestCgroup, path: &str, send: &[u8]) -> std::process::Output {
     let script = r"
 import socket, sys
 s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
 s.connect(sys.argv[1])
+print('peer', s.getpeername(), flush=True)
 s.sendall(bytes.fromhex(sys.argv[2]))
 s.settimeout(5)
 out = b''
@@ -155,6 +156,12 @@ rules:
     let out = raw_unix(&cg, &pg_path, b"\x00\x00\x00\x08garbage!");
     let stdout = text(&out.stdout);
     assert!(stdout.contains("got 45"), "{}", show(&out));
+    // getpeername shows the server's path, not the agent's listener.
+    assert!(
+        stdout.contains(&format!("peer {pg_path}\n")),
+        "{}",
+        show(&out)
+    );
     agent.wait_event("protocol_error", |e| {
         e["event"] == "protocol_error" && e["target"] == "pg-local"
     });

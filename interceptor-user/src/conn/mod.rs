@@ -112,6 +112,14 @@ pub fn unix_listener(dir: &std::path::Path, path: &std::path::Path) -> (u32, std
     (id, dir.join(format!("{id:08x}.sock")))
 }
 
+/// The name the listener for `path` is bound under (then renamed to
+/// [`unix_listener`]'s path): what `getpeername` reports for it, the same
+/// for every agent.
+#[must_use]
+pub fn unix_bound_name(dir: &std::path::Path, path: &std::path::Path) -> std::path::PathBuf {
+    dir.join(format!("{:08x}.bound", unix_listen_id(path)))
+}
+
 /// The id of [`unix_listener`].
 #[must_use]
 pub fn unix_listen_id(path: &std::path::Path) -> u32 {
@@ -123,12 +131,13 @@ pub fn unix_listen_id(path: &std::path::Path) -> u32 {
 
 /// Binds the unix listener at `at`, reachable by every workload (mode
 /// 0666: who may connect is the policy's business), replacing an older
-/// one atomically (bound under a temporary name, then renamed over it):
+/// one atomically (bound under the name `bound`, then renamed over it):
 /// a predecessor's listener keeps what it accepted, new connects come here.
 ///
 /// # Errors
 /// When the directory or socket cannot be made.
 pub fn bind_unix_listener(
+    bound: &std::path::Path,
     at: &std::path::Path,
 ) -> std::io::Result<std::os::unix::net::UnixListener> {
     use std::os::unix::fs::PermissionsExt as _;
@@ -136,11 +145,10 @@ pub fn bind_unix_listener(
         std::fs::create_dir_all(dir)?;
         std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755))?;
     }
-    let tmp = at.with_extension(format!("tmp{}", std::process::id()));
-    let _ = std::fs::remove_file(&tmp);
-    let l = std::os::unix::net::UnixListener::bind(&tmp)?;
-    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o666))?;
-    std::fs::rename(&tmp, at)?;
+    let _ = std::fs::remove_file(bound);
+    let l = std::os::unix::net::UnixListener::bind(bound)?;
+    std::fs::set_permissions(bound, std::fs::Permissions::from_mode(0o666))?;
+    std::fs::rename(bound, at)?;
     l.set_nonblocking(true)?;
     Ok(l)
 }

@@ -20,9 +20,9 @@ use aya::{
 use interceptor_common::{
     AgentConfig, BlockKey, ConnRecord, MAP_BLOCKED, MAP_CONFIG, MAP_CONN_BY_ADDR,
     MAP_CONN_BY_COOKIE, MAP_EXEMPT_TGIDS, MAP_NETNS, MAP_NETNS_EVENTS, MAP_TARGETS, MAP_UNIX_CONNS,
-    MAP_UNIX_TARGETS, NetnsState, PROG_CONNECT4, PROG_CONNECT6, PROG_EGRESS, PROG_GETPEERNAME4,
-    PROG_GETPEERNAME6, PROG_SOCK_OPS, SUN_PATH_MAX, SockKey, TARGET_KEY_PORT_BITS, TargetKey,
-    TargetValue, UnixKey, UnixPath, UnixTarget, v6_words,
+    MAP_UNIX_LISTENERS, MAP_UNIX_TARGETS, NetnsState, PROG_CONNECT4, PROG_CONNECT6, PROG_EGRESS,
+    PROG_GETPEERNAME4, PROG_GETPEERNAME6, PROG_SOCK_OPS, SUN_PATH_MAX, SockKey,
+    TARGET_KEY_PORT_BITS, TargetKey, TargetValue, UnixKey, UnixPath, UnixTarget, v6_words,
 };
 
 use crate::{
@@ -119,9 +119,10 @@ pub struct Pinning {
 }
 
 /// Every map, pinned by name in the pin dir.
-const MAPS: [&str; 10] = [
+const MAPS: [&str; 11] = [
     MAP_UNIX_TARGETS,
     MAP_UNIX_CONNS,
+    MAP_UNIX_LISTENERS,
     MAP_TARGETS,
     MAP_CONFIG,
     MAP_CONN_BY_COOKIE,
@@ -164,6 +165,7 @@ pub struct Redirector {
     cgroup: PathBuf,
     unix_targets: Mutex<HashMap<MapData, [u8; SUN_PATH_MAX], UnixTarget>>,
     unix_conns: Mutex<HashMap<MapData, UnixKey, ConnRecord>>,
+    unix_listeners: Mutex<HashMap<MapData, [u8; SUN_PATH_MAX], UnixPath>>,
     /// Why unix targets cannot be served here (`None`: they can).
     unix_unsupported: Option<String>,
     /// Where the agent's unix listeners are.
@@ -428,6 +430,8 @@ impl Redirector {
             .map_err(map_err(MAP_UNIX_TARGETS))?;
         let unix_conns =
             HashMap::try_from(take(&mut ebpf, MAP_UNIX_CONNS)?).map_err(map_err(MAP_UNIX_CONNS))?;
+        let unix_listeners = HashMap::try_from(take(&mut ebpf, MAP_UNIX_LISTENERS)?)
+            .map_err(map_err(MAP_UNIX_LISTENERS))?;
         let by_addr_map = ebpf
             .take_map(MAP_CONN_BY_ADDR)
             .ok_or(EbpfError::Missing(MAP_CONN_BY_ADDR))?;
@@ -453,6 +457,7 @@ impl Redirector {
             cgroup: cgroup.to_owned(),
             unix_targets: Mutex::new(unix_targets),
             unix_conns: Mutex::new(unix_conns),
+            unix_listeners: Mutex::new(unix_listeners),
             unix_unsupported,
             unix_dir: pinning.unix_dir.clone(),
             home_netns: listener.home.0,
@@ -553,6 +558,31 @@ impl Redirector {
         }
         for (k, v) in &wanted {
             map.insert(k, v, 0).map_err(map_err(MAP_UNIX_TARGETS))?;
+        }
+        drop(map);
+        // What getpeername shows for each listener: the target's path.
+        let mut map = self
+            .unix_listeners
+            .lock()
+            .map_err(|_| EbpfError::Missing("unix listeners lock"))?;
+        let shown: Vec<([u8; SUN_PATH_MAX], UnixPath)> = targets
+            .iter()
+            .filter_map(|t| t.address.unix())
+            .filter_map(|path| {
+                let bound = crate::conn::unix_bound_name(&self.unix_dir, path);
+                Some((unix_path(&bound)?.path, unix_path(path)?))
+            })
+            .collect();
+        let stale: Vec<[u8; SUN_PATH_MAX]> = map
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| !shown.iter().any(|(w, _)| w == k))
+            .collect();
+        for k in stale {
+            map.remove(&k).map_err(map_err(MAP_UNIX_LISTENERS))?;
+        }
+        for (k, v) in &shown {
+            map.insert(k, v, 0).map_err(map_err(MAP_UNIX_LISTENERS))?;
         }
         Ok(())
     }

@@ -1,7 +1,8 @@
-//! The unix-socket program (`cgroup/connect_unix`, kernel >= 6.7), loaded
-//! by hand: aya 0.14 has neither this attach type nor kfunc calls.
+//! The unix-socket programs (`cgroup/connect_unix`, `cgroup/getpeername_unix`,
+//! kernel >= 6.7), loaded by hand: aya 0.14 has neither these attach types
+//! nor kfunc calls.
 //!
-//! The program is in the same object as the others, in a section aya
+//! The programs are in the same object as the others, in a section aya
 //! parses but the agent never loads through it. Here the object is parsed
 //! again with aya-obj, its map references pointed at the maps aya created
 //! and pinned, its stand-in helper calls ([`KFUNC_CAST_TO_KERN_CTX`],
@@ -21,21 +22,27 @@ use aya_obj::{
     btf::{Btf, BtfKind},
     generated::bpf_insn,
 };
-use interceptor_common::{KFUNC_CAST_TO_KERN_CTX, KFUNC_SET_SUN_PATH, PROG_CONNECT_UNIX};
+use interceptor_common::{
+    KFUNC_CAST_TO_KERN_CTX, KFUNC_SET_SUN_PATH, PROG_CONNECT_UNIX, PROG_GETPEERNAME_UNIX,
+};
 
 const BPF_PROG_LOAD: libc::c_long = 5;
 const BPF_OBJ_PIN: libc::c_long = 6;
 const BPF_LINK_CREATE: libc::c_long = 28;
 const BPF_PROG_TYPE_CGROUP_SOCK_ADDR: u32 = 18;
 pub const BPF_CGROUP_UNIX_CONNECT: u32 = 49;
+pub const BPF_CGROUP_UNIX_GETPEERNAME: u32 = 52;
 /// `BPF_JMP | BPF_CALL`, and the source register marking a kfunc call.
 const CALL: u8 = 0x85;
 const PSEUDO_KFUNC_CALL: u8 = 2;
 
 /// The programs and their attach types, in attach order.
-pub const PROGRAMS: [(&str, u32); 1] = [(PROG_CONNECT_UNIX, BPF_CGROUP_UNIX_CONNECT)];
+pub const PROGRAMS: [(&str, u32); 2] = [
+    (PROG_GETPEERNAME_UNIX, BPF_CGROUP_UNIX_GETPEERNAME),
+    (PROG_CONNECT_UNIX, BPF_CGROUP_UNIX_CONNECT),
+];
 
-/// BTF ids of the kfuncs the program calls.
+/// BTF ids of the kfuncs the programs call.
 #[derive(Clone, Copy, Debug)]
 pub struct Kfuncs {
     cast_to_kern_ctx: u32,

@@ -16,7 +16,7 @@ use std::{
 use tokio::sync::{mpsc::UnboundedSender, oneshot};
 
 use crate::{
-    conn::{Netns, bind_unix_listener, unix_listener},
+    conn::{Netns, bind_unix_listener, unix_bound_name, unix_listener},
     netns::{Listener, ServeListener},
     policy::TargetSpec,
 };
@@ -64,7 +64,8 @@ impl UnixListeners {
             if live.contains_key(&id) {
                 continue;
             }
-            let listener = bind_unix_listener(&file).map_err(|e| {
+            let bound = unix_bound_name(&self.dir, path);
+            let listener = bind_unix_listener(&bound, &file).map_err(|e| {
                 format!(
                     "target {:?}: cannot listen on {}: {e}",
                     t.name,
