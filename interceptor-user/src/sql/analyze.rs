@@ -177,6 +177,126 @@ fn repair_table(toks: &[T<'_>]) -> Option<String> {
     changed.then_some(out)
 }
 
+/// PostgreSQL forms the server accepts and sqlparser does not read,
+/// rewritten on tokens (a literal's text is never touched) into ones it
+/// reads with the same facts:
+///
+/// - string constants continued on the next line (`'a'` newline `'b'`):
+///   one constant (plain quoted ones joined, as the server joins them);
+/// - `FETCH [FROM|IN] cur` without a direction: `FETCH NEXT FROM cur`;
+/// - `CREATE DOMAIN name type` without `AS`;
+/// - `UPDATE ... SET col[i] = ...`: the element's column is what is written;
+/// - `EXECUTE {PROCEDURE|FUNCTION} f('arg', ...)` in `CREATE TRIGGER`: the
+///   trigger's literal arguments, which sqlparser takes for types.
+fn repair_pg(toks: &[T<'_>]) -> Option<String> {
+    let word = |i: usize, w: &str| {
+        toks.get(i)
+            .is_some_and(|t| t.kind == TokKind::Word && t.text == w)
+    };
+    let mut out: Vec<String> = Vec::with_capacity(toks.len() + 1);
+    let mut changed = false;
+    let mut i = 0;
+    let in_set = toks
+        .iter()
+        .any(|t| t.kind == TokKind::Word && t.text == "set")
+        && word(0, "update");
+    while let Some(t) = toks.get(i) {
+        // Adjacent string constants.
+        if t.kind == TokKind::Str
+            && let Some(prev) = out.last_mut()
+            && i > 0
+            && toks[i - 1].kind == TokKind::Str
+        {
+            let plain = |s: &str| s.len() >= 2 && s.starts_with('\'') && s.ends_with('\'');
+            if plain(prev) && plain(t.text) {
+                prev.pop();
+                prev.push_str(&t.text[1..]);
+            }
+            changed = true;
+            i += 1;
+            continue;
+        }
+        // FETCH without a direction.
+        if i == 0 && word(0, "fetch") {
+            out.push("fetch".into());
+            let next = toks.get(1);
+            let bare_cursor = toks.len() == 2 && next.is_some_and(|n| n.kind == TokKind::Word);
+            if word(1, "from") || word(1, "in") {
+                out.push("next".into());
+                changed = true;
+            } else if bare_cursor {
+                out.push("next from".into());
+                changed = true;
+            }
+            i += 1;
+            continue;
+        }
+        // CREATE DOMAIN name type.
+        if i == 3 && word(0, "create") && word(1, "domain") && !word(3, "as") {
+            out.push("as".into());
+            changed = true;
+        }
+        // SET col[...] = in UPDATE.
+        if in_set
+            && t.kind == TokKind::LBracket
+            && i > 0
+            && toks[i - 1].kind == TokKind::Word
+            && i >= 2
+            && (word(i - 2, "set") || toks[i - 2].kind == TokKind::Comma)
+        {
+            let mut j = i;
+            while toks.get(j).is_some_and(|t| t.kind == TokKind::LBracket) {
+                let mut depth = 0usize;
+                while let Some(u) = toks.get(j) {
+                    match u.kind {
+                        TokKind::LBracket => depth += 1,
+                        TokKind::RBracket => depth -= 1,
+                        _ => {}
+                    }
+                    j += 1;
+                    if depth == 0 {
+                        break;
+                    }
+                }
+            }
+            if toks
+                .get(j)
+                .is_some_and(|u| u.kind == TokKind::Op && u.text == "=")
+            {
+                changed = true;
+                i = j;
+                continue;
+            }
+        }
+        // A trigger function's literal arguments.
+        if word(0, "create")
+            && (word(1, "trigger")
+                || (word(1, "constraint") && word(2, "trigger"))
+                || (word(1, "or") && word(2, "replace")))
+            && t.kind == TokKind::LParen
+            && i >= 3
+            && toks[i - 1].kind == TokKind::Word
+            && (word(i - 2, "procedure") || word(i - 2, "function"))
+            && word(i - 3, "execute")
+            && toks[i + 1..].iter().any(|u| u.kind == TokKind::Str)
+        {
+            let close = toks[i..]
+                .iter()
+                .position(|u| u.kind == TokKind::RParen)
+                .map(|k| i + k);
+            if let Some(close) = close {
+                out.push("()".into());
+                changed = true;
+                i = close + 1;
+                continue;
+            }
+        }
+        out.push(t.text.to_owned());
+        i += 1;
+    }
+    changed.then(|| out.join(" "))
+}
+
 /// Analyses one statement's canonical text.
 #[must_use]
 pub fn analyze(canonical: &str, info: &NormInfo, dialect: Dialect, limits: &Limits) -> Analysis {
@@ -472,11 +592,11 @@ fn analyze_at(
         Err(e) => {
             let table = repair_table(&toks);
             let text = table.as_deref().unwrap_or(canonical);
-            let mysql = match dialect {
+            let dialect_fix = match dialect {
                 Dialect::Mysql => repair_mysql(text),
-                Dialect::Postgres => None,
+                Dialect::Postgres => repair_pg(&toks),
             };
-            match mysql.as_deref().or(table.as_deref()) {
+            match dialect_fix.as_deref().or(table.as_deref()) {
                 Some(fixed) => parse(fixed, dialect, limits).map_err(|_| e),
                 None => Err(e),
             }

@@ -287,6 +287,36 @@ fn effects() {
     assert_eq!(eff("rollback to savepoint a", PG), Effect::None);
 }
 
+/// Statements PostgreSQL runs that sqlparser alone does not read (from
+/// PostgreSQL's regression suite): parsed, with their facts.
+#[test]
+fn postgres_forms_repaired_before_parsing() {
+    for (sql, kind, tables) in [
+        ("select 'a'\n'b' from t", Kind::Select, &["public.t"][..]),
+        ("fetch from cur", Kind::Select, &[][..]),
+        ("fetch in cur", Kind::Select, &[][..]),
+        ("fetch cur", Kind::Select, &[][..]),
+        ("create domain d int4 check (value > 0)", Kind::Ddl, &[][..]),
+        (
+            "update arr set f1[1] = 2, f2[1][2] = 3 where id = 1",
+            Kind::Update,
+            &["public.arr"][..],
+        ),
+        (
+            "create trigger tr before insert on ttest for each row execute procedure trig('PS', 'x')",
+            Kind::Ddl,
+            &[][..],
+        ),
+    ] {
+        let (f, _, _) = facts(sql, PG).remove(0);
+        assert!(!f.unparsed, "{sql}: {f:?}");
+        assert_eq!(f.kind, kind, "{sql}");
+        for t in tables {
+            assert!(f.tables.iter().any(|x| x == t), "{sql}: {:?}", f.tables);
+        }
+    }
+}
+
 #[test]
 fn unparsable_is_lexical_and_marked() {
     let (f, _, _) = facts("selec * from t", PG).remove(0);
