@@ -236,38 +236,13 @@ fn try_connect_unix(ctx: &SockAddrContext) -> Result<(), Skip> {
     };
     check_exempt()?;
     check_blocked()?;
-    // SAFETY: helpers allowed for cgroup sock_addr programs, on our own context.
-    let (socket_cookie, netns_cookie, cgroup_id) = unsafe {
-        (
-            bpf_get_socket_cookie(ctx.as_ptr()),
-            bpf_get_netns_cookie(ctx.as_ptr()),
-            bpf_get_current_cgroup_id(),
-        )
-    };
+    let rec = conn_record(ctx, [0; 16], 0, FAMILY_UNIX, value);
     let listen_len = bounded_len(listen_len);
-    if netns_cookie != home || listen_len == 0 {
+    if rec.netns_cookie != home || listen_len == 0 {
         return Err(Skip::Unserved);
     }
-    let pid_tgid = bpf_get_current_pid_tgid();
-    let uid_gid = bpf_get_current_uid_gid();
-    let rec = ConnRecord {
-        orig_addr: [0; 16],
-        orig_port_be: 0,
-        family: FAMILY_UNIX,
-        target_id: value.target_id,
-        protocol: value.protocol,
-        pid: pid_tgid as u32,
-        tgid: (pid_tgid >> 32) as u32,
-        uid: uid_gid as u32,
-        gid: (uid_gid >> 32) as u32,
-        _pad: 0,
-        cgroup_id,
-        netns_cookie,
-        socket_cookie,
-        comm: bpf_get_current_comm().unwrap_or([0; 16]),
-    };
     let key = UnixKey {
-        netns_cookie,
+        netns_cookie: rec.netns_cookie,
         tgid: rec.tgid,
         listen_id,
     };
@@ -406,13 +381,16 @@ fn check_blocked() -> Result<(), Skip> {
     Ok(())
 }
 
-fn record(
+/// What the kernel attests about the connect being made now: the calling
+/// task and its socket.
+#[inline(always)]
+fn conn_record(
     ctx: &SockAddrContext,
     orig_addr: [u8; 16],
     orig_port_be: u16,
     family: u16,
     target: TargetValue,
-) -> Result<(), Skip> {
+) -> ConnRecord {
     // SAFETY: these helpers take the program's own context pointer and are
     // allowed for cgroup sock_addr programs.
     let (socket_cookie, netns_cookie, cgroup_id) = unsafe {
@@ -424,7 +402,7 @@ fn record(
     };
     let pid_tgid = bpf_get_current_pid_tgid();
     let uid_gid = bpf_get_current_uid_gid();
-    let rec = ConnRecord {
+    ConnRecord {
         orig_addr,
         orig_port_be,
         family,
@@ -439,9 +417,19 @@ fn record(
         netns_cookie,
         socket_cookie,
         comm: bpf_get_current_comm().unwrap_or([0; 16]),
-    };
+    }
+}
+
+fn record(
+    ctx: &SockAddrContext,
+    orig_addr: [u8; 16],
+    orig_port_be: u16,
+    family: u16,
+    target: TargetValue,
+) -> Result<(), Skip> {
+    let rec = conn_record(ctx, orig_addr, orig_port_be, family, target);
     CONN_BY_COOKIE
-        .insert(&socket_cookie, &rec, 0)
+        .insert(&rec.socket_cookie, &rec, 0)
         .map_err(|_| Skip::MapFull)
 }
 

@@ -21,7 +21,7 @@ use ed25519_dalek::{
 };
 use rsa::{Oaep, RsaPublicKey, pkcs1::DecodeRsaPublicKey as _, pkcs8::DecodePublicKey as _};
 use sha1::Sha1;
-use sha2::{Digest as _, Sha256, Sha512};
+use sha2::{Digest, Sha256, Sha512};
 use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
 
 use super::codec::{cstr, decode_message, err_fields, packet};
@@ -224,30 +224,32 @@ where
 /// `mysql_native_password`: SHA1(pw) XOR SHA1(nonce + SHA1(SHA1(pw))).
 #[must_use]
 pub fn native_scramble(password: &str, nonce: &[u8]) -> Vec<u8> {
-    if password.is_empty() {
-        return Vec::new();
-    }
-    let h1 = Sha1::digest(password.as_bytes());
-    let h2 = Sha1::digest(h1);
-    let mut h = Sha1::new();
-    h.update(nonce);
-    h.update(h2);
-    let h3 = h.finalize();
-    h1.iter().zip(h3.iter()).map(|(a, b)| a ^ b).collect()
+    xor_scramble::<Sha1>(password, nonce, true)
 }
 
 /// `caching_sha2_password`'s fast path:
 /// SHA256(pw) XOR SHA256(SHA256(SHA256(pw)) + nonce).
 #[must_use]
 pub fn sha2_scramble(password: &str, nonce: &[u8]) -> Vec<u8> {
+    xor_scramble::<Sha256>(password, nonce, false)
+}
+
+/// H(pw) XOR H(nonce + H(H(pw))) (`nonce_first`) or H(pw) XOR
+/// H(H(H(pw)) + nonce); nothing for an empty password.
+fn xor_scramble<D: Digest>(password: &str, nonce: &[u8], nonce_first: bool) -> Vec<u8> {
     if password.is_empty() {
         return Vec::new();
     }
-    let h1 = Sha256::digest(password.as_bytes());
-    let h2 = Sha256::digest(h1);
-    let mut h = Sha256::new();
-    h.update(h2);
-    h.update(nonce);
+    let h1 = D::digest(password.as_bytes());
+    let h2 = D::digest(&h1);
+    let mut h = D::new();
+    if nonce_first {
+        h.update(nonce);
+        h.update(&h2);
+    } else {
+        h.update(&h2);
+        h.update(nonce);
+    }
     let h3 = h.finalize();
     h1.iter().zip(h3.iter()).map(|(a, b)| a ^ b).collect()
 }
