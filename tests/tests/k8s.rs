@@ -22,6 +22,7 @@ use std::{
 
 use interceptor_tests::{
     Agent, PgServer, TestCgroup, agent_bin, free_port, pg_bin, pki::TestCa, run_any, scrape,
+    wait_for,
 };
 use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
@@ -398,11 +399,20 @@ fn assert_redirected(agent: &Agent, cg: &TestCgroup, host: &str, port: u16) {
     let before = connects_to(agent, &dst);
     let out = drop_table(cg, host, port);
     assert!(denied(&out), "{dst}: {}", text(&out.stderr));
-    let c = agent.wait_event(&format!("a connect to {dst}"), |e| {
-        e["event"] == "connect" && e["dst"] == dst.as_str()
-    });
+    // The audit writer may lag the client's exit: wait for this
+    // connection's record, not an earlier one to the same address.
+    wait_for(
+        &format!("a new connect to {dst}"),
+        Duration::from_secs(15),
+        || connects_to(agent, &dst) > before,
+    );
+    let c = agent
+        .events()
+        .into_iter()
+        .filter(|e| e["event"] == "connect" && e["dst"] == dst.as_str())
+        .last()
+        .unwrap();
     assert_eq!(c["target"], "db", "{c}");
-    assert!(connects_to(agent, &dst) > before);
 }
 
 fn assert_direct(agent: &Agent, cg: &TestCgroup, host: &str, port: u16) {
