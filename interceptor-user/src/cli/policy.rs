@@ -45,8 +45,13 @@ pub enum PolicyCommand {
         database: String,
         /// SQL text (one query message; may hold several statements).
         /// Several --sql run in order in one session.
-        #[arg(long, required = true)]
+        #[arg(long, required_unless_present = "messages")]
         sql: Vec<String>,
+        /// File of query messages, one JSON string per line (as a driver
+        /// would send each), decided in order in one session after any
+        /// --sql; `-` reads standard input.
+        #[arg(long, value_name = "FILE")]
+        messages: Option<PathBuf>,
         /// One JSON object per message instead of text.
         #[arg(long)]
         json: bool,
@@ -178,9 +183,12 @@ pub fn policy(cmd: PolicyCommand) -> i32 {
             identity,
             db_user,
             database,
-            sql,
+            mut sql,
+            messages,
             json,
-        } => match test(&policy, &target, &identity, &db_user, &database, &sql, json) {
+        } => match read_messages(messages.as_deref(), &mut sql)
+            .and_then(|()| test(&policy, &target, &identity, &db_user, &database, &sql, json))
+        {
             Ok(out) => {
                 print!("{out}");
                 0
@@ -409,6 +417,36 @@ fn one_line(s: &str, max: usize) -> String {
     } else {
         flat
     }
+}
+
+/// Appends the messages of a `--messages` file (one JSON string per line;
+/// blank lines skipped) to `sql`.
+fn read_messages(file: Option<&Path>, sql: &mut Vec<String>) -> Result<(), String> {
+    let Some(file) = file else {
+        return Ok(());
+    };
+    let text = if file == Path::new("-") {
+        std::io::read_to_string(std::io::stdin()).map_err(|e| format!("standard input: {e}"))?
+    } else {
+        std::fs::read_to_string(file).map_err(|e| format!("{}: {e}", file.display()))?
+    };
+    for (n, line) in text.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let m: String = serde_json::from_str(line).map_err(|e| {
+            format!(
+                "{}:{}: expected one JSON string per line: {e}",
+                file.display(),
+                n + 1
+            )
+        })?;
+        sql.push(m);
+    }
+    if sql.is_empty() {
+        return Err(format!("{}: no messages", file.display()));
+    }
+    Ok(())
 }
 
 fn test(
