@@ -137,7 +137,8 @@ fn parse(canonical: &str, dialect: Dialect, limits: &Limits) -> Result<Vec<State
 /// MySQL forms sqlparser does not read, rewritten to ones it does for the
 /// table facts (their flags come from the lexical pass).
 fn repair_mysql(c: &str) -> Option<String> {
-    let mut s = c.replace(" lock in share mode", " for share");
+    let forms = super::mysql_forms::repair(c);
+    let mut s = forms.as_deref().unwrap_or(c).replace(" lock in share mode", " for share");
     for kw in [" into outfile ", " into dumpfile "] {
         if let Some(i) = s.find(kw) {
             let after = i + kw.len();

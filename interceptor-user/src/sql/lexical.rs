@@ -40,7 +40,7 @@ pub(crate) struct LexFacts {
     pub procedural: bool,
 }
 
-fn word<'a>(t: &[T<'a>], i: usize) -> &'a str {
+pub(crate) fn word<'a>(t: &[T<'a>], i: usize) -> &'a str {
     match t.get(i) {
         Some(T {
             kind: TokKind::Word,
@@ -281,7 +281,7 @@ fn search_path_values(vals: &[T<'_>], dialect: Dialect) -> SearchPathChange {
     }
 }
 
-fn set_statement(t: &[T<'_>], dialect: Dialect, f: &mut LexFacts) {
+pub(crate) fn set_statement(t: &[T<'_>], dialect: Dialect, f: &mut LexFacts) {
     f.kind = Kind::Session;
     let w = |i| word(t, i);
     match (w(1), w(2), w(3)) {
@@ -397,7 +397,7 @@ fn set_statement(t: &[T<'_>], dialect: Dialect, f: &mut LexFacts) {
     }
 }
 
-fn name_at(t: &[T<'_>], mut i: usize, dialect: Dialect) -> Option<(RawName, usize)> {
+pub(crate) fn name_at(t: &[T<'_>], mut i: usize, dialect: Dialect) -> Option<(RawName, usize)> {
     let mut parts = Vec::new();
     loop {
         let tok = t.get(i)?;
@@ -442,7 +442,7 @@ const NOT_TABLE_WORDS: &[&str] = &[
 /// Names after FROM / JOIN / INTO / UPDATE / TABLE: a best effort for
 /// statements the parser could not read, so deny rules naming tables still
 /// see them.
-fn lexical_tables(t: &[T<'_>], dialect: Dialect, out: &mut Vec<(RawName, bool)>) {
+pub(crate) fn lexical_tables(t: &[T<'_>], dialect: Dialect, out: &mut Vec<(RawName, bool)>) {
     let first = word(t, 0);
     for i in 0..t.len() {
         let w = word(t, i);
@@ -481,7 +481,7 @@ fn lexical_tables(t: &[T<'_>], dialect: Dialect, out: &mut Vec<(RawName, bool)>)
 
 /// Kind of a statement from its leading words, for statements no parser
 /// read; conservative (a WITH or SELECT mentioning DELETE is a delete).
-fn lexical_kind(t: &[T<'_>]) -> Kind {
+pub(crate) fn lexical_kind(t: &[T<'_>]) -> Kind {
     let w = |i| word(t, i);
     let mut k = match (w(0), w(1)) {
         (
@@ -666,8 +666,11 @@ pub(crate) fn scan(t: &[T<'_>], dialect: Dialect) -> LexFacts {
     if matches!(w(0), "create" | "alter") && (1..6).any(|i| proc_words.contains(&w(i))) {
         f.procedural = true;
     }
+    // MariaDB statements read whole, or pieces of a stored program's body.
+    let classified = dialect == Dialect::Mysql && super::mysql_forms::classify(t, &mut f);
     // Statements read whole, without a parser.
     match w(0) {
+        _ if classified => {}
         "set" if !has_subquery(t) => {
             set_statement(t, dialect, &mut f);
             f.simple = true;

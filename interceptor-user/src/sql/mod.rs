@@ -22,6 +22,7 @@ mod fingerprint;
 pub mod hidden;
 pub mod lexer;
 mod lexical;
+mod mysql_forms;
 mod names;
 
 use std::fmt;
