@@ -27,7 +27,9 @@ SQL comes from plain queries and from the `send`, `query`, `query_vertical`,
 `query_horizontal` and `eval` / `send_eval` commands. mysqltest expands
 variables ($name) only in commands, so an `eval` whose text has a `$` is
 left out (its value comes from the run), while a plain query keeps its `$`
-(a JSON path such as '$.a' is the server's to read).
+(a JSON path such as '$.a' is the server's to read). An EXECUTE or
+DEALLOCATE of a name no kept statement prepared is left out too: its
+PREPARE was such an `eval`.
 """
 
 import json
@@ -93,6 +95,10 @@ EXCLUDED = [
     (
         re.compile(
             r"^\s*(drop|rename|alter)\s+user\b.*\broot\b|^\s*set\s+password\s+for\s+['`]?root\b"
+            # Without FOR (or FOR CURRENT_USER): the connection's own
+            # account, the runner's (the script ran it as another user).
+            r"|^\s*set\s+password\s*(=|for\s+current_user)|^\s*alter\s+user\s+current_user"
+            r"|^\s*(grant|revoke)\b.*\b(to|from)\s+current_user"
             r"|^\s*revoke\b.*\bfrom\s+['`]?root\b",
             re.I | re.S,
         ),
@@ -108,6 +114,25 @@ EXCLUDED = [
     ),
     (re.compile(r"^\s*drop\s+(database|schema)\s+(if\s+exists\s+)?`?mysql`?\s*$", re.I),
      "drops the system database"),
+    # Change the system tables' definitions (the server stops reading
+    # them), or remove accounts other than the test's own.
+    (
+        re.compile(
+            r"^\s*(alter|drop|create|truncate)\s+(temporary\s+)?tables?\s+(if\s+(not\s+)?exists\s+)?"
+            r"`?mysql`?\s*\.|^\s*rename\s+tables?\b[^;]*\bmysql\s*\.",
+            re.I | re.S,
+        ),
+        "changes a system table's definition",
+    ),
+    (
+        re.compile(
+            r"^\s*(delete\s+from|update)\s+`?mysql`?\s*\.(?![^;]*\bwhere\b[^;]*\buser\b)",
+            re.I | re.S,
+        ),
+        "removes or changes accounts other than the test's",
+    ),
+    (re.compile(r"\bmysql\s*\.\s*\w+[^;]*\broot\b|\broot\b[^;]*\bmysql\s*\.", re.I | re.S),
+     "changes the root account"),
     # Wait longer than a second: sleeps, lock waits, busy loops.
     (re.compile(r"\bsleep\s*\(\s*(?!0*(\.\d+)?\s*\)|0*1(\.0*)?\s*\))", re.I), "sleeps more than 1 s"),
     (re.compile(r"\bget_lock\s*\(", re.I), "waits on a named lock"),
@@ -115,11 +140,28 @@ EXCLUDED = [
 ]
 
 
-def excluded(sql):
-    """The reason a statement is left out, or None."""
+PREPARE = re.compile(r"^\s*prepare\s+`?(\w+)`?\s+from\b", re.I)
+USES_PREPARED = re.compile(r"^\s*(execute|deallocate\s+prepare|drop\s+prepare)\s+`?(\w+)`?", re.I)
+
+
+def excluded(sql, prepared):
+    """The reason a statement is left out, or None. `prepared`: names of
+    the statements prepared so far."""
     for pattern, why in EXCLUDED:
         if pattern.search(sql):
             return why
+    m = PREPARE.match(sql)
+    if m:
+        prepared.add(m.group(1).lower())
+    m = USES_PREPARED.match(sql)
+    if m and m.group(2).lower() != "immediate":
+        name = m.group(2).lower()
+        if name not in prepared:
+            # Its PREPARE was an `eval` left out: in the script it runs a
+            # statement this corpus does not hold.
+            return "runs a statement prepared by a command left out"
+        if m.group(1).lower() != "execute":
+            prepared.discard(name)
     return None
 
 
@@ -296,9 +338,10 @@ def main(argv):
         if "suite" in parts:
             name = f"{parts[parts.index('suite') + 1]}-{name}"
         kept = skipped = 0
+        prepared = set()
         with open(os.path.join(out_dir, name + ".jsonl"), "w", encoding="utf-8") as f:
             for line, sql in statements(text):
-                if excluded(sql):
+                if excluded(sql, prepared):
                     skipped += 1
                     continue
                 try:

@@ -15,7 +15,7 @@
 use super::{
     Dialect, Flag, Kind,
     lexer::TokKind,
-    lexical::{LexFacts, T, lexical_kind, lexical_tables, name_at, set_statement, word},
+    lexical::{LexFacts, T, lexical_kind, lexical_tables, name_at, scan, set_statement, word},
 };
 
 const MY: Dialect = Dialect::Mysql;
@@ -105,8 +105,14 @@ pub(crate) fn procedural_pieces(t: &[T<'_>]) -> Option<Vec<Piece>> {
     let mut out = Vec::new();
     let mut i = 0;
     let n = t.len();
+    // A condition or value: only a subquery in it reads tables (function
+    // calls are flagged by the lexical pass over the whole piece).
     let cond = |out: &mut Vec<Piece>, start: usize, end: usize| {
-        if start < end {
+        if start < end
+            && t[start..end]
+                .iter()
+                .any(|x| x.kind == TokKind::Word && matches!(x.text, "select" | "table" | "values"))
+        {
             out.push(Piece {
                 select: true,
                 start,
@@ -234,6 +240,21 @@ pub(crate) fn procedural_pieces(t: &[T<'_>]) -> Option<Vec<Piece>> {
     Some(out)
 }
 
+/// Adds the facts of a statement read whole inside this one.
+fn merge(f: &mut LexFacts, inner: LexFacts) {
+    if inner.kind.power() > f.kind.power() {
+        f.kind = inner.kind;
+    }
+    f.flags = f.flags.union(inner.flags);
+    f.tables.extend(inner.tables);
+    for name in inner.functions {
+        if !f.functions.contains(&name) {
+            f.functions.push(name);
+        }
+    }
+    f.procedural |= inner.procedural;
+}
+
 fn push_name(t: &[T<'_>], i: usize, written: bool, f: &mut LexFacts) -> usize {
     match name_at(t, i, MY) {
         Some((n, next)) => {
@@ -267,6 +288,31 @@ fn name_list(t: &[T<'_>], mut i: usize, written: bool, stop: &[&str], f: &mut Le
     }
 }
 
+/// Skips an account: `user`, `'user'@'host'`, `` `u`@`h` ``, `u@h`,
+/// `CURRENT_USER[()]`, `CURRENT_ROLE`.
+fn skip_account(t: &[T<'_>], mut i: usize) -> usize {
+    let kind = |i: usize| t.get(i).map(|x| x.kind);
+    if matches!(word(t, i), "current_user" | "current_role") {
+        i += 1;
+        if kind(i) == Some(TokKind::LParen) && kind(i + 1) == Some(TokKind::RParen) {
+            i += 2;
+        }
+        return i;
+    }
+    if !matches!(
+        kind(i),
+        Some(TokKind::Word | TokKind::QuotedIdent | TokKind::Str)
+    ) {
+        return i;
+    }
+    i += 1;
+    match t.get(i) {
+        Some(x) if x.kind == TokKind::Var && x.text != "@" => i + 1,
+        Some(x) if matches!(x.kind, TokKind::Var | TokKind::Op) && x.text == "@" => i + 2,
+        _ => i,
+    }
+}
+
 /// Skips `DEFINER = user`, `SQL SECURITY x`, `ALGORITHM = x`, `OR
 /// REPLACE`, `AGGREGATE`, `TEMPORARY` after CREATE / ALTER; the index of
 /// the object's type word.
@@ -275,26 +321,14 @@ fn object_word(t: &[T<'_>]) -> usize {
     loop {
         match word(t, i) {
             "or" if word(t, i + 1) == "replace" => i += 2,
-            "definer" | "algorithm" => {
+            "definer" => {
                 i += 1;
                 if t.get(i).is_some_and(|x| x.kind == TokKind::Op) {
                     i += 1;
                 }
-                // user, `user`@`host`, 'user'@'host', CURRENT_USER[()]
-                while let Some(x) = t.get(i) {
-                    let part = match x.kind {
-                        TokKind::Word | TokKind::QuotedIdent | TokKind::Str | TokKind::Var => true,
-                        TokKind::Op => x.text == "@",
-                        TokKind::LParen | TokKind::RParen => true,
-                        _ => false,
-                    };
-                    if !part || (x.kind == TokKind::Word && i > 0 && t[i - 1].kind == TokKind::Word)
-                    {
-                        break;
-                    }
-                    i += 1;
-                }
+                i = skip_account(t, i);
             }
+            "algorithm" => i += 3,
             "sql" if word(t, i + 1) == "security" => i += 3,
             "aggregate" | "temporary" | "online" | "offline" | "ignore" => i += 1,
             _ => return i,
@@ -314,13 +348,20 @@ pub(crate) fn classify(t: &[T<'_>], f: &mut LexFacts) -> bool {
             // GRANT role TO user: no ON clause.
             let on = find_top(t, 1, &["on"]);
             if on == t.len() {
-                f.flags.insert(Flag::RoleChange);
+                if !t
+                    .iter()
+                    .any(|x| x.kind == TokKind::Word && matches!(x.text, "privileges" | "option"))
+                {
+                    f.flags.insert(Flag::RoleChange);
+                }
             } else {
                 let mut i = on + 1;
                 if matches!(w(i), "table" | "function" | "procedure" | "package") {
                     i += 1;
                 }
-                if name_at(t, i, MY).is_some_and(|(n, _)| n.last() != "*") {
+                let to = find_top(t, i, &["to", "from"]);
+                // `db.*`, `*.*`, `*`: whole databases, no table named.
+                if !t[i..to].iter().any(|x| x.text == "*") {
                     push_name(t, i, false, f);
                 }
             }
@@ -441,14 +482,23 @@ pub(crate) fn classify(t: &[T<'_>], f: &mut LexFacts) -> bool {
             true
         }
         ("set", "statement") => {
+            // SET STATEMENT var = value, ... FOR stmt: the settings hold
+            // for one statement, decided as that statement.
             let at = find_top(t, 2, &["for"]);
             set_statement(&t[1..at.min(t.len())], MY, f);
             let inner = t.get(at + 1..).unwrap_or(&[]);
-            let k = lexical_kind(inner);
-            if k.power() >= f.kind.power() {
-                f.kind = k;
+            let lf = scan(inner, MY);
+            if !inner.is_empty() {
+                f.kind = lf.kind;
             }
-            f.simple = inner.is_empty();
+            if lf.simple {
+                let effect = lf.effect.clone();
+                merge(f, lf);
+                f.effect = effect;
+                f.simple = true;
+            } else {
+                f.simple = inner.is_empty();
+            }
             true
         }
         ("alter", _) if w(object_word(t)) == "table" => {
@@ -517,17 +567,26 @@ pub(crate) fn classify(t: &[T<'_>], f: &mut LexFacts) -> bool {
             f.procedural = true;
             f.kind = Kind::Other;
             f.effect = super::analyze::Effect::None;
-            f.simple = pieces.is_empty();
+            let mut left = 0;
             for p in pieces {
                 let k = if p.select {
+                    left += 1;
                     Kind::Select
                 } else {
-                    lexical_kind(&t[p.start..p.end])
+                    let inner = &t[p.start..p.end];
+                    let lf = scan(inner, MY);
+                    if lf.simple {
+                        merge(f, lf);
+                        continue;
+                    }
+                    left += 1;
+                    lexical_kind(inner)
                 };
                 if k.power() > f.kind.power() {
                     f.kind = k;
                 }
             }
+            f.simple = left == 0;
             true
         }
     }
@@ -562,11 +621,11 @@ fn stored_program(t: &[T<'_>], at: usize, f: &mut LexFacts) {
             let open = (at..t.len()).find(|k| t[*k].kind == TokKind::LParen);
             let mut depth = 0usize;
             let mut end = t.len();
-            for k in open.unwrap_or(t.len())..t.len() {
-                match t[k].kind {
+            for (k, x) in t.iter().enumerate().skip(open.unwrap_or(t.len())) {
+                match x.kind {
                     TokKind::LParen => depth += 1,
                     TokKind::RParen => {
-                        depth -= 1;
+                        depth = depth.saturating_sub(1);
                         if depth == 0 {
                             end = k + 1;
                             break;
@@ -635,6 +694,9 @@ pub(crate) fn repair(canonical: &str) -> Option<String> {
     let mut out: Out = if let Some(pieces) = procedural_pieces(&t) {
         let mut out = Vec::new();
         for p in pieces {
+            if !p.select && scan(&t[p.start..p.end], MY).simple {
+                continue;
+            }
             if !out.is_empty() {
                 out.push(";".to_owned());
             }
@@ -649,7 +711,9 @@ pub(crate) fn repair(canonical: &str) -> Option<String> {
         out
     } else if word(&t, 0) == "set" && word(&t, 1) == "statement" {
         let at = find_top(&t, 2, &["for"]);
-        t.get(at + 1..)?.iter().map(|x| x.text.to_owned()).collect()
+        let inner: Vec<&str> = t.get(at + 1..)?.iter().map(|x| x.text).collect();
+        let inner = inner.join(" ");
+        return repair(&inner).or(Some(inner));
     } else {
         view_forms(&t)
     };
@@ -661,6 +725,7 @@ pub(crate) fn repair(canonical: &str) -> Option<String> {
         .collect();
     let mut out = expression_forms(&toks);
     trailing_into(&mut out);
+    table_groups(&mut out);
     if out == before && out.join(" ") == canonical {
         return None;
     }
@@ -733,10 +798,15 @@ fn statement_forms(out: &mut Out) {
         }
         _ => {}
     }
+    // The statement an EXPLAIN shows.
+    let s0 = usize::from(matches!(
+        w(out, 0).as_str(),
+        "explain" | "describe" | "desc"
+    ));
     // Multi-table UPDATE: `UPDATE a, b SET` as a cross join.
-    if w(out, 0) == "update" {
+    if w(out, s0) == "update" {
         let mut depth = 0usize;
-        let mut i = 1;
+        let mut i = s0 + 1;
         while i < out.len() {
             match out[i].as_str() {
                 "(" => depth += 1,
@@ -750,13 +820,40 @@ fn statement_forms(out: &mut Out) {
             i += 1;
         }
     }
+    // INSERT ... SELECT ... ON DUPLICATE KEY UPDATE: the query in
+    // parentheses, where sqlparser reads the clause after it.
+    if matches!(w(out, 0).as_str(), "insert" | "replace") {
+        let mut depth = 0usize;
+        let mut select = None;
+        let mut dup = None;
+        for (i, s) in out.iter().enumerate() {
+            match s.as_str() {
+                "(" => depth += 1,
+                ")" => depth = depth.saturating_sub(1),
+                "select" | "with" if depth == 0 && select.is_none() => select = Some(i),
+                "on" if depth == 0 && out.get(i + 1).is_some_and(|d| d == "duplicate") => {
+                    dup = Some(i);
+                }
+                _ => {}
+            }
+        }
+        if let (Some(a), Some(b)) = (select, dup)
+            && a < b
+        {
+            out.insert(b, ")".to_owned());
+            out.insert(a, "(".to_owned());
+        }
+    }
     // Multi-table DELETE: `DELETE a.*, b.* FROM` / `DELETE FROM a.* USING`.
-    if w(out, 0) == "delete" {
+    if w(out, s0) == "delete" {
+        while matches!(w(out, s0 + 1).as_str(), "ignore" | "low_priority" | "quick") {
+            out.remove(s0 + 1);
+        }
         let end = out
             .iter()
             .position(|s| s == "using" || s == "where")
             .unwrap_or(out.len());
-        let mut i = 1;
+        let mut i = s0 + 1;
         let mut end = end;
         while i + 1 < end {
             if out[i] == "." && out[i + 1] == "*" {
@@ -766,6 +863,121 @@ fn statement_forms(out: &mut Out) {
                 i += 1;
             }
         }
+    }
+    create_table_forms(out);
+}
+
+/// Table options sqlparser does not know (storage details, no tables).
+const TABLE_OPTIONS: &[&str] = &[
+    "transactional",
+    "page_checksum",
+    "delay_key_write",
+    "pack_keys",
+    "checksum",
+    "table_checksum",
+    "avg_row_length",
+    "min_rows",
+    "max_rows",
+    "stats_persistent",
+    "stats_auto_recalc",
+    "stats_sample_pages",
+    "sequence",
+    "page_compressed",
+    "page_compression_level",
+    "encrypted",
+    "encryption_key_id",
+    "ietf_quotes",
+    "insert_method",
+    "row_format",
+    "key_block_size",
+    "data",
+    "index",
+];
+
+/// `CREATE TABLE t (...) options [IGNORE | REPLACE] SELECT ...` and
+/// `CREATE TABLE t WITH cte AS (...) SELECT`.
+fn create_table_forms(out: &mut Out) {
+    let w = |out: &Out, i: usize| out.get(i).map_or("", String::as_str).to_owned();
+    let mut at = 1;
+    if w(out, at) == "or" {
+        at += 2;
+    }
+    if w(out, at) == "temporary" {
+        at += 1;
+    }
+    if w(out, 0) != "create" || w(out, at) != "table" {
+        return;
+    }
+    let mut i = at + 1;
+    if w(out, i) == "if" {
+        i += 3;
+    }
+    // The name.
+    i += 1;
+    while w(out, i) == "." {
+        i += 2;
+    }
+    if w(out, i) == "with" {
+        out.insert(i, "as".to_owned());
+        return;
+    }
+    let mut depth = 0usize;
+    while i < out.len() {
+        let cur = w(out, i);
+        match cur.as_str() {
+            "(" => depth += 1,
+            ")" => depth = depth.saturating_sub(1),
+            "ignore" | "replace" if depth == 0 && w(out, i + 1) == "select" => {
+                out.remove(i);
+                continue;
+            }
+            "select" | "with" | "as" if depth == 0 => return,
+            // A column list element: `t1.name int` (a qualified column
+            // name), `PERIOD FOR p (s, e)` (application time).
+            _ if depth == 1 && matches!(w(out, i - 1).as_str(), "(" | ",") => {
+                if w(out, i + 1) == "." {
+                    out.drain(i..i + 2);
+                    continue;
+                }
+                if cur == "period" && w(out, i + 1) == "for" {
+                    let close = (i..out.len()).find(|k| out[*k] == ")").unwrap_or(out.len());
+                    let end = if w(out, close + 1) == "," {
+                        close + 2
+                    } else {
+                        close + 1
+                    };
+                    let start = if end == close + 1 && w(out, i - 1) == "," {
+                        i - 1
+                    } else {
+                        i
+                    };
+                    out.drain(start..end.min(out.len()));
+                    i = start;
+                    continue;
+                }
+            }
+            "visible" | "invisible" if depth == 1 => {
+                out.remove(i);
+                continue;
+            }
+            o if depth == 0
+                && TABLE_OPTIONS.contains(&o)
+                && (w(out, i + 1) == "=" || matches!(w(out, i + 1).as_str(), "directory"))
+                && !(o == "index" && w(out, i + 1) != "directory") =>
+            {
+                let mut end = i + 1;
+                if w(out, end) == "directory" {
+                    end += 1;
+                }
+                if w(out, end) == "=" {
+                    end += 1;
+                }
+                out.drain(i..(end + 1).min(out.len()));
+                continue;
+            }
+            _ => {}
+        }
+        i += 1;
     }
 }
 
@@ -839,6 +1051,134 @@ fn expression_forms(t: &[(TokKind, String)]) -> Out {
         {
             i += 1;
             continue;
+        }
+        let prev = if i > 0 { t[i - 1].1.as_str() } else { "" };
+        let next_kind = t.get(i + 1).map(|x| x.0);
+        match (kind, word) {
+            // `@x := v` (assignment in an expression; `=` has the same
+            // operands), and an operator run into a variable (`a=@b`,
+            // `@c:=@c+1`).
+            (TokKind::Op, _) if text.starts_with(":=") || text.ends_with('@') => {
+                let op = text.strip_prefix(':').unwrap_or(text);
+                match op.strip_suffix('@') {
+                    Some(op) if matches!(next_kind, Some(TokKind::Word | TokKind::QuotedIdent)) => {
+                        if !op.is_empty() {
+                            out.push(op.to_owned());
+                        }
+                        let name: String = t[i + 1]
+                            .1
+                            .chars()
+                            .filter(|c| c.is_ascii_alphanumeric() || *c == '_')
+                            .collect();
+                        out.push(format!("@v_{name}"));
+                        i += 2;
+                    }
+                    _ => {
+                        out.push(op.to_owned());
+                        i += 1;
+                    }
+                }
+                continue;
+            }
+            // "text": a string (without ANSI_QUOTES).
+            (TokKind::Str, _) if text.starts_with('"') && text.len() >= 2 => {
+                let inner = &text[1..text.len() - 1];
+                out.push(format!(
+                    "'{}'",
+                    inner.replace("\"\"", "\"").replace('\'', "''")
+                ));
+                i += 1;
+                continue;
+            }
+            // `varchar(20) binary`: a binary collation.
+            (_, "binary")
+                if matches!(w(0), "create" | "alter")
+                    && (prev == ")" || matches!(prev, "char" | "varchar" | "text"))
+                    && !matches!(next_kind, Some(TokKind::LParen | TokKind::Str)) =>
+            {
+                i += 1;
+                continue;
+            }
+            // @`name`, @'name', @"name": a user variable.
+            (TokKind::Var, _) if text.contains(['`', '\'', '"']) => {
+                let name: String = text
+                    .chars()
+                    .filter(|c| c.is_ascii_alphanumeric() || *c == '_')
+                    .collect();
+                out.push(format!("@v_{name}"));
+                i += 1;
+                continue;
+            }
+            (_, "charset") if next_kind != Some(TokKind::LParen) => {
+                out.push("character set".to_owned());
+                i += 1;
+                continue;
+            }
+            // `_utf8 0xC3`: an introducer before a number.
+            (TokKind::Word, w0) if w0.starts_with('_') && next_kind == Some(TokKind::Num) => {
+                i += 1;
+                continue;
+            }
+            // Window frame EXCLUDE clause.
+            (_, "exclude") if matches!(w(i + 1), "current" | "ties" | "group" | "no") => {
+                i += if matches!(w(i + 1), "current" | "no") {
+                    3
+                } else {
+                    2
+                };
+                continue;
+            }
+            (_, "int" | "integer") if matches!(prev, "unsigned" | "signed") => {
+                i += 1;
+                continue;
+            }
+            // CHAR(n USING cs), and a conversion's target character set.
+            (_, "using")
+                if next_kind.is_some_and(|k| matches!(k, TokKind::Word | TokKind::QuotedIdent))
+                    && t.get(i + 2).is_some_and(|x| x.0 == TokKind::RParen) =>
+            {
+                i += 2;
+                continue;
+            }
+            (_, "mod") if next_kind != Some(TokKind::LParen) && i > 0 => {
+                out.push("%".to_owned());
+                i += 1;
+                continue;
+            }
+            (_, "binary") if next_kind == Some(TokKind::Str) => {
+                i += 1;
+                continue;
+            }
+            (_, "sql_cache" | "sql_no_cache") => {
+                i += 1;
+                continue;
+            }
+            (_, "straight_join") => {
+                if !matches!(
+                    prev,
+                    "select" | "distinct" | "all" | "high_priority" | "sql_calc_found_rows"
+                ) {
+                    out.push("join".to_owned());
+                }
+                i += 1;
+                continue;
+            }
+            // ODBC `{ OJ t1 LEFT JOIN t2 ON ... }`.
+            (TokKind::Other, _) if text == "{" && w(i + 1) == "oj" => {
+                i += 2;
+                continue;
+            }
+            (TokKind::Other, _) if text == "}" => {
+                i += 1;
+                continue;
+            }
+            // A string as a RANGE frame bound.
+            (TokKind::Str, _) if matches!(w(i + 1), "preceding" | "following") => {
+                out.push("0".to_owned());
+                i += 1;
+                continue;
+            }
+            _ => {}
         }
         if COMPOUND_UNITS.contains(&word) {
             out.push("second".to_owned());
@@ -954,14 +1294,13 @@ fn trailing_into(out: &mut Out) {
             "(" => depth += 1,
             ")" => depth = depth.saturating_sub(1),
             "from" if depth == 0 => from_seen = true,
-            "into" if depth == 0 && from_seen => at = Some(i),
+            "into" if depth == 0 && (from_seen || out[0] == "(") => at = Some(i),
             _ => {}
         }
     }
     let Some(at) = at else { return };
     let mut j = at + 1;
-    loop {
-        let Some(s) = out.get(j) else { break };
+    while let Some(s) = out.get(j) {
         if matches!(s.as_str(), "outfile" | "dumpfile") {
             return;
         }
@@ -972,12 +1311,86 @@ fn trailing_into(out: &mut Out) {
             break;
         }
     }
-    let rest_ok = match out.get(j).map(String::as_str) {
-        None => true,
-        Some("for" | "lock") => true,
-        _ => false,
-    };
+    let rest_ok = matches!(out.get(j).map(String::as_str), None | Some("for" | "lock"));
     if rest_ok {
         out.drain(at..j);
+    }
+}
+
+/// Parenthesised table lists in FROM: `FROM (t1, t2) JOIN t3`, `LEFT JOIN
+/// (t2, t3) ON`, `JOIN (t3) ON`: the commas as cross joins, parentheses
+/// around one table dropped.
+fn table_groups(out: &mut Out) {
+    let n = out.len();
+    let mut close = vec![usize::MAX; n];
+    let mut stack = Vec::new();
+    for (i, s) in out.iter().enumerate() {
+        match s.as_str() {
+            "(" => stack.push(i),
+            ")" => {
+                if let Some(o) = stack.pop() {
+                    close[o] = i;
+                }
+            }
+            _ => {}
+        }
+    }
+    let mut in_from = vec![false];
+    let mut group = vec![false];
+    let mut commas = Vec::new();
+    let mut unwrap = Vec::new();
+    for i in 0..n {
+        match out[i].as_str() {
+            "(" => {
+                let prev = if i > 0 { out[i - 1].as_str() } else { "" };
+                let first = out[i + 1..]
+                    .iter()
+                    .find(|x| *x != "(")
+                    .map_or("", String::as_str);
+                let is_group = (matches!(prev, "from" | "join")
+                    || (matches!(prev, "," | "(") && in_from.last() == Some(&true)))
+                    && !matches!(first, "select" | "with" | "values" | "table" | ")");
+                if is_group && (close[i] == i + 2 || (close[i] == i + 4 && out[i + 2] == ".")) {
+                    unwrap.push(i);
+                }
+                in_from.push(is_group);
+                group.push(is_group);
+            }
+            ")" => {
+                in_from.pop();
+                group.pop();
+                if in_from.is_empty() {
+                    return;
+                }
+            }
+            "from" | "join" => {
+                if let Some(l) = in_from.last_mut() {
+                    *l = true;
+                }
+            }
+            "where" | "group" | "having" | "order" | "limit" | "union" | "set" | "window"
+            | "into" | "for" | "lock" | "except" | "intersect" | "returning" => {
+                if let Some(l) = in_from.last_mut() {
+                    *l = false;
+                }
+            }
+            "," if group.last() == Some(&true) => commas.push(i),
+            _ => {}
+        }
+    }
+    if commas.is_empty() && unwrap.is_empty() {
+        return;
+    }
+    let drop: Vec<usize> = unwrap.iter().flat_map(|o| [*o, close[*o]]).collect();
+    let old = std::mem::take(out);
+    for (i, s) in old.into_iter().enumerate() {
+        if drop.contains(&i) {
+            continue;
+        }
+        out.push(if commas.contains(&i) {
+            "cross join".to_owned()
+        } else {
+            s
+        });
     }
 }

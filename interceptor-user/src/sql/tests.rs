@@ -863,3 +863,174 @@ fn hidden_literals_are_part_of_the_shape() {
         "select query_to_xml ( '' , true , true , '' )"
     );
 }
+
+// ---------------------------------------------------------------------------
+// MariaDB forms (`mysql_forms`): statements read whole, pieces of stored
+// program bodies, and rewrites. Each case: parsed (not `unparsed`), with the
+// kind, tables (`+` marks a written one), flags and procedural code given.
+
+struct MariaCase {
+    sql: &'static str,
+    kind: Kind,
+    tables: &'static [&'static str],
+    flags: &'static [Flag],
+    procedural: bool,
+}
+
+#[rustfmt::skip]
+const MARIA: &[MariaCase] = &[
+    // Accounts and privileges.
+    MariaCase { sql: "grant select on `my\\_1`.* to mysqltest_2@localhost", kind: Kind::Dcl, tables: &[], flags: &[], procedural: false },
+    MariaCase { sql: "GRANT UPDATE ON db1.payroll TO u1@localhost WITH GRANT OPTION", kind: Kind::Dcl, tables: &["db1.payroll"], flags: &[], procedural: false },
+    MariaCase { sql: "grant r1 to u1@localhost", kind: Kind::Dcl, tables: &[], flags: &[Flag::RoleChange], procedural: false },
+    MariaCase { sql: "revoke all privileges, grant option from 'mysqltest_1'", kind: Kind::Dcl, tables: &[], flags: &[], procedural: false },
+    MariaCase { sql: "create user mysqltest_1@'test@test' identified by 'x'", kind: Kind::Dcl, tables: &[], flags: &[], procedural: false },
+    MariaCase { sql: "DROP USER IF EXISTS pauline@localhost", kind: Kind::Dcl, tables: &[], flags: &[], procedural: false },
+    MariaCase { sql: "rename user 'a'@'%' to 'b'@'%'", kind: Kind::Dcl, tables: &[], flags: &[], procedural: false },
+    // Locks, FLUSH, table maintenance, administration.
+    MariaCase { sql: "LOCK TABLES mysql.time_zone READ, t1 AS a WRITE", kind: Kind::Other, tables: &["mysql.time_zone", "shop.t1"], flags: &[Flag::Lock], procedural: false },
+    MariaCase { sql: "flush tables t1, t2 with read lock", kind: Kind::Other, tables: &["shop.t1", "shop.t2"], flags: &[Flag::Lock, Flag::Admin], procedural: false },
+    MariaCase { sql: "flush status", kind: Kind::Other, tables: &[], flags: &[Flag::Admin], procedural: false },
+    MariaCase { sql: "backup stage start", kind: Kind::Other, tables: &[], flags: &[Flag::Lock, Flag::Admin], procedural: false },
+    MariaCase { sql: "check table t1, t2 extended", kind: Kind::Other, tables: &["shop.t1", "shop.t2"], flags: &[], procedural: false },
+    MariaCase { sql: "REPAIR TABLE t1 QUICK", kind: Kind::Other, tables: &["+shop.t1"], flags: &[Flag::Admin], procedural: false },
+    MariaCase { sql: "optimize no_write_to_binlog table t1", kind: Kind::Other, tables: &["+shop.t1"], flags: &[Flag::Admin], procedural: false },
+    MariaCase { sql: "binlog 'AAAA'", kind: Kind::Other, tables: &[], flags: &[Flag::Admin], procedural: false },
+    MariaCase { sql: "cache index t1, t2 in keycache1", kind: Kind::Other, tables: &["shop.t1", "shop.t2"], flags: &[Flag::Admin], procedural: false },
+    MariaCase { sql: "show columns from t1 from other", kind: Kind::Other, tables: &["other.t1"], flags: &[], procedural: false },
+    MariaCase { sql: "SHOW CREATE TABLE payroll", kind: Kind::Other, tables: &["shop.payroll"], flags: &[], procedural: false },
+    MariaCase { sql: "SHOW TRIGGERS FROM test WHERE `Table` = 't'", kind: Kind::Other, tables: &[], flags: &[], procedural: false },
+    MariaCase { sql: "show tables where tables_in_test in (select name from payroll)", kind: Kind::Other, tables: &["shop.payroll"], flags: &[], procedural: false },
+    MariaCase { sql: "help 'contents'", kind: Kind::Other, tables: &[], flags: &[], procedural: false },
+    // DDL: ALTER TABLE, sequences, partitions, views, DROP TABLES.
+    MariaCase { sql: "alter online table t1 modify b int default 5, engine=innodb", kind: Kind::Ddl, tables: &["+shop.t1"], flags: &[], procedural: false },
+    MariaCase { sql: "ALTER TABLE t1 EXCHANGE PARTITION p0 WITH TABLE t2", kind: Kind::Ddl, tables: &["+shop.t1", "+shop.t2"], flags: &[], procedural: false },
+    MariaCase { sql: "alter table t1 rename to t2", kind: Kind::Ddl, tables: &["+shop.t1", "+shop.t2"], flags: &[], procedural: false },
+    MariaCase { sql: "create sequence s1 start with 10 maxvalue=9", kind: Kind::Ddl, tables: &["+shop.s1"], flags: &[], procedural: false },
+    MariaCase { sql: "drop sequence if exists s1, s2", kind: Kind::Ddl, tables: &["+shop.s1", "+shop.s2"], flags: &[], procedural: false },
+    MariaCase { sql: "create table t1 (i int) partition by hash(i) partitions 2", kind: Kind::Ddl, tables: &["+shop.t1"], flags: &[], procedural: false },
+    MariaCase { sql: "create table t1 (a varchar(10) charset utf8 collate utf8_bin not null) ignore select a from t2", kind: Kind::Ddl, tables: &["+shop.t1", "shop.t2"], flags: &[], procedural: false },
+    MariaCase { sql: "CREATE TABLE t1 (t1.a int, s DATE, e DATE, PERIOD FOR p(s,e), unique index (a) visible)", kind: Kind::Ddl, tables: &["+shop.t1"], flags: &[], procedural: false },
+    MariaCase { sql: "create table t1 (a int) transactional=0 page_checksum=1", kind: Kind::Ddl, tables: &["+shop.t1"], flags: &[], procedural: false },
+    MariaCase { sql: "create table t2 with recursive r (id) as (select id from folks union select id + 1 from r) select * from r", kind: Kind::Ddl, tables: &["+shop.t2", "shop.folks"], flags: &[], procedural: false },
+    MariaCase { sql: "CREATE ALGORITHM = MERGE DEFINER = u@localhost SQL SECURITY INVOKER VIEW v1 AS SELECT f1 FROM t1 WITH CASCADED CHECK OPTION", kind: Kind::Ddl, tables: &["+shop.v1", "shop.t1"], flags: &[], procedural: false },
+    MariaCase { sql: "drop tables t1, t2", kind: Kind::Ddl, tables: &["+shop.t1", "+shop.t2"], flags: &[], procedural: false },
+    MariaCase { sql: "DROP EVENT e_x1", kind: Kind::Ddl, tables: &[], flags: &[], procedural: false },
+    // Stored programs: the head is opaque procedural code.
+    MariaCase { sql: "CREATE PROCEDURE p1() BEGIN END", kind: Kind::Ddl, tables: &[], flags: &[], procedural: true },
+    MariaCase { sql: "CREATE DEFINER = u3@localhost PROCEDURE db1.p2() INSERT INTO t4 VALUES (1)", kind: Kind::Ddl, tables: &["+shop.t4"], flags: &[], procedural: true },
+    MariaCase { sql: "create function f1() returns int return (select count(*) from payroll)", kind: Kind::Ddl, tables: &["shop.payroll"], flags: &[], procedural: true },
+    MariaCase { sql: "CREATE DEFINER='inv'@'localhost' TRIGGER trg1 BEFORE UPDATE ON t1 FOR EACH ROW SET @new_sum = 0", kind: Kind::Ddl, tables: &["+shop.t1"], flags: &[], procedural: true },
+    MariaCase { sql: "CREATE EVENT e1 ON SCHEDULE EVERY 1 SECOND DO DELETE FROM log", kind: Kind::Ddl, tables: &["+shop.log"], flags: &[], procedural: true },
+    MariaCase { sql: "create function metaphon returns string soname 'udf.so'", kind: Kind::Ddl, tables: &[], flags: &[Flag::FileAccess, Flag::Admin], procedural: true },
+    // Pieces of a body (the splitter cuts at every `;`).
+    MariaCase { sql: "declare v_a int default null", kind: Kind::Other, tables: &[], flags: &[], procedural: true },
+    MariaCase { sql: "DECLARE c CURSOR (p INT) FOR SELECT * FROM t1 WHERE a = p", kind: Kind::Select, tables: &["shop.t1"], flags: &[], procedural: true },
+    // A local variable's SET is read as any SET (a session setting).
+    MariaCase { sql: "DECLARE CONTINUE HANDLER FOR SQLSTATE '02000', NOT FOUND SET done = TRUE", kind: Kind::Other, tables: &[], flags: &[Flag::SessionChange], procedural: true },
+    MariaCase { sql: "declare exit handler for sqlexception delete from payroll", kind: Kind::Delete, tables: &["+shop.payroll"], flags: &[], procedural: true },
+    MariaCase { sql: "IF (SELECT count(*) FROM t1) > 0 THEN DELETE FROM t2 WHERE a = 1", kind: Kind::Delete, tables: &["+shop.t2", "shop.t1"], flags: &[], procedural: true },
+    MariaCase { sql: "if done then leave read_loop", kind: Kind::Other, tables: &[], flags: &[], procedural: true },
+    MariaCase { sql: "ELSE INSERT INTO t1 VALUES ('x')", kind: Kind::Insert, tables: &["+shop.t1"], flags: &[], procedural: true },
+    MariaCase { sql: "read_loop: LOOP FETCH cur INTO va", kind: Kind::Select, tables: &[], flags: &[], procedural: true },
+    MariaCase { sql: "WHEN 10 THEN BEGIN CASE arg WHEN 1 THEN UPDATE t1 SET a = 2", kind: Kind::Update, tables: &["+shop.t1"], flags: &[], procedural: true },
+    MariaCase { sql: "while i < 4 do insert into t1 select i", kind: Kind::Insert, tables: &["+shop.t1"], flags: &[], procedural: true },
+    MariaCase { sql: "FOR rec IN (SELECT a FROM payroll) DO SELECT rec.a", kind: Kind::Select, tables: &["shop.payroll"], flags: &[], procedural: true },
+    MariaCase { sql: "until (select max(a) from t1) > 3 end repeat", kind: Kind::Select, tables: &["shop.t1"], flags: &[], procedural: true },
+    MariaCase { sql: "end if", kind: Kind::Other, tables: &[], flags: &[], procedural: true },
+    MariaCase { sql: "END", kind: Kind::Other, tables: &[], flags: &[], procedural: true },
+    MariaCase { sql: "OPEN c(a_a)", kind: Kind::Other, tables: &[], flags: &[], procedural: true },
+    MariaCase { sql: "return (select a from payroll limit 1)", kind: Kind::Select, tables: &["shop.payroll"], flags: &[], procedural: true },
+    MariaCase { sql: "BEGIN NOT ATOMIC SELECT a FROM t1", kind: Kind::Select, tables: &["shop.t1"], flags: &[], procedural: true },
+    MariaCase { sql: "signal sqlstate '45000' set message_text = 'x'", kind: Kind::Other, tables: &[], flags: &[], procedural: true },
+    // SET STATEMENT ... FOR: decided as the statement it runs.
+    MariaCase { sql: "SET STATEMENT sql_mode = '' FOR delete from payroll", kind: Kind::Delete, tables: &["+shop.payroll"], flags: &[Flag::SessionChange], procedural: false },
+    MariaCase { sql: "SET STATEMENT myisam_sort_buffer_size=800000 FOR OPTIMIZE TABLE t1", kind: Kind::Other, tables: &["+shop.t1"], flags: &[Flag::SessionChange, Flag::Admin], procedural: false },
+    MariaCase { sql: "SET STATEMENT sort_buffer_size=1 FOR SET STATEMENT sql_mode='' FOR SELECT a FROM t1", kind: Kind::Select, tables: &["shop.t1"], flags: &[Flag::SessionChange], procedural: false },
+    // Rewrites: queries and writes.
+    MariaCase { sql: "EXPLAIN EXTENDED WITH cte AS (SELECT * FROM t1) SELECT i FROM cte", kind: Kind::Explain, tables: &["shop.t1"], flags: &[], procedural: false },
+    MariaCase { sql: "explain partitions select * from t1 where a < 1", kind: Kind::Explain, tables: &["shop.t1"], flags: &[], procedural: false },
+    MariaCase { sql: "analyze format=json delete from t1 where a = 1", kind: Kind::Delete, tables: &["+shop.t1"], flags: &[], procedural: false },
+    MariaCase { sql: "UPDATE t1, t2 SET t1.a = 200 WHERE t1.a = t2.a", kind: Kind::Update, tables: &["+shop.t1", "+shop.t2"], flags: &[], procedural: false },
+    MariaCase { sql: "explain update t1, t2 set f = 126 order by f limit 2", kind: Kind::Explain, tables: &["+shop.t1", "+shop.t2"], flags: &[], procedural: false },
+    MariaCase { sql: "delete ignore t11.*, t12.* from t11, t12 where t11.a = t12.a", kind: Kind::Delete, tables: &["+shop.t11", "+shop.t12"], flags: &[], procedural: false },
+    MariaCase { sql: "select next value for s1, previous value for db2.s2", kind: Kind::Select, tables: &["db2.s2", "shop.s1"], flags: &[], procedural: false },
+    MariaCase { sql: "insert into t1 values (next value for s1)", kind: Kind::Insert, tables: &["+shop.t1", "shop.s1"], flags: &[], procedural: false },
+    MariaCase { sql: "select date_add(d, INTERVAL '1:1' MINUTE_SECOND), extract(YEAR_MONTH FROM d) from t1", kind: Kind::Select, tables: &["shop.t1"], flags: &[], procedural: false },
+    MariaCase { sql: "select interval(qty, 2, 3) from t1 group by qty desc", kind: Kind::Select, tables: &["shop.t1"], flags: &[], procedural: false },
+    MariaCase { sql: "select trim(leading from a), a sounds like 'x', a mod 2 from t1", kind: Kind::Select, tables: &["shop.t1"], flags: &[], procedural: false },
+    MariaCase { sql: "SELECT a FROM t1 LIMIT 1 INTO @x, @y", kind: Kind::Select, tables: &["shop.t1"], flags: &[], procedural: false },
+    MariaCase { sql: "(select 1) union (select a from t1) into @var", kind: Kind::Select, tables: &["shop.t1"], flags: &[], procedural: false },
+    MariaCase { sql: "select * from (t1, t2) join (t3, t4) on (a < y and t2.b < t3.c)", kind: Kind::Select, tables: &["shop.t1", "shop.t2", "shop.t3", "shop.t4"], flags: &[], procedural: false },
+    MariaCase { sql: "SELECT * FROM t1 LEFT JOIN (t2) ON (t1.pk = t2.fk)", kind: Kind::Select, tables: &["shop.t1", "shop.t2"], flags: &[], procedural: false },
+    MariaCase { sql: "select t1.* from { oj t2 left outer join t1 on (t1.a = t2.a) }", kind: Kind::Select, tables: &["shop.t1", "shop.t2"], flags: &[], procedural: false },
+    MariaCase { sql: "WITH RECURSIVE cte AS (SELECT 5 UNION SELECT @c:=@c+1 FROM cte WHERE @c<3) SELECT * FROM cte", kind: Kind::Select, tables: &[], flags: &[], procedural: false },
+    MariaCase { sql: "SELECT user FROM payroll WHERE user=@u AND host=@`h`", kind: Kind::Select, tables: &["shop.payroll"], flags: &[], procedural: false },
+    MariaCase { sql: "select count(*) over (order by a rows between 1 preceding and 1 following exclude current row) from t1", kind: Kind::Select, tables: &["shop.t1"], flags: &[], procedural: false },
+    MariaCase { sql: "SELECT CHAR(0xff, 0x8f USING utf8), cast(2 as unsigned int), JSON_SET('{}', '$.a', _utf8 0xC3B6)", kind: Kind::Select, tables: &[], flags: &[], procedural: false },
+    MariaCase { sql: "EXPLAIN EXTENDED SELECT STRAIGHT_JOIN t2.v2 FROM t1 STRAIGHT_JOIN t2", kind: Kind::Explain, tables: &["shop.t1", "shop.t2"], flags: &[], procedural: false },
+    MariaCase { sql: "do (select count(*) from payroll)", kind: Kind::Select, tables: &["shop.payroll"], flags: &[], procedural: false },
+    MariaCase { sql: "INSERT INTO t1 (a) SELECT 0 ON DUPLICATE KEY UPDATE a = a + VALUES (a)", kind: Kind::Update, tables: &["+shop.t1"], flags: &[], procedural: false },
+];
+
+#[test]
+fn mariadb_forms() {
+    let mut failures = Vec::new();
+    for c in MARIA {
+        let got = facts(c.sql, MY);
+        let Some((f, _, _)) = got.first() else {
+            failures.push(format!("{}: no statement", c.sql));
+            continue;
+        };
+        let mut tables: Vec<String> = f
+            .tables
+            .iter()
+            .map(|t| {
+                if f.tables_written.contains(t) {
+                    format!("+{t}")
+                } else {
+                    t.clone()
+                }
+            })
+            .collect();
+        tables.sort();
+        let mut want: Vec<String> = c.tables.iter().map(|t| (*t).to_owned()).collect();
+        want.sort();
+        let flags: FlagSet = c.flags.iter().copied().collect();
+        if got.len() != 1
+            || f.unparsed
+            || f.kind != c.kind
+            || tables != want
+            || f.flags != flags
+            || f.procedural != c.procedural
+        {
+            failures.push(format!(
+                "{}\n   got {} statement(s): kind {:?}, tables {tables:?}, flags {:?}, procedural {}, unparsed {:?}",
+                c.sql,
+                got.len(),
+                f.kind,
+                f.flags.iter().collect::<Vec<_>>(),
+                f.procedural,
+                f.parse_error
+            ));
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "{} failing:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
+}
+
+/// `END` inside a body is not a transaction's end in MariaDB; `BEGIN`
+/// alone still starts one.
+#[test]
+fn mariadb_end_is_not_commit() {
+    let got = facts("end", MY);
+    assert_eq!(got[0].1, Effect::None);
+    let got = facts("begin", MY);
+    assert_eq!(got[0].1, Effect::Begin);
+    let got = facts("begin work", MY);
+    assert_eq!(got[0].1, Effect::Begin);
+}
