@@ -24,7 +24,8 @@ import sys
 # Backslash commands that send the statement buffered before them.
 SENDS = {"g", "gx", "gset", "gexec", "gdesc", "crosstabview", "watch", "bind"}
 VARIABLE = re.compile(r"(?<![:\w]):['\"]?[A-Za-z_]")
-COPY_STDIN = re.compile(r"^\s*copy\b.*\bfrom\s+stdin\b", re.I | re.S)
+# psql reads the data of COPY ... FROM STDIN (or FROM STDOUT) from the script.
+COPY_STDIN = re.compile(r"^\s*copy\b.*\bfrom\s+std(in|out)\b", re.I | re.S)
 
 
 def statements(text):

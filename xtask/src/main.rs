@@ -94,6 +94,9 @@ const PACKAGES: &[&str] = &[
     "podman",
     "runc",
     "binutils",
+    // pg_query (PostgreSQL's own parser, the agent's fallback) generates
+    // its C bindings with bindgen, which loads libclang.
+    "libclang-dev",
 ];
 
 /// PyPI package validating the DaemonSet against the Kubernetes schemas it

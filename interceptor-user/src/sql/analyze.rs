@@ -20,6 +20,7 @@ use super::{
     lexer::{LexMode, NormInfo, Scratch, TokKind, normalize, split},
     lexical::{self, T, ident, unquote_string},
     names::{NamePart, RawName, fold},
+    pg_grammar,
 };
 
 /// What a statement does to the session, applied by the policy engine once
@@ -184,6 +185,8 @@ fn repair_table(toks: &[T<'_>]) -> Option<String> {
 ///
 /// - string constants continued on the next line (`'a'` newline `'b'`):
 ///   one constant (plain quoted ones joined, as the server joins them);
+/// - `UESCAPE 'c'` after a Unicode constant or identifier: dropped;
+/// - `COPY ... TO ... WHERE ...`: the WHERE dropped;
 /// - `FETCH [FROM|IN] cur` without a direction: `FETCH NEXT FROM cur`;
 /// - `CREATE DOMAIN name type` without `AS`;
 /// - `UPDATE ... SET col[i] = ...`: the element's column is what is written;
@@ -201,7 +204,13 @@ fn repair_pg(toks: &[T<'_>]) -> Option<String> {
         .iter()
         .any(|t| t.kind == TokKind::Word && t.text == "set")
         && word(0, "update");
+    let mut depth = 0usize;
     while let Some(t) = toks.get(i) {
+        match t.kind {
+            TokKind::LParen => depth += 1,
+            TokKind::RParen => depth = depth.saturating_sub(1),
+            _ => {}
+        }
         // Adjacent string constants.
         if t.kind == TokKind::Str
             && let Some(prev) = out.last_mut()
@@ -216,6 +225,20 @@ fn repair_pg(toks: &[T<'_>]) -> Option<String> {
             changed = true;
             i += 1;
             continue;
+        }
+        // `U&'...' UESCAPE '!'`: the escape character only decodes the
+        // constant, whose text the canonical form has dropped.
+        if word(i, "uescape") && toks.get(i + 1).is_some_and(|n| n.kind == TokKind::Str) {
+            changed = true;
+            i += 2;
+            continue;
+        }
+        // `COPY ... TO ... WHERE`: PostgreSQL 15 refuses the WHERE only
+        // when it runs (later grammars refuse it outright); what the
+        // statement names is before it.
+        if word(0, "copy") && word(i, "where") && depth == 0 && toks[..i].iter().any(|u| u.text == "to") {
+            changed = true;
+            break;
         }
         // FETCH without a direction.
         if i == 0 && word(0, "fetch") {
@@ -335,6 +358,36 @@ fn lexical_only(lf: lexical::LexFacts, why: Option<String>, dialect: Dialect) ->
             "the statement was classified without a parser, so the argument was not read",
         );
     }
+    a
+}
+
+/// A statement sqlparser cannot read, from PostgreSQL's own grammar: its
+/// tables, kind, functions and WHERE from the server's parse tree; flags,
+/// effect and procedural code from the lexical pass, as for every
+/// statement. Arguments of catalogued functions are not analysed, so they
+/// make what it reads unknown, as without a parser.
+fn from_pg_grammar(lf: lexical::LexFacts, pg: pg_grammar::PgFacts) -> Analysis {
+    // The tree names every call; the lexical list also holds words it
+    // took for calls (`create table x (...)`).
+    let functions = pg.functions;
+    let flags = functions
+        .iter()
+        .fold(lf.flags, |acc, f| acc.union(lexical::function_flags(f)));
+    let kind = if lf.kind.power() > pg.kind.power() {
+        lf.kind
+    } else {
+        pg.kind
+    };
+    let parsed = lexical::LexFacts {
+        kind,
+        flags,
+        functions,
+        tables: pg.tables,
+        procedural: lf.procedural || pg.procedural,
+        ..lf
+    };
+    let mut a = lexical_only(parsed, None, Dialect::Postgres);
+    a.has_where = pg.has_where;
     a
 }
 
@@ -502,7 +555,7 @@ fn analyze_at(
     // PREPARE is decided as the statement it prepares.
     if first == "prepare"
         && !toks
-            .get(2)
+            .get(1)
             .is_some_and(|t| t.kind == TokKind::Word && t.text == "transaction")
     {
         let prepared = match dialect {
@@ -605,6 +658,17 @@ fn analyze_at(
     };
     let statements = match parsed {
         Ok(s) => s,
+        Err(e) if dialect == Dialect::Postgres => {
+            let repaired = repair_pg(&toks);
+            let pg = pg_grammar::parse(canonical).or_else(|first| match &repaired {
+                Some(text) => pg_grammar::parse(text).map_err(|_| first),
+                None => Err(first),
+            });
+            return match pg {
+                Ok(pg) => from_pg_grammar(lf, pg),
+                Err(pg) => lexical_only(lf, Some(format!("{e}; PostgreSQL's parser: {pg}")), dialect),
+            };
+        }
         Err(e) => return lexical_only(lf, Some(e), dialect),
     };
     let mut c = Collector::new(dialect);
@@ -1274,6 +1338,11 @@ impl Collector {
             }
             Statement::CreateTable(ct) => {
                 self.write_target(&ct.name);
+                Some(Kind::Ddl)
+            }
+            // A rule rewrites what every later statement does to its table.
+            Statement::CreateRule(r) => {
+                self.write_target(&r.table_name);
                 Some(Kind::Ddl)
             }
             Statement::CreateView(cv) => {

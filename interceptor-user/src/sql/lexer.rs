@@ -525,13 +525,19 @@ impl StatementSpan {
     }
 }
 
-fn split_once(sql: &str, mode: LexMode, out: &mut Vec<StatementSpan>) -> bool {
+fn split_once(sql: &str, mode: LexMode, parens: bool, out: &mut Vec<StatementSpan>) -> bool {
     let mut lx = Lexer::new(sql, mode);
     let mut cur: Option<StatementSpan> = None;
+    let mut depth = 0usize;
     while let Some(t) = lx.next_tok() {
-        if t.kind == TokKind::Semi {
-            out.extend(cur.take());
-            continue;
+        match t.kind {
+            TokKind::LParen if parens => depth += 1,
+            TokKind::RParen => depth = depth.saturating_sub(1),
+            TokKind::Semi if depth == 0 => {
+                out.extend(cur.take());
+                continue;
+            }
+            _ => {}
         }
         match &mut cur {
             Some(span) => span.end = t.end,
@@ -555,6 +561,12 @@ fn split_once(sql: &str, mode: LexMode, out: &mut Vec<StatementSpan>) -> bool {
 /// comments. Splitting finer than the server is safe (every piece is
 /// decided and the strictest wins); coarser would hide statements.
 ///
+/// PostgreSQL's exception: a `;` inside parentheses does not split. Its
+/// grammar allows one there only between the actions of `CREATE RULE ...
+/// DO (a; b)`, and the server parses a whole message before running any
+/// of it, so a message whose parentheses hide a `;` anywhere else is a
+/// syntax error that runs nothing.
+///
 /// When a backslash inside a quote makes the split depend on the session's
 /// escaping mode, the message is split both ways and every distinct
 /// statement of either reading is returned.
@@ -569,9 +581,10 @@ pub fn split(sql: &str, dialect: Dialect) -> Vec<StatementSpan> {
 pub fn split_into(sql: &str, dialect: Dialect, out: &mut Vec<StatementSpan>) {
     out.clear();
     let mode = LexMode::default_for(dialect);
-    if split_once(sql, mode, out) {
+    let parens = dialect == Dialect::Postgres;
+    if split_once(sql, mode, parens, out) {
         let first = out.len();
-        split_once(sql, mode.flipped(), out);
+        split_once(sql, mode.flipped(), parens, out);
         // Keep only the alternative reading's statements that differ.
         let (primary, alt) = out.split_at(first);
         let extra: Vec<StatementSpan> = alt
@@ -790,7 +803,9 @@ fn normalize_with(
                 _ => LimitState::Idle,
             };
         }
-        if t.kind == TokKind::Semi {
+        // A `;` inside parentheses separates `CREATE RULE` actions (see
+        // [`split`]); a trailing one is not part of the statement.
+        if t.kind == TokKind::Semi && scratch.groups.is_empty() {
             continue;
         }
         let is_literal = matches!(t.kind, TokKind::Str | TokKind::Num | TokKind::Param);

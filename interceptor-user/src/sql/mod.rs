@@ -24,6 +24,7 @@ pub mod lexer;
 mod lexical;
 mod mysql_forms;
 mod names;
+mod pg_grammar;
 
 use std::fmt;
 

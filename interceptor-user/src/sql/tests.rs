@@ -307,6 +307,13 @@ fn postgres_forms_repaired_before_parsing() {
             Kind::Ddl,
             &[][..],
         ),
+        (
+            "select U&'d!0061t' UESCAPE '!' from t",
+            Kind::Select,
+            &["public.t"][..],
+        ),
+        ("copy x to stdout where a = 1", Kind::Copy, &["public.x"][..]),
+        ("prepare transaction 'foo1'", Kind::Tcl, &[][..]),
     ] {
         let (f, _, _) = facts(sql, PG).remove(0);
         assert!(!f.unparsed, "{sql}: {f:?}");
@@ -315,6 +322,47 @@ fn postgres_forms_repaired_before_parsing() {
             assert!(f.tables.iter().any(|x| x == t), "{sql}: {:?}", f.tables);
         }
     }
+}
+
+/// What sqlparser cannot read, PostgreSQL's own grammar does: the facts
+/// come from the server's parse tree.
+#[test]
+fn postgres_grammar_reads_what_sqlparser_cannot() {
+    // Rule actions: one statement (a `;` inside parentheses does not
+    // split), every action's tables, CTE names scoped to their action.
+    let sql = "create rule r as on insert to t do also (with payroll as (select 1) select * from payroll; select * from payroll; delete from u)";
+    let all = facts(sql, PG);
+    assert_eq!(all.len(), 1, "{sql}");
+    let f = &all[0].0;
+    assert!(!f.unparsed, "{f:?}");
+    assert_eq!(f.kind, Kind::Ddl);
+    assert_eq!(&f.tables[..], ["public.payroll", "public.t", "public.u"]);
+    assert_eq!(f.tables_written, ["public.t", "public.u"]);
+    // A catalogued function's text argument is not analysed here: what
+    // the statement reads is unknown.
+    let (f, _, _) = facts(
+        "select query_to_xml('select * from payroll', true, true, '') from t for no key update skip locked",
+        PG,
+    )
+    .remove(0);
+    assert!(!f.unparsed && f.tables_unknown, "{f:?}");
+    assert!(f.flags.contains(Flag::DynamicSql));
+    for (sql, kind) in [
+        (
+            "create aggregate newavg (sfunc = int4_accum, basetype = int4, stype = _numeric)",
+            Kind::Ddl,
+        ),
+        ("alter table fk alter constraint fk_c deferrable", Kind::Ddl),
+        ("security label on table t is 'x'", Kind::Ddl),
+    ] {
+        let (f, _, _) = facts(sql, PG).remove(0);
+        assert!(!f.unparsed, "{sql}: {f:?}");
+        assert_eq!(f.kind, kind, "{sql}");
+    }
+    // Neither parser reads it: the reason names both.
+    let (f, _, _) = facts("selec * from t", PG).remove(0);
+    let why = f.parse_error.unwrap();
+    assert!(why.contains("PostgreSQL's parser: ") && why.contains("syntax error"), "{why}");
 }
 
 #[test]
