@@ -92,13 +92,26 @@ struct Unparsed {
     sql: String,
 }
 
+/// Why the agent gives for statements whose SQL exists only at run time
+/// (`PREPARE s FROM @var`, `EXECUTE IMMEDIATE @var`, and the EXECUTE of
+/// such a statement, which the agent refused to prepare): no parser can
+/// know what they run, so they stay unparsed by design and are counted
+/// apart.
+const RUN_TIME_SQL: [&str; 3] = [
+    "prepared statement text is not a literal",
+    "of text built at run time",
+    "which this session did not prepare",
+];
+
 /// Decides the accepted statements of one file in one `policy test`
-/// session; returns the unparsed ones.
+/// session; returns the unparsed ones, and counts those that run SQL
+/// built at run time in `run_time`.
 fn unparsed(
     policy: &Path,
     file: &str,
     accepted: &[(&Statement, Verdict)],
     work: &Path,
+    run_time: &mut usize,
 ) -> Vec<Unparsed> {
     let messages = work.join(format!("{file}.messages"));
     let mut text = String::new();
@@ -121,7 +134,11 @@ fn unparsed(
     );
     let stdout = String::from_utf8(out.stdout).unwrap();
     let lines: Vec<&str> = stdout.lines().collect();
-    assert_eq!(lines.len(), accepted.len(), "{file}: one verdict per message");
+    assert_eq!(
+        lines.len(),
+        accepted.len(),
+        "{file}: one verdict per message"
+    );
     let mut missed = Vec::new();
     for ((s, _), line) in accepted.iter().zip(lines) {
         let v: Value = serde_json::from_str(line).unwrap();
@@ -130,6 +147,10 @@ fn unparsed(
                 continue;
             }
             let reason = st["parse_error"].as_str().unwrap_or("").to_owned();
+            if RUN_TIME_SQL.iter().any(|r| reason.contains(r)) {
+                *run_time += 1;
+                break;
+            }
             missed.push(Unparsed {
                 file: file.to_owned(),
                 line: s.line,
@@ -144,11 +165,7 @@ fn unparsed(
 
 /// Runs every file through `run` (the server's verdicts) and the agent,
 /// prints coverage per file, and fails listing what was left unparsed.
-fn check(
-    dialect: &str,
-    protocol: &str,
-    mut run: impl FnMut(&str, &[Statement]) -> Vec<Verdict>,
-) {
+fn check(dialect: &str, protocol: &str, mut run: impl FnMut(&str, &[Statement]) -> Vec<Verdict>) {
     let work = tempfile::tempdir().unwrap();
     let policy = work.path().join("policy.yaml");
     fs::write(
@@ -160,7 +177,7 @@ fn check(
     .unwrap();
     let mut report = String::new();
     let mut missed = Vec::new();
-    let (mut total, mut total_accepted) = (0, 0);
+    let (mut total, mut total_accepted, mut total_run_time) = (0, 0, 0);
     let started = Instant::now();
     for (file, statements) in corpus(dialect) {
         let verdicts = run(&file, &statements);
@@ -169,32 +186,38 @@ fn check(
             .zip(verdicts)
             .filter(|(_, v)| !matches!(v, Verdict::Syntax))
             .collect();
+        let mut run_time = 0;
         let miss = if accepted.is_empty() {
             Vec::new()
         } else {
-            unparsed(&policy, &file, &accepted, work.path())
+            unparsed(&policy, &file, &accepted, work.path(), &mut run_time)
         };
-        let parsed = accepted.len() - miss.len();
+        let judged = accepted.len() - run_time;
+        let parsed = judged - miss.len();
         let _ = writeln!(
             report,
-            "{file:<32} {:>6} {:>9} {:>7} {:>7.2}%",
+            "{file:<32} {:>6} {:>9} {:>8} {:>7} {:>7.2}%",
             statements.len(),
             accepted.len(),
+            run_time,
             parsed,
-            100.0 * parsed as f64 / accepted.len().max(1) as f64
+            100.0 * parsed as f64 / judged.max(1) as f64
         );
         total += statements.len();
         total_accepted += accepted.len();
+        total_run_time += run_time;
         missed.extend(miss);
     }
-    let parsed = total_accepted - missed.len();
+    let judged = total_accepted - total_run_time;
+    let parsed = judged - missed.len();
     println!(
-        "{dialect} corpus: {total} statements, {total_accepted} accepted by the server, {parsed} parsed ({:.2}%), in {:.0?}\n{:<32} {:>6} {:>9} {:>7} {:>8}\n{report}",
-        100.0 * parsed as f64 / total_accepted.max(1) as f64,
+        "{dialect} corpus: {total} statements, {total_accepted} accepted by the server ({total_run_time} run SQL built at run time), {parsed} of the other {judged} parsed ({:.2}%), in {:.0?}\n{:<32} {:>6} {:>9} {:>8} {:>7} {:>8}\n{report}",
+        100.0 * parsed as f64 / judged.max(1) as f64,
         started.elapsed(),
         "file",
         "total",
         "accepted",
+        "run-time",
         "parsed",
         "coverage"
     );
@@ -206,7 +229,11 @@ fn check(
             m.file,
             m.line,
             m.reason,
-            m.sql.replace('\n', " ").chars().take(300).collect::<String>()
+            m.sql
+                .replace('\n', " ")
+                .chars()
+                .take(300)
+                .collect::<String>()
         );
     }
     assert!(
@@ -302,6 +329,9 @@ fn postgres_regression_statements_are_parsed() {
 fn mariadb_test_suite_statements_are_parsed() {
     use mysql_async::prelude::Queryable as _;
     let server = MariaDb::start();
+    // Many scripts name `test.t1` or run `use test`, as mysql-test's own
+    // server has it.
+    server.sql("create database if not exists test");
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

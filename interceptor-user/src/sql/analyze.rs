@@ -139,7 +139,10 @@ fn parse(canonical: &str, dialect: Dialect, limits: &Limits) -> Result<Vec<State
 /// table facts (their flags come from the lexical pass).
 fn repair_mysql(c: &str) -> Option<String> {
     let forms = super::mysql_forms::repair(c);
-    let mut s = forms.as_deref().unwrap_or(c).replace(" lock in share mode", " for share");
+    let mut s = forms
+        .as_deref()
+        .unwrap_or(c)
+        .replace(" lock in share mode", " for share");
     for kw in [" into outfile ", " into dumpfile "] {
         if let Some(i) = s.find(kw) {
             let after = i + kw.len();
@@ -236,7 +239,11 @@ fn repair_pg(toks: &[T<'_>]) -> Option<String> {
         // `COPY ... TO ... WHERE`: PostgreSQL 15 refuses the WHERE only
         // when it runs (later grammars refuse it outright); what the
         // statement names is before it.
-        if word(0, "copy") && word(i, "where") && depth == 0 && toks[..i].iter().any(|u| u.text == "to") {
+        if word(0, "copy")
+            && word(i, "where")
+            && depth == 0
+            && toks[..i].iter().any(|u| u.text == "to")
+        {
             changed = true;
             break;
         }
@@ -666,7 +673,9 @@ fn analyze_at(
             });
             return match pg {
                 Ok(pg) => from_pg_grammar(lf, pg),
-                Err(pg) => lexical_only(lf, Some(format!("{e}; PostgreSQL's parser: {pg}")), dialect),
+                Err(pg) => {
+                    lexical_only(lf, Some(format!("{e}; PostgreSQL's parser: {pg}")), dialect)
+                }
             };
         }
         Err(e) => return lexical_only(lf, Some(e), dialect),
@@ -703,6 +712,21 @@ fn analyze_at(
     }
     if explain_plain {
         kind = Kind::Explain;
+    }
+    // sqlparser's tree of a PostgreSQL DDL, DCL or maintenance statement
+    // leaves out relations it only references (`REFERENCES t`, `ATTACH
+    // PARTITION t`, `INHERITS (t)`, `GRANT ... ON t`, `DROP INDEX i`,
+    // `VACUUM t`): the server's grammar names them. Only new shapes get
+    // here.
+    if dialect == Dialect::Postgres
+        && matches!(kind, Kind::Ddl | Kind::Dcl | Kind::Other)
+        && let Ok(pg) = pg_grammar::parse(canonical)
+    {
+        for (name, written) in pg.tables {
+            if !c.tables.iter().any(|(n, _)| *n == name) {
+                c.tables.push((name, written));
+            }
+        }
     }
     let limit_literal = statements.len() == 1 && statements.first().is_some_and(literal_limit);
     let mut effect = lf.effect;

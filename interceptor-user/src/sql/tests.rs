@@ -106,8 +106,9 @@ const CASES: &[Case] = &[
         want: &[(Kind::Ddl, &["public.t"], &[])] },
     Case { sql: "drop table if exists a, b", dialect: PG,
         want: &[(Kind::Ddl, &["public.a", "public.b"], &[])] },
+    // The table granted on is named (by PostgreSQL's grammar).
     Case { sql: "grant select on t to bob", dialect: PG,
-        want: &[(Kind::Dcl, &[], &[])] },
+        want: &[(Kind::Dcl, &["public.t"], &[])] },
     Case { sql: "create role r", dialect: PG, want: &[(Kind::Dcl, &[], &[])] },
     Case { sql: "begin; commit", dialect: PG,
         want: &[(Kind::Tcl, &[], &[]), (Kind::Tcl, &[], &[])] },
@@ -312,7 +313,11 @@ fn postgres_forms_repaired_before_parsing() {
             Kind::Select,
             &["public.t"][..],
         ),
-        ("copy x to stdout where a = 1", Kind::Copy, &["public.x"][..]),
+        (
+            "copy x to stdout where a = 1",
+            Kind::Copy,
+            &["public.x"][..],
+        ),
         ("prepare transaction 'foo1'", Kind::Tcl, &[][..]),
     ] {
         let (f, _, _) = facts(sql, PG).remove(0);
@@ -362,7 +367,10 @@ fn postgres_grammar_reads_what_sqlparser_cannot() {
     // Neither parser reads it: the reason names both.
     let (f, _, _) = facts("selec * from t", PG).remove(0);
     let why = f.parse_error.unwrap();
-    assert!(why.contains("PostgreSQL's parser: ") && why.contains("syntax error"), "{why}");
+    assert!(
+        why.contains("PostgreSQL's parser: ") && why.contains("syntax error"),
+        "{why}"
+    );
 }
 
 #[test]
