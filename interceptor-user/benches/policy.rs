@@ -17,6 +17,9 @@ use interceptor::{
 };
 
 const POINT_SELECT: &str = "SELECT abalance FROM pgbench_accounts WHERE aid = 12345;";
+/// sqlparser cannot read `FOR NO KEY UPDATE`: PostgreSQL's grammar does.
+const FALLBACK: &str = "SELECT o.id, c.name FROM orders o JOIN customers c ON c.id = o.customer_id WHERE o.id = 42 FOR NO KEY UPDATE OF o SKIP LOCKED";
+const DDL: &str = "ALTER TABLE orders ADD CONSTRAINT orders_customer_fk FOREIGN KEY (customer_id) REFERENCES customers (id)";
 const JOIN: &str = "WITH recent AS (SELECT * FROM orders WHERE created_at > now() - interval '1 day') \
     SELECT c.name, count(*), sum(i.price) FROM recent r JOIN customers c ON c.id = r.customer_id \
     JOIN order_items i ON i.order_id = r.id WHERE c.country IN ('FR', 'DE', 'IT') \
@@ -87,7 +90,15 @@ fn analysis(c: &mut Criterion) {
     };
     let limits = Limits::default();
     let mut scratch = Scratch::default();
-    for (name, text) in [("pgbench_point_select", POINT_SELECT), ("join", JOIN)] {
+    // New shapes: sqlparser alone; PostgreSQL's grammar where sqlparser
+    // cannot read the statement; both, for DDL (the grammar adds the
+    // relations sqlparser's tree leaves out).
+    for (name, text) in [
+        ("pgbench_point_select", POINT_SELECT),
+        ("join", JOIN),
+        ("pg_grammar_fallback", FALLBACK),
+        ("ddl_both_parsers", DDL),
+    ] {
         c.bench_function(&format!("analyze/{name}"), |b| {
             let mut out = String::new();
             b.iter(|| {
