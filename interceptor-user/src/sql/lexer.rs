@@ -86,23 +86,29 @@ pub(crate) struct Lexer<'a> {
     pub unterminated: bool,
     /// Whitespace or a comment preceded the last token.
     pub spaced: bool,
+    /// Where the last identifier ended, if the last token was one.
+    ident_end: Option<usize>,
+    /// MySQL: the last token was a `.` glued to an identifier, so this one
+    /// is a name even if it starts with a digit (`t.1a`, `t.1e5`).
+    ident_next: bool,
 }
 
-fn is_ident_start(b: u8) -> bool {
-    b.is_ascii_alphabetic() || b == b'_' || b >= 0x80
+/// `$` starts a MySQL identifier (`$t`); in PostgreSQL it opens a
+/// parameter or a dollar quote.
+fn is_ident_start(b: u8, dialect: Dialect) -> bool {
+    b.is_ascii_alphabetic() || b == b'_' || b >= 0x80 || (b == b'$' && dialect == Dialect::Mysql)
 }
 
-fn is_ident_cont(b: u8, dialect: Dialect) -> bool {
-    let _ = dialect;
+fn is_ident_cont(b: u8) -> bool {
     b.is_ascii_alphanumeric() || b == b'_' || b >= 0x80 || b == b'$'
 }
 
 fn is_op_char(b: u8, dialect: Dialect) -> bool {
     match b {
-        b'+' | b'-' | b'*' | b'/' | b'<' | b'>' | b'=' | b'~' | b'!' | b'@' | b'%' | b'^'
-        | b'&' | b'|' | b':' => true,
-        b'#' => dialect == Dialect::Postgres,
-        b'?' => dialect == Dialect::Postgres,
+        b'+' | b'-' | b'*' | b'/' | b'<' | b'>' | b'=' | b'~' | b'!' | b'%' | b'^' | b'&'
+        | b'|' | b':' => true,
+        // MySQL: `@` always starts a variable (`a=@b` is `a = @b`).
+        b'#' | b'?' | b'@' => dialect == Dialect::Postgres,
         _ => false,
     }
 }
@@ -121,6 +127,8 @@ impl<'a> Lexer<'a> {
             backslash_seen: false,
             unterminated: false,
             spaced: false,
+            ident_end: None,
+            ident_next: false,
         }
     }
 
@@ -284,11 +292,68 @@ impl<'a> Lexer<'a> {
         }
     }
 
-    /// A numeric literal at `pos`; a digit-led identifier (`1abc`, legal in
-    /// MySQL) comes back as a word.
+    /// Digits from `pos`.
+    fn digits(&mut self) {
+        while self.peek(0).is_ascii_digit() {
+            self.pos += 1;
+        }
+    }
+
+    /// A MySQL number at `pos`, read as the server's lexer does: a run that
+    /// starts with digits and goes on with identifier characters is a name
+    /// (`1abc`, `1e`, `1_000`, `0xzz`) unless it is a whole number first
+    /// (`1e5x` is `1e5` then `x`, `1.5x` is `1.5` then `x`).
+    fn mysql_number(&mut self) -> TokKind {
+        let start = self.pos;
+        let radix = match (self.peek(0), self.peek(1)) {
+            (b'0', b'x') => Some(u8::is_ascii_hexdigit as fn(&u8) -> bool),
+            (b'0', b'b') => Some((|c: &u8| matches!(c, b'0' | b'1')) as fn(&u8) -> bool),
+            _ => None,
+        };
+        if let Some(is_digit) = radix {
+            self.pos += 2;
+            while is_digit(&self.peek(0)) {
+                self.pos += 1;
+            }
+            if self.pos - start >= 3 && !is_ident_cont(self.peek(0)) {
+                return TokKind::Num;
+            }
+            // `0xzz`, `0x`, `0b12`: a name.
+            while is_ident_cont(self.peek(0)) {
+                self.pos += 1;
+            }
+            return TokKind::Word;
+        }
+        self.digits();
+        let fraction = self.peek(0) == b'.' && self.peek(1) != b'.';
+        if fraction {
+            self.pos += 1;
+            self.digits();
+        }
+        if matches!(self.peek(0), b'e' | b'E')
+            && (self.peek(1).is_ascii_digit()
+                || (matches!(self.peek(1), b'+' | b'-') && self.peek(2).is_ascii_digit()))
+        {
+            self.pos += 2;
+            self.digits();
+            return TokKind::Num;
+        }
+        if fraction || !is_ident_cont(self.peek(0)) {
+            return TokKind::Num;
+        }
+        while is_ident_cont(self.peek(0)) {
+            self.pos += 1;
+        }
+        TokKind::Word
+    }
+
+    /// A numeric literal at `pos`; a digit-led identifier (`1abc`) comes
+    /// back as a word.
     fn number(&mut self) -> TokKind {
+        if self.mode.dialect == Dialect::Mysql {
+            return self.mysql_number();
+        }
         let s = self.src;
-        let dialect = self.mode.dialect;
         if s[self.pos] == b'0' && matches!(self.peek(1), b'x' | b'X' | b'b' | b'B' | b'o' | b'O') {
             self.pos += 2;
             while self.pos < s.len() && (s[self.pos].is_ascii_hexdigit() || s[self.pos] == b'_') {
@@ -314,8 +379,8 @@ impl<'a> Lexer<'a> {
                 }
             }
         }
-        if self.pos < s.len() && is_ident_cont(s[self.pos], dialect) {
-            while self.pos < s.len() && is_ident_cont(s[self.pos], dialect) {
+        if self.pos < s.len() && is_ident_cont(s[self.pos]) {
+            while self.pos < s.len() && is_ident_cont(s[self.pos]) {
                 self.pos += 1;
             }
             return TokKind::Word;
@@ -324,6 +389,8 @@ impl<'a> Lexer<'a> {
     }
 
     pub(crate) fn next_tok(&mut self) -> Option<Tok> {
+        let after_ident = self.ident_end.take();
+        let ident_next = std::mem::take(&mut self.ident_next);
         if !self.skip_trivia() {
             return None;
         }
@@ -331,6 +398,22 @@ impl<'a> Lexer<'a> {
         let dialect = self.mode.dialect;
         let b = self.src[start];
         let kind = match b {
+            // MySQL reads a `.` glued to a name as a qualifier, and what
+            // follows it as a name (`t.1a20`, `db.1e5`), never a number.
+            b'.' if dialect == Dialect::Mysql
+                && after_ident == Some(start)
+                && is_ident_cont(self.peek(1)) =>
+            {
+                self.pos += 1;
+                self.ident_next = true;
+                TokKind::Dot
+            }
+            b'0'..=b'9' if ident_next => {
+                while self.pos < self.src.len() && is_ident_cont(self.src[self.pos]) {
+                    self.pos += 1;
+                }
+                TokKind::Word
+            }
             b'(' => {
                 self.pos += 1;
                 TokKind::LParen
@@ -405,8 +488,7 @@ impl<'a> Lexer<'a> {
                     }
                     _ => {
                         while self.pos < self.src.len()
-                            && (is_ident_cont(self.src[self.pos], dialect)
-                                || self.src[self.pos] == b'.')
+                            && (is_ident_cont(self.src[self.pos]) || self.src[self.pos] == b'.')
                         {
                             self.pos += 1;
                         }
@@ -414,9 +496,9 @@ impl<'a> Lexer<'a> {
                 }
                 TokKind::Var
             }
-            c if is_ident_start(c) => {
+            c if is_ident_start(c, dialect) => {
                 self.pos += 1;
-                while self.pos < self.src.len() && is_ident_cont(self.src[self.pos], dialect) {
+                while self.pos < self.src.len() && is_ident_cont(self.src[self.pos]) {
                     self.pos += 1;
                 }
                 let word = &self.src[start..self.pos];
@@ -490,6 +572,9 @@ impl<'a> Lexer<'a> {
                 TokKind::Other
             }
         };
+        if matches!(kind, TokKind::Word | TokKind::QuotedIdent) {
+            self.ident_end = Some(self.pos);
+        }
         Some(Tok {
             kind,
             start,
@@ -829,6 +914,13 @@ fn normalize_with(
         }
         info.tokens += 1;
         match t.kind {
+            // A MySQL name that starts with digits (`1ea10`), quoted so
+            // that neither sqlparser nor a second lexing reads a number.
+            TokKind::Word if dialect == Dialect::Mysql && raw[0].is_ascii_digit() => {
+                buf.push(b'`');
+                buf.extend(raw.iter().map(u8::to_ascii_lowercase));
+                buf.push(b'`');
+            }
             TokKind::Word => buf.extend(raw.iter().map(u8::to_ascii_lowercase)),
             TokKind::Str if keep => buf.extend_from_slice(raw),
             TokKind::Str => buf.extend_from_slice(b"''"),

@@ -308,7 +308,7 @@ fn skip_account(t: &[T<'_>], mut i: usize) -> usize {
     i += 1;
     match t.get(i) {
         Some(x) if x.kind == TokKind::Var && x.text != "@" => i + 1,
-        Some(x) if matches!(x.kind, TokKind::Var | TokKind::Op) && x.text == "@" => i + 2,
+        Some(x) if x.kind == TokKind::Var && x.text == "@" => i + 2,
         _ => i,
     }
 }
@@ -504,7 +504,11 @@ pub(crate) fn classify(t: &[T<'_>], f: &mut LexFacts) -> bool {
         ("alter", _) if w(object_word(t)) == "table" => {
             f.kind = Kind::Ddl;
             f.simple = true;
-            let i = object_word(t) + 1;
+            let mut i = object_word(t) + 1;
+            // `ALTER TABLE IF EXISTS t`: the table is after the words.
+            if w(i) == "if" && w(i + 1) == "exists" {
+                i += 2;
+            }
             push_name(t, i, true, f);
             for k in i..t.len() {
                 match w(k) {
@@ -726,6 +730,8 @@ pub(crate) fn repair(canonical: &str) -> Option<String> {
     let mut out = expression_forms(&toks);
     trailing_into(&mut out);
     table_groups(&mut out);
+    values_queries(&mut out);
+    dynamic_column_types(&mut out);
     if out == before && out.join(" ") == canonical {
         return None;
     }
@@ -803,8 +809,12 @@ fn statement_forms(out: &mut Out) {
         w(out, 0).as_str(),
         "explain" | "describe" | "desc"
     ));
-    // Multi-table UPDATE: `UPDATE a, b SET` as a cross join.
+    // Multi-table UPDATE: `UPDATE a, b SET` as a cross join; its
+    // modifiers (sqlparser reads `ignore (` as a table function).
     if w(out, s0) == "update" {
+        while matches!(w(out, s0 + 1).as_str(), "ignore" | "low_priority") {
+            out.remove(s0 + 1);
+        }
         let mut depth = 0usize;
         let mut i = s0 + 1;
         while i < out.len() {
@@ -925,6 +935,18 @@ fn create_table_forms(out: &mut Out) {
     while i < out.len() {
         let cur = w(out, i);
         match cur.as_str() {
+            // `CREATE TABLE t (SELECT ...) UNION (SELECT ...)`, `CREATE
+            // TABLE t (cols) (WITH ... SELECT ...)`: a parenthesised query
+            // fills the table.
+            "(" if depth == 0
+                && matches!(
+                    out[i..].iter().find(|x| *x != "(").map(String::as_str),
+                    Some("select" | "with" | "values" | "table")
+                ) =>
+            {
+                out.insert(i, "as".to_owned());
+                return;
+            }
             "(" => depth += 1,
             ")" => depth = depth.saturating_sub(1),
             "ignore" | "replace" if depth == 0 && w(out, i + 1) == "select" => {
@@ -937,6 +959,10 @@ fn create_table_forms(out: &mut Out) {
             _ if depth == 1 && matches!(w(out, i - 1).as_str(), "(" | ",") => {
                 if w(out, i + 1) == "." {
                     out.drain(i..i + 2);
+                    // A qualified name may be a keyword (`t1.index`).
+                    if out[i].starts_with(|c: char| c.is_ascii_alphabetic() || c == '_') {
+                        out[i] = format!("`{}`", out[i]);
+                    }
                     continue;
                 }
                 if cur == "period" && w(out, i + 1) == "for" {
@@ -955,6 +981,10 @@ fn create_table_forms(out: &mut Out) {
                     i = start;
                     continue;
                 }
+            }
+            // MariaDB's name for a stored generated column.
+            "persistent" if depth == 1 && w(out, i - 1) == ")" => {
+                out[i] = "stored".to_owned();
             }
             "visible" | "invisible" if depth == 1 => {
                 out.remove(i);
@@ -995,6 +1025,38 @@ const COMPOUND_UNITS: &[&str] = &[
     "minute_microsecond",
     "second_microsecond",
 ];
+
+/// Words that end the expression an interval unit could belong to.
+const CLAUSE_WORDS: &[&str] = &[
+    "select", "from", "join", "where", "set", "into", "update", "table", "on", "using", "by",
+    "having", "values",
+];
+
+/// Whether the word at `i` stands where a unit does: `EXTRACT(unit FROM`,
+/// or after `INTERVAL expr` in the same expression. Anywhere else it is a
+/// name (`FROM day_hour`) and must stay one.
+fn is_unit_position(t: &[(TokKind, String)], i: usize) -> bool {
+    if i >= 2
+        && t[i - 1].0 == TokKind::LParen
+        && t[i - 2].0 == TokKind::Word
+        && t[i - 2].1 == "extract"
+    {
+        return true;
+    }
+    let mut depth = 0usize;
+    for (kind, text) in t[..i].iter().rev() {
+        match kind {
+            TokKind::RParen => depth += 1,
+            TokKind::LParen if depth == 0 => return false,
+            TokKind::LParen => depth -= 1,
+            TokKind::Comma if depth == 0 => return false,
+            TokKind::Word if depth == 0 && text == "interval" => return true,
+            TokKind::Word if depth == 0 && CLAUSE_WORDS.contains(&text.as_str()) => return false,
+            _ => {}
+        }
+    }
+    false
+}
 
 /// Expression forms: compound interval units, `INTERVAL(n, ...)`, `TRIM(LEADING
 /// FROM x)`, `SOUNDS LIKE`, `GROUP BY x DESC`, `NEXT / PREVIOUS VALUE FOR
@@ -1056,28 +1118,10 @@ fn expression_forms(t: &[(TokKind, String)]) -> Out {
         let next_kind = t.get(i + 1).map(|x| x.0);
         match (kind, word) {
             // `@x := v` (assignment in an expression; `=` has the same
-            // operands), and an operator run into a variable (`a=@b`,
-            // `@c:=@c+1`).
-            (TokKind::Op, _) if text.starts_with(":=") || text.ends_with('@') => {
-                let op = text.strip_prefix(':').unwrap_or(text);
-                match op.strip_suffix('@') {
-                    Some(op) if matches!(next_kind, Some(TokKind::Word | TokKind::QuotedIdent)) => {
-                        if !op.is_empty() {
-                            out.push(op.to_owned());
-                        }
-                        let name: String = t[i + 1]
-                            .1
-                            .chars()
-                            .filter(|c| c.is_ascii_alphanumeric() || *c == '_')
-                            .collect();
-                        out.push(format!("@v_{name}"));
-                        i += 2;
-                    }
-                    _ => {
-                        out.push(op.to_owned());
-                        i += 1;
-                    }
-                }
+            // operands).
+            (TokKind::Op, _) if text.starts_with(":=") => {
+                out.push(text[1..].to_owned());
+                i += 1;
                 continue;
             }
             // "text": a string (without ANSI_QUOTES).
@@ -1180,7 +1224,7 @@ fn expression_forms(t: &[(TokKind, String)]) -> Out {
             }
             _ => {}
         }
-        if COMPOUND_UNITS.contains(&word) {
+        if COMPOUND_UNITS.contains(&word) && is_unit_position(t, i) {
             out.push("second".to_owned());
             i += 1;
             continue;
@@ -1314,6 +1358,108 @@ fn trailing_into(out: &mut Out) {
     let rest_ok = matches!(out.get(j).map(String::as_str), None | Some("for" | "lock"));
     if rest_ok {
         out.drain(at..j);
+    }
+}
+
+/// Index of the `)` closing the `(` at `open`.
+fn closing(out: &Out, open: usize) -> Option<usize> {
+    let mut depth = 0usize;
+    for (k, s) in out.iter().enumerate().skip(open) {
+        match s.as_str() {
+            "(" => depth += 1,
+            ")" => {
+                depth = depth.checked_sub(1)?;
+                if depth == 0 {
+                    return Some(k);
+                }
+            }
+            _ => {}
+        }
+    }
+    None
+}
+
+/// A `VALUES` query in parentheses, where sqlparser reads no query (`SET
+/// x = (VALUES (1) LIMIT n)`): each row as a `SELECT`, the rows joined by
+/// `UNION ALL`, so every expression in them is still read.
+fn values_queries(out: &mut Out) {
+    let mut i = 1;
+    while i + 1 < out.len() {
+        if !(out[i] == "values" && out[i - 1] == "(" && out[i + 1] == "(") {
+            i += 1;
+            continue;
+        }
+        let mut rows = Vec::new();
+        let mut j = i + 1;
+        while let Some(c) = closing(out, j) {
+            rows.push((j, c));
+            if out.get(c + 1).is_some_and(|s| s == ",") && out.get(c + 2).is_some_and(|s| s == "(")
+            {
+                j = c + 2;
+            } else {
+                break;
+            }
+        }
+        let end = rows.last().map_or(i, |r| r.1);
+        let follows_query = matches!(
+            out.get(end + 1).map(String::as_str),
+            Some(")" | "limit" | "order" | "union" | "except" | "intersect")
+        );
+        if rows.is_empty() || rows.iter().any(|(o, c)| c - o < 2) || !follows_query {
+            i += 1;
+            continue;
+        }
+        let mut query = Vec::new();
+        for (o, c) in &rows {
+            if !query.is_empty() {
+                query.extend(["union".to_owned(), "all".to_owned()]);
+            }
+            query.push("select".to_owned());
+            query.extend(out[o + 1..*c].iter().cloned());
+        }
+        let len = query.len();
+        out.splice(i..=end, query);
+        i += len;
+    }
+}
+
+/// MariaDB's dynamic column functions take a type after a value
+/// (`COLUMN_GET(blob, 1 AS CHAR)`, `COLUMN_CREATE(1, 'x' AS CHAR)`): the
+/// types dropped, the values kept.
+fn dynamic_column_types(out: &mut Out) {
+    let mut dynamic = Vec::new();
+    let mut i = 0;
+    while i < out.len() {
+        match out[i].as_str() {
+            "(" => dynamic.push(
+                i > 0
+                    && matches!(
+                        out[i - 1].as_str(),
+                        "column_get" | "column_create" | "column_add"
+                    ),
+            ),
+            ")" => {
+                dynamic.pop();
+            }
+            "as" if dynamic.last() == Some(&true) => {
+                let mut depth = 0usize;
+                let mut end = i + 1;
+                while let Some(s) = out.get(end) {
+                    match s.as_str() {
+                        "(" => depth += 1,
+                        ")" if depth == 0 => break,
+                        ")" => depth -= 1,
+                        "," if depth == 0 => break,
+                        _ => {}
+                    }
+                    end += 1;
+                }
+                out.drain(i..end);
+                continue;
+            }
+            _ => {}
+        }
+        i += 1;
     }
 }
 

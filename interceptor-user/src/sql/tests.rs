@@ -1027,6 +1027,28 @@ const MARIA: &[MariaCase] = &[
     MariaCase { sql: "EXPLAIN EXTENDED SELECT STRAIGHT_JOIN t2.v2 FROM t1 STRAIGHT_JOIN t2", kind: Kind::Explain, tables: &["shop.t1", "shop.t2"], flags: &[], procedural: false },
     MariaCase { sql: "do (select count(*) from payroll)", kind: Kind::Select, tables: &["shop.payroll"], flags: &[], procedural: false },
     MariaCase { sql: "INSERT INTO t1 (a) SELECT 0 ON DUPLICATE KEY UPDATE a = a + VALUES (a)", kind: Kind::Update, tables: &["+shop.t1"], flags: &[], procedural: false },
+    // Names that start with digits or hold `$`, variables after operators.
+    MariaCase { sql: "create table 1ea10 (1a20 int,1e int)", kind: Kind::Ddl, tables: &["+shop.1ea10"], flags: &[], procedural: false },
+    MariaCase { sql: "select 1ea10.1a20,1e+ 1e+10 from 1ea10", kind: Kind::Select, tables: &["shop.1ea10"], flags: &[], procedural: false },
+    MariaCase { sql: "create table mysqltest.$test1 (a$1 int, $b int, c$ int)", kind: Kind::Ddl, tables: &["+mysqltest.$test1"], flags: &[], procedural: false },
+    MariaCase { sql: "insert into mysqltest.$test1 values (1,2,3)", kind: Kind::Insert, tables: &["+mysqltest.$test1"], flags: &[], procedural: false },
+    MariaCase { sql: "select a from t1 where a=@b and b<>@`c`", kind: Kind::Select, tables: &["shop.t1"], flags: &[], procedural: false },
+    // A derived table in a multi-table UPDATE is read (MariaDB cannot
+    // update through one).
+    MariaCase { sql: "UPDATE IGNORE (SELECT 1 FROM t1 WHERE f1 = (select * from v1)) x, t3 SET t3.f1 = 1", kind: Kind::Update, tables: &["+shop.t3", "shop.t1", "shop.v1"], flags: &[], procedural: false },
+    // CREATE TABLE filled by a parenthesised query or union.
+    MariaCase { sql: "create table t4 (select a,b from t1) union (select a,b from t2) limit 2", kind: Kind::Ddl, tables: &["+shop.t4", "shop.t1", "shop.t2"], flags: &[], procedural: false },
+    MariaCase { sql: "create table t1 (primary key (a)) (select 1 as a) union all (select a from t2)", kind: Kind::Ddl, tables: &["+shop.t1", "shop.t2"], flags: &[], procedural: false },
+    MariaCase { sql: "create table t5 ( with recursive r (id) as (select id from folks union select id + 1 from r where id < 5) select * from r )", kind: Kind::Ddl, tables: &["+shop.t5", "shop.folks"], flags: &[], procedural: false },
+    // Column forms: a qualified keyword, dynamic column types, PERSISTENT.
+    MariaCase { sql: "create table t1 (t1.index int)", kind: Kind::Ddl, tables: &["+shop.t1"], flags: &[], procedural: false },
+    MariaCase { sql: "create table t1 (c char(32) as (COLUMN_GET(d, 1 as char)) persistent, e blob as (COLUMN_CREATE(1, 'blue' as char(3) character set utf8)), n int, f char(32) as (convert(cast(n as char), char)) persistent, d blob)", kind: Kind::Ddl, tables: &["+shop.t1"], flags: &[], procedural: false },
+    // A VALUES query where sqlparser reads no query.
+    MariaCase { sql: "SET res=(VALUES(1) LIMIT unknown_ident)", kind: Kind::Select, tables: &[], flags: &[Flag::SessionChange], procedural: false },
+    MariaCase { sql: "SET res=(VALUES(1), ((select a from payroll)) ORDER BY unknown_ident)", kind: Kind::Select, tables: &["shop.payroll"], flags: &[Flag::SessionChange], procedural: false },
+    // Rewrites never rename a table nor lose the one altered.
+    MariaCase { sql: "select * from day_hour where a sounds like 'x' and d > now() - interval '1 1' day_hour", kind: Kind::Select, tables: &["shop.day_hour"], flags: &[], procedural: false },
+    MariaCase { sql: "alter table if exists payroll add column x int", kind: Kind::Ddl, tables: &["+shop.payroll"], flags: &[], procedural: false },
 ];
 
 #[test]
@@ -1076,6 +1098,44 @@ fn mariadb_forms() {
         "{} failing:\n{}",
         failures.len(),
         failures.join("\n")
+    );
+}
+
+/// MySQL names that start with digits are quoted in the canonical text (so
+/// no second reading takes them for numbers), `$` belongs to names, and `@`
+/// always starts a variable; PostgreSQL's `$` forms are unchanged.
+#[test]
+fn mariadb_names_and_variables_lex_as_the_server_does() {
+    let canon = |sql: &str, d: Dialect| {
+        let mut out = String::new();
+        normalize(
+            sql,
+            LexMode::default_for(d),
+            false,
+            &mut out,
+            &mut Scratch::default(),
+        );
+        out
+    };
+    assert_eq!(
+        canon("select * from t where a=@b", MY),
+        "select * from t where a = @b"
+    );
+    assert_eq!(canon("select @c:=@c+1", MY), "select @c := @c + 0");
+    assert_eq!(
+        canon(
+            "select t.1a20, 1ea10.1e5, 1e+ 1e+10, 1e5x, 1.5x, 0x1f, 0xzz, 1_000 from 1ea10",
+            MY
+        ),
+        "select t . `1a20` , `1ea10` . `1e5` , `1e` + 0 , 0 x , 0 x , 0 , `0xzz` , `1_000` from `1ea10`"
+    );
+    assert_eq!(
+        canon("select $t, a$1, c$ from db.$t", MY),
+        "select $t , a$1 , c$ from db . $t"
+    );
+    assert_eq!(
+        canon("select $1, $q$x$q$, a$b from t where c = 1.5", PG),
+        "select $1 , '' , a$b from t where c = 0"
     );
 }
 
