@@ -954,6 +954,11 @@ fn create_table_forms(out: &mut Out) {
                 continue;
             }
             "select" | "with" | "as" if depth == 0 => return,
+            // `CREATE TABLE t (a int) VALUES (...)`: a VALUES query fills it.
+            "values" if depth == 0 => {
+                out.insert(i, "as".to_owned());
+                return;
+            }
             // A column list element: `t1.name int` (a qualified column
             // name), `PERIOD FOR p (s, e)` (application time).
             _ if depth == 1 && matches!(w(out, i - 1).as_str(), "(" | ",") => {
@@ -1303,7 +1308,7 @@ fn expression_forms(t: &[(TokKind, String)]) -> Out {
                         if d == 0
                             && matches!(
                                 x.1.as_str(),
-                                "as" | "select" | "with" | "ignore" | "replace"
+                                "as" | "select" | "with" | "values" | "ignore" | "replace"
                             ) =>
                     {
                         break;
