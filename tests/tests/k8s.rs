@@ -409,8 +409,8 @@ fn assert_redirected(agent: &Agent, cg: &TestCgroup, host: &str, port: u16) {
     let c = agent
         .events()
         .into_iter()
-        .filter(|e| e["event"] == "connect" && e["dst"] == dst.as_str())
-        .last()
+        .rev()
+        .find(|e| e["event"] == "connect" && e["dst"] == dst.as_str())
         .unwrap();
     assert_eq!(c["target"], "db", "{c}");
 }

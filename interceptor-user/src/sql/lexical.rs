@@ -582,6 +582,17 @@ pub(crate) fn scan(t: &[T<'_>], dialect: Dialect) -> LexFacts {
             "into" if matches!(w(i + 1), "outfile" | "dumpfile") => {
                 f.flags.insert(Flag::FileAccess)
             }
+            // MySQL `CREATE TABLE ... DATA DIRECTORY = '/path'` (or INDEX
+            // DIRECTORY): the server writes the table's files where the
+            // statement says.
+            "directory"
+                if dialect == Dialect::Mysql
+                    && i > 0
+                    && matches!(w(i - 1), "data" | "index")
+                    && matches!(w(0), "create" | "alter") =>
+            {
+                f.flags.insert(Flag::FileAccess);
+            }
             "engine" if w(i + 1) == "federated" || w(i + 2) == "federated" => {
                 f.flags.insert(Flag::RemoteAccess);
             }

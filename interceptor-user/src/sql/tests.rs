@@ -107,6 +107,8 @@ const CASES: &[Case] = &[
     Case { sql: "drop table if exists a, b", dialect: PG,
         want: &[(Kind::Ddl, &["public.a", "public.b"], &[])] },
     // The table granted on is named (by PostgreSQL's grammar).
+    Case { sql: "create table t (a int) data directory = '/var/tmp/d'", dialect: MY,
+        want: &[(Kind::Ddl, &["shop.t"], &[Flag::FileAccess])] },
     Case { sql: "grant select on t to bob", dialect: PG,
         want: &[(Kind::Dcl, &["public.t"], &[])] },
     Case { sql: "create role r", dialect: PG, want: &[(Kind::Dcl, &[], &[])] },
