@@ -648,26 +648,25 @@ fn analyze_at(
         let why = format!("more than {} tokens to parse", limits.max_tokens);
         return lexical_only(lf, Some(why), dialect);
     }
-    let parsed = match parse(canonical, dialect, limits) {
-        Ok(s) => Ok(s),
-        Err(e) => {
-            let table = repair_table(&toks);
-            let text = table.as_deref().unwrap_or(canonical);
-            let dialect_fix = match dialect {
-                Dialect::Mysql => repair_mysql(text),
-                Dialect::Postgres => repair_pg(&toks),
-            };
-            match dialect_fix.as_deref().or(table.as_deref()) {
-                Some(fixed) => parse(fixed, dialect, limits).map_err(|_| e),
-                None => Err(e),
-            }
+    // sqlparser on the canonical text, then on its repaired form; the
+    // error and the repaired text (if any) on failure.
+    let parsed = parse(canonical, dialect, limits).or_else(|e| {
+        let table = repair_table(&toks);
+        let text = table.as_deref().unwrap_or(canonical);
+        let fixed = match dialect {
+            Dialect::Mysql => repair_mysql(text),
+            Dialect::Postgres => repair_pg(&toks),
         }
-    };
+        .or(table);
+        match fixed.as_deref().map(|f| parse(f, dialect, limits)) {
+            Some(Ok(s)) => Ok(s),
+            _ => Err((e, fixed)),
+        }
+    });
     let statements = match parsed {
         Ok(s) => s,
-        Err(e) if dialect == Dialect::Postgres => {
-            let repaired = repair_pg(&toks);
-            let pg = pg_grammar::parse(canonical).or_else(|first| match &repaired {
+        Err((e, fixed)) if dialect == Dialect::Postgres => {
+            let pg = pg_grammar::parse(canonical).or_else(|first| match &fixed {
                 Some(text) => pg_grammar::parse(text).map_err(|_| first),
                 None => Err(first),
             });
@@ -678,7 +677,7 @@ fn analyze_at(
                 }
             };
         }
-        Err(e) => return lexical_only(lf, Some(e), dialect),
+        Err((e, _)) => return lexical_only(lf, Some(e), dialect),
     };
     let mut c = Collector::new(dialect);
     c.literals = if info.literals_kept && !canonical.contains('\\') {
