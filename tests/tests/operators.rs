@@ -40,10 +40,14 @@ fn live_tail_streams_matching_decisions_and_offline_tail_filters_files() {
     let mut agent = Agent::start(&pg_policy(pg.port, RULES), &cg, false);
     psql(&cg, &pg, "select 'before'");
 
-    // Follow only denials, as JSON, with no history.
+    // Follow only denials, as JSON, with no history; of this cgroup's
+    // workloads, a field `query` records do not carry (the agent looks it up
+    // in the connection's `connect` record).
+    let in_cgroup = format!("cgroup={}", cg.rel);
     let mut follower = Command::new(agent_bin())
         .env("INTERCEPTOR_CONTROL_SOCKET", &agent.control_socket)
         .args(["tail", "-f", "-n", "0", "--json", "--decision", "deny"])
+        .args(["--identity", &in_cgroup])
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();
@@ -62,13 +66,25 @@ fn live_tail_streams_matching_decisions_and_offline_tail_filters_files() {
     assert_eq!(ev["rule"], "no-drops");
     assert_eq!(ev["identity"]["comm"], "psql");
     assert_eq!(ev["identities"], serde_json::json!(["shell-tools"]));
+    // The record's identity is brief: the whole one is in its `connect`.
+    assert!(ev["identity"].get("cgroup").is_none(), "{ev}");
+    assert!(ev["identity"]["pid"].is_u64(), "{ev}");
     // Nothing but denials came through.
     assert!(lines.recv_timeout(Duration::from_millis(300)).is_err());
     follower.kill().unwrap();
     let _ = follower.wait();
 
     // Without -f: the last N matching events, then exit.
-    let out = agent.cli(&["tail", "-n", "2", "--event", "query", "--json"]);
+    let out = agent.cli(&[
+        "tail",
+        "-n",
+        "2",
+        "--event",
+        "query",
+        "--json",
+        "--identity",
+        &in_cgroup,
+    ]);
     assert!(out.status.success(), "{out:?}");
     let evs: Vec<Value> = String::from_utf8_lossy(&out.stdout)
         .lines()
@@ -100,7 +116,7 @@ fn live_tail_streams_matching_decisions_and_offline_tail_filters_files() {
         "100",
         "--json",
         "--identity",
-        "comm=psql",
+        &in_cgroup,
         "--decision",
         "allow",
     ]));
@@ -113,6 +129,18 @@ fn live_tail_streams_matching_decisions_and_offline_tail_filters_files() {
         evs.iter()
             .all(|e| e["decision"] == "allow" && e["identity"]["comm"] == "psql")
     );
+    // A workload that made none of them finds none.
+    let out = run_any(Command::new(agent_bin()).args([
+        "tail",
+        "--file",
+        &log,
+        "--json",
+        "--identity",
+        "cgroup=/elsewhere",
+        "--event",
+        "query",
+    ]));
+    assert!(out.stdout.is_empty(), "{out:?}");
     let out = run_any(Command::new(agent_bin()).args([
         "tail",
         "--file",

@@ -195,6 +195,10 @@ pub struct AuditEvent {
     /// JSON members shared by every event of one connection (connection id,
     /// target, identity...), rendered once per connection, without braces.
     pub conn: Option<Arc<str>>,
+    /// The connection's id, for events of a connection: the writer keeps
+    /// the members of each `connect` until its `disconnect`, to begin each
+    /// file after a rotation with the connections still live.
+    pub conn_id: Option<u64>,
     /// Typed fields, for events on the per-query path.
     pub body: Option<Box<dyn EventBody>>,
     /// Ad-hoc fields, for rare events.
@@ -219,6 +223,7 @@ impl AuditEvent {
             ts: OffsetDateTime::now_utc(),
             event,
             conn: None,
+            conn_id: None,
             body: None,
             fields: Map::new(),
             decision: None,
@@ -237,10 +242,11 @@ impl AuditEvent {
         self
     }
 
-    /// Adds the connection's pre-rendered members.
+    /// Adds the pre-rendered members of connection `id`.
     #[must_use]
-    pub fn with_conn(mut self, members: Arc<str>) -> Self {
+    pub fn with_conn(mut self, id: u64, members: Arc<str>) -> Self {
         self.conn = Some(members);
+        self.conn_id = Some(id);
         self
     }
 
@@ -577,9 +583,11 @@ impl Writer {
                 stats,
                 out,
                 size,
+                head_bytes: 0,
                 seq: tail.seq.map_or(1, |s| s.saturating_add(1)),
                 prev,
                 reported_dropped: 0,
+                live: std::collections::BTreeMap::new(),
             },
             tail.repaired,
         ))
@@ -629,12 +637,20 @@ struct Writer {
     out: BufWriter<File>,
     /// Bytes in the live file.
     size: u64,
+    /// Bytes of the live file's head (`connection` records after a
+    /// rotation).
+    head_bytes: u64,
     /// `seq` of the next record.
     seq: u64,
     /// `hash` of the last record written.
     prev: String,
     /// Drops already recorded in `gap` events.
     reported_dropped: u64,
+    /// The connections this writer saw connect and not yet disconnect:
+    /// when, and their `connect` record's members (the whole identity).
+    /// After a rotation, the new file begins with a `connection` record of
+    /// each, so that every file reads on its own.
+    live: std::collections::BTreeMap<u64, (OffsetDateTime, Arc<str>)>,
 }
 
 impl Writer {
@@ -688,14 +704,53 @@ impl Writer {
     }
 
     fn write_event(&mut self, ev: &AuditEvent) {
-        let (line, hash) = render(self.seq, &self.prev, ev);
+        let (mut line, mut hash) = render(self.seq, &self.prev, ev);
         let len = line.len() as u64 + 1;
         if self.settings.rotate_bytes > 0
-            && self.size > 0
+            && self.size > self.head_bytes
             && self.size.saturating_add(len) > self.settings.rotate_bytes
+            && self.rotate()
         {
-            self.rotate();
+            self.write_live_connections();
+            // A file holding only its head is not rotated again, however
+            // small `rotate_bytes` is.
+            self.head_bytes = self.size;
+            (line, hash) = render(self.seq, &self.prev, ev);
         }
+        self.write_line(ev, &line, hash);
+        if let Some(id) = ev.conn_id {
+            match ev.event {
+                "connect" => {
+                    if let Some(members) = &ev.conn {
+                        self.live.insert(id, (ev.ts, Arc::clone(members)));
+                    }
+                }
+                "disconnect" => {
+                    self.live.remove(&id);
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// The head of a file begun by a rotation: a `connection` record (the
+    /// `connect` record's members and when it was) per live connection.
+    fn write_live_connections(&mut self) {
+        let live: Vec<(u64, OffsetDateTime, Arc<str>)> = self
+            .live
+            .iter()
+            .map(|(id, (ts, members))| (*id, *ts, Arc::clone(members)))
+            .collect();
+        for (id, connected, members) in live {
+            let ev = AuditEvent::new("connection")
+                .with_conn(id, members)
+                .with("connected_at", format_ts(connected));
+            let (line, hash) = render(self.seq, &self.prev, &ev);
+            self.write_line(&ev, &line, hash);
+        }
+    }
+
+    fn write_line(&mut self, ev: &AuditEvent, line: &str, hash: String) {
         match self
             .out
             .write_all(line.as_bytes())
@@ -703,7 +758,7 @@ impl Writer {
         {
             Ok(()) => {
                 self.stats.written.fetch_add(1, Ordering::Relaxed);
-                self.size += len;
+                self.size += line.len() as u64 + 1;
             }
             Err(e) => self.error("write", &e),
         }
@@ -717,7 +772,7 @@ impl Writer {
         for tap in &self.taps {
             // A tap that panics must not take the log down with it.
             let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                tap.event(ev, &line);
+                tap.event(ev, line);
             }));
             if r.is_err() {
                 tracing::error!("audit tap panicked");
@@ -744,31 +799,35 @@ impl Writer {
 
     /// `audit.jsonl` becomes `audit.jsonl.1`, `.1` becomes `.2`, ...; files
     /// numbered `retain` and beyond are deleted; a new live file is opened.
-    fn rotate(&mut self) {
+    /// Returns whether writing goes on in a new file.
+    fn rotate(&mut self) -> bool {
         self.flush();
         if let Err(e) = self.shift_files() {
             self.error("rotation", &e);
             // Try again only after another `rotate_bytes`.
             self.size = 0;
-            return;
+            return false;
         }
-        match open_live(&self.path) {
+        let reopened = match open_live(&self.path) {
             Ok((out, size)) => {
                 self.out = out;
                 self.size = size;
+                true
             }
             Err(e) => {
                 // Keep writing to the renamed file rather than lose records.
                 self.error("reopen after rotation", &e);
                 self.size = 0;
+                false
             }
-        }
+        };
         if self.settings.fsync
             && let Some(dir) = self.path.parent().filter(|d| !d.as_os_str().is_empty())
             && let Err(e) = File::open(dir).and_then(|d| d.sync_all())
         {
             self.error("directory fsync", &e);
         }
+        reopened
     }
 
     fn shift_files(&self) -> std::io::Result<()> {
@@ -816,7 +875,7 @@ mod tests {
         #[derive(Serialize)]
         struct Empty {}
         let ev = AuditEvent::new("query")
-            .with_conn(Arc::from(r#""conn":7"#))
+            .with_conn(7, Arc::from(r#""conn":7"#))
             .with_body(Body { a: 1, s: "x\"y" })
             .with("z", true);
         let (line, hash) = render(3, chain::GENESIS, &ev);
@@ -923,6 +982,122 @@ mod tests {
         run(&base, s.clone(), 0, 20);
         run(&base, s, 20, 20);
         base
+    }
+
+    /// Members of a connection's `connect` record, and the brief ones of
+    /// its `query` records.
+    fn conn_members(id: u64) -> (Arc<str>, Arc<str>) {
+        (
+            Arc::from(format!(
+                r#""conn":{id},"identities":[],"identity":{{"pid":{id},"comm":"c{id}","cgroup_id":{id},"unit":"u{id}.service"}}"#
+            )),
+            Arc::from(format!(
+                r#""conn":{id},"identities":[],"identity":{{"pid":{id},"comm":"c{id}"}}"#
+            )),
+        )
+    }
+
+    #[test]
+    fn rotation_begins_each_file_with_the_live_connections() {
+        let dir = tempfile::tempdir().unwrap();
+        let base = dir.path().join("audit.jsonl");
+        let (log, writer) = start(
+            &base,
+            settings(|s| {
+                s.rotate_bytes = 4000;
+                s.retain = 100;
+            }),
+        );
+        for id in 1..=5 {
+            log.record(AuditEvent::new("connect").with_conn(id, conn_members(id).0));
+        }
+        for id in [2, 4] {
+            log.record(AuditEvent::new("disconnect").with_conn(id, conn_members(id).0));
+        }
+        for i in 0..60 {
+            let id = [1, 3, 5][i % 3];
+            log.record(
+                AuditEvent::new("query")
+                    .with_conn(id, conn_members(id).1)
+                    .with("query", "SELECT 1"),
+            );
+        }
+        log.record(AuditEvent::new("disconnect").with_conn(3, conn_members(3).0));
+        for _ in 0..30 {
+            log.record(AuditEvent::new("query").with_conn(1, conn_members(1).1));
+        }
+        drop(log);
+        writer.finish();
+        let files = log_files(&[&base]).unwrap();
+        assert!(files.len() >= 4, "{files:?}");
+        let mut saw_after_disconnect = false;
+        for file in &files[1..] {
+            let records: Vec<Value> = lines(file).iter().map(|l| value(l)).collect();
+            let head: Vec<u64> = records
+                .iter()
+                .take_while(|r| r["event"] == "connection")
+                .map(|r| r["conn"].as_u64().unwrap())
+                .collect();
+            // Each file names who its records come from, before them.
+            let conns: std::collections::BTreeSet<u64> = records
+                .iter()
+                .filter(|r| r["event"] == "query")
+                .map(|r| r["conn"].as_u64().unwrap())
+                .collect();
+            assert!(conns.iter().all(|c| head.contains(c)), "{head:?} {conns:?}");
+            assert!(head == [1, 3, 5] || head == [1, 5], "{head:?}");
+            saw_after_disconnect |= head == [1, 5];
+            let first = &records[0];
+            assert_eq!(first["identity"]["unit"], "u1.service");
+            assert!(first["connected_at"].as_str().unwrap().ends_with('Z'));
+        }
+        assert!(saw_after_disconnect);
+        // One chain through every record, head records included.
+        let sum = check(&base).unwrap();
+        let total: usize = files.iter().map(|f| lines(f).len()).sum();
+        assert_eq!(usize::try_from(sum.records).unwrap(), total);
+        assert_eq!(sum.first_seq, Some(1));
+        // A filter on a field only the `connect` record carries finds the
+        // brief `query` records of that connection, in every file.
+        let filter = crate::control::tail::Filter {
+            identity: vec!["unit=u1.service".into()],
+            event: vec!["query".into()],
+            ..Default::default()
+        };
+        let found = crate::control::tail::last_matching(&files, &filter, 1000);
+        assert_eq!(found.len(), 20 + 30);
+        assert!(found.iter().all(|r| r["conn"] == 1));
+    }
+
+    #[test]
+    fn a_head_larger_than_rotate_bytes_does_not_rotate_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let base = dir.path().join("audit.jsonl");
+        let (log, writer) = start(
+            &base,
+            settings(|s| {
+                s.rotate_bytes = 10;
+                s.retain = 100;
+            }),
+        );
+        for id in 1..=3 {
+            log.record(AuditEvent::new("connect").with_conn(id, conn_members(id).0));
+        }
+        for _ in 0..4 {
+            log.record(AuditEvent::new("query").with_conn(2, conn_members(2).1));
+        }
+        drop(log);
+        writer.finish();
+        let files = log_files(&[&base]).unwrap();
+        // Each rotated-to file: its head, then one record.
+        for file in &files[3..] {
+            let events: Vec<String> = lines(file)
+                .iter()
+                .map(|l| value(l)["event"].as_str().unwrap().to_owned())
+                .collect();
+            assert_eq!(events, ["connection", "connection", "connection", "query"]);
+        }
+        assert!(check(&base).is_ok());
     }
 
     fn copy_log(from: &Path, to: &Path) -> PathBuf {

@@ -12,6 +12,7 @@ use serde::Serialize;
 use serde_json::Value;
 
 use crate::{
+    control::tail::Connections,
     identity::Identity,
     policy::{DecisionRequest, Engine, SessionState, StatementDetails, Verdict},
     sql::{self, Dialect, Flag, Kind, LexMode, Limits, Scratch},
@@ -585,6 +586,9 @@ fn suggest(
     let mut scratch = Scratch::default();
     for path in from {
         let file = std::fs::File::open(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        // `query` records carry a brief identity: the whole one is in the
+        // connection's record earlier in the same file.
+        let mut conns = Connections::default();
         for (lineno, line) in BufReader::new(file).lines().enumerate() {
             let line = line.map_err(|e| format!("{}: {e}", path.display()))?;
             if line.trim().is_empty() {
@@ -594,6 +598,7 @@ fn suggest(
                 eprintln!("{}:{}: not JSON, skipped", path.display(), lineno + 1);
                 continue;
             };
+            conns.learn(&ev);
             let event = ev.get("event").and_then(Value::as_str);
             if event == Some("session") {
                 let id = identity_from_json(ev.get("identity").unwrap_or(&Value::Null));
@@ -610,7 +615,7 @@ fn suggest(
                 continue;
             }
             events += 1;
-            let id = identity_from_json(ev.get("identity").unwrap_or(&Value::Null));
+            let id = identity_from_json(&conns.who(&ev)["identity"]);
             if engine.identity_matches(identity, &id) != Some(true) {
                 continue;
             }
@@ -871,6 +876,15 @@ identities:
         .to_string()
     }
 
+    /// `event` as a `query` record of connection `conn` with a brief
+    /// identity.
+    fn brief(conn: u64, event: String) -> String {
+        let mut v: serde_json::Value = serde_json::from_str(&event).unwrap();
+        v["conn"] = conn.into();
+        v["identity"] = serde_json::json!({"pid": 10, "tgid": 10, "uid": 1000, "comm": "python3"});
+        v.to_string()
+    }
+
     #[test]
     fn partial_loopback_targets_are_warned_about() {
         let parse = |targets: &str| {
@@ -942,6 +956,12 @@ identities:
                 "v1:0000000000000005",
             ),
             "not json".to_owned(),
+            // Records with a brief identity: the whole one is in the
+            // connection's record.
+            serde_json::json!({"event": "connect", "conn": 5, "identity": {"uid": 1000, "comm": "python3", "cgroup": "/reporting/c", "cgroup_id": 7}}).to_string(),
+            serde_json::json!({"event": "connect", "conn": 6, "identity": {"uid": 1000, "comm": "python3", "cgroup": "/other", "cgroup_id": 8}}).to_string(),
+            brief(5, event("", "SELECT * FROM customers", "select", &["public.customers"], "v1:0000000000000006")),
+            brief(6, event("", "SELECT * FROM secrets", "select", &["public.secrets"], "v1:0000000000000007")),
             serde_json::json!({"event": "session", "conn": 3, "target": "app-db", "db_user": "app",
                 "login": "passthrough", "identity": {"uid": 1000, "comm": "python3", "cgroup": "/reporting/a"}})
             .to_string(),
@@ -953,7 +973,7 @@ identities:
         let out = suggest(std::slice::from_ref(&log), &policy, "reporting", false).unwrap();
         assert!(out.contains("kinds: [select]"), "{out}");
         assert!(
-            out.contains(r#"tables: ["public.orders", "public.report_daily"]"#),
+            out.contains(r#"tables: ["public.customers", "public.orders", "public.report_daily"]"#),
             "{out}"
         );
         assert!(out.contains(r#"functions: ["count"]"#), "{out}");
@@ -980,7 +1000,7 @@ identities:
         assert_eq!(file.rules.len(), 1);
         let by_fp = suggest(&[log], &policy, "reporting", true).unwrap();
         assert!(
-            by_fp.contains(r#"fingerprints: ["v1:0000000000000001", "v1:0000000000000002"]"#),
+            by_fp.contains(r#"fingerprints: ["v1:0000000000000001", "v1:0000000000000002", "v1:0000000000000006"]"#),
             "{by_fp}"
         );
         assert!(suggest(&[], &policy, "ghost", false).is_err());

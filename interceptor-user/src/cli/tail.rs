@@ -13,7 +13,7 @@ use serde_json::Value;
 
 use crate::control::{
     self, Request,
-    tail::{Filter, last_matching, resolve_since},
+    tail::{Connections, Filter, last_matching, resolve_since},
 };
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -164,14 +164,17 @@ fn from_files(args: &TailArgs, filter: &Filter, p: &mut Printer<'_>) -> Result<(
         let files = crate::audit::chain_order(&args.file);
         let Some(newest) = files.last() else { continue };
         let text = std::fs::read_to_string(newest).unwrap_or_default();
+        // A file reads on its own: connections are learnt from its start.
+        let mut conns = Connections::default();
         for line in text.lines() {
             let Ok(ev) = serde_json::from_str::<Value>(line) else {
                 continue;
             };
+            conns.learn(&ev);
             let seq = ev["seq"].as_u64().unwrap_or(0);
             if seq > seen {
                 seen = seq;
-                if filter.matches(&ev) {
+                if filter.matches_as(&ev, conns.who(&ev)) {
                     p.print(&ev)?;
                 }
             }

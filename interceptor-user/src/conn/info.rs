@@ -26,6 +26,10 @@ pub struct ConnInfo {
     /// The same with a short identity, for the records of executions
     /// (the whole identity is in the connection's `connect` record).
     short: Arc<str>,
+    /// The same with a brief identity (`pid`, `tgid`, `uid`, `comm`), for
+    /// `query` records: the per-statement record stays small; readers find
+    /// the rest in the connection's `connect` (or `connection`) record.
+    brief: Arc<str>,
     /// Metric labels: the target's name and the identity names joined.
     labels: (Arc<str>, Arc<str>),
     /// The workload's network namespace, where side connections (cancels)
@@ -107,10 +111,39 @@ impl ConnInfo {
             },
         })
         .unwrap_or_default();
+        #[derive(Serialize)]
+        struct BriefIdentity<'a> {
+            pid: u32,
+            tgid: u32,
+            uid: u32,
+            comm: &'a str,
+        }
+        #[derive(Serialize)]
+        struct Brief<'a> {
+            conn: u64,
+            target: &'a str,
+            protocol: &'a str,
+            identities: &'a [String],
+            identity: BriefIdentity<'a>,
+        }
+        let brief = serde_json::to_string(&Brief {
+            conn: id,
+            target: &target.name,
+            protocol: target.protocol.as_str(),
+            identities: &identities,
+            identity: BriefIdentity {
+                pid: identity.pid,
+                tgid: identity.tgid,
+                uid: identity.uid,
+                comm: &identity.comm,
+            },
+        })
+        .unwrap_or_default();
         Self {
             id,
             members: Arc::from(crate::audit::members(&json)),
             short: Arc::from(crate::audit::members(&short)),
+            brief: Arc::from(crate::audit::members(&brief)),
             labels: (
                 Arc::from(target.name.as_str()),
                 Arc::from(identities.join(",")),
@@ -133,14 +166,14 @@ impl ConnInfo {
     /// An audit event carrying this connection's fields.
     #[must_use]
     pub fn event(&self, event: &'static str) -> AuditEvent {
-        AuditEvent::new(event).with_conn(Arc::clone(&self.members))
+        AuditEvent::new(event).with_conn(self.id, Arc::clone(&self.members))
     }
 
     /// An audit event carrying this connection's id, target and a short
     /// identity (records of executions).
     #[must_use]
     pub fn short_event(&self, event: &'static str) -> AuditEvent {
-        AuditEvent::new(event).with_conn(Arc::clone(&self.short))
+        AuditEvent::new(event).with_conn(self.id, Arc::clone(&self.short))
     }
 
     /// What metrics count of `count` executions of a statement decided
@@ -155,14 +188,17 @@ impl ConnInfo {
         }
     }
 
-    /// A `query` event of this connection, with what metrics count.
+    /// A `query` event of this connection (its identity brief), with what
+    /// metrics count.
     #[must_use]
     pub fn query_event(&self, decision: Decision, eval_us: u64) -> AuditEvent {
-        self.event("query").with_decision(DecisionFacts {
-            target: Arc::clone(&self.labels.0),
-            identities: Arc::clone(&self.labels.1),
-            decision,
-            eval_us,
-        })
+        AuditEvent::new("query")
+            .with_conn(self.id, Arc::clone(&self.brief))
+            .with_decision(DecisionFacts {
+                target: Arc::clone(&self.labels.0),
+                identities: Arc::clone(&self.labels.1),
+                decision,
+                eval_us,
+            })
     }
 }

@@ -5,8 +5,9 @@
 //! Within one flag any value may match; all flags given must match.
 
 use std::{
+    collections::HashMap,
     path::{Path, PathBuf},
-    sync::Arc,
+    sync::{Arc, Mutex},
 };
 
 use serde::{Deserialize, Serialize};
@@ -40,7 +41,10 @@ fn any_of(wanted: &[String], have: Option<&str>) -> bool {
     wanted.is_empty() || have.is_some_and(|h| wanted.iter().any(|w| w == h))
 }
 
-fn identity_matches(want: &str, ev: &Value) -> bool {
+/// Whether `who` (a record carrying `identity` and `identities`) is the
+/// workload `want` names.
+fn identity_matches(want: &str, who: &Value) -> bool {
+    let ev = who;
     let id = &ev["identity"];
     if let Some((key, value)) = want.split_once('=') {
         return match &id[key.trim()] {
@@ -59,14 +63,23 @@ fn identity_matches(want: &str, ev: &Value) -> bool {
 }
 
 impl Filter {
-    /// Whether an event passes every filter.
+    /// Whether an event passes every filter, judged on the identity it
+    /// carries.
     #[must_use]
     pub fn matches(&self, ev: &Value) -> bool {
+        self.matches_as(ev, ev)
+    }
+
+    /// Whether an event passes every filter, its workload being the one
+    /// `who` (a record with `identity` and `identities`) describes: see
+    /// [`Connections::who`].
+    #[must_use]
+    pub fn matches_as(&self, ev: &Value, who: &Value) -> bool {
         any_of(&self.event, ev["event"].as_str())
             && any_of(&self.decision, ev["decision"].as_str())
             && any_of(&self.target, ev["target"].as_str())
             && any_of(&self.rule, ev["rule"].as_str())
-            && (self.identity.is_empty() || self.identity.iter().any(|w| identity_matches(w, ev)))
+            && (self.identity.is_empty() || self.identity.iter().any(|w| identity_matches(w, who)))
             && self.since.as_deref().is_none_or(|since| {
                 // RFC 3339 UTC with a fixed number of digits compares as text;
                 // parse both to be exact about fractions.
@@ -75,6 +88,174 @@ impl Filter {
                     _ => false,
                 }
             })
+    }
+}
+
+/// Whether the record's workload must be looked up in its connection's
+/// record to judge it: an identity filter, and a record of a connection
+/// that carries only a brief identity (`query` records).
+fn needs_lookup(filter: &Filter, ev: &Value) -> bool {
+    !filter.identity.is_empty() && !whole_identity(ev) && ev["conn"].is_u64()
+}
+
+/// Whether a record carries a workload's whole identity (a `connect`
+/// record does; a `query` record carries a brief one).
+fn whole_identity(ev: &Value) -> bool {
+    let id = &ev["identity"];
+    id.get("cgroup_id").is_some() || id.get("cgroup").is_some()
+}
+
+/// The whole identity of each live connection, learnt reading a log
+/// forward from `connect` records and from the `connection` records a file
+/// begun by a rotation starts with, so that records carrying a brief
+/// identity are judged on the whole one.
+#[derive(Debug, Default)]
+pub struct Connections {
+    by_id: HashMap<u64, Value>,
+}
+
+impl Connections {
+    /// From the members of live connections' `connect` records (the
+    /// agent's own list, for a follower that joins late).
+    fn from_members<'a>(members: impl IntoIterator<Item = (u64, &'a str)>) -> Self {
+        let by_id = members
+            .into_iter()
+            .filter_map(|(id, m)| {
+                let ev = serde_json::from_str::<Value>(&format!("{{{m}}}")).ok()?;
+                Some((id, who_of(&ev)))
+            })
+            .collect();
+        Self { by_id }
+    }
+
+    /// Follows the log one record further.
+    pub fn learn(&mut self, ev: &Value) {
+        let id = ev["conn"].as_u64();
+        match (ev["event"].as_str(), id) {
+            (Some("connect" | "connection"), Some(id)) if ev["identity"].is_object() => {
+                self.by_id.insert(id, who_of(ev));
+            }
+            (Some("disconnect"), Some(id)) => {
+                self.by_id.remove(&id);
+            }
+            // Connection ids start again with each agent.
+            (Some("agent_start"), _) => self.by_id.clear(),
+            _ => {}
+        }
+    }
+
+    /// The record that says who made `ev`: its connection's, when `ev`
+    /// carries only a brief identity and the connection is known; else
+    /// `ev` itself.
+    #[must_use]
+    pub fn who<'a>(&'a self, ev: &'a Value) -> &'a Value {
+        if whole_identity(ev) {
+            return ev;
+        }
+        ev["conn"]
+            .as_u64()
+            .and_then(|id| self.by_id.get(&id))
+            .unwrap_or(ev)
+    }
+}
+
+/// What of a connection's record says who it is.
+fn who_of(ev: &Value) -> Value {
+    serde_json::json!({"identity": ev["identity"], "identities": ev["identities"]})
+}
+
+/// Where a file's `connect`, `connection` and `agent_start` records are,
+/// for finding the connection record of a record met reading backwards.
+struct FileConnections {
+    file: std::fs::File,
+    /// Connection id -> offsets of its records, ascending.
+    records: HashMap<u64, Vec<u64>>,
+    /// Offsets of `agent_start` records, ascending: a connection record
+    /// before one does not hold for records after it.
+    starts: Vec<u64>,
+    /// Records read, by offset.
+    cache: HashMap<u64, Value>,
+}
+
+/// How many connection records a backward read keeps parsed.
+const WHO_CACHE: usize = 4096;
+
+impl FileConnections {
+    fn build(path: &Path) -> std::io::Result<Self> {
+        use std::io::BufRead as _;
+        let mut r = std::io::BufReader::with_capacity(256 * 1024, std::fs::File::open(path)?);
+        let (mut records, mut starts) = (HashMap::<u64, Vec<u64>>::new(), Vec::new());
+        let (mut at, mut line) = (0u64, Vec::new());
+        loop {
+            line.clear();
+            let n = r.read_until(b'\n', &mut line)?;
+            if n == 0 {
+                break;
+            }
+            // The writer renders `"event":"..."` without spaces: only
+            // candidate lines are parsed.
+            let candidate = memchr::memmem::find(&line, br#""event":"connect"#).is_some()
+                || memchr::memmem::find(&line, br#""event":"agent_start""#).is_some();
+            if candidate && let Ok(ev) = serde_json::from_slice::<Value>(&line) {
+                match (ev["event"].as_str(), ev["conn"].as_u64()) {
+                    (Some("connect" | "connection"), Some(id)) => {
+                        records.entry(id).or_default().push(at);
+                    }
+                    (Some("agent_start"), _) => starts.push(at),
+                    _ => {}
+                }
+            }
+            at += n as u64;
+        }
+        Ok(Self {
+            file: r.into_inner(),
+            records,
+            starts,
+            cache: HashMap::new(),
+        })
+    }
+
+    /// The connection record of `ev`, a record at offset `at`.
+    fn who(&mut self, ev: &Value, at: u64) -> Option<&Value> {
+        let offsets = self.records.get(&ev["conn"].as_u64()?)?;
+        let before = offsets.partition_point(|o| *o < at);
+        let found = *offsets.get(before.checked_sub(1)?)?;
+        let restarted =
+            self.starts.partition_point(|s| *s <= found) < self.starts.partition_point(|s| *s < at);
+        if restarted {
+            return None;
+        }
+        if !self.cache.contains_key(&found) {
+            if self.cache.len() >= WHO_CACHE {
+                self.cache.clear();
+            }
+            let record = serde_json::from_slice::<Value>(&read_line_at(&self.file, found)?).ok()?;
+            if !record["identity"].is_object() {
+                return None;
+            }
+            self.cache.insert(found, who_of(&record));
+        }
+        self.cache.get(&found)
+    }
+}
+
+/// The line that starts at `at`.
+fn read_line_at(file: &std::fs::File, at: u64) -> Option<Vec<u8>> {
+    use std::os::unix::fs::FileExt as _;
+    let mut line = Vec::new();
+    let mut buf = [0u8; 4096];
+    let mut pos = at;
+    loop {
+        let n = file.read_at(&mut buf, pos).ok()?;
+        if n == 0 {
+            return Some(line);
+        }
+        if let Some(end) = memchr::memchr(b'\n', &buf[..n]) {
+            line.extend_from_slice(&buf[..end]);
+            return Some(line);
+        }
+        line.extend_from_slice(&buf[..n]);
+        pos += n as u64;
     }
 }
 
@@ -107,6 +288,9 @@ fn parse_duration(text: &str) -> Option<Duration> {
 /// rendered line to it; with no follower that costs one check.
 pub struct Feed {
     tx: broadcast::Sender<Arc<str>>,
+    /// The `connect` members of live connections, by id: what a follower
+    /// that joins late needs to judge records carrying a brief identity.
+    live: Mutex<HashMap<u64, Arc<str>>>,
 }
 
 /// How many records a slow follower may lag before it is told it missed
@@ -118,20 +302,52 @@ impl Feed {
     pub fn new() -> Arc<Self> {
         Arc::new(Self {
             tx: broadcast::channel(FOLLOW_BUFFER).0,
+            live: Mutex::new(HashMap::new()),
         })
     }
 
-    /// Live records from now on.
+    fn live(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Arc<str>>> {
+        self.live
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Live records from now on, and the connections live now.
     #[must_use]
-    pub fn subscribe(&self) -> broadcast::Receiver<Arc<str>> {
-        self.tx.subscribe()
+    pub fn subscribe(&self) -> (broadcast::Receiver<Arc<str>>, Connections) {
+        let (rx, members) = {
+            // Under the lock that connects and disconnects are sent under:
+            // the list and the records that follow it agree.
+            let live = self.live();
+            let members: Vec<(u64, Arc<str>)> =
+                live.iter().map(|(id, m)| (*id, Arc::clone(m))).collect();
+            (self.tx.subscribe(), members)
+        };
+        let conns = Connections::from_members(members.iter().map(|(id, m)| (*id, &**m)));
+        (rx, conns)
+    }
+
+    fn send(&self, line: &str) {
+        if self.tx.receiver_count() > 0 {
+            let _ = self.tx.send(Arc::from(line));
+        }
     }
 }
 
 impl Tap for Feed {
-    fn event(&self, _ev: &AuditEvent, line: &str) {
-        if self.tx.receiver_count() > 0 {
-            let _ = self.tx.send(Arc::from(line));
+    fn event(&self, ev: &AuditEvent, line: &str) {
+        match (ev.event, ev.conn_id, &ev.conn) {
+            ("connect" | "connection", Some(id), Some(members)) => {
+                let mut live = self.live();
+                live.insert(id, Arc::clone(members));
+                self.send(line);
+            }
+            ("disconnect", Some(id), _) => {
+                let mut live = self.live();
+                live.remove(&id);
+                self.send(line);
+            }
+            _ => self.send(line),
         }
     }
 }
@@ -163,16 +379,23 @@ pub fn serve(
                 return;
             }
         }
-        let Some(live) = live.as_mut() else { return };
+        let Some((live, conns)) = live.as_mut() else {
+            return;
+        };
         loop {
             let item = match live.recv().await {
                 Ok(line) => match serde_json::from_str::<Value>(&line) {
-                    Ok(ev)
-                        if ev["seq"].as_u64().unwrap_or(u64::MAX) > seen && filter.matches(&ev) =>
-                    {
-                        ev
+                    Ok(ev) => {
+                        conns.learn(&ev);
+                        if ev["seq"].as_u64().unwrap_or(u64::MAX) > seen
+                            && filter.matches_as(&ev, conns.who(&ev))
+                        {
+                            ev
+                        } else {
+                            continue;
+                        }
                     }
-                    _ => continue,
+                    Err(_) => continue,
                 },
                 Err(broadcast::error::RecvError::Lagged(n)) => {
                     serde_json::json!({"event": "tail_lagged", "missed": n})
@@ -190,7 +413,8 @@ pub fn serve(
     }
 }
 
-/// Reads a file's lines from the end, in chunks, newest first.
+/// Reads a file's lines from the end, in chunks, newest first, each with
+/// its offset in the file.
 struct ReverseLines {
     file: std::fs::File,
     /// Bytes of the file not yet read.
@@ -198,7 +422,7 @@ struct ReverseLines {
     /// Bytes read but not yet split into whole lines (start of the file
     /// side).
     carry: Vec<u8>,
-    lines: Vec<Vec<u8>>,
+    lines: Vec<(u64, Vec<u8>)>,
 }
 
 const REVERSE_CHUNK: u64 = 64 * 1024;
@@ -217,7 +441,7 @@ impl ReverseLines {
 }
 
 impl Iterator for ReverseLines {
-    type Item = std::io::Result<Vec<u8>>;
+    type Item = std::io::Result<(u64, Vec<u8>)>;
 
     fn next(&mut self) -> Option<Self::Item> {
         use std::io::{Read as _, Seek as _, SeekFrom};
@@ -227,7 +451,7 @@ impl Iterator for ReverseLines {
             }
             if self.left == 0 {
                 let last = std::mem::take(&mut self.carry);
-                return (!last.is_empty()).then_some(Ok(last));
+                return (!last.is_empty()).then_some(Ok((0, last)));
             }
             let n = self.left.min(REVERSE_CHUNK);
             self.left -= n;
@@ -243,14 +467,19 @@ impl Iterator for ReverseLines {
             chunk.extend_from_slice(&self.carry);
             // Everything after the first newline is whole lines; before it
             // waits for the previous chunk (unless this is the file start).
-            let mut parts: Vec<Vec<u8>> =
-                chunk.split(|b| *b == b'\n').map(<[u8]>::to_vec).collect();
-            self.carry = if parts.is_empty() {
-                Vec::new()
-            } else {
-                parts.remove(0)
+            let Some(first) = memchr::memchr(b'\n', &chunk) else {
+                self.carry = chunk;
+                continue;
             };
-            self.lines = parts.into_iter().filter(|l| !l.is_empty()).collect();
+            let mut at = self.left + first as u64 + 1;
+            for line in chunk[first + 1..].split(|b| *b == b'\n') {
+                if !line.is_empty() {
+                    self.lines.push((at, line.to_vec()));
+                }
+                at += line.len() as u64 + 1;
+            }
+            chunk.truncate(first);
+            self.carry = chunk;
         }
     }
 }
@@ -258,7 +487,9 @@ impl Iterator for ReverseLines {
 /// The last `n` records of the logs (newest file last) that pass
 /// `filter`, oldest first. Stops reading at records older than the
 /// filter's `since`. Unreadable lines are skipped (the verifier reports
-/// them; a tail shows what it can).
+/// them; a tail shows what it can). A record carrying a brief identity is
+/// judged on its connection's whole identity, found in the same file (see
+/// [`Connections`]); where none is found, on its own.
 #[must_use]
 pub fn last_matching(files: &[PathBuf], filter: &Filter, n: usize) -> Vec<Value> {
     let mut found = Vec::new();
@@ -269,12 +500,23 @@ pub fn last_matching(files: &[PathBuf], filter: &Filter, n: usize) -> Vec<Value>
         let Ok(lines) = ReverseLines::open(path) else {
             continue;
         };
+        // Built on the first record that needs it.
+        let mut conns: Option<Option<FileConnections>> = None;
         for line in lines {
-            let Ok(line) = line else { continue 'files };
+            let Ok((at, line)) = line else {
+                continue 'files;
+            };
             let Ok(ev) = serde_json::from_slice::<Value>(&line) else {
                 continue;
             };
-            if filter.matches(&ev) {
+            let matched = if needs_lookup(filter, &ev) {
+                let index = conns.get_or_insert_with(|| FileConnections::build(path).ok());
+                let who = index.as_mut().and_then(|i| i.who(&ev, at));
+                filter.matches_as(&ev, who.unwrap_or(&ev))
+            } else {
+                filter.matches(&ev)
+            };
+            if matched {
                 found.push(ev);
                 if found.len() == n {
                     break 'files;
@@ -397,5 +639,125 @@ mod tests {
         assert_eq!(all[0]["seq"], 2001);
         assert_eq!(all[3999]["seq"], 6000);
         assert!(last_matching(&files, &deny, 0).is_empty());
+    }
+
+    fn connect(conn: u64, unit: &str, event: &str) -> String {
+        json!({"ts": "2026-11-28T00:00:00.000000Z", "event": event, "conn": conn,
+               "identities": [], "identity": {"pid": conn, "comm": "psql", "cgroup_id": 9, "unit": unit}})
+        .to_string()
+    }
+
+    fn brief(seq: u64, conn: u64) -> String {
+        json!({"ts": "2026-11-28T00:00:00.000000Z", "seq": seq, "event": "query", "conn": conn,
+               "identities": [], "identity": {"pid": conn, "comm": "psql"}})
+        .to_string()
+    }
+
+    #[test]
+    fn brief_records_are_judged_on_their_connections_identity() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.jsonl");
+        let lines = [
+            connect(1, "a.service", "connect"),
+            connect(2, "b.service", "connect"),
+            brief(1, 1),
+            brief(2, 2),
+            r#"{"event":"disconnect","conn":2,"identity":{"cgroup_id":9,"unit":"b.service"}}"#
+                .to_owned(),
+            // A new agent: its connection 1 is another workload, and its
+            // connection 2 was never seen connecting.
+            r#"{"event":"agent_start"}"#.to_owned(),
+            connect(1, "c.service", "connect"),
+            brief(3, 1),
+            brief(4, 2),
+            brief(5, 7),
+        ];
+        std::fs::write(&path, lines.join("\n") + "\n").unwrap();
+        let files = vec![path.clone()];
+        let seqs = |unit: &str| -> Vec<u64> {
+            let f = Filter {
+                identity: vec![format!("unit={unit}")],
+                event: vec!["query".into()],
+                ..Filter::default()
+            };
+            last_matching(&files, &f, 100)
+                .iter()
+                .map(|e| e["seq"].as_u64().unwrap())
+                .collect()
+        };
+        assert_eq!(seqs("a.service"), [1]);
+        assert_eq!(seqs("b.service"), [2]);
+        assert_eq!(seqs("c.service"), [3]);
+        // Unknown connections are judged on their own brief identity.
+        let f = Filter {
+            identity: vec!["pid=7".into()],
+            ..Filter::default()
+        };
+        assert_eq!(last_matching(&files, &f, 100).len(), 1);
+        // Reading forward gives the same answers.
+        let mut conns = Connections::default();
+        let f = Filter {
+            identity: vec!["unit=c.service".into()],
+            event: vec!["query".into()],
+            ..Filter::default()
+        };
+        let forward: Vec<u64> = lines
+            .iter()
+            .filter_map(|l| {
+                let ev: Value = serde_json::from_str(l).unwrap();
+                conns.learn(&ev);
+                f.matches_as(&ev, conns.who(&ev))
+                    .then(|| ev["seq"].as_u64().unwrap())
+            })
+            .collect();
+        assert_eq!(forward, [3]);
+    }
+
+    #[test]
+    fn reverse_lines_know_their_offsets() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("a");
+        let mut text = Vec::new();
+        for i in 0..20_000 {
+            text.extend_from_slice(format!("line {i} {}\n", "y".repeat(i % 13)).as_bytes());
+        }
+        std::fs::write(&path, &text).unwrap();
+        let mut n = 0;
+        for l in ReverseLines::open(&path).unwrap() {
+            let (at, line) = l.unwrap();
+            let at = usize::try_from(at).unwrap();
+            assert_eq!(&text[at..at + line.len()], &line[..]);
+            assert!(at == 0 || text[at - 1] == b'\n');
+            n += 1;
+        }
+        assert_eq!(n, 20_000);
+    }
+
+    #[tokio::test]
+    async fn a_late_follower_knows_the_live_connections() {
+        use crate::audit::AuditEvent;
+        let feed = Feed::new();
+        let members = |id: u64, unit: &str| -> Arc<str> {
+            Arc::from(format!(
+                r#""conn":{id},"identities":[],"identity":{{"cgroup_id":1,"unit":"{unit}"}}"#
+            ))
+        };
+        feed.event(
+            &AuditEvent::new("connect").with_conn(1, members(1, "a")),
+            "{}",
+        );
+        feed.event(
+            &AuditEvent::new("connect").with_conn(2, members(2, "b")),
+            "{}",
+        );
+        feed.event(
+            &AuditEvent::new("disconnect").with_conn(2, members(2, "b")),
+            "{}",
+        );
+        let (_rx, conns) = feed.subscribe();
+        let ev = json!({"event": "query", "conn": 1, "identity": {"comm": "x"}});
+        assert_eq!(conns.who(&ev)["identity"]["unit"], "a");
+        let ev = json!({"event": "query", "conn": 2, "identity": {"comm": "x"}});
+        assert_eq!(conns.who(&ev)["identity"]["comm"], "x");
     }
 }
