@@ -302,3 +302,95 @@ pub fn settings() -> (u64, usize) {
         .unwrap_or(2);
     (secs, rounds)
 }
+
+/// A PgBouncer in session mode in front of a PostgreSQL server on
+/// loopback; stopped on drop.
+pub struct PgBouncer {
+    child: std::process::Child,
+    pub port: u16,
+    _dir: tempfile::TempDir,
+}
+
+impl PgBouncer {
+    /// Its process id.
+    #[must_use]
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// With `tls` (certificate, key): TLS required from clients and to the
+    /// server; up to `clients` clients, each with a server connection of
+    /// its own (session mode).
+    ///
+    /// # Panics
+    /// When it is not installed or does not start.
+    #[must_use]
+    pub fn start(pg_port: u16, tls: Option<&crate::pki::Issued>, clients: u32) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let pw = nix::unistd::User::from_name("postgres").unwrap().unwrap();
+        let port = crate::free_port();
+        let d = dir.path();
+        fs::write(d.join("userlist.txt"), "\"postgres\" \"\"\n").unwrap();
+        let tls = tls.map_or_else(String::new, |t| {
+            format!(
+                "client_tls_sslmode = require\nclient_tls_cert_file = {}\nclient_tls_key_file = {}\nserver_tls_sslmode = require\n",
+                t.cert.display(),
+                t.key.display()
+            )
+        });
+        fs::write(
+            d.join("pgbouncer.ini"),
+            format!(
+                "[databases]\npostgres = host=127.0.0.1 port={pg_port} dbname=postgres\n\n[pgbouncer]\nlisten_addr = 127.0.0.1\nlisten_port = {port}\nauth_type = trust\nauth_file = {}/userlist.txt\npool_mode = session\nmax_client_conn = {clients}\ndefault_pool_size = {clients}\nunix_socket_dir = {}\nlogfile = {}/pgbouncer.log\n{tls}",
+                d.display(),
+                d.display(),
+                d.display()
+            ),
+        )
+        .unwrap();
+        for f in ["userlist.txt", "pgbouncer.ini", ""] {
+            nix::unistd::chown(&d.join(f), Some(pw.uid), Some(pw.gid)).unwrap();
+        }
+        use std::os::unix::process::CommandExt as _;
+        let child = Command::new(pgbouncer_bin())
+            .arg(d.join("pgbouncer.ini"))
+            .uid(pw.uid.as_raw())
+            .gid(pw.gid.as_raw())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let me = Self {
+            child,
+            port,
+            _dir: dir,
+        };
+        for _ in 0..100 {
+            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                return me;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        panic!("pgbouncer did not start");
+    }
+}
+
+impl Drop for PgBouncer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The installed `pgbouncer`.
+///
+/// # Panics
+/// When it is not installed.
+#[must_use]
+pub fn pgbouncer_bin() -> std::path::PathBuf {
+    ["/usr/sbin/pgbouncer", "/usr/bin/pgbouncer"]
+        .iter()
+        .map(std::path::PathBuf::from)
+        .find(|p| p.exists())
+        .expect("pgbouncer not installed: run `cargo xtask setup`")
+}

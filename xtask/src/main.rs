@@ -38,7 +38,8 @@ enum Cmd {
         args: Vec<String>,
     },
     /// Benchmarks: `policy` (criterion), `postgres` (pgbench: direct, PgBouncer,
-    /// agent), `mysql` (sysbench: direct, agent), or all of them.
+    /// agent), `mysql` (sysbench: direct, agent), `idle` (memory per idle
+    /// connection: agent, PgBouncer), or all of them.
     Bench {
         /// policy | postgres | mysql | all
         #[arg(default_value = "all")]
@@ -611,7 +612,7 @@ fn ldd_paths(ldd: &str) -> Vec<PathBuf> {
 }
 
 fn bench(which: &str) -> Result<()> {
-    let known = ["policy", "postgres", "mysql", "all"];
+    let known = ["policy", "postgres", "mysql", "idle", "all"];
     if !known.contains(&which) {
         bail!("unknown benchmark {which:?}; expected one of {known:?}");
     }
@@ -625,7 +626,7 @@ fn bench(which: &str) -> Result<()> {
             "policy",
         ]))?;
     }
-    for proto in ["postgres", "mysql"] {
+    for proto in ["postgres", "mysql", "idle"] {
         if which == proto || which == "all" {
             build()?;
             let bin = workspace_root().join("target/release/interceptor");

@@ -218,6 +218,7 @@ impl control::metrics::Gauges for AgentGauges {
         let s = &self.shared.stats;
         let get = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed) as f64;
         let a = self.shared.audit.stats();
+        let memory = crate::control::metrics::memory();
         vec![
             (
                 "connections_live",
@@ -263,6 +264,16 @@ impl control::metrics::Gauges for AgentGauges {
                 "audit_write_errors_total",
                 "Audit writes or flushes that failed.",
                 a.write_errors() as f64,
+            ),
+            (
+                "resident_bytes",
+                "The agent's resident memory.",
+                memory.0 as f64,
+            ),
+            (
+                "allocator_committed_bytes",
+                "Memory the allocator (mimalloc) holds committed, by its own account.",
+                memory.1 as f64,
             ),
         ]
     }
@@ -328,7 +339,21 @@ pub fn run(args: &RunArgs, control_socket: &Path) -> i32 {
     }
 }
 
+/// Each relayed connection holds two descriptors: the soft limit goes up
+/// to the hard one (as the service unit's `LimitNOFILE` would), so an agent
+/// started by hand is not capped at the usual 1024.
+fn raise_fd_limit() {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE)
+        && soft < hard
+        && let Err(e) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard)
+    {
+        tracing::warn!("cannot raise the open files limit from {soft} to {hard}: {e}");
+    }
+}
+
 fn run_inner(args: &RunArgs, control_socket: &Path) -> Result<(), String> {
+    raise_fd_limit();
     let (mut policy, policy_source) = load_policy(args.policy.as_deref())?;
     crate::kube::check_policy(&policy).map_err(|e| format!("{policy_source}: {e}"))?;
     let cgroup_root = cgroup2_mount();

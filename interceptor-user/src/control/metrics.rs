@@ -27,6 +27,48 @@ use crate::{
     policy::Decision,
 };
 
+/// The process's memory: (resident bytes, as the kernel counts them; bytes
+/// the allocator holds committed, by its own account). The second is 0
+/// where mimalloc is not the allocator in use (unit tests).
+#[must_use]
+pub fn memory() -> (u64, u64) {
+    let page = nix::unistd::sysconf(nix::unistd::SysconfVar::PAGE_SIZE)
+        .ok()
+        .flatten()
+        .and_then(|p| u64::try_from(p).ok())
+        .unwrap_or(4096);
+    let resident = std::fs::read_to_string("/proc/self/statm")
+        .ok()
+        .and_then(|s| s.split_whitespace().nth(1)?.parse::<u64>().ok())
+        .map_or(0, |pages| pages * page);
+    let mut v = [0usize; 8];
+    let [
+        elapsed,
+        user,
+        system,
+        rss,
+        peak_rss,
+        commit,
+        peak_commit,
+        faults,
+    ] = &mut v;
+    // SAFETY: mi_process_info writes one usize through each pointer, all of
+    // which point at distinct live locals; it has no other preconditions.
+    unsafe {
+        libmimalloc_sys::mi_process_info(
+            elapsed,
+            user,
+            system,
+            rss,
+            peak_rss,
+            commit,
+            peak_commit,
+            faults,
+        );
+    }
+    (resident, v[5] as u64)
+}
+
 /// Upper bounds of the decision-time histogram, in microseconds.
 const BUCKETS_US: [u64; 11] = [5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000];
 

@@ -760,4 +760,48 @@ mod tests {
         let ev = json!({"event": "query", "conn": 2, "identity": {"comm": "x"}});
         assert_eq!(conns.who(&ev)["identity"]["comm"], "x");
     }
+
+    #[test]
+    fn every_rotated_file_resolves_its_brief_records() {
+        use crate::audit::{AuditConfig, AuditEvent, AuditWriter, log_files};
+        let dir = tempfile::tempdir().unwrap();
+        let base = dir.path().join("audit.jsonl");
+        let mut config = AuditConfig::new(&base);
+        config.settings.rotate_bytes = 3000;
+        config.settings.retain = 100;
+        let (log, writer) = AuditWriter::start(config).unwrap();
+        let conn = |id: u64, whole: bool| -> Arc<str> {
+            let unit = if whole {
+                format!(r#","cgroup_id":{id},"unit":"u{id}.service""#)
+            } else {
+                String::new()
+            };
+            Arc::from(format!(
+                r#""conn":{id},"identities":[],"identity":{{"pid":{id},"comm":"c"{unit}}}"#
+            ))
+        };
+        for id in [1, 2] {
+            log.record(AuditEvent::new("connect").with_conn(id, conn(id, true)));
+        }
+        for i in 0..60 {
+            let id = 1 + i % 2;
+            log.record(AuditEvent::new("query").with_conn(id, conn(id, false)));
+        }
+        drop(log);
+        writer.finish();
+        let files = log_files(&[&base]).unwrap();
+        assert!(files.len() >= 3, "{files:?}");
+        let filter = Filter {
+            identity: vec!["unit=u1.service".into()],
+            event: vec!["query".into()],
+            ..Filter::default()
+        };
+        // Every file on its own, as if the older ones were deleted.
+        let mut found = 0;
+        for file in &files {
+            found += last_matching(std::slice::from_ref(file), &filter, 1000).len();
+        }
+        assert_eq!(found, 30);
+        assert_eq!(last_matching(&files, &filter, 1000).len(), 30);
+    }
 }

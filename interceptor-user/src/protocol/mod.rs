@@ -20,3 +20,64 @@ pub enum LoginError {
     #[error("{0}")]
     Io(#[from] std::io::Error),
 }
+
+/// A connection's read buffer while its reads are small: what an idle
+/// connection holds per direction.
+pub const SMALL_READ: usize = 4096;
+/// A read buffer while a transfer fills it.
+pub const READ_CHUNK: usize = 64 * 1024;
+
+/// Makes room in a read buffer for the next read, `last` being how much
+/// the previous read brought. A buffer that a transfer grew is given back
+/// once it is empty and reads are small again, so that idle connections
+/// hold [`SMALL_READ`] per direction, not [`READ_CHUNK`]; an empty small
+/// buffer is reused in place, so steady small traffic allocates nothing.
+pub fn make_room(buf: &mut bytes::BytesMut, last: usize) {
+    let streaming = last >= SMALL_READ / 2;
+    if buf.is_empty() {
+        if streaming {
+            buf.reserve(READ_CHUNK);
+        } else if buf.capacity() > SMALL_READ {
+            *buf = bytes::BytesMut::with_capacity(SMALL_READ);
+        } else {
+            buf.reserve(SMALL_READ);
+        }
+    } else if buf.capacity() - buf.len() < SMALL_READ / 4 {
+        buf.reserve(if streaming { READ_CHUNK } else { SMALL_READ });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use bytes::{Buf as _, BytesMut};
+
+    use super::*;
+
+    #[test]
+    fn read_buffers_grow_for_transfers_and_shrink_when_idle() {
+        let mut buf = BytesMut::with_capacity(SMALL_READ);
+        let ptr = buf.as_ptr();
+        // Small traffic: the same allocation, reclaimed in place.
+        for _ in 0..100 {
+            buf.extend_from_slice(&[1; 300]);
+            buf.advance(300);
+            make_room(&mut buf, 300);
+            assert_eq!(buf.as_ptr(), ptr);
+            assert!(buf.capacity() >= SMALL_READ / 4);
+        }
+        // A transfer: reads fill the buffer, which grows.
+        buf.extend_from_slice(&[1; 4000]);
+        make_room(&mut buf, 4000);
+        assert!(buf.capacity() - buf.len() >= READ_CHUNK);
+        buf.advance(4000);
+        make_room(&mut buf, 60_000);
+        assert!(buf.capacity() >= READ_CHUNK);
+        // It ends: the large buffer goes.
+        make_room(&mut buf, 10);
+        assert_eq!(buf.capacity(), SMALL_READ);
+        // A partial message larger than the room left: more room.
+        buf.extend_from_slice(&[1; 3500]);
+        make_room(&mut buf, 100);
+        assert!(buf.capacity() - buf.len() >= SMALL_READ);
+    }
+}

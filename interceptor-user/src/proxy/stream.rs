@@ -43,6 +43,32 @@ pub enum WriteHalf<'a> {
     Upgrading,
 }
 
+impl Stream {
+    /// As [`ReadHalf::wait_input`].
+    pub async fn wait_input(&self) -> io::Result<bool> {
+        match self {
+            Self::Plain(s) => s.readable().await.map(|()| true),
+            Self::Unix(s) => s.readable().await.map(|()| true),
+            Self::Tls(_) | Self::Upgrading => Ok(false),
+        }
+    }
+}
+
+impl ReadHalf<'_> {
+    /// Waits until there is input (or the end of the stream, or an error)
+    /// without holding a buffer meanwhile, so an idle connection holds
+    /// none. Returns `false` at once where the stream cannot tell: on TLS
+    /// the library may hold decrypted bytes already, and the caller reads
+    /// into a buffer as usual.
+    pub async fn wait_input(&self) -> io::Result<bool> {
+        match self {
+            Self::Plain(r) => r.readable().await.map(|()| true),
+            Self::Unix(r) => r.readable().await.map(|()| true),
+            Self::Tls(_) | Self::Upgrading => Ok(false),
+        }
+    }
+}
+
 fn upgrading() -> io::Error {
     io::Error::new(io::ErrorKind::NotConnected, "TLS handshake in progress")
 }

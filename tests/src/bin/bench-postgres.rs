@@ -15,15 +15,13 @@
 //! (`audit.executions` modes, default `summary,each`).
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::cast_precision_loss)]
 
-use std::{
-    fs,
-    os::unix::process::CommandExt as _,
-    path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
-    time::Duration,
-};
+use std::{fs, path::Path, process::Command};
 
-use interceptor_tests::{PgServer, TestCgroup, bench, free_port, pg_bin, pki, run_ok};
+use interceptor_tests::{
+    PgServer, TestCgroup,
+    bench::{self, PgBouncer},
+    pg_bin, pki, run_ok,
+};
 
 const POLICY_RULES: &str = "mode: enforce\ndefault: allow\non_parse_error: allow\nrules:\n  - name: no-secrets\n    any_tables: [public.secrets]\n    decision: deny\n  - name: dangerous\n    flags: [file_access, program_exec, role_change, remote_access, admin]\n    decision: deny\n";
 
@@ -83,79 +81,6 @@ impl Drop for BenchNs {
             .args(["link", "del", &self.host_dev])
             .status();
     }
-}
-
-struct PgBouncer {
-    child: Child,
-    port: u16,
-    _dir: tempfile::TempDir,
-}
-
-impl PgBouncer {
-    /// With `tls` (certificate, key): TLS required from clients and to the
-    /// server.
-    fn start(pg_port: u16, tls: Option<&pki::Issued>) -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        let pw = nix::unistd::User::from_name("postgres").unwrap().unwrap();
-        let port = free_port();
-        let d = dir.path();
-        fs::write(d.join("userlist.txt"), "\"postgres\" \"\"\n").unwrap();
-        let tls = tls.map_or_else(String::new, |t| {
-            format!(
-                "client_tls_sslmode = require\nclient_tls_cert_file = {}\nclient_tls_key_file = {}\nserver_tls_sslmode = require\n",
-                t.cert.display(),
-                t.key.display()
-            )
-        });
-        fs::write(
-            d.join("pgbouncer.ini"),
-            format!(
-                "[databases]\npostgres = host=127.0.0.1 port={pg_port} dbname=postgres\n\n[pgbouncer]\nlisten_addr = 127.0.0.1\nlisten_port = {port}\nauth_type = trust\nauth_file = {}/userlist.txt\npool_mode = session\nmax_client_conn = 200\ndefault_pool_size = 20\nunix_socket_dir = {}\nlogfile = {}/pgbouncer.log\n{tls}",
-                d.display(),
-                d.display(),
-                d.display()
-            ),
-        )
-        .unwrap();
-        for f in ["userlist.txt", "pgbouncer.ini", ""] {
-            nix::unistd::chown(&d.join(f), Some(pw.uid), Some(pw.gid)).unwrap();
-        }
-        let child = Command::new(pgbouncer_bin())
-            .arg(d.join("pgbouncer.ini"))
-            .uid(pw.uid.as_raw())
-            .gid(pw.gid.as_raw())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let me = Self {
-            child,
-            port,
-            _dir: dir,
-        };
-        for _ in 0..100 {
-            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-                return me;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        panic!("pgbouncer did not start");
-    }
-}
-
-impl Drop for PgBouncer {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn pgbouncer_bin() -> PathBuf {
-    ["/usr/sbin/pgbouncer", "/usr/bin/pgbouncer"]
-        .iter()
-        .map(PathBuf::from)
-        .find(|p| p.exists())
-        .expect("pgbouncer not installed: run `cargo xtask setup`")
 }
 
 fn run_pgbench(
@@ -272,8 +197,8 @@ fn main() {
         "postgres",
     ]));
     pg.sql("CREATE TABLE secrets (v text)");
-    let bouncer = PgBouncer::start(pg.port, None);
-    let bouncer_tls = PgBouncer::start(pg.port, Some(&bouncer_cert));
+    let bouncer = PgBouncer::start(pg.port, None, 200);
+    let bouncer_tls = PgBouncer::start(pg.port, Some(&bouncer_cert), 200);
     // Plain server legs for the plain rows, TLS for the `tls` rows.
     let policy = |server_tls: &str| {
         format!(
@@ -286,7 +211,7 @@ fn main() {
     let plain_agents = agents.len();
     agents.extend(bench::agents(&policy("require")));
     let log_dir = std::env::temp_dir().join(interceptor_tests::unique("bench-pgbench"));
-    let mut pids = vec![pg.pid(), bouncer.child.id(), bouncer_tls.child.id()];
+    let mut pids = vec![pg.pid(), bouncer.pid(), bouncer_tls.pid()];
     pids.extend(agents.iter().map(|a| a.agent.pid().unwrap()));
 
     let mut paths = vec![Path_::Direct, Path_::PgBouncer];
@@ -345,9 +270,9 @@ fn main() {
                     };
                     let (client, proxy) = match p {
                         Path_::Direct | Path_::DirectTls => (host(None, pg.port), None),
-                        Path_::PgBouncer => (host(None, bouncer.port), Some(bouncer.child.id())),
+                        Path_::PgBouncer => (host(None, bouncer.port), Some(bouncer.pid())),
                         Path_::PgBouncerTls => {
-                            (host(None, bouncer_tls.port), Some(bouncer_tls.child.id()))
+                            (host(None, bouncer_tls.port), Some(bouncer_tls.pid()))
                         }
                         Path_::Agent(i) | Path_::AgentTls(i) => (
                             host(Some(&agents[i].cgroup), pg.port),

@@ -16,7 +16,7 @@ use super::{
 };
 use crate::{
     policy::{LoginSpec, ServerTls},
-    protocol::LoginError,
+    protocol::{LoginError, READ_CHUNK, SMALL_READ, make_room},
     proxy::{
         Completion, Counted, ExecLog, Guard, Hold, LoginPlan, Outcome, Prepared, Refusal,
         SessionError, Stream, Upstream, tls_from_client, tls_to_server,
@@ -29,7 +29,6 @@ const GREETING_TIMEOUT: Duration = Duration::from_secs(10);
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(60);
 /// Largest greeting, handshake response or authentication packet.
 const MAX_HANDSHAKE: usize = 64 * 1024;
-const READ_CHUNK: usize = 64 * 1024;
 /// Client input buffered while a statement awaits approval; beyond this the
 /// agent stops reading until the decision.
 const MAX_HELD_INPUT: usize = 1024 * 1024;
@@ -82,8 +81,8 @@ pub async fn serve(
         upstream,
         seq_delta: 0,
         counts,
-        cbuf: BytesMut::with_capacity(8192),
-        sbuf: BytesMut::with_capacity(READ_CHUNK),
+        cbuf: BytesMut::with_capacity(SMALL_READ),
+        sbuf: BytesMut::with_capacity(SMALL_READ),
         max,
         caps: 0,
         scramble: Vec::new(),
@@ -181,6 +180,7 @@ impl Session<'_> {
                 Ok(None) => {}
                 Err(e) => return Err(self.bad_greeting(&e.to_string()).await),
             }
+            make_room(&mut self.sbuf, 0);
             let read = tokio::time::timeout(GREETING_TIMEOUT, self.server.read_buf(&mut self.sbuf));
             match read.await {
                 Ok(Ok(0)) => {
@@ -594,10 +594,19 @@ impl Session<'_> {
                     return Err(self.client_violation(seq, &e).await);
                 }
             }
-            if self.cbuf.capacity() - self.cbuf.len() < 1024 {
-                self.cbuf.reserve(8192);
-            }
             self.flush().await?;
+            if self.cbuf.is_empty() && self.sbuf.is_empty() {
+                // Between commands, while both sides are silent, no read
+                // buffers are held: an idle connection holds little.
+                self.cbuf = BytesMut::new();
+                self.sbuf = BytesMut::new();
+                tokio::select! {
+                    r = self.client.wait_input() => { r?; }
+                    r = self.server.wait_input() => { r?; }
+                }
+            }
+            make_room(&mut self.cbuf, 0);
+            make_room(&mut self.sbuf, 0);
             tokio::select! {
                 n = self.client.read_buf(&mut self.cbuf) => {
                     if n? == 0 {
@@ -1160,6 +1169,7 @@ impl Session<'_> {
                 Err(e) => return Err(self.client_violation(reply.next_seq(), &e).await),
             }
             self.flush().await?;
+            make_room(&mut self.cbuf, 0);
             if self.client.read_buf(&mut self.cbuf).await? == 0 {
                 return Err(if self.cbuf.is_empty() {
                     SessionError::ClientProtocol("connection closed during authentication".into())

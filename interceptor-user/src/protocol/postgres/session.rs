@@ -10,9 +10,10 @@ use super::login::{self, LoginError, ServerCert};
 use super::track::{BIND_PREFIX, Tracker};
 use crate::{
     policy::{LoginSpec, Secret, ServerTls},
+    protocol::{READ_CHUNK, SMALL_READ, make_room},
     proxy::{
-        Counted, Guard, Hold, LoginPlan, Outcome, Refusal, SessionError, Stream, Unanswered,
-        Upstream, tls_from_client, tls_to_server,
+        Counted, Guard, Hold, LoginPlan, Outcome, ReadHalf, Refusal, SessionError, Stream,
+        Unanswered, Upstream, tls_from_client, tls_to_server,
     },
     tls::Legs,
 };
@@ -22,7 +23,6 @@ const STARTUP_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
 /// Largest server message the agent inspects (ErrorResponse,
 /// BackendKeyData, ReadyForQuery); everything else streams through.
 const MAX_INSPECTED_SERVER_FRAME: usize = 1024 * 1024;
-const READ_CHUNK: usize = 64 * 1024;
 /// Client input buffered beyond a held message while it awaits approval;
 /// beyond this the agent stops reading until the decision.
 const MAX_HELD_INPUT: usize = 1024 * 1024;
@@ -89,7 +89,7 @@ pub async fn serve(
     upstream: &Upstream,
     counts: &Counted,
 ) -> Result<(), SessionError> {
-    let mut cbuf = BytesMut::with_capacity(8192);
+    let mut cbuf = BytesMut::with_capacity(SMALL_READ);
     let mut legs = Legs::default();
     let tls = guard.tls_context();
     let target = guard.info.target.clone();
@@ -178,6 +178,7 @@ pub async fn serve(
             }
             Ok(Some(packet)) => break packet,
             Ok(None) => {
+                make_room(&mut cbuf, 0);
                 let n = tokio::time::timeout(STARTUP_TIMEOUT, client.read_buf(&mut cbuf))
                     .await
                     .map_err(|_| {
@@ -253,7 +254,7 @@ pub async fn serve(
         .from_client
         .set(counts.from_client.get() + startup.bytes.len() as u64);
     let from_server = match secret {
-        None => BytesMut::with_capacity(READ_CHUNK),
+        None => BytesMut::with_capacity(SMALL_READ),
         Some(secret) => match broker_login(&mut server, &startup.user, &secret).await {
             Ok((buf, method)) => {
                 guard.set_login_method(method);
@@ -491,27 +492,39 @@ impl Scanner {
     }
 }
 
-/// Counts and drops the `upto` bytes already forwarded, then reads more;
-/// returns the bytes read (0 at end of stream).
-async fn refill<R>(
-    r: &mut R,
+/// Counts and drops the `upto` bytes already forwarded, then reads more
+/// (`last` is what the previous read brought); returns the bytes read (0 at
+/// end of stream).
+async fn refill(
+    r: &mut ReadHalf<'_>,
     buf: &mut BytesMut,
     upto: usize,
     counter: &std::cell::Cell<u64>,
-) -> std::io::Result<usize>
-where
-    R: AsyncRead + Unpin,
-{
+    last: usize,
+) -> std::io::Result<usize> {
     counter.set(counter.get() + upto as u64);
     buf.advance(upto);
-    if buf.capacity() - buf.len() < 4096 {
-        buf.reserve(READ_CHUNK);
+    read_more(r, buf, last).await
+}
+
+/// Reads more into `buf` (`last` is what the previous read brought). With
+/// nothing buffered and traffic small, the buffer is given back while the
+/// peer is silent: an idle connection holds no read buffers.
+async fn read_more(
+    r: &mut ReadHalf<'_>,
+    buf: &mut BytesMut,
+    last: usize,
+) -> std::io::Result<usize> {
+    if buf.is_empty() && last < SMALL_READ / 2 {
+        *buf = BytesMut::new();
+        r.wait_input().await?;
     }
+    make_room(buf, last);
     r.read_buf(buf).await
 }
 
-async fn client_to_server<R, W>(
-    r: &mut R,
+async fn client_to_server<W>(
+    r: &mut ReadHalf<'_>,
     w: &mut W,
     mut buf: BytesMut,
     guard: &mut Guard,
@@ -520,10 +533,10 @@ async fn client_to_server<R, W>(
     counts: &Counted,
 ) -> Result<(), SessionError>
 where
-    R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
     let mut scan = Scanner::default();
+    let mut last = 0usize;
     loop {
         let mut pos = 0usize;
         // Start of the bytes not yet forwarded.
@@ -648,7 +661,8 @@ where
         }
         w.write_all(&buf[out..pos]).await?;
         w.flush().await?;
-        if refill(r, &mut buf, pos, &counts.from_client).await? == 0 {
+        last = refill(r, &mut buf, pos, &counts.from_client, last).await?;
+        if last == 0 {
             if !scan.at_boundary(buf.len()) {
                 return Err(SessionError::ClientProtocol(
                     "connection closed in the middle of a message".into(),
@@ -728,8 +742,8 @@ fn stand_in(tag: u8, body: &[u8], sql: &str) -> Bytes {
 
 /// Relays the server's messages, starting with what `buf` holds already
 /// (a brokered login's `AuthenticationOk` and what came with it).
-async fn server_to_client<R, W>(
-    r: &mut R,
+async fn server_to_client<W>(
+    r: &mut ReadHalf<'_>,
     w: &mut W,
     mut buf: BytesMut,
     pending: &RefCell<Pending>,
@@ -737,10 +751,10 @@ async fn server_to_client<R, W>(
     counts: &Counted,
 ) -> Result<(), SessionError>
 where
-    R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
     let mut scan = Scanner::default();
+    let mut last = 0usize;
     loop {
         let mut pos = 0usize;
         let mut out = 0usize;
@@ -826,13 +840,10 @@ where
             .from_server
             .set(counts.from_server.get() + pos as u64);
         buf.advance(pos);
-        if buf.capacity() - buf.len() < 4096 {
-            buf.reserve(READ_CHUNK);
-        }
         // The read also ends when a notice is waiting (client_to_server,
         // polled in the same task, yields right after queueing one).
         let read = {
-            let mut read = std::pin::pin!(r.read_buf(&mut buf));
+            let mut read = std::pin::pin!(read_more(r, &mut buf, last));
             std::future::poll_fn(|cx| {
                 if scan.skip == 0 && !pending.borrow().notices.is_empty() {
                     return std::task::Poll::Ready(None);
@@ -841,11 +852,12 @@ where
             })
             .await
         };
-        if let Some(n) = read
-            && n? == 0
-        {
-            w.shutdown().await?;
-            return Ok(());
+        if let Some(n) = read {
+            last = n?;
+            if last == 0 {
+                w.shutdown().await?;
+                return Ok(());
+            }
         }
     }
 }
