@@ -41,7 +41,7 @@ enum Cmd {
     /// agent), `mysql` (sysbench: direct, agent), `idle` (memory per idle
     /// connection: agent, PgBouncer), or all of them.
     Bench {
-        /// policy | postgres | mysql | all
+        /// policy | postgres | mysql | idle | all
         #[arg(default_value = "all")]
         which: String,
     },
@@ -629,6 +629,16 @@ fn bench(which: &str) -> Result<()> {
     for proto in ["postgres", "mysql", "idle"] {
         if which == proto || which == "all" {
             build()?;
+            // The drivers start helper binaries of the same package
+            // (`idle-conns`).
+            run(Command::new("cargo").args([
+                "build",
+                "--locked",
+                "--release",
+                "-p",
+                "interceptor-tests",
+                "--bins",
+            ]))?;
             let bin = workspace_root().join("target/release/interceptor");
             run(Command::new("cargo")
                 .args([
