@@ -11,6 +11,30 @@ use crate::{
     policy::{Decision, TargetSpec},
 };
 
+/// The members of `query` records and of the records of executions: the
+/// connection, and a part of its identity.
+#[derive(Serialize)]
+struct Fragment<'a, I> {
+    conn: u64,
+    target: &'a str,
+    protocol: &'a str,
+    identities: &'a [String],
+    identity: I,
+}
+
+impl<I: Serialize> Fragment<'_, I> {
+    fn render(conn: u64, target: &TargetSpec, identities: &[String], identity: I) -> String {
+        serde_json::to_string(&Fragment {
+            conn,
+            target: &target.name,
+            protocol: target.protocol.as_str(),
+            identities,
+            identity,
+        })
+        .unwrap_or_default()
+    }
+}
+
 /// Where a redirected connection was going, and on whose behalf.
 #[derive(Clone, Debug)]
 pub struct ConnInfo {
@@ -86,19 +110,17 @@ impl ConnInfo {
             container: Option<&'a str>,
         }
         #[derive(Serialize)]
-        struct Short<'a> {
-            conn: u64,
-            target: &'a str,
-            protocol: &'a str,
-            identities: &'a [String],
-            identity: ShortIdentity<'a>,
+        struct BriefIdentity<'a> {
+            pid: u32,
+            tgid: u32,
+            uid: u32,
+            comm: &'a str,
         }
-        let short = serde_json::to_string(&Short {
-            conn: id,
-            target: &target.name,
-            protocol: target.protocol.as_str(),
-            identities: &identities,
-            identity: ShortIdentity {
+        let short = Fragment::render(
+            id,
+            &target,
+            &identities,
+            ShortIdentity {
                 pid: identity.pid,
                 tgid: identity.tgid,
                 uid: identity.uid,
@@ -109,36 +131,18 @@ impl ConnInfo {
                 unit: identity.unit.as_deref(),
                 container: identity.container.as_deref(),
             },
-        })
-        .unwrap_or_default();
-        #[derive(Serialize)]
-        struct BriefIdentity<'a> {
-            pid: u32,
-            tgid: u32,
-            uid: u32,
-            comm: &'a str,
-        }
-        #[derive(Serialize)]
-        struct Brief<'a> {
-            conn: u64,
-            target: &'a str,
-            protocol: &'a str,
-            identities: &'a [String],
-            identity: BriefIdentity<'a>,
-        }
-        let brief = serde_json::to_string(&Brief {
-            conn: id,
-            target: &target.name,
-            protocol: target.protocol.as_str(),
-            identities: &identities,
-            identity: BriefIdentity {
+        );
+        let brief = Fragment::render(
+            id,
+            &target,
+            &identities,
+            BriefIdentity {
                 pid: identity.pid,
                 tgid: identity.tgid,
                 uid: identity.uid,
                 comm: &identity.comm,
             },
-        })
-        .unwrap_or_default();
+        );
         Self {
             id,
             members: Arc::from(crate::audit::members(&json)),

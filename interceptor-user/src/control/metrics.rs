@@ -41,32 +41,24 @@ pub fn memory() -> (u64, u64) {
         .ok()
         .and_then(|s| s.split_whitespace().nth(1)?.parse::<u64>().ok())
         .map_or(0, |pages| pages * page);
-    let mut v = [0usize; 8];
-    let [
-        elapsed,
-        user,
-        system,
-        rss,
-        peak_rss,
-        commit,
-        peak_commit,
-        faults,
-    ] = &mut v;
-    // SAFETY: mi_process_info writes one usize through each pointer, all of
-    // which point at distinct live locals; it has no other preconditions.
+    let (mut ignored, mut commit) = (0usize, 0usize);
+    let ignored: *mut usize = &raw mut ignored;
+    // SAFETY: mi_process_info writes one usize through each pointer; all
+    // point at live locals (the figures not wanted share one, written in
+    // turn); it has no other preconditions.
     unsafe {
         libmimalloc_sys::mi_process_info(
-            elapsed,
-            user,
-            system,
-            rss,
-            peak_rss,
-            commit,
-            peak_commit,
-            faults,
+            ignored,
+            ignored,
+            ignored,
+            ignored,
+            ignored,
+            &raw mut commit,
+            ignored,
+            ignored,
         );
     }
-    (resident, v[5] as u64)
+    (resident, commit as u64)
 }
 
 /// Upper bounds of the decision-time histogram, in microseconds.
