@@ -39,7 +39,9 @@ impl<I: Serialize> Fragment<'_, I> {
 #[derive(Clone, Debug)]
 pub struct ConnInfo {
     pub id: u64,
-    pub target: TargetSpec,
+    /// Shared by the connection's guard, its registry entry and its
+    /// session: one copy per connection.
+    pub target: Arc<TargetSpec>,
     pub dst: SocketAddr,
     pub identity: Arc<Identity>,
     /// Names of the policy's identities this workload matched at connect.
@@ -152,7 +154,7 @@ impl ConnInfo {
                 Arc::from(target.name.as_str()),
                 Arc::from(identities.join(",")),
             ),
-            target,
+            target: Arc::new(target),
             dst,
             identity: Arc::new(identity),
             identities: Arc::from(identities),
