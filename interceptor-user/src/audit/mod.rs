@@ -78,6 +78,9 @@ pub struct AuditConfig {
     pub path: PathBuf,
     pub settings: AuditSettings,
     pub taps: Vec<Arc<dyn Tap>>,
+    /// Kept up to date by the writer; shared with whoever needs the
+    /// connections open now (the live tail).
+    pub live: Arc<LiveConnections>,
 }
 
 impl AuditConfig {
@@ -88,7 +91,42 @@ impl AuditConfig {
             path: path.into(),
             settings: AuditSettings::default(),
             taps: Vec::new(),
+            live: Arc::default(),
         }
+    }
+}
+
+/// The connections the writer saw connect and not yet disconnect: when,
+/// and their `connect` record's members (the whole identity). The writer
+/// begins each file after a rotation with a `connection` record of each;
+/// a follower that joins late learns them here.
+#[derive(Debug, Default)]
+pub struct LiveConnections(
+    std::sync::Mutex<std::collections::BTreeMap<u64, (OffsetDateTime, Arc<str>)>>,
+);
+
+impl LiveConnections {
+    fn lock(
+        &self,
+    ) -> std::sync::MutexGuard<'_, std::collections::BTreeMap<u64, (OffsetDateTime, Arc<str>)>>
+    {
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// The members of each live connection, with `then` run under the same
+    /// lock. The writer hands a `connect` record to its taps after the
+    /// connection joins the set and a `disconnect` record before it
+    /// leaves, so a tap subscribed by `then` sees every change the
+    /// snapshot does not.
+    pub fn snapshot_with<R>(&self, then: impl FnOnce() -> R) -> (Vec<(u64, Arc<str>)>, R) {
+        let live = self.lock();
+        let members = live
+            .iter()
+            .map(|(id, (_, m))| (*id, Arc::clone(m)))
+            .collect();
+        (members, then())
     }
 }
 
@@ -554,6 +592,7 @@ impl Writer {
             path,
             settings,
             taps,
+            live,
         } = config;
         let open_err = |source| AuditError::Open {
             path: path.clone(),
@@ -587,7 +626,7 @@ impl Writer {
                 seq: tail.seq.map_or(1, |s| s.saturating_add(1)),
                 prev,
                 reported_dropped: 0,
-                live: std::collections::BTreeMap::new(),
+                live,
             },
             tail.repaired,
         ))
@@ -646,11 +685,9 @@ struct Writer {
     prev: String,
     /// Drops already recorded in `gap` events.
     reported_dropped: u64,
-    /// The connections this writer saw connect and not yet disconnect:
-    /// when, and their `connect` record's members (the whole identity).
     /// After a rotation, the new file begins with a `connection` record of
     /// each, so that every file reads on its own.
-    live: std::collections::BTreeMap<u64, (OffsetDateTime, Arc<str>)>,
+    live: Arc<LiveConnections>,
 }
 
 impl Writer {
@@ -717,19 +754,14 @@ impl Writer {
             self.head_bytes = self.size;
             (line, hash) = render(self.seq, &self.prev, ev);
         }
+        // Taps see a `connect` after the connection joins the live set and
+        // a `disconnect` before it leaves (see `LiveConnections`).
+        if let (Some(id), "connect", Some(members)) = (ev.conn_id, ev.event, &ev.conn) {
+            self.live.lock().insert(id, (ev.ts, Arc::clone(members)));
+        }
         self.write_line(ev, &line, hash);
-        if let Some(id) = ev.conn_id {
-            match ev.event {
-                "connect" => {
-                    if let Some(members) = &ev.conn {
-                        self.live.insert(id, (ev.ts, Arc::clone(members)));
-                    }
-                }
-                "disconnect" => {
-                    self.live.remove(&id);
-                }
-                _ => {}
-            }
+        if let (Some(id), "disconnect") = (ev.conn_id, ev.event) {
+            self.live.lock().remove(&id);
         }
     }
 
@@ -738,6 +770,7 @@ impl Writer {
     fn write_live_connections(&mut self) {
         let live: Vec<(u64, OffsetDateTime, Arc<str>)> = self
             .live
+            .lock()
             .iter()
             .map(|(id, (ts, members))| (*id, *ts, Arc::clone(members)))
             .collect();
@@ -912,9 +945,8 @@ mod tests {
 
     fn start(path: &Path, settings: AuditSettings) -> (AuditLog, AuditWriter) {
         AuditWriter::start(AuditConfig {
-            path: path.to_owned(),
             settings,
-            taps: Vec::new(),
+            ..AuditConfig::new(path)
         })
         .unwrap()
     }
@@ -1441,9 +1473,8 @@ mod tests {
         let base = dir.path().join("audit.jsonl");
         let tap = Arc::new(Collect(std::sync::Mutex::default()));
         let (log, writer) = AuditWriter::start(AuditConfig {
-            path: base.clone(),
-            settings: AuditSettings::default(),
             taps: vec![Arc::new(Panics), tap.clone()],
+            ..AuditConfig::new(&base)
         })
         .unwrap();
         for i in 0..5 {

@@ -436,7 +436,8 @@ fn run_inner(args: &RunArgs, control_socket: &Path) -> Result<(), String> {
     }
     let control_listener = control::bind(control_socket).map_err(|e| e.to_string())?;
 
-    let feed = control::tail::Feed::new();
+    let live = Arc::new(crate::audit::LiveConnections::default());
+    let feed = control::tail::Feed::new(Arc::clone(&live));
     let metrics = control::metrics::Metrics::new();
     let metrics_listener = match args.metrics {
         Some(addr) => Some(
@@ -455,6 +456,7 @@ fn run_inner(args: &RunArgs, control_socket: &Path) -> Result<(), String> {
         path: args.audit_log.clone(),
         settings: audit_settings.clone(),
         taps: vec![feed.clone(), metrics.clone()],
+        live,
     };
     // One writer at a time: after a handover, the log opens once the old
     // agent (still draining, still writing) has exited.

@@ -7,7 +7,7 @@
 use std::{
     collections::HashMap,
     path::{Path, PathBuf},
-    sync::{Arc, Mutex},
+    sync::Arc,
 };
 
 use serde::{Deserialize, Serialize};
@@ -15,7 +15,7 @@ use serde_json::Value;
 use time::{Duration, OffsetDateTime, format_description::well_known::Rfc3339};
 use tokio::sync::broadcast;
 
-use crate::audit::{AuditEvent, Tap};
+use crate::audit::{AuditEvent, LiveConnections, Tap};
 
 /// The filters of one `tail` request.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -44,8 +44,7 @@ fn any_of(wanted: &[String], have: Option<&str>) -> bool {
 /// Whether `who` (a record carrying `identity` and `identities`) is the
 /// workload `want` names.
 fn identity_matches(want: &str, who: &Value) -> bool {
-    let ev = who;
-    let id = &ev["identity"];
+    let id = &who["identity"];
     if let Some((key, value)) = want.split_once('=') {
         return match &id[key.trim()] {
             Value::String(s) => s == value.trim(),
@@ -53,7 +52,7 @@ fn identity_matches(want: &str, who: &Value) -> bool {
             _ => false,
         };
     }
-    let named = ev["identities"]
+    let named = who["identities"]
         .as_array()
         .is_some_and(|names| names.iter().any(|n| n.as_str() == Some(want)));
     named
@@ -288,9 +287,10 @@ fn parse_duration(text: &str) -> Option<Duration> {
 /// rendered line to it; with no follower that costs one check.
 pub struct Feed {
     tx: broadcast::Sender<Arc<str>>,
-    /// The `connect` members of live connections, by id: what a follower
-    /// that joins late needs to judge records carrying a brief identity.
-    live: Mutex<HashMap<u64, Arc<str>>>,
+    /// The connections open now, kept by the audit writer: what a
+    /// follower that joins late needs to judge records carrying a brief
+    /// identity.
+    live: Arc<LiveConnections>,
 }
 
 /// How many records a slow follower may lag before it is told it missed
@@ -298,56 +298,29 @@ pub struct Feed {
 const FOLLOW_BUFFER: usize = 4096;
 
 impl Feed {
+    /// A feed whose followers learn the open connections from `live` (the
+    /// audit writer's, [`crate::audit::AuditConfig::live`]).
     #[must_use]
-    pub fn new() -> Arc<Self> {
+    pub fn new(live: Arc<LiveConnections>) -> Arc<Self> {
         Arc::new(Self {
             tx: broadcast::channel(FOLLOW_BUFFER).0,
-            live: Mutex::new(HashMap::new()),
+            live,
         })
     }
 
-    fn live(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Arc<str>>> {
-        self.live
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-    }
-
-    /// Live records from now on, and the connections live now.
+    /// Live records from now on, and the connections open now.
     #[must_use]
     pub fn subscribe(&self) -> (broadcast::Receiver<Arc<str>>, Connections) {
-        let (rx, members) = {
-            // Under the lock that connects and disconnects are sent under:
-            // the list and the records that follow it agree.
-            let live = self.live();
-            let members: Vec<(u64, Arc<str>)> =
-                live.iter().map(|(id, m)| (*id, Arc::clone(m))).collect();
-            (self.tx.subscribe(), members)
-        };
+        let (members, rx) = self.live.snapshot_with(|| self.tx.subscribe());
         let conns = Connections::from_members(members.iter().map(|(id, m)| (*id, &**m)));
         (rx, conns)
-    }
-
-    fn send(&self, line: &str) {
-        if self.tx.receiver_count() > 0 {
-            let _ = self.tx.send(Arc::from(line));
-        }
     }
 }
 
 impl Tap for Feed {
-    fn event(&self, ev: &AuditEvent, line: &str) {
-        match (ev.event, ev.conn_id, &ev.conn) {
-            ("connect" | "connection", Some(id), Some(members)) => {
-                let mut live = self.live();
-                live.insert(id, Arc::clone(members));
-                self.send(line);
-            }
-            ("disconnect", Some(id), _) => {
-                let mut live = self.live();
-                live.remove(&id);
-                self.send(line);
-            }
-            _ => self.send(line),
+    fn event(&self, _ev: &AuditEvent, line: &str) {
+        if self.tx.receiver_count() > 0 {
+            let _ = self.tx.send(Arc::from(line));
         }
     }
 }
@@ -735,25 +708,25 @@ mod tests {
 
     #[tokio::test]
     async fn a_late_follower_knows_the_live_connections() {
-        use crate::audit::AuditEvent;
-        let feed = Feed::new();
+        use crate::audit::{AuditConfig, AuditEvent, AuditWriter};
+        let dir = tempfile::tempdir().unwrap();
+        let config = AuditConfig::new(dir.path().join("audit.jsonl"));
+        let feed = Feed::new(Arc::clone(&config.live));
+        let (log, writer) = AuditWriter::start(AuditConfig {
+            taps: vec![feed.clone()],
+            ..config
+        })
+        .unwrap();
         let members = |id: u64, unit: &str| -> Arc<str> {
             Arc::from(format!(
                 r#""conn":{id},"identities":[],"identity":{{"cgroup_id":1,"unit":"{unit}"}}"#
             ))
         };
-        feed.event(
-            &AuditEvent::new("connect").with_conn(1, members(1, "a")),
-            "{}",
-        );
-        feed.event(
-            &AuditEvent::new("connect").with_conn(2, members(2, "b")),
-            "{}",
-        );
-        feed.event(
-            &AuditEvent::new("disconnect").with_conn(2, members(2, "b")),
-            "{}",
-        );
+        log.record(AuditEvent::new("connect").with_conn(1, members(1, "a")));
+        log.record(AuditEvent::new("connect").with_conn(2, members(2, "b")));
+        log.record(AuditEvent::new("disconnect").with_conn(2, members(2, "b")));
+        drop(log);
+        writer.finish();
         let (_rx, conns) = feed.subscribe();
         let ev = json!({"event": "query", "conn": 1, "identity": {"comm": "x"}});
         assert_eq!(conns.who(&ev)["identity"]["unit"], "a");

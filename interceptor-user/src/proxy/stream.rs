@@ -44,27 +44,38 @@ pub enum WriteHalf<'a> {
 }
 
 impl Stream {
+    /// As [`ReadHalf::waits_unbuffered`].
+    #[must_use]
+    pub fn waits_unbuffered(&self) -> bool {
+        matches!(self, Self::Plain(_) | Self::Unix(_))
+    }
+
     /// As [`ReadHalf::wait_input`].
-    pub async fn wait_input(&self) -> io::Result<bool> {
+    pub async fn wait_input(&self) -> io::Result<()> {
         match self {
-            Self::Plain(s) => s.readable().await.map(|()| true),
-            Self::Unix(s) => s.readable().await.map(|()| true),
-            Self::Tls(_) | Self::Upgrading => Ok(false),
+            Self::Plain(s) => s.readable().await,
+            Self::Unix(s) => s.readable().await,
+            Self::Tls(_) | Self::Upgrading => Ok(()),
         }
     }
 }
 
 impl ReadHalf<'_> {
-    /// Waits until there is input (or the end of the stream, or an error)
-    /// without holding a buffer meanwhile, so an idle connection holds
-    /// none. Returns `false` at once where the stream cannot tell: on TLS
-    /// the library may hold decrypted bytes already, and the caller reads
-    /// into a buffer as usual.
-    pub async fn wait_input(&self) -> io::Result<bool> {
+    /// Whether [`ReadHalf::wait_input`] can wait for input with no buffer
+    /// held meanwhile, so that an idle connection holds none: on a plain
+    /// socket, not on TLS, whose library may hold decrypted bytes already.
+    #[must_use]
+    pub fn waits_unbuffered(&self) -> bool {
+        matches!(self, Self::Plain(_) | Self::Unix(_))
+    }
+
+    /// Waits until there is input (or the end of the stream, or an error);
+    /// returns at once where [`ReadHalf::waits_unbuffered`] is false.
+    pub async fn wait_input(&self) -> io::Result<()> {
         match self {
-            Self::Plain(r) => r.readable().await.map(|()| true),
-            Self::Unix(r) => r.readable().await.map(|()| true),
-            Self::Tls(_) | Self::Upgrading => Ok(false),
+            Self::Plain(r) => r.readable().await,
+            Self::Unix(r) => r.readable().await,
+            Self::Tls(_) | Self::Upgrading => Ok(()),
         }
     }
 }

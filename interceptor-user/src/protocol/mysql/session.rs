@@ -595,14 +595,18 @@ impl Session<'_> {
                 }
             }
             self.flush().await?;
-            if self.cbuf.is_empty() && self.sbuf.is_empty() {
+            if self.cbuf.is_empty()
+                && self.sbuf.is_empty()
+                && self.client.waits_unbuffered()
+                && self.server.waits_unbuffered()
+            {
                 // Between commands, while both sides are silent, no read
                 // buffers are held: an idle connection holds little.
                 self.cbuf = BytesMut::new();
                 self.sbuf = BytesMut::new();
                 tokio::select! {
-                    r = self.client.wait_input() => { r?; }
-                    r = self.server.wait_input() => { r?; }
+                    r = self.client.wait_input() => r?,
+                    r = self.server.wait_input() => r?,
                 }
             }
             make_room(&mut self.cbuf, 0);

@@ -509,13 +509,13 @@ async fn refill(
 
 /// Reads more into `buf` (`last` is what the previous read brought). With
 /// nothing buffered and traffic small, the buffer is given back while the
-/// peer is silent: an idle connection holds no read buffers.
+/// peer is silent: an idle plain connection holds no read buffers.
 async fn read_more(
     r: &mut ReadHalf<'_>,
     buf: &mut BytesMut,
     last: usize,
 ) -> std::io::Result<usize> {
-    if buf.is_empty() && last < SMALL_READ / 2 {
+    if buf.is_empty() && last < SMALL_READ / 2 && r.waits_unbuffered() {
         *buf = BytesMut::new();
         r.wait_input().await?;
     }
