@@ -43,43 +43,6 @@ pub enum WriteHalf<'a> {
     Upgrading,
 }
 
-impl Stream {
-    /// As [`ReadHalf::waits_unbuffered`].
-    #[must_use]
-    pub fn waits_unbuffered(&self) -> bool {
-        matches!(self, Self::Plain(_) | Self::Unix(_))
-    }
-
-    /// As [`ReadHalf::wait_input`].
-    pub async fn wait_input(&self) -> io::Result<()> {
-        match self {
-            Self::Plain(s) => s.readable().await,
-            Self::Unix(s) => s.readable().await,
-            Self::Tls(_) | Self::Upgrading => Ok(()),
-        }
-    }
-}
-
-impl ReadHalf<'_> {
-    /// Whether [`ReadHalf::wait_input`] can wait for input with no buffer
-    /// held meanwhile, so that an idle connection holds none: on a plain
-    /// socket, not on TLS, whose library may hold decrypted bytes already.
-    #[must_use]
-    pub fn waits_unbuffered(&self) -> bool {
-        matches!(self, Self::Plain(_) | Self::Unix(_))
-    }
-
-    /// Waits until there is input (or the end of the stream, or an error);
-    /// returns at once where [`ReadHalf::waits_unbuffered`] is false.
-    pub async fn wait_input(&self) -> io::Result<()> {
-        match self {
-            Self::Plain(r) => r.readable().await,
-            Self::Unix(r) => r.readable().await,
-            Self::Tls(_) | Self::Upgrading => Ok(()),
-        }
-    }
-}
-
 fn upgrading() -> io::Error {
     io::Error::new(io::ErrorKind::NotConnected, "TLS handshake in progress")
 }
@@ -203,6 +166,34 @@ macro_rules! delegate_write {
     };
 }
 
+/// Waiting for input with no buffer held meanwhile, so that an idle
+/// connection holds none.
+macro_rules! delegate_wait {
+    ($t:ty) => {
+        impl $t {
+            /// Whether `wait_input` can wait for input with no buffer held
+            /// meanwhile: on a plain socket, not on TLS, whose library may
+            /// hold decrypted bytes already.
+            #[must_use]
+            pub fn waits_unbuffered(&self) -> bool {
+                matches!(self, Self::Plain(_) | Self::Unix(_))
+            }
+
+            /// Waits until there is input (or the end of the stream, or an
+            /// error); returns at once where `waits_unbuffered` is false.
+            pub async fn wait_input(&self) -> io::Result<()> {
+                match self {
+                    Self::Plain(s) => s.readable().await,
+                    Self::Unix(s) => s.readable().await,
+                    Self::Tls(_) | Self::Upgrading => Ok(()),
+                }
+            }
+        }
+    };
+}
+
+delegate_wait!(Stream);
+delegate_wait!(ReadHalf<'_>);
 delegate_read!(Stream);
 delegate_write!(Stream);
 delegate_read!(ReadHalf<'_>);
