@@ -43,6 +43,17 @@ pub const MAP_UNIX_CONNS: &str = "UNIX_CONNS";
 /// zero-padded) -> the target path ([`UnixPath`]) it stands in for; what
 /// getpeername_unix shows instead.
 pub const MAP_UNIX_LISTENERS: &str = "UNIX_LISTENERS";
+/// Sockhash: [`BypassKey`] -> socket; with `--local-bypass on`, both ends
+/// of each redirected workload-agent connection (the workload's by
+/// sock_ops at establishment, the agent's by the agent itself). The
+/// `sk_msg` program attached to it hands each `sendmsg` of one end to the
+/// other end's receive queue, past the TCP stack.
+pub const MAP_BYPASS: &str = "BYPASS";
+/// Hash: the workload end's [`BypassKey`] -> [`BypassFlow`]; the bytes in
+/// flight each way, and whether the connection has gone back to TCP.
+/// Written by sock_ops at establishment, removed when the workload's
+/// socket closes.
+pub const MAP_BYPASS_FLOWS: &str = "BYPASS_FLOWS";
 
 /// Program names, as the agent looks them up in the object file.
 pub const PROG_CONNECT4: &str = "interceptor_connect4";
@@ -51,6 +62,8 @@ pub const PROG_GETPEERNAME4: &str = "interceptor_getpeername4";
 pub const PROG_GETPEERNAME6: &str = "interceptor_getpeername6";
 pub const PROG_SOCK_OPS: &str = "interceptor_sock_ops";
 pub const PROG_EGRESS: &str = "interceptor_egress";
+/// `sk_msg`, attached to [`MAP_BYPASS`] (not to a cgroup).
+pub const PROG_SK_MSG: &str = "interceptor_sk_msg";
 /// `cgroup/connect_unix` (kernel >= 6.7). aya cannot load or attach this
 /// attach type, so the agent loads it itself (`ebpf::unix`); in the object
 /// it sits in a section aya parses.
@@ -77,6 +90,15 @@ pub const MAX_CONNS: u32 = 65_536;
 pub const MAX_EXEMPT: u32 = 64;
 pub const MAX_BLOCKED: u32 = 16_384;
 pub const MAX_NETNS: u32 = 8192;
+/// Connections at once with the local bypass (two sockets each); beyond
+/// it, connections use TCP.
+pub const MAX_BYPASS: u32 = 65_536;
+/// Bytes one end may hand past TCP since the other end last sent. The
+/// receive queue a bypassed message lands in is not bounded by the
+/// receiver's buffer, so a peer that stops reading would otherwise let the
+/// sender queue without limit; past this cap the direction goes back to
+/// TCP (and its backpressure) for the rest of the connection.
+pub const BYPASS_CAP_BYTES: u32 = 1 << 20;
 /// Bytes of the netns event ring buffer (a power of two, page multiple).
 pub const NETNS_EVENTS_BYTES: u32 = 64 * 1024;
 
@@ -218,7 +240,9 @@ pub struct AgentConfig {
     /// fail-closed mode: they are redirected all the same and refused by
     /// the absent listener.
     pub fail_open: u32,
-    pub _pad2: u32,
+    /// 1 with `--local-bypass on`: sock_ops puts redirected workload
+    /// sockets in [`MAP_BYPASS`].
+    pub local_bypass: u32,
     /// `bpf_ktime_get_ns` clock (CLOCK_MONOTONIC) of the agent's last
     /// heartbeat.
     pub heartbeat_ns: u64,
@@ -279,6 +303,51 @@ pub struct SockKey {
     pub port: u16,
     pub _pad: u16,
     pub _pad2: u32,
+}
+
+/// Key of [`MAP_BYPASS`] and [`MAP_BYPASS_FLOWS`]: a TCP socket by its
+/// network namespace and its own view of the connection, so the peer's key
+/// is the same with the two ends swapped.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct BypassKey {
+    pub netns_cookie: u64,
+    /// IPv4-mapped for IPv4.
+    pub local_addr: [u8; 16],
+    pub remote_addr: [u8; 16],
+    /// Host byte order.
+    pub local_port: u16,
+    /// Host byte order.
+    pub remote_port: u16,
+    pub _pad: u32,
+}
+
+impl BypassKey {
+    /// The key of the socket at the other end.
+    #[inline(always)]
+    #[must_use]
+    pub fn peer(&self) -> Self {
+        Self {
+            netns_cookie: self.netns_cookie,
+            local_addr: self.remote_addr,
+            remote_addr: self.local_addr,
+            local_port: self.remote_port,
+            remote_port: self.local_port,
+            _pad: 0,
+        }
+    }
+}
+
+/// Value of [`MAP_BYPASS_FLOWS`]. Index 0 is the workload's direction
+/// (workload to agent), 1 the agent's.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct BypassFlow {
+    /// Bytes handed past TCP in each direction since the other last sent.
+    pub in_flight: [u32; 2],
+    /// Non-zero once the direction went back to TCP, for good: a message
+    /// bypassing TCP after one sent over it could be read before it.
+    pub tcp: [u32; 2],
 }
 
 /// Value of the netns map.
@@ -413,6 +482,8 @@ const _: () = assert!(core::mem::size_of::<ConnRecord>() == 88);
 const _: () = assert!(core::mem::size_of::<UnixPath>() == 112);
 const _: () = assert!(core::mem::size_of::<UnixTarget>() == 136);
 const _: () = assert!(core::mem::size_of::<UnixKey>() == 16);
+const _: () = assert!(core::mem::size_of::<BypassKey>() == 48);
+const _: () = assert!(core::mem::size_of::<BypassFlow>() == 16);
 
 #[cfg(feature = "user")]
 mod pod {
@@ -440,6 +511,10 @@ mod pod {
     unsafe impl aya::Pod for super::UnixTarget {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::UnixKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::BypassKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::BypassFlow {}
 }
 
 #[cfg(test)]

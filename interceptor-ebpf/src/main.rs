@@ -11,6 +11,13 @@
 //!   local port is chosen (TCP_CONNECT_CB), the record is re-keyed by the
 //!   client's local address, which is what the agent sees as its peer; on
 //!   close the cookie entry goes (the agent deletes the other on accept).
+//! - `--local-bypass on` (experimental): at establishment, sock_ops also
+//!   puts a redirected workload socket in the `BYPASS` sockhash, and the
+//!   agent adds its own end when it accepts. The `sk_msg` program, attached
+//!   to that map, hands each `sendmsg` of either end straight to the other
+//!   end's receive queue (`bpf_msg_redirect_hash`, `BPF_F_INGRESS`), past
+//!   the TCP stack. A direction whose bytes in flight since the other end
+//!   last sent pass `BYPASS_CAP_BYTES` goes back to TCP for good.
 //! - `cgroup/getpeername4`, `cgroup/getpeername6` (kernel >= 5.8): the client
 //!   sees the original peer, so the redirect is invisible.
 //! - Network namespaces (containers, pods): the agent listens on loopback
@@ -37,8 +44,9 @@ use core::{ffi::c_void, ptr::read_volatile};
 use aya_ebpf::{
     EbpfContext,
     bindings::{
-        BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG, BPF_SOCK_OPS_TCP_CONNECT_CB,
-        BPF_SOCK_OPS_TIMEOUT_INIT, BPF_TCP_CLOSE, BPF_TCP_SYN_SENT,
+        BPF_ANY, BPF_F_INGRESS, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB,
+        BPF_SOCK_OPS_STATE_CB_FLAG, BPF_SOCK_OPS_TCP_CONNECT_CB, BPF_SOCK_OPS_TIMEOUT_INIT,
+        BPF_TCP_CLOSE, BPF_TCP_SYN_SENT, sk_action::SK_PASS,
     },
     helpers::{
         bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_uid_gid, bpf_ktime_get_ns,
@@ -47,12 +55,12 @@ use aya_ebpf::{
             bpf_get_socket_cookie, bpf_probe_read_kernel_str,
         },
     },
-    macros::{cgroup_skb, cgroup_sock_addr, map, sock_ops},
-    maps::{Array, HashMap, LpmTrie, LruHashMap, RingBuf, lpm_trie::Key},
-    programs::{SkBuffContext, SockAddrContext, SockOpsContext},
+    macros::{cgroup_skb, cgroup_sock_addr, map, sk_msg, sock_ops},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, RingBuf, SockHash, lpm_trie::Key},
+    programs::{SkBuffContext, SkMsgContext, SockAddrContext, SockOpsContext},
 };
 use interceptor_common::{
-    AgentConfig, BLOCK_CGROUP, BLOCK_CGROUP_LEVELS, BLOCK_CGROUP_TREE, BLOCK_COMM, BLOCK_TGID,
+    AgentConfig, BYPASS_CAP_BYTES, BypassFlow, BypassKey, MAX_BYPASS, BLOCK_CGROUP, BLOCK_CGROUP_LEVELS, BLOCK_CGROUP_TREE, BLOCK_COMM, BLOCK_TGID,
     BLOCK_UID, BlockKey, ConnRecord, FAMILY_UNIX, FAMILY_V4, FAMILY_V6, HEARTBEAT_STALE_NS,
     KFUNC_CAST_TO_KERN_CTX, KFUNC_SET_SUN_PATH, MAX_BLOCKED, MAX_CONNS, MAX_EXEMPT, MAX_NETNS,
     MAX_TARGETS, MAX_UNIX_TARGETS, NETNS_EVENTS_BYTES, NETNS_FAILED, NETNS_HAS_V4, NETNS_HAS_V6,
@@ -95,6 +103,11 @@ static UNIX_CONNS: LruHashMap<UnixKey, ConnRecord> = LruHashMap::with_max_entrie
 #[map]
 static UNIX_LISTENERS: HashMap<[u8; SUN_PATH_MAX], UnixPath> =
     HashMap::with_max_entries(MAX_UNIX_TARGETS, 0);
+
+#[map]
+static BYPASS: SockHash<BypassKey> = SockHash::with_max_entries(MAX_BYPASS * 2, 0);
+#[map]
+static BYPASS_FLOWS: HashMap<BypassKey, BypassFlow> = HashMap::with_max_entries(MAX_BYPASS, 0);
 
 /// `BPF_NOEXIST`: insert only if absent.
 const NOEXIST: u64 = 1;
@@ -283,6 +296,15 @@ pub fn interceptor_getpeername6(ctx: SockAddrContext) -> i32 {
 pub fn interceptor_sock_ops(ctx: SockOpsContext) -> u32 {
     let _ = try_sock_ops(&ctx);
     1
+}
+
+/// Every message is let through: either handed to the peer's receive
+/// queue (the redirect succeeded) or sent over TCP (it did not, or the
+/// connection is not bypassed).
+#[sk_msg]
+pub fn interceptor_sk_msg(ctx: SkMsgContext) -> u32 {
+    let _ = try_sk_msg(&ctx);
+    SK_PASS
 }
 
 /// Why a program did nothing; never surfaces beyond the wrapper.
@@ -668,11 +690,147 @@ fn local_key(ctx: &SockOpsContext, rec: &ConnRecord) -> SockKey {
     }
 }
 
+/// sock_ops and sk_msg keep `remote_port` as the network-order port,
+/// shifted left by 16 on little-endian kernels (and not on big-endian
+/// ones); the port in host order.
+#[inline(always)]
+fn remote_port_host(raw: u32) -> u16 {
+    let be = if raw & 0xffff == 0 { raw >> 16 } else { raw };
+    u16::from_be(be as u16)
+}
+
+/// A socket's own view of its connection, from the context fields every
+/// socket program shares (each read with its own volatile load, see
+/// [`local_key`]).
+#[inline(always)]
+fn bypass_key(
+    netns_cookie: u64,
+    family: u32,
+    ip4: (u32, u32),
+    ip6: ([u32; 4], [u32; 4]),
+    ports: (u32, u32),
+) -> BypassKey {
+    let (local_addr, remote_addr) = if family == AF_INET {
+        (v4_mapped(ip4.0), v4_mapped(ip4.1))
+    } else {
+        (v6_bytes(ip6.0), v6_bytes(ip6.1))
+    };
+    BypassKey {
+        netns_cookie,
+        local_addr,
+        remote_addr,
+        local_port: ports.0 as u16,
+        remote_port: remote_port_host(ports.1),
+        _pad: 0,
+    }
+}
+
+fn ops_bypass_key(ctx: &SockOpsContext, rec: &ConnRecord) -> BypassKey {
+    let ops = ctx.ops;
+    // SAFETY: the verifier guarantees `ops` points at the sock_ops context;
+    // each field is read with its own constant offset.
+    unsafe {
+        bypass_key(
+            rec.netns_cookie,
+            read_volatile(&raw const (*ops).family),
+            (
+                read_volatile(&raw const (*ops).local_ip4),
+                read_volatile(&raw const (*ops).remote_ip4),
+            ),
+            (
+                [
+                    read_volatile(&raw const (*ops).local_ip6[0]),
+                    read_volatile(&raw const (*ops).local_ip6[1]),
+                    read_volatile(&raw const (*ops).local_ip6[2]),
+                    read_volatile(&raw const (*ops).local_ip6[3]),
+                ],
+                [
+                    read_volatile(&raw const (*ops).remote_ip6[0]),
+                    read_volatile(&raw const (*ops).remote_ip6[1]),
+                    read_volatile(&raw const (*ops).remote_ip6[2]),
+                    read_volatile(&raw const (*ops).remote_ip6[3]),
+                ],
+            ),
+            (
+                read_volatile(&raw const (*ops).local_port),
+                read_volatile(&raw const (*ops).remote_port),
+            ),
+        )
+    }
+}
+
+fn try_sk_msg(ctx: &SkMsgContext) -> Result<(), Skip> {
+    let md = ctx.msg;
+    // SAFETY: helper allowed for sk_msg programs (kernel >= 5.15), on our
+    // own context.
+    let netns_cookie = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+    // SAFETY: the verifier guarantees `md` points at the sk_msg context;
+    // each field is read with its own constant offset.
+    let own = unsafe {
+        bypass_key(
+            netns_cookie,
+            read_volatile(&raw const (*md).family),
+            (
+                read_volatile(&raw const (*md).local_ip4),
+                read_volatile(&raw const (*md).remote_ip4),
+            ),
+            (
+                [
+                    read_volatile(&raw const (*md).local_ip6[0]),
+                    read_volatile(&raw const (*md).local_ip6[1]),
+                    read_volatile(&raw const (*md).local_ip6[2]),
+                    read_volatile(&raw const (*md).local_ip6[3]),
+                ],
+                [
+                    read_volatile(&raw const (*md).remote_ip6[0]),
+                    read_volatile(&raw const (*md).remote_ip6[1]),
+                    read_volatile(&raw const (*md).remote_ip6[2]),
+                    read_volatile(&raw const (*md).remote_ip6[3]),
+                ],
+            ),
+            (
+                read_volatile(&raw const (*md).local_port),
+                read_volatile(&raw const (*md).remote_port),
+            ),
+        )
+    };
+    let mut peer = own.peer();
+    // The flow is keyed by the workload's end: found under the sender's
+    // own key, the workload sends; under the peer's, the agent does.
+    let (flow, dir) = match BYPASS_FLOWS.get_ptr_mut(&own) {
+        Some(f) => (f, 0),
+        None => (BYPASS_FLOWS.get_ptr_mut(&peer).ok_or(Skip::NotTarget)?, 1),
+    };
+    let size = ctx.size();
+    // SAFETY: a pointer into the map's value, valid for this run; two CPUs
+    // updating one flow at once (two threads writing one socket) can only
+    // lose a count, never go past the cap by more than a message.
+    unsafe {
+        // This end sends, so it has read what it answers.
+        (*flow).in_flight[1 - dir] = 0;
+        if (*flow).tcp[dir] != 0 {
+            return Err(Skip::NotEnabled);
+        }
+        let total = (*flow).in_flight[dir].saturating_add(size);
+        if total > BYPASS_CAP_BYTES {
+            (*flow).tcp[dir] = 1;
+            return Err(Skip::NotEnabled);
+        }
+        (*flow).in_flight[dir] = total;
+    }
+    // A peer not (or no longer) in the map, or not established (closing):
+    // the helper refuses and the message goes over TCP, after what this
+    // socket already handed over, so nothing is overtaken.
+    let _ = BYPASS.redirect_msg(ctx, &mut peer, u64::from(BPF_F_INGRESS));
+    Ok(())
+}
+
 fn try_sock_ops(ctx: &SockOpsContext) -> Result<(), Skip> {
     let op = ctx.op();
     if op != BPF_SOCK_OPS_TCP_CONNECT_CB
         && op != BPF_SOCK_OPS_STATE_CB
         && op != BPF_SOCK_OPS_TIMEOUT_INIT
+        && op != BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB
     {
         return Ok(());
     }
@@ -702,7 +860,27 @@ fn try_sock_ops(ctx: &SockOpsContext) -> Result<(), Skip> {
             .map_err(|_| Skip::MapFull)?;
         // Ask for state callbacks so the entries go when the socket closes.
         let _ = ctx.set_cb_flags(BPF_SOCK_OPS_STATE_CB_FLAG as i32);
+    } else if op == BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB {
+        if config().is_ok_and(|c| c.local_bypass != 0) {
+            let mut key = ops_bypass_key(ctx, &rec);
+            // The flow first: a socket in the sockhash without one is
+            // never bypassed, so a full flow map leaves it on TCP.
+            if BYPASS_FLOWS
+                .insert(&key, &BypassFlow::default(), 0)
+                .is_ok()
+            {
+                // SAFETY: the verifier checked `ops` is this program's context.
+                let ops = unsafe { &mut *ctx.ops };
+                if BYPASS.update(&mut key, ops, u64::from(BPF_ANY)).is_err() {
+                    let _ = BYPASS_FLOWS.remove(&key);
+                }
+            }
+        }
     } else if ctx.arg(1) == BPF_TCP_CLOSE {
+        if config().is_ok_and(|c| c.local_bypass != 0) {
+            // The kernel drops a closed socket from the sockhash itself.
+            let _ = BYPASS_FLOWS.remove(&ops_bypass_key(ctx, &rec));
+        }
         // Only the cookie entry goes: the by-address one is the agent's to
         // take (a client may close before the agent accepted), and a later
         // socket on the same local port overwrites it; the LRU bounds both.

@@ -42,6 +42,13 @@ pub enum FailMode {
     Open,
 }
 
+/// `--local-bypass`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Switch {
+    On,
+    Off,
+}
+
 impl FailMode {
     #[must_use]
     pub fn as_str(self) -> &'static str {
@@ -112,6 +119,13 @@ pub struct RunArgs {
     /// the target's path to its listener here.
     #[arg(long, default_value = DEFAULT_UNIX_DIR)]
     pub unix_dir: PathBuf,
+    /// Experimental: messages between a workload and the agent skip the TCP
+    /// stack (an `sk_msg` program hands each one to the other socket's
+    /// receive queue); the agent-server hop stays TCP. A direction with more
+    /// than 1 MiB unanswered goes back to TCP for the rest of its
+    /// connection. See the README's benchmarks for what it gains.
+    #[arg(long, value_enum, default_value = "off")]
+    pub local_bypass: Switch,
     /// Log filter for the agent's own diagnostics on stderr (tracing syntax).
     #[arg(long, env = "INTERCEPTOR_LOG", default_value = "info")]
     pub log: String,
@@ -498,6 +512,7 @@ fn run_inner(args: &RunArgs, control_socket: &Path) -> Result<(), String> {
                 fail_open: args.fail_mode == FailMode::Open,
                 handover: taken.is_some(),
                 unix_dir: args.unix_dir.clone(),
+                local_bypass: args.local_bypass == Switch::On,
             },
         )
         .map_err(|e| {
@@ -612,6 +627,7 @@ fn run_inner(args: &RunArgs, control_socket: &Path) -> Result<(), String> {
             .with("cgroup", cgroup.display().to_string())
             .with("policy", &policy_source)
             .with("fail_mode", args.fail_mode.as_str())
+            .with("local_bypass", args.local_bypass == Switch::On)
             .with("pin_dir", args.pin_dir.display().to_string())
             .with("adopted", redirector.adopted())
             .with(

@@ -101,6 +101,13 @@ pub trait OrigDstLookup: Send + Sync {
     fn take_unix(&self, _netns_cookie: u64, _tgid: u32, _listen_id: u32) -> Option<ConnRecord> {
         None
     }
+
+    /// With `--local-bypass on`, adds the agent's end of an accepted TCP
+    /// connection in the network namespace `netns_cookie` to the kernel's
+    /// bypass; otherwise nothing. Called before the agent's first write to
+    /// the client and while the client waits for it, so nothing the client
+    /// sent over TCP can be overtaken by what it sends past TCP.
+    fn join_bypass(&self, _netns_cookie: u64, _socket: std::os::fd::BorrowedFd<'_>) {}
 }
 
 /// The agent's listener for the unix target `path`: a stable id (the

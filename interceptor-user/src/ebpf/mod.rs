@@ -5,25 +5,28 @@
 use std::{
     fs::File,
     net::{IpAddr, Ipv6Addr, SocketAddr},
+    os::fd::{AsRawFd as _, BorrowedFd},
     path::{Path, PathBuf},
     sync::Mutex,
 };
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, HashMap, LpmTrie, MapData, RingBuf, lpm_trie::Key},
+    maps::{Array, HashMap, LpmTrie, MapData, RingBuf, SockHash, lpm_trie::Key},
     programs::{
-        CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSockAddr, SockOps,
+        CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSockAddr, SkMsg, SockOps,
         links::{FdLink, PinnedLink},
     },
 };
 use interceptor_common::{
-    AgentConfig, BlockKey, ConnRecord, MAP_BLOCKED, MAP_CONFIG, MAP_CONN_BY_ADDR,
+    AgentConfig, BlockKey, BypassKey, ConnRecord, MAP_BLOCKED, MAP_BYPASS, MAP_BYPASS_FLOWS, MAP_CONFIG, MAP_CONN_BY_ADDR,
     MAP_CONN_BY_COOKIE, MAP_EXEMPT_TGIDS, MAP_NETNS, MAP_NETNS_EVENTS, MAP_TARGETS, MAP_UNIX_CONNS,
     MAP_UNIX_LISTENERS, MAP_UNIX_TARGETS, NetnsState, PROG_CONNECT4, PROG_CONNECT6, PROG_EGRESS,
-    PROG_GETPEERNAME4, PROG_GETPEERNAME6, PROG_SOCK_OPS, SUN_PATH_MAX, SockKey,
+    PROG_GETPEERNAME4, PROG_GETPEERNAME6, PROG_SK_MSG, PROG_SOCK_OPS, SUN_PATH_MAX, SockKey,
     TARGET_KEY_PORT_BITS, TargetKey, TargetValue, UnixKey, UnixPath, UnixTarget, v6_words,
 };
+
+use nix::sys::socket::SockaddrStorage;
 
 use crate::{
     conn::{NetnsMap, OrigDstLookup, monotonic_ns},
@@ -116,10 +119,14 @@ pub struct Pinning {
     pub handover: bool,
     /// Directory of the agent's unix listeners (unix targets).
     pub unix_dir: PathBuf,
+    /// `--local-bypass on`: workload-agent messages skip the TCP stack.
+    pub local_bypass: bool,
 }
 
 /// Every map, pinned by name in the pin dir.
-const MAPS: [&str; 11] = [
+const MAPS: [&str; 13] = [
+    MAP_BYPASS,
+    MAP_BYPASS_FLOWS,
     MAP_UNIX_TARGETS,
     MAP_UNIX_CONNS,
     MAP_UNIX_LISTENERS,
@@ -171,6 +178,9 @@ pub struct Redirector {
     /// Where the agent's unix listeners are.
     unix_dir: PathBuf,
     home_netns: u64,
+    /// The sockhash the agent adds its accepted sockets to, with
+    /// `--local-bypass on`.
+    bypass: Option<Mutex<SockHash<MapData, BypassKey>>>,
 }
 
 impl std::fmt::Debug for Redirector {
@@ -230,7 +240,7 @@ pub fn agent_config(l: &ListenerConfig) -> AgentConfig {
         mark: l.mark,
         enabled: 1,
         fail_open: 0,
-        _pad2: 0,
+        local_bypass: 0,
         heartbeat_ns: 0,
         cgroup_ino: 0,
     }
@@ -283,6 +293,25 @@ impl Redirector {
                 e
             }
         })?;
+        // The sk_msg program is on the sockhash before sock_ops may put a
+        // socket there (a socket takes the map's programs when it joins).
+        let bypass = if pinning.local_bypass {
+            let map = SockHash::<_, BypassKey>::try_from(
+                ebpf.take_map(MAP_BYPASS)
+                    .ok_or(EbpfError::Missing(MAP_BYPASS))?,
+            )
+            .map_err(map_err(MAP_BYPASS))?;
+            let prog: &mut SkMsg = ebpf
+                .program_mut(PROG_SK_MSG)
+                .ok_or(EbpfError::Missing(PROG_SK_MSG))?
+                .try_into()
+                .map_err(prog_err(PROG_SK_MSG))?;
+            prog.load().map_err(prog_err(PROG_SK_MSG))?;
+            prog.attach(map.fd()).map_err(prog_err(PROG_SK_MSG))?;
+            Some(Mutex::new(map))
+        } else {
+            None
+        };
 
         {
             let map = ebpf
@@ -322,6 +351,7 @@ impl Redirector {
             c.fail_open = u32::from(pinning.fail_open);
             c.heartbeat_ns = monotonic_ns();
             c.cgroup_ino = cgroup_ino;
+            c.local_bypass = u32::from(bypass.is_some());
             cfg.set(0, c, 0).map_err(map_err(MAP_CONFIG))?;
         }
         let mut netns: HashMap<MapData, u64, NetnsState> = HashMap::try_from(
@@ -461,6 +491,7 @@ impl Redirector {
             unix_unsupported,
             unix_dir: pinning.unix_dir.clone(),
             home_netns: listener.home.0,
+            bypass,
         };
         me.set_targets(targets)?;
         Ok(me)
@@ -780,6 +811,55 @@ impl OrigDstLookup for Redirector {
         let map = self.unix_conns.lock().ok()?;
         map.get(&key, 0).ok()
     }
+
+    fn join_bypass(&self, netns_cookie: u64, socket: BorrowedFd<'_>) {
+        let Some(bypass) = &self.bypass else {
+            return;
+        };
+        let (Ok(local), Ok(peer)) = (
+            nix::sys::socket::getsockname::<SockaddrStorage>(socket.as_raw_fd()),
+            nix::sys::socket::getpeername::<SockaddrStorage>(socket.as_raw_fd()),
+        ) else {
+            return;
+        };
+        let (Some(local), Some(peer)) = (socket_addr(&local), socket_addr(&peer)) else {
+            return;
+        };
+        let key = bypass_key(netns_cookie, local, peer);
+        if let Ok(mut map) = bypass.lock() {
+            // Refused when the client already closed (not established) or
+            // the map is full: the connection stays on TCP.
+            if let Err(e) = map.insert(key, socket.as_raw_fd(), 0) {
+                tracing::debug!("local bypass: {e}");
+            }
+        }
+    }
+}
+
+/// The [`BypassKey`] of a socket from its own address and its peer's.
+#[must_use]
+pub fn bypass_key(netns_cookie: u64, local: SocketAddr, peer: SocketAddr) -> BypassKey {
+    let mapped = |a: SocketAddr| match a.ip() {
+        IpAddr::V4(v4) => v4.to_ipv6_mapped().octets(),
+        IpAddr::V6(v6) => v6.octets(),
+    };
+    BypassKey {
+        netns_cookie,
+        local_addr: mapped(local),
+        remote_addr: mapped(peer),
+        local_port: local.port(),
+        remote_port: peer.port(),
+        _pad: 0,
+    }
+}
+
+fn socket_addr(a: &SockaddrStorage) -> Option<SocketAddr> {
+    a.as_sockaddr_in()
+        .map(|v4| SocketAddr::from(std::net::SocketAddrV4::from(*v4)))
+        .or_else(|| {
+            a.as_sockaddr_in6()
+                .map(|v6| SocketAddr::from(std::net::SocketAddrV6::from(*v6)))
+        })
 }
 
 /// Pins a freshly attached link.

@@ -206,6 +206,18 @@ impl Guard {
         Arc::clone(&self.shared.tls)
     }
 
+    /// Adds the client's plain TCP socket to the kernel's local bypass when
+    /// it is on (see [`crate::conn::OrigDstLookup::join_bypass`]): the
+    /// protocol calls this before its first write to the client, at a
+    /// moment the client waits for that write.
+    pub fn join_local_bypass(&self, client: &super::stream::Stream) {
+        if let (super::stream::Stream::Plain(tcp), Some(netns)) = (client, &self.info.netns) {
+            self.shared
+                .lookup
+                .join_bypass(netns.cookie, std::os::fd::AsFd::as_fd(tcp));
+        }
+    }
+
     /// What the legs negotiated, carried by `session` events from now on.
     pub fn set_tls(&mut self, legs: crate::tls::Legs) {
         self.tls = legs;

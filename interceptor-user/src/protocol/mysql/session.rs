@@ -61,6 +61,8 @@ pub async fn serve(
     upstream: &Upstream,
     counts: &Counted,
 ) -> Result<(), SessionError> {
+    // The client sends nothing before the server's greeting.
+    guard.join_local_bypass(&client);
     let server = match upstream.connect().await {
         Ok(s) => s,
         Err(e) => {

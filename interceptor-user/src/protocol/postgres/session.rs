@@ -121,8 +121,19 @@ pub async fn serve(
     // so a client that merely prefers TLS carries on in plain text with a
     // plain server, as it would directly.
     let mut early_server = None;
+    // The local bypass is joined on the first message, before the reply to
+    // it: the client waits for that reply. Not with direct TLS (the
+    // ClientHello was not read yet), nor after a pipelined message.
+    let mut join = legs.client.is_none();
     let startup = loop {
-        match decode_startup(&mut cbuf) {
+        let decoded = decode_startup(&mut cbuf);
+        if join && matches!(decoded, Ok(Some(_))) {
+            join = false;
+            if cbuf.is_empty() {
+                guard.join_local_bypass(&client);
+            }
+        }
+        match decoded {
             Ok(Some(StartupPacket::Ssl)) => {
                 client = match client {
                     Stream::Plain(mut tcp) if cbuf.is_empty() => {
