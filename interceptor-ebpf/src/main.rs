@@ -60,14 +60,14 @@ use aya_ebpf::{
     programs::{SkBuffContext, SkMsgContext, SockAddrContext, SockOpsContext},
 };
 use interceptor_common::{
-    AgentConfig, BYPASS_CAP_BYTES, BypassFlow, BypassKey, MAX_BYPASS, BLOCK_CGROUP, BLOCK_CGROUP_LEVELS, BLOCK_CGROUP_TREE, BLOCK_COMM, BLOCK_TGID,
-    BLOCK_UID, BlockKey, ConnRecord, FAMILY_UNIX, FAMILY_V4, FAMILY_V6, HEARTBEAT_STALE_NS,
-    KFUNC_CAST_TO_KERN_CTX, KFUNC_SET_SUN_PATH, MAX_BLOCKED, MAX_CONNS, MAX_EXEMPT, MAX_NETNS,
-    MAX_TARGETS, MAX_UNIX_TARGETS, NETNS_EVENTS_BYTES, NETNS_FAILED, NETNS_HAS_V4, NETNS_HAS_V6,
-    NETNS_PENDING, NETNS_PENDING_NS, NETNS_READY, NETNS_SYN_RTO_JIFFIES, NetnsEvent, NetnsState,
-    SOCK_ADDR_KERN_UADDR, SOCK_ADDR_KERN_UADDRLEN, SUN_PATH_MAX, SockKey, TARGET_KEY_PORT_BITS,
-    TargetKey, TargetValue, UnixKey, UnixPath, UnixTarget, comm_words, is_v4_mapped, v4_mapped,
-    v6_bytes, v6_words,
+    AgentConfig, BLOCK_CGROUP, BLOCK_CGROUP_LEVELS, BLOCK_CGROUP_TREE, BLOCK_COMM, BLOCK_TGID,
+    BLOCK_UID, BYPASS_CAP_BYTES, BlockKey, BypassFlow, BypassKey, ConnRecord, FAMILY_UNIX,
+    FAMILY_V4, FAMILY_V6, HEARTBEAT_STALE_NS, KFUNC_CAST_TO_KERN_CTX, KFUNC_SET_SUN_PATH,
+    MAX_BLOCKED, MAX_BYPASS, MAX_CONNS, MAX_EXEMPT, MAX_NETNS, MAX_TARGETS, MAX_UNIX_TARGETS,
+    NETNS_EVENTS_BYTES, NETNS_FAILED, NETNS_HAS_V4, NETNS_HAS_V6, NETNS_PENDING, NETNS_PENDING_NS,
+    NETNS_READY, NETNS_SYN_RTO_JIFFIES, NetnsEvent, NetnsState, SOCK_ADDR_KERN_UADDR,
+    SOCK_ADDR_KERN_UADDRLEN, SUN_PATH_MAX, SockKey, TARGET_KEY_PORT_BITS, TargetKey, TargetValue,
+    UnixKey, UnixPath, UnixTarget, comm_words, is_v4_mapped, v4_mapped, v6_bytes, v6_words,
 };
 
 const AF_INET: u32 = 2;
@@ -865,10 +865,7 @@ fn try_sock_ops(ctx: &SockOpsContext) -> Result<(), Skip> {
             let mut key = ops_bypass_key(ctx, &rec);
             // The flow first: a socket in the sockhash without one is
             // never bypassed, so a full flow map leaves it on TCP.
-            if BYPASS_FLOWS
-                .insert(&key, &BypassFlow::default(), 0)
-                .is_ok()
-            {
+            if BYPASS_FLOWS.insert(&key, &BypassFlow::default(), 0).is_ok() {
                 // SAFETY: the verifier checked `ops` is this program's context.
                 let ops = unsafe { &mut *ctx.ops };
                 if BYPASS.update(&mut key, ops, u64::from(BPF_ANY)).is_err() {
