@@ -242,20 +242,34 @@ pub fn agents(policy: &str) -> Vec<BenchAgent> {
         .map(str::trim)
         .filter(|m| !m.is_empty())
         .collect();
+    // `--local-bypass`: `on` beside the default mode, on every worker count.
+    let bypasses = std::env::var("BENCH_BYPASS").unwrap_or_else(|_| "off,on".to_owned());
+    let bypasses: Vec<&str> = bypasses
+        .split(',')
+        .map(str::trim)
+        .filter(|m| !m.is_empty())
+        .collect();
     let mut combos = Vec::new();
     for (i, &mode) in modes.iter().enumerate() {
         for (j, &n) in counts.iter().enumerate() {
-            if i == 0 || j == 0 {
-                combos.push((mode, n));
+            for (k, &bypass) in bypasses.iter().enumerate() {
+                if i == 0 || (j == 0 && k == 0) {
+                    combos.push((mode, n, bypass));
+                }
             }
         }
     }
     combos
         .into_iter()
-        .map(|(mode, n)| {
+        .map(|(mode, n, bypass)| {
             let cgroup = crate::TestCgroup::new();
             let policy = format!("{policy}audit:\n  executions: {mode}\n");
-            let agent = crate::Agent::start_with(&policy, &cgroup, false, &["--workers", n]);
+            let agent = crate::Agent::start_with(
+                &policy,
+                &cgroup,
+                false,
+                &["--workers", n, "--local-bypass", bypass],
+            );
             let mut name = match (counts.len(), n) {
                 (1, _) => "interceptor".to_owned(),
                 (_, "1") => "interceptor, 1 worker".to_owned(),
@@ -263,6 +277,9 @@ pub fn agents(policy: &str) -> Vec<BenchAgent> {
             };
             if modes.len() > 1 {
                 name.push_str(&format!(", executions: {mode}"));
+            }
+            if bypasses.len() > 1 && bypass == "on" {
+                name.push_str(", local bypass");
             }
             BenchAgent {
                 name,

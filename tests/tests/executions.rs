@@ -118,8 +118,12 @@ fn assert_linked(evs: &[Value]) {
 }
 
 fn pgbench(cg: &TestCgroup, pg: &PgServer, transactions: u32) {
+    pgbench_in(cg, pg, "prepared", transactions);
+}
+
+fn pgbench_in(cg: &TestCgroup, pg: &PgServer, mode: &str, transactions: u32) {
     let mut c = cg.command(pg_bin("pgbench").to_str().unwrap());
-    c.args(["-n", "-M", "prepared", "-c", "2", "-j", "2", "-t"])
+    c.args(["-n", "-M", mode, "-c", "2", "-j", "2", "-t"])
         .arg(transactions.to_string())
         .args([
             "-h",
@@ -137,6 +141,97 @@ fn pgbench(cg: &TestCgroup, pg: &PgServer, transactions: u32) {
     );
     assert!(out.contains(&want), "{out}");
     assert!(out.contains("number of failed transactions: 0"), "{out}");
+}
+
+/// pgbench `-M extended`, TPC-B: each statement is parsed (the unnamed
+/// statement), bound and executed once in its Sync group, so it is one
+/// `query` record with the server's answer, and no execution records;
+/// metrics count each execution all the same.
+#[test]
+fn pgbench_extended_statements_are_one_record_each() {
+    let pg = PgServer::start();
+    run_ok(Command::new(pg_bin("pgbench")).args([
+        "-i",
+        "-q",
+        "-s",
+        "1",
+        "-h",
+        "127.0.0.1",
+        "-p",
+        &pg.port.to_string(),
+        "-U",
+        "postgres",
+        "postgres",
+    ]));
+    let cg = TestCgroup::new();
+    let metrics = interceptor_tests::free_port();
+    let agent = Agent::start_with(
+        &pg_policy(pg.port, &policy_for("summary")),
+        &cg,
+        false,
+        &["--metrics", &format!("127.0.0.1:{metrics}")],
+    );
+    pgbench_in(&cg, &pg, "extended", 100);
+    let evs = settle(&agent);
+    let conns = conns_of(&evs, "pgbench");
+    let mine = |e: &&Value| e["conn"].as_u64().is_some_and(|c| conns.contains(&c));
+    let queries: Vec<&Value> = evs
+        .iter()
+        .filter(mine)
+        .filter(|e| e["event"] == "query")
+        .collect();
+    // Besides the 2 x 100 x 7 statements, pgbench's own start-up queries.
+    let tpcb: Vec<&&Value> = queries
+        .iter()
+        .filter(|e| {
+            e["query"].as_str().is_some_and(|q| {
+                q.starts_with("UPDATE pgbench_")
+                    || q.starts_with("SELECT abalance")
+                    || q.starts_with("INSERT INTO pgbench_history")
+                    || q == "BEGIN"
+                    || q == "END"
+            })
+        })
+        .collect();
+    assert_eq!(
+        tpcb.len(),
+        2 * 100 * 7,
+        "of {} query records",
+        queries.len()
+    );
+    for q in &tpcb {
+        assert_eq!(q["outcome"], "ok", "{q}");
+        let text = q["query"].as_str().unwrap();
+        let rows = if text.starts_with("BEGIN") || text.starts_with("END") {
+            Value::Null
+        } else {
+            Value::from(1)
+        };
+        assert_eq!(q["rows"], rows, "{q}");
+    }
+    assert!(
+        !evs.iter()
+            .filter(mine)
+            .any(|e| e["event"] == "executions" || e["event"] == "execute"),
+        "execution records for statements run once"
+    );
+    assert_linked(&evs);
+    let want = format!(
+        "interceptor_executions_total{{target=\"pg\",identity=\"\",decision=\"allow\"}} {}",
+        2 * 100 * 7
+    );
+    let start = Instant::now();
+    loop {
+        let text = scrape(metrics);
+        if text.contains(&want) {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "no {want:?} in\n{text}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }
 
 /// pgbench `-M prepared`, TPC-B (7 statements a transaction, BEGIN and END

@@ -135,7 +135,7 @@ impl Metrics {
                 decision.as_str()
             );
         }
-        out.push_str("# HELP interceptor_executions_total Executions of prepared statements and portals (counted in execute and executions records), by target, policy identity and the statement's decision.\n# TYPE interceptor_executions_total counter\n");
+        out.push_str("# HELP interceptor_executions_total Executions of prepared statements and portals (counted in execute and executions records, and in the query record of a Parse that carries its first execution), by target, policy identity and the statement's decision.\n# TYPE interceptor_executions_total counter\n");
         for ((target, identity, decision), n) in &c.executions {
             let _ = writeln!(
                 out,

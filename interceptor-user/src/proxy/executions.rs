@@ -25,7 +25,7 @@ use time::OffsetDateTime;
 
 use super::{LiveConn, Shared};
 use crate::{
-    audit::{EventBody, json},
+    audit::{EventBody, ExecutionFacts, json},
     policy::{Decision, Executions},
 };
 
@@ -316,6 +316,18 @@ impl ExecLog {
                     Tally::flush(&self.shared, &self.live, None);
                 }
             }
+        }
+    }
+
+    /// One execution of `prepared` whose answer goes into the `query`
+    /// record of its Parse (see [`super::Guard::check_parse`]): counted,
+    /// and the facts metrics count from that record (`None` with
+    /// `executions: off`, whose executions metrics do not count).
+    pub fn folded(&self, prepared: Prepared) -> Option<ExecutionFacts> {
+        self.live.executions.total.fetch_add(1, Ordering::Relaxed);
+        match self.shared.executions_mode() {
+            Executions::Off => None,
+            _ => Some(self.live.info.execution_facts(prepared.verdict, 1)),
         }
     }
 

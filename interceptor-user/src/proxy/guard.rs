@@ -177,6 +177,20 @@ impl Guard {
         self.last
     }
 
+    /// Decides a PostgreSQL Parse. Unless every execution has a record of
+    /// its own (`audit.executions: each`), an allowed statement's `query`
+    /// records wait in the returned [`Unanswered`]: its first execution in
+    /// the same Sync group (Parse, Bind, Execute, Sync, as drivers send
+    /// the unnamed statement) is written in them, as a simple query's
+    /// answer is, instead of in an `executions` record of its own.
+    pub fn check_parse(&mut self, sql: &str) -> (Outcome, Option<Unanswered>) {
+        if self.shared.executions_mode() == crate::policy::Executions::Each {
+            (self.check(sql), None)
+        } else {
+            self.check_query(sql)
+        }
+    }
+
     /// Decides a simple-protocol message (PostgreSQL Query, MySQL
     /// COM_QUERY). When it goes to the server, its `query` records wait in
     /// the returned [`Unanswered`] for the server's answer (rows, error);
@@ -603,6 +617,22 @@ impl Unanswered {
     /// The reply ended: statements without an answer did not run.
     pub fn finish(mut self) {
         self.write(Some(Completion::Skipped));
+    }
+
+    /// A Parse's records with its first execution's answer; `facts` (the
+    /// execution, for metrics) go with the first record.
+    pub fn executed(mut self, done: Completion, facts: Option<crate::audit::ExecutionFacts>) {
+        self.answer(done);
+        if let Some(first) = self.records.first_mut() {
+            first.0.executions = facts;
+        }
+        self.write(None);
+    }
+
+    /// A Parse's records, its statement not executed in the same group:
+    /// written as decided, without an answer.
+    pub fn decided(mut self) {
+        self.write(None);
     }
 
     /// Writes the records; `missing` for those without an answer (`None`:

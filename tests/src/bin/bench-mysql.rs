@@ -7,7 +7,8 @@
 //! Environment: BENCH_SECONDS (per run, default 5), BENCH_ROUNDS (default 2),
 //! BENCH_ONLY (configurations, e.g. `text:8`), BENCH_AGENT_WORKERS (worker
 //! counts to compare, one agent each, default `1,2`), BENCH_EXECUTIONS
-//! (`audit.executions` modes, default `summary,each`).
+//! (`audit.executions` modes, default `summary,each`), BENCH_BYPASS
+//! (`--local-bypass` settings, default `off,on`).
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::cast_precision_loss)]
 
 use std::process::Command;

@@ -658,7 +658,7 @@ where
                         let statement = codec::parse_message(&buf[pos + 5..pos + h.total])
                             .map_or("", |m| m.name);
                         let allowed = (!refused).then(|| guard.last_decision());
-                        p.track.parse(statement.as_bytes(), allowed);
+                        p.track.parse(statement.as_bytes(), allowed, records);
                     }
                     b'Q' => p.track.query(records),
                     _ => p.track.function_call(),
@@ -729,10 +729,7 @@ fn decide(
     let bad = |e: CodecError| SessionError::ClientProtocol(e.to_string());
     match tag {
         b'Q' => Ok(guard.check_query(codec::query_sql(body).map_err(bad)?)),
-        b'P' => Ok((
-            guard.check(codec::parse_message(body).map_err(bad)?.sql),
-            None,
-        )),
+        b'P' => Ok(guard.check_parse(codec::parse_message(body).map_err(bad)?.sql)),
         _ => {
             let oid = codec::function_call_oid(body).map_err(bad)?;
             Ok((guard.check_call(&format!("oid:{oid}")), None))

@@ -58,6 +58,11 @@ pub(super) struct Tracker {
     rows: u64,
     /// The server is in copy-in mode (CopyInResponse seen).
     copy_in: bool,
+    /// The `query` records of the last Parse allowed, waiting for the
+    /// statement's first execution in the same Sync group to be written
+    /// with its answer (see `Guard::check_parse`); written as decided at
+    /// the group's ReadyForQuery if it did not run.
+    first: Option<(Prepared, Unanswered)>,
 }
 
 fn name(body: &[u8]) -> Option<(&[u8], &[u8])> {
@@ -84,19 +89,48 @@ impl Tracker {
             portals: HashMap::new(),
             rows: 0,
             copy_in: false,
+            first: None,
         }
     }
 
     /// A Parse went to the server: `prepared` when allowed, `None` when
-    /// a stand-in that fails replaced it.
-    pub(super) fn parse(&mut self, statement: &[u8], prepared: Option<Prepared>) {
+    /// a stand-in that fails replaced it; `records`, its `query` records
+    /// when they wait for its first execution.
+    pub(super) fn parse(
+        &mut self,
+        statement: &[u8],
+        prepared: Option<Prepared>,
+        records: Option<Unanswered>,
+    ) {
+        if let Some((_, earlier)) = self.first.take() {
+            earlier.decided();
+        }
         match prepared {
-            Some(p) => set(&mut self.statements, statement, p),
+            Some(p) => {
+                set(&mut self.statements, statement, p);
+                self.first = records.map(|r| (p, r));
+            }
             None => {
                 self.statements.remove(statement);
             }
         }
         self.expect.push_back(Expect::Parse);
+    }
+
+    /// An execution of `prepared` ended: into its Parse's records when it
+    /// is the first, else into the execution log.
+    fn executed(&mut self, prepared: Prepared, done: Completion, started: Instant) {
+        if prepared.decision != 0
+            && self
+                .first
+                .as_ref()
+                .is_some_and(|(p, _)| p.decision == prepared.decision)
+            && let Some((_, records)) = self.first.take()
+        {
+            records.executed(done, self.log.folded(prepared));
+        } else {
+            self.log.executed(prepared, done, started);
+        }
     }
 
     /// A simple Query went to the server (its records, when allowed).
@@ -201,10 +235,14 @@ impl Tracker {
                         Expect::Execute { prepared, started } => {
                             // Not answered before ReadyForQuery: the
                             // agent lost track; count it all the same.
-                            self.log.executed(prepared, Completion::Unfinished, started);
+                            self.executed(prepared, Completion::Unfinished, started);
                         }
                         _ => {}
                     }
+                }
+                // The group is over: a statement parsed and not run in it.
+                if let Some((_, records)) = self.first.take() {
+                    records.decided();
                 }
             }
             _ => {}
@@ -245,7 +283,7 @@ impl Tracker {
         match self.expect.front_mut() {
             Some(Expect::Execute { .. }) => {
                 if let Some(Expect::Execute { prepared, started }) = self.expect.pop_front() {
-                    self.log.executed(prepared, done, started);
+                    self.executed(prepared, done, started);
                 }
             }
             Some(Expect::Query(Some(records))) => records.answer(done),
@@ -260,8 +298,17 @@ impl Tracker {
             None | Some(Expect::Sync | Expect::FunctionCall | Expect::Query(None)) => {}
             Some(Expect::Query(Some(records))) => records.answer(Completion::error(e)),
             Some(_) => {
-                if let Some(Expect::Execute { prepared, started }) = self.expect.pop_front() {
-                    self.log.executed(prepared, Completion::error(e), started);
+                match self.expect.pop_front() {
+                    Some(Expect::Execute { prepared, started }) => {
+                        self.executed(prepared, Completion::error(e), started);
+                    }
+                    // The server refused the Parse: its record says so.
+                    Some(Expect::Parse) => {
+                        if let Some((_, records)) = self.first.take() {
+                            records.executed(Completion::error(e), None);
+                        }
+                    }
+                    _ => {}
                 }
                 // The server skips everything up to the next Sync.
                 while self.expect.front().is_some_and(|e| {
@@ -278,10 +325,14 @@ impl Drop for Tracker {
     /// The connection ended: executions sent and not answered are counted
     /// as unfinished; a Query's records are written by their own drop.
     fn drop(&mut self) {
-        for e in self.expect.drain(..) {
+        let expect = std::mem::take(&mut self.expect);
+        for e in expect {
             if let Expect::Execute { prepared, started } = e {
-                self.log.executed(prepared, Completion::Unfinished, started);
+                self.executed(prepared, Completion::Unfinished, started);
             }
+        }
+        if let Some((_, records)) = self.first.take() {
+            records.decided();
         }
     }
 }
@@ -349,8 +400,9 @@ mod tests {
     }
 
     fn parse(g: &mut Guard, t: &mut Tracker, name: &str, sql: &str) {
-        assert_eq!(g.check(sql), Outcome::Forward);
-        t.parse(name.as_bytes(), Some(g.last_decision()));
+        let (outcome, records) = g.check_parse(sql);
+        assert_eq!(outcome, Outcome::Forward);
+        t.parse(name.as_bytes(), Some(g.last_decision()), records);
     }
 
     fn bind(t: &mut Tracker, portal: &str, statement: &str) {
@@ -509,10 +561,16 @@ mod tests {
             ["query", "executions", "query", "query", "query"],
             "{evs:?}"
         );
+        // The first execution is in the Parse's record, the other two in
+        // the summary.
+        assert_eq!(
+            (&evs[0]["outcome"], &evs[0]["rows"]),
+            (&"ok".into(), &1.into())
+        );
         let s = &evs[1];
         assert_eq!(
             (&s["count"], &s["rows"], &s["errors"]),
-            (&3.into(), &3.into(), &0.into())
+            (&2.into(), &2.into(), &0.into())
         );
         let answers: Vec<(&str, &serde_json::Value, &serde_json::Value)> = evs[2..]
             .iter()
@@ -530,5 +588,70 @@ mod tests {
                 ),
             ]
         );
+    }
+
+    /// The unnamed statement as drivers send it (Parse, Bind, Execute,
+    /// Sync for each query): one `query` record each, with the answer, and
+    /// no execution records. A statement parsed in one group and run in
+    /// the next, and a Parse the server refuses, are written as such.
+    #[test]
+    fn a_statement_run_once_in_its_group_is_one_record() {
+        let evs = records("summary", |g, t| {
+            for n in 1..=2 {
+                parse(g, t, "", "SELECT * FROM t");
+                bind(t, "", "");
+                execute(t, "");
+                t.client(b'S', b"");
+                t.server(b'1', None);
+                t.server(b'2', None);
+                for _ in 0..n {
+                    t.server(b'D', None);
+                }
+                t.server(b'C', Some(format!("SELECT {n}\0").as_bytes()));
+                t.server(b'Z', Some(b"I"));
+            }
+            // Prepared in one group, run in the next.
+            parse(g, t, "s", "SELECT 3");
+            t.client(b'S', b"");
+            t.server(b'1', None);
+            t.server(b'Z', Some(b"I"));
+            bind(t, "", "s");
+            execute(t, "");
+            t.client(b'S', b"");
+            t.server(b'2', None);
+            t.server(b'C', Some(b"SELECT 1\0"));
+            t.server(b'Z', Some(b"I"));
+            // Refused by the server.
+            parse(g, t, "", "SELECT nope FROM t");
+            t.client(b'S', b"");
+            t.server(b'E', Some(&error("42703")));
+            t.server(b'Z', Some(b"I"));
+            // Decided and connection gone before any answer.
+            parse(g, t, "", "SELECT 4");
+        });
+        let got: Vec<(&str, &serde_json::Value, &serde_json::Value)> = evs
+            .iter()
+            .filter(|e| e["event"] == "query")
+            .map(|e| (e["event"].as_str().unwrap(), &e["outcome"], &e["rows"]))
+            .collect();
+        let null = &serde_json::Value::Null;
+        assert_eq!(
+            got,
+            [
+                ("query", &"ok".into(), &1.into()),
+                ("query", &"ok".into(), &2.into()),
+                ("query", null, null),
+                ("query", &"error".into(), null),
+                ("query", null, null),
+            ],
+            "{evs:?}"
+        );
+        assert_eq!(evs[3]["error"], "42703");
+        // Only the statement prepared in an earlier group has a summary
+        // (written when the connection ends).
+        let summaries: Vec<&serde_json::Value> =
+            evs.iter().filter(|e| e["event"] == "executions").collect();
+        assert_eq!(summaries.len(), 1, "{evs:?}");
+        assert_eq!(summaries[0]["count"], 1);
     }
 }
