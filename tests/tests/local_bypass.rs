@@ -67,6 +67,11 @@ fn postgres_messages_pass_the_bypass_in_order() {
     let out = raw(&cg, &pg, &["pipeline", "20000"]);
     assert!(out.starts_with("ok pipeline 20000"), "{out}");
     assert!(field(&out, "bytes_received") > 100_000, "{out}");
+    // A client that polls and asks FIONREAD before reading sees the
+    // answer as over TCP (the kernel counts the bypass's queue there too).
+    let out = raw(&cg, &pg, &["readiness"]);
+    assert!(out.starts_with("ok readiness poll=1"), "{out}");
+    assert!(field(&out, "fionread") >= 5000, "{out}");
     // The server ends the session: its error, then EOF (a FIN by TCP after
     // data past it).
     assert!(raw(&cg, &pg, &["terminated"]).starts_with("ok terminated"));
@@ -89,6 +94,35 @@ fn postgres_messages_pass_the_bypass_in_order() {
         })
         .count();
     assert_eq!(pipelined, 200 + 20_000 + 10);
+}
+
+/// The default, `auto`, turns the bypass on where its self-test passes (this
+/// kernel), says so in `status` and `agent_start`; `off` leaves it off.
+#[test]
+fn auto_turns_it_on_where_the_kernel_passes_the_self_test() {
+    let pg = PgServer::start();
+    let cg = TestCgroup::new();
+    let agent = Agent::start(&pg_policy(pg.port, RULES), &cg, false);
+    let status = |agent: &Agent| -> serde_json::Value {
+        let out = agent.cli(&["status", "--json"]);
+        assert!(out.status.success(), "{}", show(&out));
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    assert_eq!(status(&agent)["local_bypass"], "on", "{}", agent.log());
+    let start = agent.wait_event("agent_start", |e| e["event"] == "agent_start");
+    assert_eq!(start["local_bypass"], "on");
+    let out = raw(&cg, &pg, &["pipeline", "50"]);
+    assert!(field(&out, "bytes_received") < 100, "{out}");
+    drop(agent);
+    let agent = Agent::start_with(
+        &pg_policy(pg.port, RULES),
+        &cg,
+        false,
+        &["--local-bypass", "off"],
+    );
+    assert_eq!(status(&agent)["local_bypass"], "off");
+    let out = raw(&cg, &pg, &["pipeline", "50"]);
+    assert!(field(&out, "bytes_received") > 1000, "{out}");
 }
 
 #[test]

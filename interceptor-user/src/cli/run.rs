@@ -42,13 +42,6 @@ pub enum FailMode {
     Open,
 }
 
-/// `--local-bypass`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
-pub enum Switch {
-    On,
-    Off,
-}
-
 impl FailMode {
     #[must_use]
     pub fn as_str(self) -> &'static str {
@@ -119,13 +112,14 @@ pub struct RunArgs {
     /// the target's path to its listener here.
     #[arg(long, default_value = DEFAULT_UNIX_DIR)]
     pub unix_dir: PathBuf,
-    /// Experimental: messages between a workload and the agent skip the TCP
-    /// stack (an `sk_msg` program hands each one to the other socket's
-    /// receive queue); the agent-server hop stays TCP. A direction with more
-    /// than 1 MiB unanswered goes back to TCP for the rest of its
-    /// connection. See the README's benchmarks for what it gains.
-    #[arg(long, value_enum, default_value = "off")]
-    pub local_bypass: Switch,
+    /// Messages between a workload and the agent skip the TCP stack (an
+    /// `sk_msg` program hands each one to the other socket's receive
+    /// queue); the agent-server hop stays TCP. A direction with more than 1
+    /// MiB unanswered goes back to TCP for the rest of its connection.
+    /// `auto` turns it on when a self-test at start shows the kernel
+    /// delivers bypassed bytes as TCP would (poll, FIONREAD, FIN order).
+    #[arg(long, value_enum, default_value = "auto")]
+    pub local_bypass: crate::ebpf::BypassMode,
     /// Log filter for the agent's own diagnostics on stderr (tracing syntax).
     #[arg(long, env = "INTERCEPTOR_LOG", default_value = "info")]
     pub log: String,
@@ -192,6 +186,7 @@ impl Handler for Agent {
                     "policy": self.policy_source,
                     "mode": policy.mode,
                     "fail_mode": self.fail_mode.as_str(),
+                    "local_bypass": local_bypass_status(&self.redirector),
                     "pin_dir": self.pin_dir.display().to_string(),
                     "audit_log": self.audit_log.display().to_string(),
                     "listen": self.listen.iter().map(ToString::to_string).collect::<Vec<_>>(),
@@ -512,7 +507,7 @@ fn run_inner(args: &RunArgs, control_socket: &Path) -> Result<(), String> {
                 fail_open: args.fail_mode == FailMode::Open,
                 handover: taken.is_some(),
                 unix_dir: args.unix_dir.clone(),
-                local_bypass: args.local_bypass == Switch::On,
+                local_bypass: args.local_bypass,
             },
         )
         .map_err(|e| {
@@ -627,7 +622,7 @@ fn run_inner(args: &RunArgs, control_socket: &Path) -> Result<(), String> {
             .with("cgroup", cgroup.display().to_string())
             .with("policy", &policy_source)
             .with("fail_mode", args.fail_mode.as_str())
-            .with("local_bypass", args.local_bypass == Switch::On)
+            .with("local_bypass", local_bypass_status(&redirector))
             .with("pin_dir", args.pin_dir.display().to_string())
             .with("adopted", redirector.adopted())
             .with(
@@ -1162,4 +1157,13 @@ async fn wait_for_signal() -> &'static str {
 /// measured as fast as two or faster (README, Benchmarks).
 fn default_workers(cpus: usize) -> usize {
     (cpus / 2).max(1)
+}
+
+/// `on`, `off`, or `off: WHY` when `auto` left it off.
+fn local_bypass_status(redirector: &Redirector) -> String {
+    match redirector.local_bypass() {
+        (true, _) => "on".to_owned(),
+        (false, None) => "off".to_owned(),
+        (false, Some(why)) => format!("off: {why}"),
+    }
 }

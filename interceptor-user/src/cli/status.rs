@@ -35,6 +35,7 @@ pub fn status(args: &StatusArgs, socket: &Path) -> i32 {
         .map(|a| a.iter().map(s).collect())
         .unwrap_or_default();
     println!("listening:   {}", listen.join(", "));
+    println!("bypass:      {}", s(&data["local_bypass"]));
     println!("targets:");
     for t in data["targets"].as_array().into_iter().flatten() {
         println!(

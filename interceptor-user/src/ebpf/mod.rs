@@ -34,7 +34,10 @@ use crate::{
     policy::TargetSpec,
 };
 
+mod bypass;
 mod unix;
+
+pub use bypass::{BypassMode, bypass_key};
 
 /// The kernel object built by build.rs (aya-build) from `interceptor-ebpf`.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/interceptor"));
@@ -75,6 +78,8 @@ pub enum EbpfError {
         pinned: u64,
         wanted: u64,
     },
+    #[error("the local bypass failed its self-test: {0}")]
+    BypassTest(String),
     #[error(
         "cannot adopt the programs pinned in {path} (left by another version?): {source}; `interceptor detach --pin-dir {path}` removes them"
     )]
@@ -120,8 +125,8 @@ pub struct Pinning {
     pub handover: bool,
     /// Directory of the agent's unix listeners (unix targets).
     pub unix_dir: PathBuf,
-    /// `--local-bypass on`: workload-agent messages skip the TCP stack.
-    pub local_bypass: bool,
+    /// `--local-bypass`: workload-agent messages skip the TCP stack.
+    pub local_bypass: BypassMode,
 }
 
 /// Every map, pinned by name in the pin dir.
@@ -179,9 +184,11 @@ pub struct Redirector {
     /// Where the agent's unix listeners are.
     unix_dir: PathBuf,
     home_netns: u64,
-    /// The sockhash the agent adds its accepted sockets to, with
-    /// `--local-bypass on`.
+    /// The sockhash the agent adds its accepted sockets to, when the local
+    /// bypass is on.
     bypass: Option<Mutex<SockHash<MapData, BypassKey>>>,
+    /// Why `--local-bypass auto` left it off.
+    bypass_off: Option<String>,
 }
 
 impl std::fmt::Debug for Redirector {
@@ -296,22 +303,16 @@ impl Redirector {
         })?;
         // The sk_msg program is on the sockhash before sock_ops may put a
         // socket there (a socket takes the map's programs when it joins).
-        let bypass = if pinning.local_bypass {
-            let map = SockHash::<_, BypassKey>::try_from(
-                ebpf.take_map(MAP_BYPASS)
-                    .ok_or(EbpfError::Missing(MAP_BYPASS))?,
-            )
-            .map_err(map_err(MAP_BYPASS))?;
-            let prog: &mut SkMsg = ebpf
-                .program_mut(PROG_SK_MSG)
-                .ok_or(EbpfError::Missing(PROG_SK_MSG))?
-                .try_into()
-                .map_err(prog_err(PROG_SK_MSG))?;
-            prog.load().map_err(prog_err(PROG_SK_MSG))?;
-            prog.attach(map.fd()).map_err(prog_err(PROG_SK_MSG))?;
-            Some(Mutex::new(map))
-        } else {
-            None
+        let (bypass, bypass_off) = match pinning.local_bypass {
+            BypassMode::Off => (None, None),
+            mode => match start_bypass(&mut ebpf, listener.home.0, mode == BypassMode::Auto) {
+                Ok(map) => (Some(Mutex::new(map)), None),
+                Err(e) if mode == BypassMode::Auto => {
+                    tracing::info!("local bypass off: {e}");
+                    (None, Some(e.to_string()))
+                }
+                Err(e) => return Err(e),
+            },
         };
 
         {
@@ -493,6 +494,7 @@ impl Redirector {
             unix_dir: pinning.unix_dir.clone(),
             home_netns: listener.home.0,
             bypass,
+            bypass_off,
         };
         me.set_targets(targets)?;
         Ok(me)
@@ -666,6 +668,12 @@ impl Redirector {
         }
     }
 
+    /// Whether the local bypass is on, and when `auto` left it off, why.
+    #[must_use]
+    pub fn local_bypass(&self) -> (bool, Option<&str>) {
+        (self.bypass.is_some(), self.bypass_off.as_deref())
+    }
+
     /// Whether the programs were adopted from a previous agent's pin dir.
     #[must_use]
     pub fn adopted(&self) -> bool {
@@ -837,23 +845,6 @@ impl OrigDstLookup for Redirector {
     }
 }
 
-/// The [`BypassKey`] of a socket from its own address and its peer's.
-#[must_use]
-pub fn bypass_key(netns_cookie: u64, local: SocketAddr, peer: SocketAddr) -> BypassKey {
-    let mapped = |a: SocketAddr| match a.ip() {
-        IpAddr::V4(v4) => v4.to_ipv6_mapped().octets(),
-        IpAddr::V6(v6) => v6.octets(),
-    };
-    BypassKey {
-        netns_cookie,
-        local_addr: mapped(local),
-        remote_addr: mapped(peer),
-        local_port: local.port(),
-        remote_port: peer.port(),
-        _pad: 0,
-    }
-}
-
 fn socket_addr(a: &SockaddrStorage) -> Option<SocketAddr> {
     a.as_sockaddr_in()
         .map(|v4| SocketAddr::from(std::net::SocketAddrV4::from(*v4)))
@@ -861,6 +852,36 @@ fn socket_addr(a: &SockaddrStorage) -> Option<SocketAddr> {
             a.as_sockaddr_in6()
                 .map(|v6| SocketAddr::from(std::net::SocketAddrV6::from(*v6)))
         })
+}
+
+/// Attaches the sk_msg program to the bypass sockhash; with `test`, then
+/// runs the self-test on it (see [`bypass`]).
+fn start_bypass(
+    ebpf: &mut Ebpf,
+    home_netns: u64,
+    test: bool,
+) -> Result<SockHash<MapData, BypassKey>, EbpfError> {
+    let mut map = SockHash::<_, BypassKey>::try_from(
+        ebpf.take_map(MAP_BYPASS)
+            .ok_or(EbpfError::Missing(MAP_BYPASS))?,
+    )
+    .map_err(map_err(MAP_BYPASS))?;
+    let prog: &mut SkMsg = ebpf
+        .program_mut(PROG_SK_MSG)
+        .ok_or(EbpfError::Missing(PROG_SK_MSG))?
+        .try_into()
+        .map_err(prog_err(PROG_SK_MSG))?;
+    prog.load().map_err(prog_err(PROG_SK_MSG))?;
+    prog.attach(map.fd()).map_err(prog_err(PROG_SK_MSG))?;
+    if test {
+        let mut flows = HashMap::try_from(
+            ebpf.map_mut(MAP_BYPASS_FLOWS)
+                .ok_or(EbpfError::Missing(MAP_BYPASS_FLOWS))?,
+        )
+        .map_err(map_err(MAP_BYPASS_FLOWS))?;
+        bypass::self_test(&mut map, &mut flows, home_netns).map_err(EbpfError::BypassTest)?;
+    }
+    Ok(map)
 }
 
 /// Pins a freshly attached link.

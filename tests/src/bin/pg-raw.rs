@@ -9,6 +9,8 @@
 //! - `terminated`: the server ends the session; its FATAL error, then EOF.
 //! - `halfclose`: a query, Terminate and a write shutdown; EOF follows.
 //! - `reset`: a query of 1 MB, then a close with RST before reading it.
+//! - `readiness`: a query, then `poll` and `FIONREAD` before reading, as
+//!   clients that check for input first do; prints both.
 //! - `slow SECONDS`: a 51 MB result not read for SECONDS (prints `sent`
 //!   first), then read whole and checked row by row.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -197,6 +199,25 @@ fn main() {
                 .unwrap();
             drop(s);
             println!("ok reset");
+        }
+        "readiness" => {
+            let mut c = Conn::open(host, port);
+            c.s.write_all(&query("select repeat('r', 5000)")).unwrap();
+            let mut fds = [libc::pollfd {
+                fd: c.s.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            }];
+            // SAFETY: one valid pollfd, its count passed.
+            let ready = unsafe { libc::poll(fds.as_mut_ptr(), 1, 5000) };
+            std::thread::sleep(Duration::from_millis(50));
+            let mut pending: libc::c_int = 0;
+            // SAFETY: FIONREAD writes one int.
+            let r = unsafe { libc::ioctl(c.s.as_raw_fd(), libc::FIONREAD, &raw mut pending) };
+            assert_eq!(r, 0, "FIONREAD");
+            let rows = c.rows();
+            assert_eq!(rows, vec![(("r".repeat(5000)), 0)]);
+            println!("ok readiness poll={ready} fionread={pending}");
         }
         "slow" => {
             let secs: u64 = arg.unwrap().parse().unwrap();
