@@ -699,6 +699,45 @@ fn remote_port_host(raw: u32) -> u16 {
     u16::from_be(be as u16)
 }
 
+/// The connection as a socket context (`bpf_sock_ops`, `sk_msg_md`: the
+/// same field names) shows it to its socket, as a [`BypassKey`]. Each field
+/// is read with its own volatile load, see [`local_key`].
+macro_rules! ctx_bypass_key {
+    ($netns_cookie:expr, $ctx:expr) => {{
+        let c = $ctx;
+        // SAFETY: the verifier guarantees `c` points at the program's
+        // context; each field is read with its own constant offset.
+        unsafe {
+            bypass_key(
+                $netns_cookie,
+                read_volatile(&raw const (*c).family),
+                (
+                    read_volatile(&raw const (*c).local_ip4),
+                    read_volatile(&raw const (*c).remote_ip4),
+                ),
+                (
+                    [
+                        read_volatile(&raw const (*c).local_ip6[0]),
+                        read_volatile(&raw const (*c).local_ip6[1]),
+                        read_volatile(&raw const (*c).local_ip6[2]),
+                        read_volatile(&raw const (*c).local_ip6[3]),
+                    ],
+                    [
+                        read_volatile(&raw const (*c).remote_ip6[0]),
+                        read_volatile(&raw const (*c).remote_ip6[1]),
+                        read_volatile(&raw const (*c).remote_ip6[2]),
+                        read_volatile(&raw const (*c).remote_ip6[3]),
+                    ],
+                ),
+                (
+                    read_volatile(&raw const (*c).local_port),
+                    read_volatile(&raw const (*c).remote_port),
+                ),
+            )
+        }
+    }};
+}
+
 /// A socket's own view of its connection, from the context fields every
 /// socket program shares (each read with its own volatile load, see
 /// [`local_key`]).
@@ -726,74 +765,14 @@ fn bypass_key(
 }
 
 fn ops_bypass_key(ctx: &SockOpsContext, rec: &ConnRecord) -> BypassKey {
-    let ops = ctx.ops;
-    // SAFETY: the verifier guarantees `ops` points at the sock_ops context;
-    // each field is read with its own constant offset.
-    unsafe {
-        bypass_key(
-            rec.netns_cookie,
-            read_volatile(&raw const (*ops).family),
-            (
-                read_volatile(&raw const (*ops).local_ip4),
-                read_volatile(&raw const (*ops).remote_ip4),
-            ),
-            (
-                [
-                    read_volatile(&raw const (*ops).local_ip6[0]),
-                    read_volatile(&raw const (*ops).local_ip6[1]),
-                    read_volatile(&raw const (*ops).local_ip6[2]),
-                    read_volatile(&raw const (*ops).local_ip6[3]),
-                ],
-                [
-                    read_volatile(&raw const (*ops).remote_ip6[0]),
-                    read_volatile(&raw const (*ops).remote_ip6[1]),
-                    read_volatile(&raw const (*ops).remote_ip6[2]),
-                    read_volatile(&raw const (*ops).remote_ip6[3]),
-                ],
-            ),
-            (
-                read_volatile(&raw const (*ops).local_port),
-                read_volatile(&raw const (*ops).remote_port),
-            ),
-        )
-    }
+    ctx_bypass_key!(rec.netns_cookie, ctx.ops)
 }
 
 fn try_sk_msg(ctx: &SkMsgContext) -> Result<(), Skip> {
-    let md = ctx.msg;
     // SAFETY: helper allowed for sk_msg programs (kernel >= 5.15), on our
     // own context.
     let netns_cookie = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
-    // SAFETY: the verifier guarantees `md` points at the sk_msg context;
-    // each field is read with its own constant offset.
-    let own = unsafe {
-        bypass_key(
-            netns_cookie,
-            read_volatile(&raw const (*md).family),
-            (
-                read_volatile(&raw const (*md).local_ip4),
-                read_volatile(&raw const (*md).remote_ip4),
-            ),
-            (
-                [
-                    read_volatile(&raw const (*md).local_ip6[0]),
-                    read_volatile(&raw const (*md).local_ip6[1]),
-                    read_volatile(&raw const (*md).local_ip6[2]),
-                    read_volatile(&raw const (*md).local_ip6[3]),
-                ],
-                [
-                    read_volatile(&raw const (*md).remote_ip6[0]),
-                    read_volatile(&raw const (*md).remote_ip6[1]),
-                    read_volatile(&raw const (*md).remote_ip6[2]),
-                    read_volatile(&raw const (*md).remote_ip6[3]),
-                ],
-            ),
-            (
-                read_volatile(&raw const (*md).local_port),
-                read_volatile(&raw const (*md).remote_port),
-            ),
-        )
-    };
+    let own = ctx_bypass_key!(netns_cookie, ctx.msg);
     let mut peer = own.peer();
     // The flow is keyed by the workload's end: found under the sender's
     // own key, the workload sends; under the peer's, the agent does.

@@ -228,40 +228,25 @@ pub struct BenchAgent {
 /// When an agent does not start.
 #[must_use]
 pub fn agents(policy: &str) -> Vec<BenchAgent> {
-    let counts = std::env::var("BENCH_AGENT_WORKERS").unwrap_or_else(|_| "1,2".to_owned());
-    let counts: Vec<&str> = counts
-        .split(',')
-        .map(str::trim)
-        .filter(|c| !c.is_empty())
-        .collect();
+    let counts = env_list("BENCH_AGENT_WORKERS", "1,2");
     // `audit.executions` modes: the default (summary) on every worker
     // count, the others on the first.
-    let modes = std::env::var("BENCH_EXECUTIONS").unwrap_or_else(|_| "summary,each".to_owned());
-    let modes: Vec<&str> = modes
-        .split(',')
-        .map(str::trim)
-        .filter(|m| !m.is_empty())
-        .collect();
+    let modes = env_list("BENCH_EXECUTIONS", "summary,each");
     // `--local-bypass`: `on` beside the default mode, on every worker count.
-    let bypasses = std::env::var("BENCH_BYPASS").unwrap_or_else(|_| "off,on".to_owned());
-    let bypasses: Vec<&str> = bypasses
-        .split(',')
-        .map(str::trim)
-        .filter(|m| !m.is_empty())
-        .collect();
+    let bypasses = env_list("BENCH_BYPASS", "off,on");
     let mut combos = Vec::new();
-    for (i, &mode) in modes.iter().enumerate() {
-        for (j, &n) in counts.iter().enumerate() {
-            for (k, &bypass) in bypasses.iter().enumerate() {
+    for (i, mode) in modes.iter().enumerate() {
+        for (j, n) in counts.iter().enumerate() {
+            for (k, bypass) in bypasses.iter().enumerate() {
                 if i == 0 || (j == 0 && k == 0) {
-                    combos.push((mode, n, bypass));
+                    combos.push((mode.as_str(), n.as_str(), bypass.as_str()));
                 }
             }
         }
     }
     combos
         .into_iter()
-        .map(|(mode, n, bypass)| {
+        .map(|(mode, n, bypass): (&str, &str, &str)| {
             let cgroup = crate::TestCgroup::new();
             let policy = format!("{policy}audit:\n  executions: {mode}\n");
             let agent = crate::Agent::start_with(
@@ -287,6 +272,18 @@ pub fn agents(policy: &str) -> Vec<BenchAgent> {
                 agent,
             }
         })
+        .collect()
+}
+
+/// A comma-separated list from the environment variable `name`, else
+/// from `default`.
+fn env_list(name: &str, default: &str) -> Vec<String> {
+    std::env::var(name)
+        .unwrap_or_else(|_| default.to_owned())
+        .split(',')
+        .map(str::trim)
+        .filter(|v| !v.is_empty())
+        .map(str::to_owned)
         .collect()
 }
 

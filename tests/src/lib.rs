@@ -435,6 +435,24 @@ impl PgServer {
         c
     }
 
+    /// `pgbench -i -q -s SCALE` directly against this server (the test
+    /// process is in no test cgroup), on its TCP port.
+    pub fn pgbench_init(&self, scale: u32) {
+        run_ok(Command::new(pg_bin("pgbench")).args([
+            "-i",
+            "-q",
+            "-s",
+            &scale.to_string(),
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &self.port.to_string(),
+            "-U",
+            "postgres",
+            "postgres",
+        ]));
+    }
+
     /// Runs SQL directly (not redirected: the test process is in no test
     /// cgroup), over the server's unix socket, so from any namespace.
     pub fn sql(&self, sql: &str) -> String {

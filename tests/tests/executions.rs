@@ -117,6 +117,22 @@ fn assert_linked(evs: &[Value]) {
     }
 }
 
+/// Waits until the agent's metrics on `port` carry the line `want`.
+fn wait_metric(port: u16, want: &str) {
+    let start = Instant::now();
+    loop {
+        let text = scrape(port);
+        if text.contains(want) {
+            return;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "no {want:?} in\n{text}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 fn pgbench(cg: &TestCgroup, pg: &PgServer, transactions: u32) {
     pgbench_in(cg, pg, "prepared", transactions);
 }
@@ -150,19 +166,7 @@ fn pgbench_in(cg: &TestCgroup, pg: &PgServer, mode: &str, transactions: u32) {
 #[test]
 fn pgbench_extended_statements_are_one_record_each() {
     let pg = PgServer::start();
-    run_ok(Command::new(pg_bin("pgbench")).args([
-        "-i",
-        "-q",
-        "-s",
-        "1",
-        "-h",
-        "127.0.0.1",
-        "-p",
-        &pg.port.to_string(),
-        "-U",
-        "postgres",
-        "postgres",
-    ]));
+    pg.pgbench_init(1);
     let cg = TestCgroup::new();
     let metrics = interceptor_tests::free_port();
     let agent = Agent::start_with(
@@ -220,18 +224,7 @@ fn pgbench_extended_statements_are_one_record_each() {
         "interceptor_executions_total{{target=\"pg\",identity=\"\",decision=\"allow\"}} {}",
         2 * 100 * 7
     );
-    let start = Instant::now();
-    loop {
-        let text = scrape(metrics);
-        if text.contains(&want) {
-            break;
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(10),
-            "no {want:?} in\n{text}"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    wait_metric(metrics, &want);
 }
 
 /// pgbench `-M prepared`, TPC-B (7 statements a transaction, BEGIN and END
@@ -241,19 +234,7 @@ fn pgbench_extended_statements_are_one_record_each() {
 #[test]
 fn pgbench_prepared_executions_counted_exactly_per_connection() {
     let pg = PgServer::start();
-    run_ok(Command::new(pg_bin("pgbench")).args([
-        "-i",
-        "-q",
-        "-s",
-        "1",
-        "-h",
-        "127.0.0.1",
-        "-p",
-        &pg.port.to_string(),
-        "-U",
-        "postgres",
-        "postgres",
-    ]));
+    pg.pgbench_init(1);
     let cg = TestCgroup::new();
     let metrics = interceptor_tests::free_port();
     let agent = Agent::start_with(
@@ -315,18 +296,7 @@ fn pgbench_prepared_executions_counted_exactly_per_connection() {
         "interceptor_executions_total{{target=\"pg\",identity=\"\",decision=\"allow\"}} {}",
         2 * (150 + 60) * 7
     );
-    let start = Instant::now();
-    loop {
-        let text = scrape(metrics);
-        if text.contains(&want) {
-            break;
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(10),
-            "no {want:?} in\n{text}"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    wait_metric(metrics, &want);
 
     reload(&agent, &pg_policy(pg.port, &policy_for("off")));
     let before = evs.len();

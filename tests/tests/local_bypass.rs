@@ -8,7 +8,7 @@
 
 use std::{
     io::{BufRead as _, BufReader},
-    process::{Command, Stdio},
+    process::Stdio,
     time::{Duration, Instant},
 };
 
@@ -157,12 +157,7 @@ fn large_copy_both_ways_and_pgbench() {
     // pgbench in every protocol mode.
     let port = pg.port.to_string();
     let conn = ["-h", "127.0.0.1", "-p", &port, "-U", "postgres"];
-    run_ok(
-        Command::new(pg_bin("pgbench"))
-            .args(["-i", "-q", "-s", "1"])
-            .args(conn)
-            .arg("postgres"),
-    );
+    pg.pgbench_init(1);
     for mode in ["simple", "extended", "prepared"] {
         let out = run_ok(
             cg.command(pg_bin("pgbench").to_str().unwrap())

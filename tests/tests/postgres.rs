@@ -3,8 +3,6 @@
 //! session left exactly as after a server error.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::process::Command;
-
 use interceptor_tests::{Agent, PgServer, TestCgroup, pg_bin, pg_policy, run_any, run_ok};
 
 const RULES: &str = "mode: enforce\ndefault: allow\non_parse_error: allow\nrules:\n  - name: no-secrets\n    any_tables: [public.secrets]\n    decision: deny\n    message: secrets are off limits\n";
@@ -80,19 +78,7 @@ fn write_tmp(text: &str) -> std::path::PathBuf {
 fn pgbench_in_all_protocol_modes_has_no_failures() {
     let (pg, cg, agent) = setup();
     let port = pg.port.to_string();
-    run_ok(Command::new(pg_bin("pgbench")).args([
-        "-i",
-        "-q",
-        "-s",
-        "1",
-        "-h",
-        "127.0.0.1",
-        "-p",
-        &port,
-        "-U",
-        "postgres",
-        "postgres",
-    ]));
+    pg.pgbench_init(1);
     for mode in ["simple", "extended", "prepared"] {
         for select_only in [true, false] {
             let mut c = cg.command(pg_bin("pgbench").to_str().unwrap());

@@ -464,19 +464,7 @@ fn tls_pgbench_over_tls_has_no_failures() {
     let cg = TestCgroup::new();
     let agent = Agent::start(&pg_policy(pg.port, PG_RULES), &cg, false);
     let port = pg.port.to_string();
-    run_ok(Command::new(pg_bin("pgbench")).args([
-        "-i",
-        "-q",
-        "-s",
-        "1",
-        "-h",
-        "127.0.0.1",
-        "-p",
-        &port,
-        "-U",
-        "postgres",
-        "postgres",
-    ]));
+    pg.pgbench_init(1);
     for mode in ["simple", "prepared"] {
         let out = run_ok(
             cg.command(pg_bin("pgbench").to_str().unwrap())

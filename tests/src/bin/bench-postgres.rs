@@ -185,19 +185,7 @@ fn main() {
         ],
         None,
     );
-    run_ok(Command::new(pg_bin("pgbench")).args([
-        "-i",
-        "-q",
-        "-s",
-        "10",
-        "-h",
-        "127.0.0.1",
-        "-p",
-        &pg.port.to_string(),
-        "-U",
-        "postgres",
-        "postgres",
-    ]));
+    pg.pgbench_init(10);
     pg.sql("CREATE TABLE secrets (v text)");
     let bouncer = PgBouncer::start(pg.port, None, 200);
     let bouncer_tls = PgBouncer::start(pg.port, Some(&bouncer_cert), 200);
