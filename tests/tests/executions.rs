@@ -117,6 +117,22 @@ fn assert_linked(evs: &[Value]) {
     }
 }
 
+/// A server with pgbench's tables, a test cgroup and an agent in summary
+/// mode serving metrics on the returned port.
+fn pgbench_setup() -> (PgServer, TestCgroup, Agent, u16) {
+    let pg = PgServer::start();
+    pg.pgbench_init(1);
+    let cg = TestCgroup::new();
+    let metrics = interceptor_tests::free_port();
+    let agent = Agent::start_with(
+        &pg_policy(pg.port, &policy_for("summary")),
+        &cg,
+        false,
+        &["--metrics", &format!("127.0.0.1:{metrics}")],
+    );
+    (pg, cg, agent, metrics)
+}
+
 /// Waits until the agent's metrics on `port` carry the line `want`.
 fn wait_metric(port: u16, want: &str) {
     let start = Instant::now();
@@ -165,16 +181,7 @@ fn pgbench_in(cg: &TestCgroup, pg: &PgServer, mode: &str, transactions: u32) {
 /// metrics count each execution all the same.
 #[test]
 fn pgbench_extended_statements_are_one_record_each() {
-    let pg = PgServer::start();
-    pg.pgbench_init(1);
-    let cg = TestCgroup::new();
-    let metrics = interceptor_tests::free_port();
-    let agent = Agent::start_with(
-        &pg_policy(pg.port, &policy_for("summary")),
-        &cg,
-        false,
-        &["--metrics", &format!("127.0.0.1:{metrics}")],
-    );
+    let (pg, cg, agent, metrics) = pgbench_setup();
     pgbench_in(&cg, &pg, "extended", 100);
     let evs = settle(&agent);
     let conns = conns_of(&evs, "pgbench");
@@ -233,16 +240,7 @@ fn pgbench_extended_statements_are_one_record_each() {
 /// in each mode (after a reload), and none with `off`.
 #[test]
 fn pgbench_prepared_executions_counted_exactly_per_connection() {
-    let pg = PgServer::start();
-    pg.pgbench_init(1);
-    let cg = TestCgroup::new();
-    let metrics = interceptor_tests::free_port();
-    let agent = Agent::start_with(
-        &pg_policy(pg.port, &policy_for("summary")),
-        &cg,
-        false,
-        &["--metrics", &format!("127.0.0.1:{metrics}")],
-    );
+    let (pg, cg, agent, metrics) = pgbench_setup();
 
     pgbench(&cg, &pg, 150);
     let evs = settle(&agent);
