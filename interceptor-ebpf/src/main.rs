@@ -853,10 +853,9 @@ fn try_sock_ops(ctx: &SockOpsContext) -> Result<(), Skip> {
             }
         }
     } else if ctx.arg(1) == BPF_TCP_CLOSE {
-        if config().is_ok_and(|c| c.local_bypass != 0) {
-            // The kernel drops a closed socket from the sockhash itself.
-            let _ = BYPASS_FLOWS.remove(&ops_bypass_key(ctx, &rec));
-        }
+        // The kernel drops a closed socket from the sockhash itself; its
+        // flow goes here, even if an agent without the bypass runs now.
+        let _ = BYPASS_FLOWS.remove(&ops_bypass_key(ctx, &rec));
         // Only the cookie entry goes: the by-address one is the agent's to
         // take (a client may close before the agent accepted), and a later
         // socket on the same local port overwrites it; the LRU bounds both.

@@ -108,7 +108,10 @@ fn auto_turns_it_on_where_the_kernel_passes_the_self_test() {
         assert!(out.status.success(), "{}", show(&out));
         serde_json::from_slice(&out.stdout).unwrap()
     };
-    assert_eq!(status(&agent)["local_bypass"], "on", "{}", agent.log());
+    let st = status(&agent);
+    assert_eq!(st["local_bypass"], "on", "{}", agent.log());
+    // Connections in the bypass now, as a map's occupancy.
+    assert_eq!(st["maps"]["BYPASS_FLOWS"]["capacity"], 65_536, "{st}");
     let start = agent.wait_event("agent_start", |e| e["event"] == "agent_start");
     assert_eq!(start["local_bypass"], "on");
     let out = raw(&cg, &pg, &["pipeline", "50"]);

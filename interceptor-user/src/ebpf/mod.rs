@@ -19,9 +19,9 @@ use aya::{
     },
 };
 use interceptor_common::{
-    AgentConfig, BlockKey, BypassKey, ConnRecord, MAP_BLOCKED, MAP_BYPASS, MAP_BYPASS_FLOWS,
-    MAP_CONFIG, MAP_CONN_BY_ADDR, MAP_CONN_BY_COOKIE, MAP_EXEMPT_TGIDS, MAP_NETNS,
-    MAP_NETNS_EVENTS, MAP_TARGETS, MAP_UNIX_CONNS, MAP_UNIX_LISTENERS, MAP_UNIX_TARGETS,
+    AgentConfig, BlockKey, BypassFlow, BypassKey, ConnRecord, MAP_BLOCKED, MAP_BYPASS,
+    MAP_BYPASS_FLOWS, MAP_CONFIG, MAP_CONN_BY_ADDR, MAP_CONN_BY_COOKIE, MAP_EXEMPT_TGIDS,
+    MAP_NETNS, MAP_NETNS_EVENTS, MAP_TARGETS, MAP_UNIX_CONNS, MAP_UNIX_LISTENERS, MAP_UNIX_TARGETS,
     NetnsState, PROG_CONNECT4, PROG_CONNECT6, PROG_EGRESS, PROG_GETPEERNAME4, PROG_GETPEERNAME6,
     PROG_SK_MSG, PROG_SOCK_OPS, SUN_PATH_MAX, SockKey, TARGET_KEY_PORT_BITS, TargetKey,
     TargetValue, UnixKey, UnixPath, UnixTarget, v6_words,
@@ -721,6 +721,19 @@ impl Redirector {
                 MAP_CONN_BY_COOKIE,
                 by_cookie.keys().filter(Result::is_ok).count(),
                 interceptor_common::MAX_CONNS,
+            ));
+        }
+        // Connections in the local bypass now (one flow each).
+        if self.bypass.is_some()
+            && let Ok(guard) = self.ebpf.lock()
+            && let Some(ebpf) = guard.as_ref()
+            && let Some(map) = ebpf.map(MAP_BYPASS_FLOWS)
+            && let Ok(flows) = HashMap::<_, BypassKey, BypassFlow>::try_from(map)
+        {
+            out.push((
+                MAP_BYPASS_FLOWS,
+                flows.keys().filter(Result::is_ok).count(),
+                interceptor_common::MAX_BYPASS,
             ));
         }
         if let Ok(trie) = self.targets.lock() {
