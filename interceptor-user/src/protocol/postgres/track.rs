@@ -27,7 +27,8 @@ pub(super) const BIND_PREFIX: usize = 1024;
 
 /// A client message waiting for its answer.
 enum Expect {
-    Parse,
+    /// A Parse, with the decision that let it through (`None`: a stand-in).
+    Parse(Option<u64>),
     Bind,
     Describe,
     Execute {
@@ -114,7 +115,8 @@ impl Tracker {
                 self.statements.remove(statement);
             }
         }
-        self.expect.push_back(Expect::Parse);
+        self.expect
+            .push_back(Expect::Parse(prepared.map(|p| p.decision)));
     }
 
     /// An execution of `prepared` ended: into its Parse's records when it
@@ -197,7 +199,7 @@ impl Tracker {
         match tag {
             b'G' | b'W' => self.copy_in = true,
             b'D' => self.rows += 1,
-            b'1' => self.pop_if(|e| matches!(e, Expect::Parse)),
+            b'1' => self.pop_if(|e| matches!(e, Expect::Parse(_))),
             b'2' => self.pop_if(|e| matches!(e, Expect::Bind)),
             b'T' | b'n' => self.pop_if(|e| matches!(e, Expect::Describe)),
             b'3' => {
@@ -302,8 +304,14 @@ impl Tracker {
                     Some(Expect::Execute { prepared, started }) => {
                         self.executed(prepared, Completion::error(e), started);
                     }
-                    // The server refused the Parse: its record says so.
-                    Some(Expect::Parse) => {
+                    // The server refused the Parse: its record says so
+                    // (when it still waits: a later Parse wrote it).
+                    Some(Expect::Parse(Some(decision)))
+                        if self
+                            .first
+                            .as_ref()
+                            .is_some_and(|(p, _)| p.decision == decision) =>
+                    {
                         if let Some((_, records)) = self.first.take() {
                             records.executed(Completion::error(e), None);
                         }
@@ -653,5 +661,40 @@ mod tests {
             evs.iter().filter(|e| e["event"] == "executions").collect();
         assert_eq!(summaries.len(), 1, "{evs:?}");
         assert_eq!(summaries[0]["count"], 1);
+    }
+
+    /// Pipelined groups: the server's error for a first Parse is not put on
+    /// a later Parse's record, and every execution is counted once.
+    #[test]
+    fn a_pipelined_parse_error_stays_with_its_statement() {
+        let evs = records("summary", |g, t| {
+            parse(g, t, "", "SELECT bad FROM t");
+            t.client(b'S', b"");
+            parse(g, t, "", "SELECT 5");
+            bind(t, "", "");
+            execute(t, "");
+            t.client(b'S', b"");
+            t.server(b'E', Some(&error("42703")));
+            t.server(b'Z', Some(b"I"));
+            t.server(b'1', None);
+            t.server(b'2', None);
+            t.server(b'D', None);
+            t.server(b'C', Some(b"SELECT 1\0"));
+            t.server(b'Z', Some(b"I"));
+        });
+        let queries: Vec<&serde_json::Value> =
+            evs.iter().filter(|e| e["event"] == "query").collect();
+        assert_eq!(queries.len(), 2, "{evs:?}");
+        assert!(
+            queries.iter().all(|q| q["error"].is_null()),
+            "an error on the wrong record: {evs:?}"
+        );
+        let counted: u64 = evs
+            .iter()
+            .filter(|e| e["event"] == "executions")
+            .map(|e| e["count"].as_u64().unwrap())
+            .sum();
+        let folded = queries.iter().filter(|q| q["outcome"] == "ok").count() as u64;
+        assert_eq!(counted + folded, 1, "{evs:?}");
     }
 }
