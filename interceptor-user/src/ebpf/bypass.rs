@@ -59,10 +59,19 @@ pub fn bypass_key(netns_cookie: u64, local: SocketAddr, peer: SocketAddr) -> Byp
     }
 }
 
-fn key_of(netns_cookie: u64, s: &TcpStream) -> Result<BypassKey, String> {
-    let local = s.local_addr().map_err(|e| e.to_string())?;
-    let peer = s.peer_addr().map_err(|e| e.to_string())?;
-    Ok(bypass_key(netns_cookie, local, peer))
+/// The [`BypassKey`] of a TCP socket in the network namespace
+/// `netns_cookie`, from its own and its peer's addresses.
+pub(super) fn key_of(netns_cookie: u64, s: socket2::SockRef<'_>) -> Result<BypassKey, String> {
+    let addr = |a: std::io::Result<socket2::SockAddr>| {
+        a.map_err(|e| e.to_string())?
+            .as_socket()
+            .ok_or_else(|| "not an IP socket".to_owned())
+    };
+    Ok(bypass_key(
+        netns_cookie,
+        addr(s.local_addr())?,
+        addr(s.peer_addr())?,
+    ))
 }
 
 /// Runs the self-test on a loopback connection of the agent's own, in its
@@ -81,14 +90,18 @@ pub fn self_test(
     let workload =
         TcpStream::connect(listener.local_addr().map_err(io("listen"))?).map_err(io("connect"))?;
     let (agent, _) = listener.accept().map_err(io("accept"))?;
-    let flow = key_of(netns_cookie, &workload)?;
+    let flow = key_of(netns_cookie, socket2::SockRef::from(&workload))?;
     flows
         .insert(flow, BypassFlow::default(), 0)
         .map_err(|e| format!("flow map: {e}"))?;
     let result = (|| {
         for s in [&workload, &agent] {
             sockets
-                .insert(key_of(netns_cookie, s)?, s.as_fd().as_raw_fd(), 0)
+                .insert(
+                    key_of(netns_cookie, socket2::SockRef::from(s))?,
+                    s.as_fd().as_raw_fd(),
+                    0,
+                )
                 .map_err(|e| format!("sockhash: {e}"))?;
         }
         exchange(&workload, &agent, b'w')?;

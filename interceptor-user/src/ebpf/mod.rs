@@ -27,8 +27,6 @@ use interceptor_common::{
     TargetValue, UnixKey, UnixPath, UnixTarget, v6_words,
 };
 
-use nix::sys::socket::SockaddrStorage;
-
 use crate::{
     conn::{NetnsMap, OrigDstLookup, monotonic_ns},
     policy::TargetSpec,
@@ -714,27 +712,16 @@ impl Redirector {
         let mut out = Vec::new();
         if let Ok(guard) = self.ebpf.lock()
             && let Some(ebpf) = guard.as_ref()
-            && let Some(map) = ebpf.map(MAP_CONN_BY_COOKIE)
-            && let Ok(by_cookie) = HashMap::<_, u64, ConnRecord>::try_from(map)
         {
-            out.push((
-                MAP_CONN_BY_COOKIE,
-                by_cookie.keys().filter(Result::is_ok).count(),
-                interceptor_common::MAX_CONNS,
-            ));
-        }
-        // Connections in the local bypass now (one flow each).
-        if self.bypass.is_some()
-            && let Ok(guard) = self.ebpf.lock()
-            && let Some(ebpf) = guard.as_ref()
-            && let Some(map) = ebpf.map(MAP_BYPASS_FLOWS)
-            && let Ok(flows) = HashMap::<_, BypassKey, BypassFlow>::try_from(map)
-        {
-            out.push((
-                MAP_BYPASS_FLOWS,
-                flows.keys().filter(Result::is_ok).count(),
-                interceptor_common::MAX_BYPASS,
-            ));
+            if let Some(n) = keys::<u64, ConnRecord>(ebpf, MAP_CONN_BY_COOKIE) {
+                out.push((MAP_CONN_BY_COOKIE, n, interceptor_common::MAX_CONNS));
+            }
+            // Connections in the local bypass now (one flow each).
+            if self.bypass.is_some()
+                && let Some(n) = keys::<BypassKey, BypassFlow>(ebpf, MAP_BYPASS_FLOWS)
+            {
+                out.push((MAP_BYPASS_FLOWS, n, interceptor_common::MAX_BYPASS));
+            }
         }
         if let Ok(trie) = self.targets.lock() {
             out.push((
@@ -838,16 +825,9 @@ impl OrigDstLookup for Redirector {
         let Some(bypass) = &self.bypass else {
             return;
         };
-        let (Ok(local), Ok(peer)) = (
-            nix::sys::socket::getsockname::<SockaddrStorage>(socket.as_raw_fd()),
-            nix::sys::socket::getpeername::<SockaddrStorage>(socket.as_raw_fd()),
-        ) else {
+        let Ok(key) = bypass::key_of(netns_cookie, socket2::SockRef::from(&socket)) else {
             return;
         };
-        let (Some(local), Some(peer)) = (socket_addr(&local), socket_addr(&peer)) else {
-            return;
-        };
-        let key = bypass_key(netns_cookie, local, peer);
         if let Ok(mut map) = bypass.lock() {
             // Refused when the client already closed (not established) or
             // the map is full: the connection stays on TCP.
@@ -858,13 +838,10 @@ impl OrigDstLookup for Redirector {
     }
 }
 
-fn socket_addr(a: &SockaddrStorage) -> Option<SocketAddr> {
-    a.as_sockaddr_in()
-        .map(|v4| SocketAddr::from(std::net::SocketAddrV4::from(*v4)))
-        .or_else(|| {
-            a.as_sockaddr_in6()
-                .map(|v6| SocketAddr::from(std::net::SocketAddrV6::from(*v6)))
-        })
+/// Entries of a hash map the loaded object still holds.
+fn keys<K: aya::Pod, V: aya::Pod>(ebpf: &Ebpf, name: &str) -> Option<usize> {
+    let map = HashMap::<_, K, V>::try_from(ebpf.map(name)?).ok()?;
+    Some(map.keys().filter(Result::is_ok).count())
 }
 
 /// Attaches the sk_msg program to the bypass sockhash; with `test`, then
