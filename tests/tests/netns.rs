@@ -379,7 +379,13 @@ fn namespaces_churned_leave_nothing_behind() {
         );
         srv.ip(&["link", "set", &port, "master", "br0"]);
         let out = run_any(&mut psql(&wl, &cg, &pg, "select 1"));
-        assert!(out.status.success(), "namespace {i}: {}", text(&out.stderr));
+        assert!(
+            out.status.success(),
+            "namespace {i}: {}\nagent log:\n{}\nlast events:\n{:#?}",
+            text(&out.stderr),
+            agent.log(),
+            agent.events().iter().rev().take(6).collect::<Vec<_>>()
+        );
         assert_eq!(text(&out.stdout).trim(), "1");
     };
     warm(0);

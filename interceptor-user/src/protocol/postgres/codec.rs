@@ -3,7 +3,7 @@
 //! outcome, lengths are checked on the header before anything is buffered,
 //! and allowed traffic is forwarded as the bytes it arrived as.
 
-use bytes::{BufMut as _, Bytes, BytesMut};
+use bytes::{Buf as _, BufMut as _, Bytes, BytesMut};
 
 /// Protocol 3.0 in a StartupMessage.
 pub const PROTOCOL_3_0: u32 = 196_608;
@@ -135,7 +135,11 @@ pub fn decode_startup(buf: &mut BytesMut) -> Result<Option<StartupPacket>, Codec
     if buf.len() < len as usize {
         return Ok(None);
     }
-    let packet = buf.split_to(len as usize).freeze();
+    // A copy, not a view: the startup message is kept for the whole
+    // session, and a view would keep the connection's first read buffer
+    // (4 KiB) alive with it.
+    let packet = Bytes::copy_from_slice(&buf[..len as usize]);
+    buf.advance(len as usize);
     match code {
         SSL_REQUEST if len == 8 => Ok(Some(StartupPacket::Ssl)),
         GSSENC_REQUEST if len == 8 => Ok(Some(StartupPacket::GssEnc)),
