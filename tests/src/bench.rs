@@ -244,34 +244,54 @@ pub fn agents(policy: &str) -> Vec<BenchAgent> {
             }
         }
     }
+    // `BENCH_COMPARE_BIN`: a second build of the agent, measured with the
+    // first combination beside the build under test, so an A/B of two
+    // builds shares one interleaved run.
+    let compare = std::env::var("BENCH_COMPARE_BIN").ok();
+    let mut combos: Vec<_> = combos.into_iter().map(|c| (c, None)).collect();
+    if let (Some(bin), Some(&(first, _))) = (compare.as_deref(), combos.first()) {
+        combos.push((first, Some(bin)));
+    }
     combos
         .into_iter()
-        .map(|(mode, n, bypass): (&str, &str, &str)| {
-            let cgroup = crate::TestCgroup::new();
-            let policy = format!("{policy}audit:\n  executions: {mode}\n");
-            let agent = crate::Agent::start_with(
-                &policy,
-                &cgroup,
-                false,
-                &["--workers", n, "--local-bypass", bypass],
-            );
-            let mut name = match (counts.len(), n) {
-                (1, _) => "interceptor".to_owned(),
-                (_, "1") => "interceptor, 1 worker".to_owned(),
-                _ => format!("interceptor, {n} workers"),
-            };
-            if modes.len() > 1 {
-                name.push_str(&format!(", executions: {mode}"));
-            }
-            if bypasses.len() > 1 && bypass == "on" {
-                name.push_str(", local bypass");
-            }
-            BenchAgent {
-                name,
-                cgroup,
-                agent,
-            }
-        })
+        .map(
+            |((mode, n, bypass), bin): ((&str, &str, &str), Option<&str>)| {
+                let cgroup = crate::TestCgroup::new();
+                let policy = format!("{policy}audit:\n  executions: {mode}\n");
+                let args = ["--workers", n, "--local-bypass", bypass];
+                let agent = match bin {
+                    None => crate::Agent::start_with(&policy, &cgroup, false, &args),
+                    // The launcher runs `WRAPPER... AGENT run ARGS`: the shell
+                    // drops the agent under test and runs `bin run ARGS`.
+                    Some(bin) => crate::Agent::start_wrapped(
+                        &policy,
+                        &cgroup,
+                        &args,
+                        &["sh", "-c", "shift; exec \"$0\" \"$@\"", bin],
+                        &[],
+                    ),
+                };
+                let mut name = match (counts.len(), n) {
+                    (1, _) => "interceptor".to_owned(),
+                    (_, "1") => "interceptor, 1 worker".to_owned(),
+                    _ => format!("interceptor, {n} workers"),
+                };
+                if modes.len() > 1 {
+                    name.push_str(&format!(", executions: {mode}"));
+                }
+                if bypasses.len() > 1 && bypass == "on" {
+                    name.push_str(", local bypass");
+                }
+                if let Some(bin) = bin {
+                    name.push_str(&format!(", {bin}"));
+                }
+                BenchAgent {
+                    name,
+                    cgroup,
+                    agent,
+                }
+            },
+        )
         .collect()
 }
 

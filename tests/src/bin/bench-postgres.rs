@@ -14,7 +14,9 @@
 //! (worker counts to compare, one agent each, default `1,2`), BENCH_EXECUTIONS
 //! (`audit.executions` modes, default `summary,each`), BENCH_BYPASS
 //! (`--local-bypass` settings, default `off,on`: `on` with the first
-//! executions mode).
+//! executions mode), BENCH_NETNS (`off` leaves out the network namespace
+//! rows), BENCH_COMPARE_BIN (a second build of the agent, measured beside
+//! the first agent).
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::cast_precision_loss)]
 
 use std::{fs, path::Path, process::Command};
@@ -206,8 +208,12 @@ fn main() {
 
     let mut paths = vec![Path_::Direct, Path_::PgBouncer];
     paths.extend((0..plain_agents).map(Path_::Agent));
-    paths.push(Path_::DirectNs);
-    paths.extend((0..plain_agents).map(Path_::AgentNs));
+    // `BENCH_NETNS=off` leaves out the network namespace rows (a quicker
+    // A/B of the host paths).
+    if std::env::var("BENCH_NETNS").as_deref() != Ok("off") {
+        paths.push(Path_::DirectNs);
+        paths.extend((0..plain_agents).map(Path_::AgentNs));
+    }
     let mut tls_paths = vec![Path_::DirectTls, Path_::PgBouncerTls];
     tls_paths.extend((plain_agents..agents.len()).map(Path_::AgentTls));
     let ns_names: Vec<String> = agents
