@@ -634,6 +634,7 @@ impl Writer {
 
     /// The writer thread's body.
     fn start(&mut self, repaired: Option<u64>, rx: &Receiver<AuditEvent>) {
+        lower_priority();
         if let Some(bytes) = repaired {
             tracing::warn!(
                 "audit log {}: cut {bytes} bytes of a partial last line",
@@ -645,6 +646,28 @@ impl Writer {
             self.write_event(&ev);
         }
         self.run(rx);
+    }
+}
+
+/// Nice value of the writer thread: its wake-ups then do not preempt the
+/// data path (a worker woken by traffic preempts the writer instead), and
+/// it still gets a share of a contended CPU well above what writing costs.
+const WRITER_NICE: libc::c_int = 10;
+
+/// Lowers the calling thread's scheduling priority to [`WRITER_NICE`]
+/// (Linux nice values are per thread). Best effort: on failure the writer
+/// runs at the agent's priority.
+fn lower_priority() {
+    // SAFETY: gettid has no preconditions.
+    let tid = unsafe { libc::gettid() };
+    // SAFETY: setpriority only reads its arguments; `tid` is this thread.
+    #[allow(clippy::cast_sign_loss)]
+    let rc = unsafe { libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, WRITER_NICE) };
+    if rc != 0 {
+        tracing::debug!(
+            "audit writer: setpriority: {}",
+            std::io::Error::last_os_error()
+        );
     }
 }
 

@@ -17,7 +17,6 @@
 //! caches are `thread_local!`: no lock is shared on the per-query path.
 
 use std::{
-    borrow::Cow,
     cell::RefCell,
     collections::{HashMap, HashSet, hash_map::RandomState},
     hash::{BuildHasher as _, BuildHasherDefault, Hash, Hasher},
@@ -192,6 +191,49 @@ pub struct SessionState {
     /// changed here may be rolled back, so they widen resolution instead of
     /// replacing it.
     in_transaction: bool,
+    /// The last message's name resolution and cache keys, reused while
+    /// everything they derive from is unchanged: most messages of a
+    /// connection change none of it.
+    resolved: Option<Resolved>,
+}
+
+/// What a message's statements change in the session, applied once the
+/// message is let through.
+#[derive(Default)]
+struct Effects {
+    /// Every effect but `Effect::None` (most statements have none).
+    list: Vec<Effect>,
+    /// How many statements set an effect, `None` included (an `EXECUTE`
+    /// sets none): a setting is certain only when it is alone.
+    statements: usize,
+}
+
+/// A connection's name resolution and the cache keys derived from it,
+/// with what they were derived from.
+#[derive(Debug)]
+struct Resolved {
+    generation: u64,
+    target: String,
+    db_user: String,
+    database: String,
+    session_database: Option<String>,
+    search_path: Option<Vec<String>>,
+    search_path_unknown: bool,
+    resolution: Resolution,
+    ctx_key: u64,
+    session_key: u64,
+}
+
+impl Resolved {
+    fn holds_for(&self, generation: u64, req: &DecisionRequest<'_>, s: &SessionState) -> bool {
+        self.generation == generation
+            && self.target == req.target
+            && self.db_user == req.db_user
+            && self.database == req.database
+            && self.session_database == s.database
+            && self.search_path == s.search_path
+            && self.search_path_unknown == s.search_path_unknown
+    }
 }
 
 /// What to decide: the statement text and who runs it where.
@@ -536,11 +578,11 @@ struct Ctx<'a> {
     req: &'a DecisionRequest<'a>,
     target: &'a TargetInfo,
     binding: &'a IdentityBinding,
-    resolution: Resolution,
+    resolution: &'a Resolution,
     ctx_key: u64,
     session_key: u64,
     /// The database rules' `databases` see (MySQL: the current one).
-    database: Cow<'a, str>,
+    database: &'a str,
 }
 
 impl Engine {
@@ -754,10 +796,12 @@ impl Engine {
         let Some(target) = self.targets.get(req.target) else {
             return self.unknown_target(req, mode, started);
         };
-        let cx = self.context(req, target, binding, session);
+        let resolved = self.resolve(req, target, session);
+        let session_ref = &*session;
+        let cx = Self::context(req, target, binding, session_ref, &resolved);
         let mut statements = Vec::new();
         let mut details = Vec::new();
-        let mut effects = Vec::new();
+        let mut effects = Effects::default();
         CACHE.with(|c| {
             let Ok(mut cache) = c.try_borrow_mut() else {
                 // Re-entered from inside a decision (cannot happen today):
@@ -771,7 +815,7 @@ impl Engine {
                 };
                 self.decide_statements(
                     &cx,
-                    session,
+                    session_ref,
                     &mut fresh,
                     &mut statements,
                     &mut details,
@@ -781,42 +825,73 @@ impl Engine {
             };
             self.decide_statements(
                 &cx,
-                session,
+                session_ref,
                 &mut cache,
                 &mut statements,
                 &mut details,
                 &mut effects,
             );
         });
+        session.resolved = Some(resolved);
         let verdict = self.verdict(statements, details, mode, started);
         if !verdict.blocks() {
-            let n = effects.len();
-            for e in effects {
-                apply_effect(session, e, n);
+            for e in effects.list {
+                apply_effect(session, e, effects.statements);
             }
         }
         verdict
     }
 
+    /// The session's resolution for this request, taken out of the session
+    /// (the caller puts it back): the last one when it still holds.
+    fn resolve(
+        &self,
+        req: &DecisionRequest<'_>,
+        target: &TargetInfo,
+        session: &mut SessionState,
+    ) -> Resolved {
+        if let Some(r) = session.resolved.take()
+            && r.holds_for(self.generation, req, session)
+        {
+            return r;
+        }
+        let resolution = self.resolution(target, session, req);
+        let database = match (target.dialect, &session.database) {
+            (Dialect::Mysql, Some(db)) => db.as_str(),
+            _ => req.database,
+        };
+        Resolved {
+            generation: self.generation,
+            target: req.target.to_owned(),
+            db_user: req.db_user.to_owned(),
+            database: req.database.to_owned(),
+            session_database: session.database.clone(),
+            search_path: session.search_path.clone(),
+            search_path_unknown: session.search_path_unknown,
+            ctx_key: hash_of(&resolution),
+            session_key: hash_of(&(req.db_user, database)),
+            resolution,
+        }
+    }
+
     fn context<'a>(
-        &'a self,
         req: &'a DecisionRequest<'a>,
         target: &'a TargetInfo,
         binding: &'a IdentityBinding,
-        session: &SessionState,
+        session: &'a SessionState,
+        r: &'a Resolved,
     ) -> Ctx<'a> {
-        let resolution = self.resolution(target, session, req);
-        let database: Cow<'a, str> = match (target.dialect, &session.database) {
-            (Dialect::Mysql, Some(db)) => Cow::Owned(db.clone()),
-            _ => Cow::Borrowed(req.database),
+        let database = match (target.dialect, &session.database) {
+            (Dialect::Mysql, Some(db)) => db.as_str(),
+            _ => req.database,
         };
         Ctx {
             req,
             target,
             binding,
-            ctx_key: hash_of(&resolution),
-            session_key: hash_of(&(req.db_user, database.as_ref())),
-            resolution,
+            ctx_key: r.ctx_key,
+            session_key: r.session_key,
+            resolution: &r.resolution,
             database,
         }
     }
@@ -828,7 +903,7 @@ impl Engine {
         cache: &mut ThreadCache,
         out: &mut Vec<StatementVerdict>,
         details: &mut Vec<StatementDetails>,
-        effects: &mut Vec<Effect>,
+        effects: &mut Effects,
     ) {
         let sql = cx.req.sql;
         let mut spans = std::mem::take(&mut cache.spans);
@@ -869,7 +944,10 @@ impl Engine {
                 entry = e;
                 limit = l;
             } else {
-                effects.push(entry.effect.clone());
+                effects.statements += 1;
+                if !matches!(entry.effect, Effect::None) {
+                    effects.list.push(entry.effect.clone());
+                }
             }
             let eval = self.evaluate_cached(&entry, limit, cx, cache);
             out.push(StatementVerdict {
@@ -934,7 +1012,7 @@ impl Engine {
                     &canonical,
                     &info,
                     Fingerprint::of(&canonical, dialect),
-                    &cx.resolution,
+                    cx.resolution,
                     &self.limits,
                     dialect,
                 ));
@@ -981,7 +1059,7 @@ impl Engine {
                 .is_none_or(|ts| ts.contains(&cx.target.index))
             && r.databases
                 .as_ref()
-                .is_none_or(|m| m.is_match(&cx.database, dialect))
+                .is_none_or(|m| m.is_match(cx.database, dialect))
             && r.db_users
                 .as_ref()
                 .is_none_or(|m| m.is_match(cx.req.db_user, dialect))
@@ -1182,7 +1260,8 @@ impl Engine {
         let Some(target) = self.targets.get(req.target) else {
             return self.unknown_target(req, mode, started);
         };
-        let cx = self.context(req, target, binding, session);
+        let resolved = self.resolve(req, target, session);
+        let cx = Self::context(req, target, binding, session, &resolved);
         let name = function
             .strip_prefix("pg_catalog.")
             .unwrap_or(function)
@@ -1211,6 +1290,7 @@ impl Engine {
             hidden: hidden.into_iter().collect(),
         });
         let eval = self.evaluate(&facts, fp.id, None, &cx);
+        session.resolved = Some(resolved);
         let st = StatementVerdict {
             text: format!("FunctionCall {function}"),
             kind: Kind::Call,

@@ -496,7 +496,11 @@ async fn handle(
         tokio::time::sleep(drain).await;
     };
     let killed = registered.live.killed();
+    // Biased, the session first: every wake-up of the connection's task
+    // is almost always its traffic, and the unbiased form draws a random
+    // number per poll to pick an order.
     let error = tokio::select! {
+        biased;
         r = session => r.err(),
         () = stopping => Some(SessionError::Shutdown),
         reason = killed => Some(SessionError::Killed(reason)),
