@@ -659,10 +659,11 @@ const WRITER_NICE: libc::c_int = 10;
 /// runs at the agent's priority.
 fn lower_priority() {
     // SAFETY: gettid has no preconditions.
-    let tid = unsafe { libc::gettid() };
+    let Ok(tid) = libc::id_t::try_from(unsafe { libc::gettid() }) else {
+        return;
+    };
     // SAFETY: setpriority only reads its arguments; `tid` is this thread.
-    #[allow(clippy::cast_sign_loss)]
-    let rc = unsafe { libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, WRITER_NICE) };
+    let rc = unsafe { libc::setpriority(libc::PRIO_PROCESS, tid, WRITER_NICE) };
     if rc != 0 {
         tracing::debug!(
             "audit writer: setpriority: {}",

@@ -224,6 +224,15 @@ struct Resolved {
     session_key: u64,
 }
 
+/// The database rules' `databases` see: MySQL's current one (`USE`
+/// changes it), otherwise the one the connection logged in to.
+fn rules_database<'a>(dialect: Dialect, session: &'a SessionState, login: &'a str) -> &'a str {
+    match (dialect, &session.database) {
+        (Dialect::Mysql, Some(db)) => db.as_str(),
+        _ => login,
+    }
+}
+
 impl Resolved {
     fn holds_for(&self, generation: u64, req: &DecisionRequest<'_>, s: &SessionState) -> bool {
         self.generation == generation
@@ -856,10 +865,7 @@ impl Engine {
             return r;
         }
         let resolution = self.resolution(target, session, req);
-        let database = match (target.dialect, &session.database) {
-            (Dialect::Mysql, Some(db)) => db.as_str(),
-            _ => req.database,
-        };
+        let database = rules_database(target.dialect, session, req.database);
         Resolved {
             generation: self.generation,
             target: req.target.to_owned(),
@@ -881,10 +887,7 @@ impl Engine {
         session: &'a SessionState,
         r: &'a Resolved,
     ) -> Ctx<'a> {
-        let database = match (target.dialect, &session.database) {
-            (Dialect::Mysql, Some(db)) => db.as_str(),
-            _ => req.database,
-        };
+        let database = rules_database(target.dialect, session, req.database);
         Ctx {
             req,
             target,
