@@ -246,7 +246,8 @@ pub fn agents(policy: &str) -> Vec<BenchAgent> {
     }
     // `BENCH_COMPARE_BIN`: a second build of the agent, measured with the
     // first combination beside the build under test, so an A/B of two
-    // builds shares one interleaved run.
+    // builds shares one interleaved run; its rows are labelled
+    // `BENCH_COMPARE_NAME`, else the path.
     let compare = std::env::var("BENCH_COMPARE_BIN").ok();
     let mut combos: Vec<_> = combos.into_iter().map(|c| (c, None)).collect();
     if let (Some(bin), Some(&(first, _))) = (compare.as_deref(), combos.first()) {
@@ -283,7 +284,9 @@ pub fn agents(policy: &str) -> Vec<BenchAgent> {
                     name.push_str(", local bypass");
                 }
                 if let Some(bin) = bin {
-                    name.push_str(&format!(", {bin}"));
+                    let label =
+                        std::env::var("BENCH_COMPARE_NAME").unwrap_or_else(|_| bin.to_owned());
+                    name.push_str(&format!(", {label}"));
                 }
                 BenchAgent {
                     name,

@@ -296,3 +296,25 @@ fn the_demo_runs_as_described() {
         assert!(text.contains(want), "{want}: {text}");
     }
 }
+
+/// `cargo xtask build --pgo`'s training workload runs (through the agent
+/// under test here, not an instrumented one): every workload passes and
+/// both targets' statements are recorded.
+#[test]
+fn the_pgo_training_workload_runs() {
+    let out = run_any(
+        Command::new(env!("CARGO_BIN_EXE_pgo-train"))
+            .env("INTERCEPTOR_BIN", agent_bin())
+            .env("PGO_TRAIN_SECONDS", "1"),
+    );
+    let text = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(out.status.success(), "{text}");
+    for want in [
+        "pgbench tpcb-like simple tls=true: done",
+        "sysbench oltp_read_write ps-mode=auto: done",
+        "query records for pg (each)",
+        "query records for maria (summary)",
+    ] {
+        assert!(text.contains(want), "{want}: {text}");
+    }
+}

@@ -3,7 +3,8 @@
 //! - `setup`: installs what a fresh machine lacks (nightly rust-src,
 //!   bpf-linker built against nightly's own LLVM, the Debian packages the
 //!   tests use). Idempotent; seconds when everything is there.
-//! - `build`: release build of the agent (kernel object embedded).
+//! - `build`: release build of the agent (kernel object embedded);
+//!   `--pgo`: profile-guided (instrumented build, training run, final build).
 //! - `run -- ARGS`: build, then `interceptor run ARGS` (needs root).
 //! - `test`: fmt check, clippy, deploy checks, unit tests, end-to-end
 //!   tests, then each fuzz target for a short fixed time.
@@ -31,7 +32,13 @@ enum Cmd {
     /// Install toolchain pieces and test dependencies (idempotent).
     Setup,
     /// Build the release binary (target/release/interceptor).
-    Build,
+    Build {
+        /// Profile-guided: build an instrumented agent, run the training
+        /// workload through it (throwaway PostgreSQL and MariaDB; needs
+        /// root), build again with the profile: target/pgo/interceptor.
+        #[arg(long)]
+        pgo: bool,
+    },
     /// Build, then run the agent with the given arguments (`cargo xtask run -- --cgroup DIR`).
     Run {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
@@ -61,7 +68,11 @@ enum Cmd {
     },
     /// Build the OCI image localhost/interceptor:VERSION (podman, from
     /// scratch, no registry) and run `interceptor --version` in it.
-    Image,
+    Image {
+        /// Put the profile-guided build in the image (see `build --pgo`).
+        #[arg(long)]
+        pgo: bool,
+    },
     /// Run every fuzz target (or one) for SECONDS each; new inputs join the
     /// corpus in fuzz/corpus/TARGET, minimised afterwards.
     Fuzz {
@@ -120,14 +131,15 @@ fn main() -> Result<()> {
     std::env::set_current_dir(&root)?;
     match cli.cmd {
         Cmd::Setup => setup(),
-        Cmd::Build => build(),
+        Cmd::Build { pgo: false } => build(),
+        Cmd::Build { pgo: true } => build_pgo(&root).map(drop),
         Cmd::Run { args } => {
             build()?;
             let bin = root.join("target/release/interceptor");
             run(Command::new(bin).arg("run").args(args))
         }
         Cmd::Test { filter, no_lint } => test(filter.as_deref(), no_lint),
-        Cmd::Image => image(&root),
+        Cmd::Image { pgo } => image(&root, pgo),
         Cmd::Fuzz { seconds, target } => fuzz(&root, seconds, target.as_deref(), false),
         Cmd::CheckDeploy => {
             build()?;
@@ -211,6 +223,15 @@ fn setup() -> Result<()> {
             "nightly",
         ]))?;
         did.push("added nightly rust-src");
+    }
+
+    // llvm-profdata for `build --pgo`: rust-toolchain.toml names the
+    // component, but rustup adds it only when it installs the toolchain.
+    let stable = output(Command::new("rustup").args(["component", "list", "--installed"]))
+        .unwrap_or_default();
+    if !stable.lines().any(|l| l.starts_with("llvm-tools")) {
+        run(Command::new("rustup").args(["component", "add", "llvm-tools"]))?;
+        did.push("added llvm-tools");
     }
 
     // 2. bpf-linker built against the LLVM nightly ships.
@@ -336,6 +357,117 @@ fn setup() -> Result<()> {
 
 fn build() -> Result<()> {
     run(Command::new("cargo").args(["build", "--release", "--locked", "--bin", "interceptor"]))
+}
+
+/// Where `build --pgo` works and leaves the agent.
+const PGO_DIR: &str = "target/pgo";
+
+/// Profile-guided release build; returns the binary's path
+/// (`target/pgo/interceptor`). The profile is made afresh from the source
+/// being built, never kept: an instrumented build (its own target dir, so
+/// `target/release` stays the plain build) runs the `pgo-train` workload,
+/// LLVM's `llvm-profdata` (rustup's `llvm-tools`, which the toolchain file
+/// names) merges what it wrote, and a second build uses the merge.
+fn build_pgo(root: &Path) -> Result<PathBuf> {
+    let host = host_triple()?;
+    let dir = root.join(PGO_DIR);
+    let raw = dir.join("profraw");
+    if raw.exists() {
+        std::fs::remove_dir_all(&raw)?;
+    }
+    std::fs::create_dir_all(&raw)?;
+    let instrumented = dir.join("instrumented");
+    run(&mut pgo_cargo(
+        &host,
+        &instrumented,
+        &format!("-Cprofile-generate={}", raw.display()),
+    ))?;
+    run(Command::new("cargo").args([
+        "build",
+        "--locked",
+        "--release",
+        "-p",
+        "interceptor-tests",
+        "--bin",
+        "pgo-train",
+    ]))?;
+    run(Command::new(root.join("target/release/pgo-train")).env(
+        "INTERCEPTOR_BIN",
+        instrumented.join(&host).join("release/interceptor"),
+    ))?;
+    let profile = dir.join("interceptor.profdata");
+    run(Command::new(llvm_profdata(&host)?)
+        .arg("merge")
+        .arg("-o")
+        .arg(&profile)
+        .arg(&raw))?;
+    let optimised = dir.join("optimised");
+    run(&mut pgo_cargo(
+        &host,
+        &optimised,
+        &format!("-Cprofile-use={}", profile.display()),
+    ))?;
+    let bin = dir.join("interceptor");
+    std::fs::copy(optimised.join(&host).join("release/interceptor"), &bin)?;
+    eprintln!("build --pgo: {}", bin.display());
+    Ok(bin)
+}
+
+/// `cargo build` of the agent for `host` in `target_dir` with `rustflags`.
+/// The flags go in `CARGO_TARGET_<HOST>_RUSTFLAGS` with `--target` given, so
+/// they reach the agent and its dependencies but not build scripts, proc
+/// macros or the kernel programs' own build (another target).
+fn pgo_cargo(host: &str, target_dir: &Path, rustflags: &str) -> Command {
+    let mut cmd = Command::new("cargo");
+    cmd.args([
+        "build",
+        "--release",
+        "--locked",
+        "--bin",
+        "interceptor",
+        "--target",
+        host,
+    ])
+    .arg("--target-dir")
+    .arg(target_dir)
+    .env_remove("RUSTFLAGS")
+    .env_remove("CARGO_ENCODED_RUSTFLAGS")
+    .env(target_rustflags_var(host), rustflags);
+    cmd
+}
+
+/// Cargo's per-target flags variable: `x86_64-unknown-linux-gnu` →
+/// `CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_RUSTFLAGS`.
+fn target_rustflags_var(triple: &str) -> String {
+    format!(
+        "CARGO_TARGET_{}_RUSTFLAGS",
+        triple.to_uppercase().replace(['-', '.'], "_")
+    )
+}
+
+fn host_triple() -> Result<String> {
+    let vv = output(Command::new("rustc").arg("-vV"))?;
+    vv.lines()
+        .find_map(|l| l.strip_prefix("host: "))
+        .map(str::to_owned)
+        .context("no host in `rustc -vV`")
+}
+
+/// rustup's `llvm-tools` component puts `llvm-profdata` of the toolchain's
+/// own LLVM in the sysroot.
+fn llvm_profdata(host: &str) -> Result<PathBuf> {
+    let sysroot = output(Command::new("rustc").args(["--print", "sysroot"]))?;
+    let p = PathBuf::from(sysroot.trim())
+        .join("lib/rustlib")
+        .join(host)
+        .join("bin/llvm-profdata");
+    if !p.exists() {
+        bail!(
+            "{} missing: the toolchain's llvm-tools component is not installed (rust-toolchain.toml names it; `rustup component add llvm-tools`)",
+            p.display()
+        );
+    }
+    Ok(p)
 }
 
 fn test(filter: Option<&str>, no_lint: bool) -> Result<()> {
@@ -519,11 +651,15 @@ fn fuzz(root: &Path, seconds: u64, only: Option<&str>, ci: bool) -> Result<()> {
 /// OCI image of the agent from scratch: the stripped release binary and
 /// the shared libraries `ldd` lists (glibc, libgcc_s, the loader), built by
 /// podman without a registry, then `interceptor --version` run inside it.
-fn image(root: &Path) -> Result<()> {
-    build()?;
+fn image(root: &Path, pgo: bool) -> Result<()> {
+    let bin = if pgo {
+        build_pgo(root)?
+    } else {
+        build()?;
+        root.join("target/release/interceptor")
+    };
     let version = env!("CARGO_PKG_VERSION");
     let tag = format!("localhost/interceptor:{version}");
-    let bin = root.join("target/release/interceptor");
     let dir = root.join("target/image");
     let rootfs = dir.join("rootfs");
     if rootfs.exists() {
@@ -626,9 +762,20 @@ fn bench(which: &str) -> Result<()> {
             "policy",
         ]))?;
     }
+    let root = workspace_root();
+    let mut agents = None;
     for proto in ["postgres", "mysql", "idle"] {
         if which == proto || which == "all" {
-            build()?;
+            // What the README's install steps build: the profile-guided
+            // agent, with the plain release build measured beside it
+            // (`BENCH_COMPARE_BIN`, unless already set).
+            if agents.is_none() {
+                build()?;
+                agents = Some((build_pgo(&root)?, root.join("target/release/interceptor")));
+            }
+            let Some((bin, plain)) = &agents else {
+                unreachable!("built above")
+            };
             // The drivers start helper binaries of the same package
             // (`idle-conns`).
             run(Command::new("cargo").args([
@@ -639,18 +786,22 @@ fn bench(which: &str) -> Result<()> {
                 "interceptor-tests",
                 "--bins",
             ]))?;
-            let bin = workspace_root().join("target/release/interceptor");
-            run(Command::new("cargo")
-                .args([
-                    "run",
-                    "--locked",
-                    "--release",
-                    "-p",
-                    "interceptor-tests",
-                    "--bin",
-                ])
-                .arg(format!("bench-{proto}"))
-                .env("INTERCEPTOR_BIN", &bin))?;
+            let mut cmd = Command::new("cargo");
+            cmd.args([
+                "run",
+                "--locked",
+                "--release",
+                "-p",
+                "interceptor-tests",
+                "--bin",
+            ])
+            .arg(format!("bench-{proto}"))
+            .env("INTERCEPTOR_BIN", bin);
+            if std::env::var_os("BENCH_COMPARE_BIN").is_none() {
+                cmd.env("BENCH_COMPARE_BIN", plain)
+                    .env("BENCH_COMPARE_NAME", "plain build (no PGO)");
+            }
+            run(&mut cmd)?;
         }
     }
     Ok(())
@@ -674,6 +825,18 @@ mod tests {
                 "/lib64/ld-linux-x86-64.so.2"
             ]
             .map(PathBuf::from)
+        );
+    }
+
+    #[test]
+    fn per_target_flags_variable() {
+        assert_eq!(
+            target_rustflags_var("x86_64-unknown-linux-gnu"),
+            "CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_RUSTFLAGS"
+        );
+        assert_eq!(
+            target_rustflags_var("thumbv7em-none-eabihf.custom"),
+            "CARGO_TARGET_THUMBV7EM_NONE_EABIHF_CUSTOM_RUSTFLAGS"
         );
     }
 

@@ -8,7 +8,8 @@
 //! BENCH_ONLY (configurations, e.g. `text:8`), BENCH_AGENT_WORKERS (worker
 //! counts to compare, one agent each, default `1,2`), BENCH_EXECUTIONS
 //! (`audit.executions` modes, default `summary,each`), BENCH_BYPASS
-//! (`--local-bypass` settings, default `off,on`).
+//! (`--local-bypass` settings, default `off,on`), BENCH_COMPARE_BIN and
+//! BENCH_COMPARE_NAME (a second build of the agent and its label).
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::cast_precision_loss)]
 
 use std::process::Command;

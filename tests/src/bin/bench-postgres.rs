@@ -15,8 +15,8 @@
 //! (`audit.executions` modes, default `summary,each`), BENCH_BYPASS
 //! (`--local-bypass` settings, default `off,on`: `on` with the first
 //! executions mode), BENCH_NETNS (`off` leaves out the network namespace
-//! rows), BENCH_COMPARE_BIN (a second build of the agent, measured beside
-//! the first agent).
+//! rows), BENCH_COMPARE_BIN and BENCH_COMPARE_NAME (a second build of the
+//! agent and its label, measured beside the first agent).
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::cast_precision_loss)]
 
 use std::{fs, path::Path, process::Command};
