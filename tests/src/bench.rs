@@ -195,13 +195,7 @@ pub fn finish(name: &str, rows: &[Row], pids: &[u32], agents: &[BenchAgent]) {
     pin(pids, "0-1");
     report(name, &table(rows, "direct", "p99"));
     for a in agents {
-        // The live log and the rotated ones (FILE.1, FILE.2, ...).
-        let base = a.agent.audit_log.display().to_string();
-        let files = std::iter::once(base.clone()).chain((1..).map(|n| format!("{base}.{n}")));
-        let statements: usize = files
-            .map_while(|f| fs::read_to_string(f).ok())
-            .map(|text| text.matches("\"event\":\"query\"").count())
-            .sum();
+        let statements = a.agent.query_records("");
         eprintln!(
             "{}: {statements} query records in its audit log (live and rotated files)",
             a.name

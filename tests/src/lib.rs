@@ -744,6 +744,23 @@ impl Agent {
             .collect()
     }
 
+    /// `query` records whose line also contains `member` (e.g.
+    /// `"target":"pg"`; empty for all) in the live audit file and the
+    /// rotated ones (FILE.1, FILE.2, ...), without parsing them.
+    #[must_use]
+    pub fn query_records(&self, member: &str) -> usize {
+        let base = self.audit_log.display().to_string();
+        std::iter::once(base.clone())
+            .chain((1..).map(|n| format!("{base}.{n}")))
+            .map_while(|f| fs::read_to_string(f).ok())
+            .map(|text| {
+                text.lines()
+                    .filter(|l| l.contains("\"event\":\"query\"") && l.contains(member))
+                    .count()
+            })
+            .sum()
+    }
+
     /// Waits for an audit event matching `pred` and returns it.
     /// Waits (15 s at most) until the agent holds a statement for approval
     /// and returns the first pending approval's id.

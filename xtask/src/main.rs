@@ -762,47 +762,46 @@ fn bench(which: &str) -> Result<()> {
             "policy",
         ]))?;
     }
+    let protos: Vec<&str> = ["postgres", "mysql", "idle"]
+        .into_iter()
+        .filter(|p| which == *p || which == "all")
+        .collect();
+    if protos.is_empty() {
+        return Ok(());
+    }
+    // What the README's install steps build: the profile-guided agent, with
+    // the plain release build measured beside it (`BENCH_COMPARE_BIN`,
+    // unless already set).
     let root = workspace_root();
-    let mut agents = None;
-    for proto in ["postgres", "mysql", "idle"] {
-        if which == proto || which == "all" {
-            // What the README's install steps build: the profile-guided
-            // agent, with the plain release build measured beside it
-            // (`BENCH_COMPARE_BIN`, unless already set).
-            if agents.is_none() {
-                build()?;
-                agents = Some((build_pgo(&root)?, root.join("target/release/interceptor")));
-            }
-            let Some((bin, plain)) = &agents else {
-                unreachable!("built above")
-            };
-            // The drivers start helper binaries of the same package
-            // (`idle-conns`).
-            run(Command::new("cargo").args([
-                "build",
-                "--locked",
-                "--release",
-                "-p",
-                "interceptor-tests",
-                "--bins",
-            ]))?;
-            let mut cmd = Command::new("cargo");
-            cmd.args([
-                "run",
-                "--locked",
-                "--release",
-                "-p",
-                "interceptor-tests",
-                "--bin",
-            ])
-            .arg(format!("bench-{proto}"))
-            .env("INTERCEPTOR_BIN", bin);
-            if std::env::var_os("BENCH_COMPARE_BIN").is_none() {
-                cmd.env("BENCH_COMPARE_BIN", plain)
-                    .env("BENCH_COMPARE_NAME", "plain build (no PGO)");
-            }
-            run(&mut cmd)?;
+    build()?;
+    let plain = root.join("target/release/interceptor");
+    let bin = build_pgo(&root)?;
+    // The drivers start helper binaries of the same package (`idle-conns`).
+    run(Command::new("cargo").args([
+        "build",
+        "--locked",
+        "--release",
+        "-p",
+        "interceptor-tests",
+        "--bins",
+    ]))?;
+    for proto in protos {
+        let mut cmd = Command::new("cargo");
+        cmd.args([
+            "run",
+            "--locked",
+            "--release",
+            "-p",
+            "interceptor-tests",
+            "--bin",
+        ])
+        .arg(format!("bench-{proto}"))
+        .env("INTERCEPTOR_BIN", &bin);
+        if std::env::var_os("BENCH_COMPARE_BIN").is_none() {
+            cmd.env("BENCH_COMPARE_BIN", &plain)
+                .env("BENCH_COMPARE_NAME", "plain build (no PGO)");
         }
+        run(&mut cmd)?;
     }
     Ok(())
 }

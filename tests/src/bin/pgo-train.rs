@@ -17,11 +17,14 @@ use std::process::Command;
 
 use interceptor_tests::{
     Agent, PgServer, TestCgroup,
-    mysql::{APP_PASSWORD, APP_USER, MariaDb},
+    mysql::{MariaDb, sysbench_args, sysbench_in},
     pg_bin, pki, run_ok,
 };
 
 const RULES: &str = "mode: enforce\ndefault: allow\non_parse_error: allow\nrules:\n  - name: no-secrets\n    any_tables: [public.secrets, shop.secrets]\n    decision: deny\n  - name: dangerous\n    flags: [file_access, program_exec, role_change, remote_access, admin]\n    decision: deny\n  - name: bounded-writes\n    kinds: [delete, update]\n    where: absent\n    decision: deny\n";
+
+/// sysbench's tables, the same for `prepare` and `run`.
+const SYSBENCH_TABLES: [&str; 2] = ["--tables=1", "--table-size=10000"];
 
 fn pgbench(cg: &TestCgroup, port: u16, mode: &str, tls: bool, secs: u64) {
     let out = run_ok(
@@ -50,41 +53,6 @@ fn pgbench(cg: &TestCgroup, port: u16, mode: &str, tls: bool, secs: u64) {
     eprintln!("pgo-train: pgbench tpcb-like {mode} tls={tls}: done");
 }
 
-fn sysbench(cg: Option<&TestCgroup>, port: u16, args: &[&str]) -> String {
-    let mut cmd = match cg {
-        Some(cg) => cg.command("sysbench"),
-        None => Command::new("sysbench"),
-    };
-    cmd.arg("oltp_read_write").args([
-        "--db-driver=mysql",
-        "--mysql-host=127.0.0.1",
-        &format!("--mysql-port={port}"),
-        &format!("--mysql-user={APP_USER}"),
-        &format!("--mysql-password={APP_PASSWORD}"),
-        "--mysql-db=sbtest",
-        "--mysql-ssl=off",
-        "--tables=1",
-        "--table-size=10000",
-    ]);
-    run_ok(cmd.args(args))
-}
-
-/// `query` records of `target` in the agent's live and rotated audit files
-/// (the training writes more than one file's worth).
-fn query_records(agent: &Agent, target: &str) -> usize {
-    let base = agent.audit_log.display().to_string();
-    let member = format!("\"target\":\"{target}\"");
-    std::iter::once(base.clone())
-        .chain((1..).map(|n| format!("{base}.{n}")))
-        .map_while(|f| std::fs::read_to_string(f).ok())
-        .map(|text| {
-            text.lines()
-                .filter(|l| l.contains("\"event\":\"query\"") && l.contains(&member))
-                .count()
-        })
-        .sum()
-}
-
 fn main() {
     let secs: u64 = std::env::var("PGO_TRAIN_SECONDS")
         .ok()
@@ -103,7 +71,14 @@ fn main() {
     pg.pgbench_init(10);
     pg.sql("CREATE TABLE secrets (v text)");
     let db = MariaDb::start();
-    sysbench(None, db.port, &["prepare"]);
+    // The tables, made directly (this process is in no test cgroup).
+    run_ok(
+        Command::new("sysbench")
+            .arg("oltp_read_write")
+            .args(sysbench_args(&db))
+            .args(SYSBENCH_TABLES)
+            .arg("prepare"),
+    );
     let policy = |executions: &str| {
         format!(
             "version: 1\ntargets:\n  - {{name: pg, protocol: postgres, address: '127.0.0.1:{}'}}\n  - {{name: maria, protocol: mysql, address: '127.0.0.1:{}'}}\naudit:\n  executions: {executions}\n{RULES}",
@@ -111,16 +86,19 @@ fn main() {
         )
     };
     let sysbench_run = |cg: &TestCgroup, ps: &str| {
-        let out = sysbench(
-            Some(cg),
-            db.port,
+        let out = run_ok(&mut sysbench_in(
+            cg,
+            &db,
+            "oltp_read_write",
             &[
+                SYSBENCH_TABLES[0],
+                SYSBENCH_TABLES[1],
                 &format!("--db-ps-mode={ps}"),
                 "--threads=4",
                 &format!("--time={secs}"),
                 "run",
             ],
-        );
+        ));
         // sysbench stops at an error it does not expect (a refusal by the
         // agent among them); the deadlocks it ignores (1213) happen
         // between its own threads now and then.
@@ -145,7 +123,7 @@ fn main() {
         // The traffic went through the agent: statements of both targets
         // were decided and recorded.
         for target in ["pg", "maria"] {
-            let n = query_records(&agent, target);
+            let n = agent.query_records(&format!("\"target\":\"{target}\""));
             assert!(n > 0, "no query records for {target} ({executions})");
             eprintln!("pgo-train: {n} query records for {target} ({executions})");
         }
