@@ -678,16 +678,19 @@ fn open_live(path: &Path) -> std::io::Result<(BufWriter<File>, u64)> {
     Ok((BufWriter::with_capacity(256 * 1024, file), size))
 }
 
-/// How often the writer wakes to drain the queue while nothing comes. The
-/// data path never wakes the writer (a wake-up per statement costs a
-/// context switch, which on a busy CPU is most of a query's budget); it
-/// only pushes.
+/// How often the writer wakes to drain the queue. The data path never
+/// wakes the writer (a wake-up per statement costs a context switch, which
+/// on a busy CPU is most of a query's budget); it only pushes. Each wake
+/// costs a context switch and evicts some of the cache that the statements'
+/// processes share, so the writer wakes seldom and writes what came in
+/// one batch: 5 ms against 1 ms cut the added latency at 1 client by about
+/// 6 µs per statement (README, "Benchmarks").
 const DRAIN_INTERVAL: Duration = Duration::from_millis(5);
 
-/// How soon the writer drains again after a drain that found records:
-/// shorter bursts of writing, so a query that shares the CPU with the
-/// writer waits less behind one.
-const ACTIVE_INTERVAL: Duration = Duration::from_millis(1);
+/// Records the writer writes before it lets other runnable threads go
+/// first: a long batch is spread over several slices, so a statement that
+/// shares the CPU with the writer does not wait behind all of it.
+const WRITER_SLICE: u64 = 32;
 
 /// How soon the writer drains again while senders wait for room.
 const BUSY_INTERVAL: Duration = Duration::from_micros(50);
@@ -716,21 +719,25 @@ struct Writer {
 
 impl Writer {
     fn run(&mut self, rx: &Receiver<AuditEvent>) {
+        let mut written = 0u64;
         loop {
-            let mut wrote = false;
+            let before = written;
             let closed = loop {
                 match rx.try_recv() {
                     Ok(ev) => {
                         self.stats.queued.fetch_sub(1, Ordering::Relaxed);
                         self.write_event(&ev);
-                        wrote = true;
+                        written += 1;
+                        if written % WRITER_SLICE == 0 {
+                            std::thread::yield_now();
+                        }
                     }
                     Err(TryRecvError::Empty) => break false,
                     Err(TryRecvError::Disconnected) => break true,
                 }
             };
-            wrote |= self.record_gap();
-            if wrote && self.settings.flush == FlushPolicy::Batch {
+            let gap = self.record_gap();
+            if (gap || written != before) && self.settings.flush == FlushPolicy::Batch {
                 self.flush();
             }
             if closed {
@@ -738,8 +745,6 @@ impl Writer {
             }
             if self.stats.waiting.load(Ordering::SeqCst) > 0 {
                 std::thread::sleep(BUSY_INTERVAL);
-            } else if wrote {
-                std::thread::sleep(ACTIVE_INTERVAL);
             } else {
                 std::thread::sleep(DRAIN_INTERVAL);
             }

@@ -39,12 +39,49 @@ pub fn make_room(buf: &mut bytes::BytesMut, last: usize) {
             buf.reserve(READ_CHUNK);
         } else if buf.capacity() > SMALL_READ {
             *buf = bytes::BytesMut::with_capacity(SMALL_READ);
+        } else if buf.capacity() == 0 {
+            *buf = SPARE
+                .with_borrow_mut(Vec::pop)
+                .unwrap_or_else(|| bytes::BytesMut::with_capacity(SMALL_READ));
         } else {
             buf.reserve(SMALL_READ);
         }
     } else if buf.capacity() - buf.len() < SMALL_READ / 4 {
         buf.reserve(if streaming { READ_CHUNK } else { SMALL_READ });
     }
+}
+
+/// Empty small read buffers that idle connections of this thread gave
+/// back ([`release`]), for the next connection whose input arrives: a
+/// request-reply session releases and takes one per message, and the pool
+/// spares the allocator a page freed and set up again each time.
+thread_local! {
+    static SPARE: std::cell::RefCell<Vec<bytes::BytesMut>> =
+        const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// How many empty buffers a thread keeps for reuse: [`SMALL_READ`] each,
+/// 128 KiB per worker at most, however many connections are idle.
+const SPARE_BUFFERS: usize = 32;
+
+/// Takes an idle connection's read buffer (empty), leaving it none; a
+/// small one is kept for reuse by [`make_room`], a large one is freed.
+pub fn release(buf: &mut bytes::BytesMut) {
+    let mut spare = std::mem::take(buf);
+    if !spare.is_empty() || spare.capacity() > SMALL_READ {
+        return;
+    }
+    // Reclaims the bytes already read (in place for a buffer this
+    // connection alone holds): a whole small buffer again.
+    spare.reserve(SMALL_READ);
+    if spare.capacity() != SMALL_READ {
+        return;
+    }
+    SPARE.with_borrow_mut(|pool| {
+        if pool.len() < SPARE_BUFFERS {
+            pool.push(spare);
+        }
+    });
 }
 
 #[cfg(test)]

@@ -604,8 +604,8 @@ impl Session<'_> {
             {
                 // Between commands, while both sides are silent, no read
                 // buffers are held: an idle connection holds little.
-                self.cbuf = BytesMut::new();
-                self.sbuf = BytesMut::new();
+                crate::protocol::release(&mut self.cbuf);
+                crate::protocol::release(&mut self.sbuf);
                 tokio::select! {
                     r = self.client.wait_input() => r?,
                     r = self.server.wait_input() => r?,

@@ -527,7 +527,7 @@ async fn read_more(
     last: usize,
 ) -> std::io::Result<usize> {
     if buf.is_empty() && last < SMALL_READ / 2 && r.waits_unbuffered() {
-        *buf = BytesMut::new();
+        crate::protocol::release(buf);
         r.wait_input().await?;
     }
     make_room(buf, last);
