@@ -51,11 +51,11 @@ pub fn make_room(buf: &mut bytes::BytesMut, last: usize) {
     }
 }
 
-/// Empty small read buffers that idle connections of this thread gave
-/// back ([`release`]), for the next connection whose input arrives: a
-/// request-reply session releases and takes one per message, and the pool
-/// spares the allocator a page freed and set up again each time.
 thread_local! {
+    /// Empty small read buffers that idle connections of this thread gave
+    /// back ([`release`]), for the next connection whose input arrives: a
+    /// request-reply session releases and takes one per message, and the
+    /// pool spares the allocator a page freed and set up again each time.
     static SPARE: std::cell::RefCell<Vec<bytes::BytesMut>> =
         const { std::cell::RefCell::new(Vec::new()) };
 }
@@ -89,6 +89,34 @@ mod tests {
     use bytes::{Buf as _, BytesMut};
 
     use super::*;
+
+    #[test]
+    fn idle_buffers_are_reused_small_and_whole() {
+        // A small buffer, partly read: given back whole, then taken again.
+        let mut buf = BytesMut::with_capacity(SMALL_READ);
+        let ptr = buf.as_ptr();
+        buf.extend_from_slice(&[1; 300]);
+        buf.advance(300);
+        release(&mut buf);
+        assert_eq!(buf.capacity(), 0);
+        let mut next = BytesMut::new();
+        make_room(&mut next, 0);
+        assert_eq!(next.as_ptr(), ptr);
+        assert_eq!(next.capacity(), SMALL_READ);
+        // A transfer's large buffer is freed, not kept.
+        let mut large = BytesMut::with_capacity(READ_CHUNK);
+        let large_ptr = large.as_ptr();
+        release(&mut large);
+        let mut other = BytesMut::new();
+        make_room(&mut other, 0);
+        assert_ne!(other.as_ptr(), large_ptr);
+        assert_eq!(other.capacity(), SMALL_READ);
+        // The pool is bounded.
+        for _ in 0..SPARE_BUFFERS * 2 {
+            release(&mut BytesMut::with_capacity(SMALL_READ));
+        }
+        assert_eq!(SPARE.with_borrow(Vec::len), SPARE_BUFFERS);
+    }
 
     #[test]
     fn read_buffers_grow_for_transfers_and_shrink_when_idle() {
