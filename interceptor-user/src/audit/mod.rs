@@ -728,7 +728,7 @@ impl Writer {
                         self.stats.queued.fetch_sub(1, Ordering::Relaxed);
                         self.write_event(&ev);
                         written += 1;
-                        if written % WRITER_SLICE == 0 {
+                        if written.is_multiple_of(WRITER_SLICE) {
                             std::thread::yield_now();
                         }
                     }
