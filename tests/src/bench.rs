@@ -12,14 +12,8 @@ use std::{
 /// Pins `pids`, their threads and their children to `cpus` (taskset list).
 pub fn pin(pids: &[u32], cpus: &str) {
     let mut all: Vec<u32> = pids.to_vec();
-    for p in pids {
-        if let Ok(out) = Command::new("pgrep").args(["-P", &p.to_string()]).output() {
-            all.extend(
-                String::from_utf8_lossy(&out.stdout)
-                    .lines()
-                    .filter_map(|l| l.trim().parse::<u32>().ok()),
-            );
-        }
+    for &p in pids {
+        all.extend(children(p));
     }
     for p in all {
         let _ = Command::new("taskset")
@@ -53,6 +47,9 @@ pub struct Row {
     pub p_ms: Vec<f64>,
     /// The proxy's own CPU time per transaction, user and system, in µs.
     pub cpu_us: Vec<(f64, f64)>,
+    /// The database server's CPU time per transaction (all its processes
+    /// and threads), user and system, in µs.
+    pub server_us: Vec<(f64, f64)>,
 }
 
 impl Row {
@@ -67,6 +64,7 @@ impl Row {
             avg_ms: Vec::new(),
             p_ms: Vec::new(),
             cpu_us: Vec::new(),
+            server_us: Vec::new(),
         }
     }
 
@@ -82,16 +80,16 @@ pub fn table(rows: &[Row], baseline: &str, pct: &str) -> String {
     let mut t = String::new();
     let _ = writeln!(
         t,
-        "| mode | clients | CPUs | path | tps | avg latency | {pct} latency | tps vs {baseline} | added avg latency vs {baseline} | proxy CPU per query (user) |"
+        "| mode | clients | CPUs | path | tps | avg latency | {pct} latency | tps vs {baseline} | added avg latency vs {baseline} | proxy CPU per query (user) | server CPU per query (user) |"
     );
-    let _ = writeln!(t, "|---|---|---|---|---:|---:|---:|---:|---:|---:|");
+    let _ = writeln!(t, "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|");
     for r in rows {
         let Some(base) = rows.iter().find(|b| b.path == baseline && b.same_config(r)) else {
             continue;
         };
         let _ = writeln!(
             t,
-            "| {} | {} | {} | {} | {:.0} | {:.1} µs | {:.1} µs | {:.2} | {:+.1} µs | {} |",
+            "| {} | {} | {} | {} | {:.0} | {:.1} µs | {:.1} µs | {:.2} | {:+.1} µs | {} | {} |",
             r.mode,
             r.clients,
             if r.pinned { "1 (pinned)" } else { "2" },
@@ -102,6 +100,7 @@ pub fn table(rows: &[Row], baseline: &str, pct: &str) -> String {
             median(&r.tps) / median(&base.tps),
             (median(&r.avg_ms) - median(&base.avg_ms)) * 1000.0,
             cpu_cell(&r.cpu_us),
+            cpu_cell(&r.server_us),
         );
     }
     t
@@ -153,21 +152,122 @@ pub fn cpu_us(pid: u32) -> (f64, f64) {
     }
 }
 
+/// The CPU time of a process and of every process it forks, those
+/// already gone included (PostgreSQL's backends of closed connections,
+/// socat's relays): the process is moved into a cgroup of its own, whose
+/// `cpu.stat` counts them all. Dropping it moves them back.
+pub struct CpuGroup {
+    cgroup: std::path::PathBuf,
+    home: std::path::PathBuf,
+}
+
+impl CpuGroup {
+    /// Moves process `pid` and its children into a new cgroup.
+    ///
+    /// # Panics
+    /// When the cgroup cannot be made or the processes moved.
+    #[must_use]
+    pub fn adopt(pid: u32) -> Self {
+        let root = crate::cgroup2_root();
+        let own = fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap_or_default();
+        let rel = own
+            .lines()
+            .find_map(|l| l.strip_prefix("0::"))
+            .unwrap_or("/")
+            .trim_start_matches('/');
+        let home = root.join(rel);
+        let cgroup = root.join(crate::unique("interceptor-bench-server"));
+        fs::create_dir(&cgroup).unwrap_or_else(|e| panic!("create {}: {e}", cgroup.display()));
+        let mut pids = vec![pid];
+        pids.extend(children(pid));
+        for p in pids {
+            fs::write(cgroup.join("cgroup.procs"), p.to_string())
+                .unwrap_or_else(|e| panic!("move {p} into {}: {e}", cgroup.display()));
+        }
+        Self { cgroup, home }
+    }
+
+    /// CPU time used so far, (user, system) in µs.
+    #[must_use]
+    pub fn usage_us(&self) -> (f64, f64) {
+        let stat = fs::read_to_string(self.cgroup.join("cpu.stat")).unwrap_or_default();
+        let field = |name: &str| {
+            stat.lines()
+                .find_map(|l| l.strip_prefix(name))
+                .and_then(|v| v.trim().parse().ok())
+                .unwrap_or(f64::NAN)
+        };
+        (field("user_usec "), field("system_usec "))
+    }
+}
+
+impl Drop for CpuGroup {
+    fn drop(&mut self) {
+        for _ in 0..50 {
+            let procs = fs::read_to_string(self.cgroup.join("cgroup.procs")).unwrap_or_default();
+            for p in procs.lines() {
+                let _ = fs::write(self.home.join("cgroup.procs"), p.trim());
+            }
+            if fs::remove_dir(&self.cgroup).is_ok() {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        eprintln!("could not remove cgroup {}", self.cgroup.display());
+    }
+}
+
+/// The pids of `pid`'s children.
+fn children(pid: u32) -> Vec<u32> {
+    Command::new("pgrep")
+        .args(["-P", &pid.to_string()])
+        .output()
+        .map(|out| {
+            String::from_utf8_lossy(&out.stdout)
+                .lines()
+                .filter_map(|l| l.trim().parse::<u32>().ok())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Whose CPU time a row's proxy column reads.
+#[derive(Clone, Copy)]
+pub enum Proxy<'a> {
+    /// One process (all its threads).
+    Process(u32),
+    /// A process and the children it forks.
+    Group(&'a CpuGroup),
+}
+
+impl Proxy<'_> {
+    fn usage_us(self) -> (f64, f64) {
+        match self {
+            Self::Process(pid) => cpu_us(pid),
+            Self::Group(g) => g.usage_us(),
+        }
+    }
+}
+
 /// Runs one measurement with `run` (which returns tps, average and
 /// percentile latency in ms, over `secs` seconds) and adds it to its row,
-/// with the CPU time `proxy` (a pid) used per query meanwhile.
+/// with the CPU time `proxy` and the database server used per query
+/// meanwhile.
 ///
 /// # Panics
 /// When no row matches (a bug in the benchmark's table).
 pub fn measure(
     rows: &mut [Row],
     (mode, clients, path): (&str, u32, &str),
-    proxy: Option<u32>,
+    proxy: Option<Proxy<'_>>,
+    server: &CpuGroup,
     secs: u64,
     run: impl FnOnce() -> (f64, f64, f64),
 ) -> (f64, f64, f64) {
-    let before = proxy.map(cpu_us);
+    let before = proxy.map(Proxy::usage_us);
+    let server_before = server.usage_us();
     let figures = run();
+    let server_after = server.usage_us();
     let row = rows
         .iter_mut()
         .find(|r| r.mode == mode && r.clients == clients && r.path == path)
@@ -177,10 +277,16 @@ pub fn measure(
     row.avg_ms.push(avg);
     row.p_ms.push(p);
     let queries = tps * secs as f64;
-    if let (Some(pid), Some(before)) = (proxy, before)
+    if queries > 0.0 {
+        row.server_us.push((
+            (server_after.0 - server_before.0) / queries,
+            (server_after.1 - server_before.1) / queries,
+        ));
+    }
+    if let (Some(proxy), Some(before)) = (proxy, before)
         && queries > 0.0
     {
-        let after = cpu_us(pid);
+        let after = proxy.usage_us();
         row.cpu_us.push((
             (after.0 - before.0) / queries,
             (after.1 - before.1) / queries,
@@ -407,6 +513,61 @@ impl PgBouncer {
 }
 
 impl Drop for PgBouncer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A bare TCP relay: socat, which forks a process per connection that
+/// copies bytes both ways and looks at none of them. What any user-space
+/// proxy pays for the extra hop, whatever it does with the bytes.
+pub struct Relay {
+    child: std::process::Child,
+    pub port: u16,
+    /// socat and its relays.
+    pub cpu: CpuGroup,
+}
+
+impl Relay {
+    /// Relays 127.0.0.1:`port` (a free one) to 127.0.0.1:`target`, with
+    /// `TCP_NODELAY` on both legs.
+    ///
+    /// # Panics
+    /// When socat is not installed or does not listen.
+    #[must_use]
+    pub fn start(target: u16) -> Self {
+        let port = crate::free_port();
+        let child = Command::new("socat")
+            .arg(format!(
+                "TCP4-LISTEN:{port},bind=127.0.0.1,reuseaddr,fork,nodelay,backlog=256"
+            ))
+            .arg(format!("TCP4:127.0.0.1:{target},nodelay"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("socat not installed: run `cargo xtask setup`");
+        let cpu = CpuGroup::adopt(child.id());
+        let me = Self { child, port, cpu };
+        for _ in 0..100 {
+            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                return me;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        panic!("socat did not listen on {port}");
+    }
+}
+
+impl Relay {
+    /// socat's pid (its relays are its children, and inherit its CPUs).
+    #[must_use]
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+impl Drop for Relay {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();

@@ -95,6 +95,8 @@ const PACKAGES: &[&str] = &[
     "mariadb-client",
     "pgbouncer",
     "sysbench",
+    // The benchmarks' bare relay (the cost of the extra hop alone).
+    "socat",
     "python3",
     "procps",
     "iproute2",

@@ -1,5 +1,6 @@
 //! `cargo xtask bench mysql`: sysbench oltp_point_select, prepared
-//! (`--db-ps-mode=auto`) and not (`disable`), direct and through the agent
+//! (`--db-ps-mode=auto`) and not (`disable`), direct, through a bare TCP
+//! relay (socat: the cost of the extra hop alone) and through the agent
 //! (deciding and auditing every statement), interleaved in one run. Latency
 //! at 1 thread with every process pinned to CPU 0; throughput at 8 threads
 //! unpinned. Prints a Markdown table (also target/bench/mysql.md).
@@ -22,7 +23,15 @@ use interceptor_tests::{
 
 const POLICY_RULES: &str = "mode: enforce\ndefault: allow\non_parse_error: allow\nrules:\n  - name: no-secrets\n    any_tables: [shop.secrets]\n    decision: deny\n  - name: dangerous\n    flags: [file_access, program_exec, role_change, remote_access, admin]\n    decision: deny\n";
 
-fn sysbench(db: &MariaDb, cg: Option<&TestCgroup>, pinned: bool, args: &[String]) -> String {
+/// The way a row's queries take to the server.
+#[derive(Clone, Copy)]
+enum Via<'a> {
+    Direct,
+    Relay,
+    Agent(&'a bench::BenchAgent),
+}
+
+fn sysbench(port: u16, cg: Option<&TestCgroup>, pinned: bool, args: &[String]) -> String {
     let mut cmd = match (cg, pinned) {
         (Some(cg), true) => {
             let mut c = cg.command("taskset");
@@ -41,7 +50,7 @@ fn sysbench(db: &MariaDb, cg: Option<&TestCgroup>, pinned: bool, args: &[String]
         .args([
             "--db-driver=mysql",
             "--mysql-host=127.0.0.1",
-            &format!("--mysql-port={}", db.port),
+            &format!("--mysql-port={port}"),
             &format!("--mysql-user={APP_USER}"),
             &format!("--mysql-password={APP_PASSWORD}"),
             "--mysql-db=sbtest",
@@ -75,19 +84,21 @@ fn parse(out: &str) -> (f64, f64, f64) {
 fn main() {
     let (secs, rounds) = bench::settings();
     let db = MariaDb::start();
-    sysbench(&db, None, false, &["prepare".into()]);
+    sysbench(db.port, None, false, &["prepare".into()]);
+    let relay = bench::Relay::start(db.port);
     let agents = bench::agents(&mysql_policy(db.port, POLICY_RULES));
     let db_pid: u32 = std::fs::read_to_string(db.dir.join("mysqld.pid"))
         .unwrap()
         .trim()
         .parse()
         .unwrap();
-    let mut pids = vec![db_pid];
+    let mut pids = vec![db_pid, relay.pid()];
+    let server_cpu = bench::CpuGroup::adopt(db_pid);
     pids.extend(agents.iter().map(|a| a.agent.pid().unwrap()));
     let modes = [("prepared", "auto"), ("text", "disable")];
     let configs = [(1u32, true), (8u32, false)];
-    let mut paths: Vec<(&str, Option<&bench::BenchAgent>)> = vec![("direct", None)];
-    paths.extend(agents.iter().map(|a| (a.name.as_str(), Some(a))));
+    let mut paths: Vec<(&str, Via)> = vec![("direct", Via::Direct), ("socat", Via::Relay)];
+    paths.extend(agents.iter().map(|a| (a.name.as_str(), Via::Agent(a))));
     let mut rows = Vec::new();
     for (mode, _) in modes {
         for (threads, pinned) in configs {
@@ -106,7 +117,7 @@ fn main() {
                     continue;
                 }
                 bench::pin(&pids, if pinned { "0" } else { "0-1" });
-                for &(p, agent) in &paths {
+                for &(p, via) in &paths {
                     let args = [
                         format!("--db-ps-mode={ps}"),
                         format!("--threads={threads}"),
@@ -114,17 +125,25 @@ fn main() {
                         "--percentile=99".into(),
                         "run".into(),
                     ];
-                    let cgroup = agent.map(|a| &a.cgroup);
-                    let proxy = agent.and_then(|a| a.agent.pid());
+                    let (port, cgroup, proxy) = match via {
+                        Via::Direct => (db.port, None, None),
+                        Via::Relay => (relay.port, None, Some(bench::Proxy::Group(&relay.cpu))),
+                        Via::Agent(a) => (
+                            db.port,
+                            Some(&a.cgroup),
+                            a.agent.pid().map(bench::Proxy::Process),
+                        ),
+                    };
                     let config = (mode, threads, p);
-                    let (tps, avg, p99) = bench::measure(&mut rows, config, proxy, secs, || {
-                        let out = sysbench(&db, cgroup, pinned, &args);
-                        assert!(
-                            out.contains("ignored errors:                      0"),
-                            "{p} {mode}: errors:\n{out}"
-                        );
-                        parse(&out)
-                    });
+                    let (tps, avg, p99) =
+                        bench::measure(&mut rows, config, proxy, &server_cpu, secs, || {
+                            let out = sysbench(port, cgroup, pinned, &args);
+                            assert!(
+                                out.contains("ignored errors:                      0"),
+                                "{p} {mode}: errors:\n{out}"
+                            );
+                            parse(&out)
+                        });
                     eprintln!(
                         "round {round} {mode} t={threads} {p}: tps {tps:.0} avg {avg:.3} ms p99 {p99:.3} ms"
                     );

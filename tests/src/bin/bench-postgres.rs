@@ -1,5 +1,6 @@
 //! `cargo xtask bench postgres`: pgbench -S in simple, extended and prepared
-//! mode, direct, through PgBouncer (session mode) and through the agent
+//! mode, direct, through a bare TCP relay (socat: the cost of the extra hop
+//! alone), through PgBouncer (session mode) and through the agent
 //! (parsing and deciding every statement), and the same from a network
 //! namespace of its own over a veth (direct and through the agent, which
 //! then listens inside that namespace), interleaved in one run; then mode
@@ -32,6 +33,8 @@ const POLICY_RULES: &str = "mode: enforce\ndefault: allow\non_parse_error: allow
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Path_ {
     Direct,
+    /// socat, relaying bytes it never looks at.
+    Relay,
     PgBouncer,
     /// The agent at this index of [`bench::agents`].
     Agent(usize),
@@ -191,6 +194,7 @@ fn main() {
     pg.sql("CREATE TABLE secrets (v text)");
     let bouncer = PgBouncer::start(pg.port, None, 200);
     let bouncer_tls = PgBouncer::start(pg.port, Some(&bouncer_cert), 200);
+    let relay = bench::Relay::start(pg.port);
     // Plain server legs for the plain rows, TLS for the `tls` rows.
     let policy = |server_tls: &str| {
         format!(
@@ -203,10 +207,11 @@ fn main() {
     let plain_agents = agents.len();
     agents.extend(bench::agents(&policy("require")));
     let log_dir = std::env::temp_dir().join(interceptor_tests::unique("bench-pgbench"));
-    let mut pids = vec![pg.pid(), bouncer.pid(), bouncer_tls.pid()];
+    let mut pids = vec![pg.pid(), bouncer.pid(), bouncer_tls.pid(), relay.pid()];
+    let server_cpu = bench::CpuGroup::adopt(pg.pid());
     pids.extend(agents.iter().map(|a| a.agent.pid().unwrap()));
 
-    let mut paths = vec![Path_::Direct, Path_::PgBouncer];
+    let mut paths = vec![Path_::Direct, Path_::Relay, Path_::PgBouncer];
     paths.extend((0..plain_agents).map(Path_::Agent));
     // `BENCH_NETNS=off` leaves out the network namespace rows (a quicker
     // A/B of the host paths).
@@ -222,6 +227,7 @@ fn main() {
         .collect();
     let name = |p: Path_| match p {
         Path_::Direct | Path_::DirectTls => "direct",
+        Path_::Relay => "socat",
         Path_::PgBouncer | Path_::PgBouncerTls => "pgbouncer",
         Path_::Agent(i) | Path_::AgentTls(i) => agents[i].name.as_str(),
         Path_::DirectNs => "direct (netns)",
@@ -266,25 +272,35 @@ fn main() {
                     };
                     let (client, proxy) = match p {
                         Path_::Direct | Path_::DirectTls => (host(None, pg.port), None),
-                        Path_::PgBouncer => (host(None, bouncer.port), Some(bouncer.pid())),
-                        Path_::PgBouncerTls => {
-                            (host(None, bouncer_tls.port), Some(bouncer_tls.pid()))
-                        }
+                        Path_::Relay => (
+                            host(None, relay.port),
+                            Some(bench::Proxy::Group(&relay.cpu)),
+                        ),
+                        Path_::PgBouncer => (
+                            host(None, bouncer.port),
+                            Some(bench::Proxy::Process(bouncer.pid())),
+                        ),
+                        Path_::PgBouncerTls => (
+                            host(None, bouncer_tls.port),
+                            Some(bench::Proxy::Process(bouncer_tls.pid())),
+                        ),
                         Path_::Agent(i) | Path_::AgentTls(i) => (
                             host(Some(&agents[i].cgroup), pg.port),
-                            agents[i].agent.pid(),
+                            agents[i].agent.pid().map(bench::Proxy::Process),
                         ),
                         Path_::DirectNs => (in_ns(None), None),
-                        Path_::AgentNs(i) => {
-                            (in_ns(Some(&agents[i].cgroup)), agents[i].agent.pid())
-                        }
+                        Path_::AgentNs(i) => (
+                            in_ns(Some(&agents[i].cgroup)),
+                            agents[i].agent.pid().map(bench::Proxy::Process),
+                        ),
                     };
                     let config = (mode, clients, name(p));
-                    let (tps, avg, p99) = bench::measure(&mut rows, config, proxy, secs, || {
-                        // The TLS rows use the simple protocol.
-                        let protocol = if tls { "simple" } else { mode };
-                        run_pgbench(&client, protocol, clients, secs, pinned, &log_dir)
-                    });
+                    let (tps, avg, p99) =
+                        bench::measure(&mut rows, config, proxy, &server_cpu, secs, || {
+                            // The TLS rows use the simple protocol.
+                            let protocol = if tls { "simple" } else { mode };
+                            run_pgbench(&client, protocol, clients, secs, pinned, &log_dir)
+                        });
                     eprintln!(
                         "round {round} {mode} c={clients} {}: tps {tps:.0} avg {avg:.3} ms p99 {p99:.3} ms",
                         name(p)
