@@ -157,7 +157,7 @@ pub fn cpu_us(pid: u32) -> (f64, f64) {
 /// socat's relays): the process is moved into a cgroup of its own, whose
 /// `cpu.stat` counts them all. Dropping it moves them back.
 pub struct CpuGroup {
-    cgroup: std::path::PathBuf,
+    cgroup: crate::TestCgroup,
     home: std::path::PathBuf,
 }
 
@@ -176,13 +176,11 @@ impl CpuGroup {
             .unwrap_or("/")
             .trim_start_matches('/');
         let home = root.join(rel);
-        let cgroup = root.join(crate::unique("interceptor-bench-server"));
-        fs::create_dir(&cgroup).unwrap_or_else(|e| panic!("create {}: {e}", cgroup.display()));
-        let mut pids = vec![pid];
-        pids.extend(children(pid));
-        for p in pids {
-            fs::write(cgroup.join("cgroup.procs"), p.to_string())
-                .unwrap_or_else(|e| panic!("move {p} into {}: {e}", cgroup.display()));
+        let cgroup = crate::TestCgroup::with_prefix("interceptor-bench-cpu");
+        let procs = cgroup.path.join("cgroup.procs");
+        for p in std::iter::once(pid).chain(children(pid)) {
+            fs::write(&procs, p.to_string())
+                .unwrap_or_else(|e| panic!("move {p} into {}: {e}", procs.display()));
         }
         Self { cgroup, home }
     }
@@ -190,7 +188,7 @@ impl CpuGroup {
     /// CPU time used so far, (user, system) in µs.
     #[must_use]
     pub fn usage_us(&self) -> (f64, f64) {
-        let stat = fs::read_to_string(self.cgroup.join("cpu.stat")).unwrap_or_default();
+        let stat = fs::read_to_string(self.cgroup.path.join("cpu.stat")).unwrap_or_default();
         let field = |name: &str| {
             stat.lines()
                 .find_map(|l| l.strip_prefix(name))
@@ -201,19 +199,20 @@ impl CpuGroup {
     }
 }
 
+/// Moves the processes back where they came from, so that the cgroup,
+/// removed next, kills none of them.
 impl Drop for CpuGroup {
     fn drop(&mut self) {
-        for _ in 0..50 {
-            let procs = fs::read_to_string(self.cgroup.join("cgroup.procs")).unwrap_or_default();
-            for p in procs.lines() {
-                let _ = fs::write(self.home.join("cgroup.procs"), p.trim());
-            }
-            if fs::remove_dir(&self.cgroup).is_ok() {
+        let procs = self.cgroup.path.join("cgroup.procs");
+        for _ in 0..10 {
+            let now = fs::read_to_string(&procs).unwrap_or_default();
+            if now.trim().is_empty() {
                 return;
             }
-            std::thread::sleep(std::time::Duration::from_millis(100));
+            for p in now.lines() {
+                let _ = fs::write(self.home.join("cgroup.procs"), p.trim());
+            }
         }
-        eprintln!("could not remove cgroup {}", self.cgroup.display());
     }
 }
 
@@ -557,9 +556,7 @@ impl Relay {
         }
         panic!("socat did not listen on {port}");
     }
-}
 
-impl Relay {
     /// socat's pid (its relays are its children, and inherit its CPUs).
     #[must_use]
     pub fn pid(&self) -> u32 {
