@@ -384,7 +384,9 @@ fn namespaces_churned_leave_nothing_behind() {
             "namespace {i}: {}\nagent log:\n{}\nlast events:\n{:#?}",
             text(&out.stderr),
             agent.log(),
-            agent.events().iter().rev().take(6).collect::<Vec<_>>()
+            // Enough to hold this namespace's netns_ready, connect and
+            // disconnect (or reject) and the previous namespace's GC.
+            agent.events().iter().rev().take(24).collect::<Vec<_>>()
         );
         assert_eq!(text(&out.stdout).trim(), "1");
     };
